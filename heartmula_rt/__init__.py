@@ -1,0 +1,13 @@
+"""heartmula-rt: a lean, fast runtime for the HeartMuLa music model and its HeartCodec decoder.
+
+import heartmula_rt
+pipe = heartmula_rt.load_pipeline(model_path, device="cuda", dtype="bfloat16")
+wav = pipe.generate("piano,happy", "[verse]\\n...", max_seconds=60, seed=1)  # [2, N] @ 48 kHz
+"""
+
+from .decode import GenerationInterrupted
+from .errors import UserError
+from .pipeline import Pipeline, load_pipeline
+
+__all__ = ["GenerationInterrupted", "Pipeline", "UserError", "load_pipeline"]
+__version__ = "0.1.0"

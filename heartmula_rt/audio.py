@@ -1,0 +1,71 @@
+"""Writing audio files: the format from the extension, written to a temporary file and renamed,
+so a failed or interrupted write never leaves a half-written song behind."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from .errors import UserError
+
+SAMPLE_RATE = 48000
+# extension -> (libsndfile format, subtype)
+FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_24"),
+    ".ogg": ("OGG", "VORBIS"),
+    ".mp3": ("MP3", "MPEG_LAYER_III"),
+}
+
+
+def check_output_path(path: Path) -> Path:
+    """Fail before any model work if `path` has an unknown extension or cannot be written."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise UserError(
+            f"unknown output extension {path.suffix or '(none)'!r} in {path}; "
+            f"use one of {', '.join(FORMATS)}"
+        )
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder {folder} does not exist")
+    if path.is_dir():
+        raise UserError(f"output path {path} is a folder")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"output path {path} is not writable")
+    return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where audio decoded from an interrupted generation goes: `<stem>.partial<ext>`."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def write_audio(path: Path, wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> int:
+    """Write a [channels, samples] float waveform; returns how many samples were clipped.
+
+    Integer and lossy formats cannot hold values outside [-1, 1]; the caller is told how many
+    were clipped rather than having them wrap or silently distort.
+    """
+    path = check_output_path(path)
+    fmt, subtype = FORMATS[path.suffix.lower()]
+    data = wav.detach().to(torch.float32).cpu().numpy().T
+    clipped = int(np.count_nonzero(np.abs(data) > 1.0))
+    data = np.clip(data, -1.0, 1.0)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would leak into the finished file
+        sf.write(tmp, data, sample_rate, format=fmt, subtype=subtype)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return clipped

@@ -1,0 +1,310 @@
+"""Checkpoint folders in the official layout (SPEC §1): finding files, reading configs, streaming
+safetensors into models built on the meta device, and fetching the official weights from the hub.
+
+Tensors are read one at a time, converted to the target dtype on the host and only then moved to
+the target device, so loading the 15.7 GB float32 LM as bf16 costs about one tensor of extra host
+memory and never puts float32 weights on the GPU. Weight norm is folded here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import CodecConfig, GenConfig, LMConfig
+from .errors import UserError
+
+LM_DIR = "HeartMuLa-oss-3B"
+CODEC_DIR = "HeartCodec-oss"
+HUB_REPOS = {  # hub repo -> folder under the model path
+    "HeartMuLa/HeartMuLaGen": ".",
+    "HeartMuLa/HeartMuLa-RL-oss-3B-20260123": LM_DIR,
+    "HeartMuLa/HeartCodec-oss-20260123": CODEC_DIR,
+}
+
+# Keys the official files carry that inference does not use.
+UNUSED_KEYS = re.compile(
+    r"(.*\.pos_embeddings\.(theta|cache)"  # third-party bf16 repacks
+    r"|flow_matching\.zero_cond_embedding1"
+    r"|flow_matching\.vq_embed\.project_in\..*"
+    r"|flow_matching\.vq_embed\.layers\.\d+\._codebook\.(initted|cluster_size|embed_avg)"
+    r"|scalar_model\.encoder\..*)"
+)
+# Weight-norm halves in both spellings torch has used: (module prefix, "g" or "v").
+WEIGHT_NORM_KEY = re.compile(
+    r"(?P<prefix>.*)\.(?:parametrizations\.weight\.original(?P<pi>[01])|weight_(?P<gv>[gv]))"
+)
+
+
+def default_model_path() -> Path:
+    """Where `heartmula-rt download` puts the weights: $HEARTMULA_RT_HOME, else the user cache."""
+    if "HEARTMULA_RT_HOME" in os.environ:
+        return Path(os.environ["HEARTMULA_RT_HOME"]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return cache / "heartmula-rt" / "HeartMuLa"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"missing file {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return data
+
+
+def load_gen_config(root: Path) -> GenConfig:
+    return GenConfig.from_dict(_read_json(Path(root) / "gen_config.json"))
+
+
+def tokenizer_path(root: Path) -> Path:
+    path = Path(root) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"missing file {path}")
+    return path
+
+
+def check_model_path(root: Path) -> None:
+    """Fail early, naming what is missing, before anything heavy happens."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"model folder {root} does not exist")
+    tokenizer_path(root)
+    for name in ("gen_config.json", f"{LM_DIR}/config.json", f"{CODEC_DIR}/config.json"):
+        if not (root / name).is_file():
+            raise UserError(f"missing file {root / name}")
+    for sub in (LM_DIR, CODEC_DIR):
+        shard_files(root / sub)
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    """A model folder's safetensors files: model.safetensors, or the shards its index names."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model folder {model_dir} does not exist")
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index} has no weight_map")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"missing shard {f} (named in {index.name})")
+        return files
+    if single.is_file():
+        return [single]
+    raise UserError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(
+            f"{path} is damaged or truncated: not a readable safetensors file ({e})"
+        ) from None
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every key's shape, from the file headers alone."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                if UNUSED_KEYS.fullmatch(key):
+                    continue
+                try:
+                    tensor = f.get_tensor(key)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise UserError(
+                        f"{path} is damaged or truncated: cannot read {key!r} ({e})"
+                    ) from None
+                yield key, tensor
+
+
+def _fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """w = g · v / ‖v‖ with the norm over every dim but 0 (torch's weight_norm, dim=0)."""
+    g, v = g.double(), v.double()
+    norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+    return (g * v / norm).float()
+
+
+def _folded_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Used tensors under their module keys, weight-norm pairs folded into `<prefix>.weight`."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _iter_tensors(files):
+        m = WEIGHT_NORM_KEY.fullmatch(key)
+        if m is None:
+            yield key, tensor
+            continue
+        part = m["gv"] or ("g" if m["pi"] == "0" else "v")
+        pair = halves.setdefault(m["prefix"], {})
+        pair[part] = tensor
+        if len(pair) == 2:
+            del halves[m["prefix"]]
+            if pair["g"].shape[0] != pair["v"].shape[0] or pair["g"].numel() != pair["g"].shape[0]:
+                raise UserError(
+                    f"weight-norm tensors of {m['prefix']!r} do not match: "
+                    f"g {list(pair['g'].shape)}, v {list(pair['v'].shape)}"
+                )
+            yield f"{m['prefix']}.weight", _fold_weight_norm(pair["g"], pair["v"])
+    for prefix, pair in halves.items():
+        missing = "g (original0)" if "g" not in pair else "v (original1)"
+        raise UserError(f"weight norm of {prefix!r} lacks its {missing} tensor")
+
+
+def load_into(
+    model: nn.Module,
+    files: list[Path],
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> None:
+    """Fill a meta-device model from safetensors files, tensor by tensor.
+
+    Every parameter and persistent buffer must be found with its exact shape; any other key that
+    is not a known unused one is an error. Floating tensors become `dtype`, converted on the host
+    before they move to `device`.
+    """
+    expected = dict(model.state_dict(keep_vars=True))
+    seen: set[str] = set()
+    source = str(files[0].parent if len(files) > 1 else files[0])
+    for key, tensor in _folded_tensors(files):
+        if key not in expected:
+            raise UserError(f"unexpected tensor {key!r} {list(tensor.shape)} in {source}")
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise UserError(
+                f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(want.shape)}"
+            )
+        if key in seen:
+            raise UserError(f"tensor {key!r} appears twice in {source}")
+        seen.add(key)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        _assign(model, key, tensor.to(device), is_param=isinstance(want, nn.Parameter))
+        del tensor
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        shown = ", ".join(f"{k!r} {list(expected[k].shape)}" for k in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"checkpoint {source} lacks tensor {shown}{more}")
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor, *, is_param: bool) -> None:
+    owner_name, _, name = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if is_param:
+        setattr(owner, name, nn.Parameter(tensor, requires_grad=False))
+    else:
+        owner._buffers[name] = tensor
+
+
+def load_lm_config(model_dir: Path) -> LMConfig:
+    config = _read_json(Path(model_dir) / "config.json")
+    return LMConfig.from_dict(config)
+
+
+def load_lm(
+    model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+):
+    """The HeartMuLa LM of one folder (SPEC §1, §3), as (model, config)."""
+    from .lm import HeartMuLa
+
+    config = load_lm_config(model_dir)
+    files = shard_files(model_dir)
+    with torch.device("meta"):
+        model = HeartMuLa(config)
+    load_into(model, files, device=device, dtype=dtype)
+    return model.eval(), config
+
+
+def codec_config_from_shapes(
+    config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+) -> CodecConfig:
+    """CodecConfig from config.json plus the sizes the reference takes from tensor shapes."""
+    est = "flow_matching.estimator"
+    dec = "scalar_model.decoder"
+
+    def weight_shape(prefix: str) -> tuple[int, ...]:
+        for key in (
+            f"{prefix}.weight",
+            f"{prefix}.parametrizations.weight.original1",
+            f"{prefix}.weight_v",
+        ):
+            if key in shapes:
+                return shapes[key]
+        raise UserError(f"codec checkpoint lacks tensor {prefix + '.weight'!r}")
+
+    channels = [weight_shape(f"{dec}.0")[0]]
+    n_up = len(config.get("upsample_factors", CodecConfig.upsample_factors))
+    channels += [weight_shape(f"{dec}.{i}.up_conv.layer")[1] for i in range(1, n_up + 1)]
+    return CodecConfig.from_dict(
+        config,
+        mlp_hidden=weight_shape(f"{est}.transformer_blocks.0.mlp.gate")[0],
+        mlp_hidden_2=weight_shape(f"{est}.transformer_blocks_2.0.mlp.gate")[0],
+        decoder_channels=channels,
+    )
+
+
+def load_codec_config(codec_dir: Path) -> CodecConfig:
+    files = shard_files(codec_dir)
+    return codec_config_from_shapes(
+        _read_json(Path(codec_dir) / "config.json"), tensor_shapes(files)
+    )
+
+
+def load_codec(
+    codec_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+):
+    """HeartCodec of one folder (SPEC §5), as (model, config)."""
+    from .codec import HeartCodec
+
+    config = load_codec_config(codec_dir)
+    with torch.device("meta"):
+        model = HeartCodec(config)
+    load_into(model, shard_files(codec_dir), device=device, dtype=dtype)
+    return model.eval(), config
+
+
+def download(root: Path, *, progress: bool = True) -> Path:
+    """Fetch the official weights into `root` in the layout SPEC §1 describes."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise UserError("huggingface_hub is not installed: pip install huggingface_hub") from None
+    root = Path(root)
+    for repo, sub in HUB_REPOS.items():
+        try:
+            snapshot_download(repo, local_dir=root / sub)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+            hint = "; ".join(
+                f"hf download {r} --local-dir {root / s}" for r, s in HUB_REPOS.items()
+            )
+            raise UserError(
+                f"could not download {repo} ({type(e).__name__}); fetch the weights by hand "
+                f"with: {hint}"
+            ) from None
+    return root

@@ -1,0 +1,186 @@
+"""`heartmula-rt`: a thin command line over the Python API.
+
+Every user mistake is one line on stderr and exit code 2; nothing heavy is loaded before the
+inputs and the output path have been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .audio import check_output_path, partial_path, write_audio
+from .decode import GenerationInterrupted, check_sampling
+from .errors import UserError
+from .pipeline import DTYPES, Pipeline, load_pipeline, max_frames_for, parse_device, parse_dtype
+from .prompt import check_texts, read_text
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _resolve_model_path(path: Path | None) -> Path:
+    """The given folder, or the default cache folder, downloading the weights if it is empty."""
+    if path is not None:
+        return path
+    root = checkpoint.default_model_path()
+    if not (root / checkpoint.LM_DIR / "config.json").is_file():
+        print(f"no weights in {root}: downloading them (or pass --model-path)", file=sys.stderr)
+        checkpoint.download(root)
+    return root
+
+
+def _decode_and_write(pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int) -> float:
+    """Frames → waveform → file; returns the audio length in seconds."""
+    bar = tqdm(total=None, desc="codec", unit="window", leave=False, file=sys.stderr)
+
+    def on_window(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        wav = pipe.decode_frames(
+            frames, generator=torch.Generator().manual_seed(seed), on_window=on_window
+        )
+    finally:
+        bar.close()
+    clipped = write_audio(out, wav, pipe.sample_rate)
+    if clipped:
+        print(f"note: {clipped} samples were outside [-1, 1] and were clipped", file=sys.stderr)
+    return wav.shape[-1] / pipe.sample_rate
+
+
+def cmd_gen(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    out = check_output_path(args.output)
+    tags, lyrics = read_text(args.tags), read_text(args.lyrics)
+    check_texts(tags, lyrics)
+    check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
+    max_frames = max_frames_for(args.max_seconds)
+    device, dtype, codec_dtype = (
+        parse_device(args.device),
+        parse_dtype(args.dtype),
+        parse_dtype(args.codec_dtype),
+    )
+    root = _resolve_model_path(args.model_path)
+
+    print(
+        f"loading {root} on {device} (LM {args.dtype}, codec {args.codec_dtype})", file=sys.stderr
+    )
+    pipe = load_pipeline(root, device=device, dtype=dtype, codec_dtype=codec_dtype)
+    pipe.check_request(tags, lyrics, max_frames)
+    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    print(f"seed {seed}", file=sys.stderr)
+
+    bar = tqdm(total=max_frames + 1, desc="LM", unit="frame", file=sys.stderr)
+    try:
+        frames = pipe.generate_frames(
+            tags,
+            lyrics,
+            max_frames=max_frames,
+            topk=args.topk,
+            temperature=args.temperature,
+            cfg_scale=args.cfg_scale,
+            seed=seed,
+            on_frame=lambda n: bar.update(1),
+        )
+    except GenerationInterrupted as stop:
+        bar.close()
+        if stop.frames.shape[-1] == 0:
+            print("interrupted before the first frame: nothing written", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        partial = partial_path(out)
+        print(
+            f"interrupted: decoding the {stop.frames.shape[-1]} frames made so far", file=sys.stderr
+        )
+        seconds = _decode_and_write(pipe, stop.frames, partial, seed)
+        print(f"wrote {partial} ({seconds:.1f} s of audio, partial)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    bar.close()
+
+    seconds = _decode_and_write(pipe, frames, out, seed)
+    wall = time.perf_counter() - start
+    rtf = wall / max(seconds, 1e-9)
+    print(f"wrote {out}: {seconds:.1f} s of audio in {wall:.1f} s (RTF {rtf:.3f})")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    root = args.model_path or checkpoint.default_model_path()
+    checkpoint.download(root)
+    checkpoint.check_model_path(root)
+    print(f"weights are in {root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="heartmula-rt", description="Fast HeartMuLa music generation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("gen", help="make a song from tags and lyrics")
+    gen.add_argument(
+        "--model-path",
+        type=Path,
+        default=None,
+        help=f"checkpoint folder (default: {checkpoint.default_model_path()}, "
+        "downloaded on first use)",
+    )
+    gen.add_argument("--tags", default="", help="comma-separated tags, or a text file of them")
+    gen.add_argument("--lyrics", default="", help="lyrics, or a text file of them")
+    gen.add_argument("--max-seconds", type=float, default=240.0, help="longest song (default 240)")
+    gen.add_argument("--topk", type=int, default=50)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--cfg-scale", type=float, default=1.5, help="≤ 1 means no guidance")
+    gen.add_argument("--seed", type=int, default=None, help="default: random, printed")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="LM weights (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    gen.add_argument("--codec-dtype", choices=list(DTYPES), default="float32")
+    gen.add_argument(
+        "-o", "--output", type=Path, required=True, help="output file: .wav .flac .ogg or .mp3"
+    )
+    gen.set_defaults(func=cmd_gen)
+
+    dl = sub.add_parser("download", help="fetch the official weights from the Hugging Face hub")
+    dl.add_argument(
+        "--model-path",
+        type=Path,
+        default=None,
+        help=f"where to put them (default: {checkpoint.default_model_path()})",
+    )
+    dl.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dtype", "") is None:
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"heartmula-rt: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Configuration dataclasses: LM flavors, the LM and codec configs, gen_config.json.
+
+Every size is read from the checkpoint's config.json (and, for the codec, from tensor shapes);
+nothing here assumes the 3B model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class LlamaFlavor:
+    """One torchtune-style Llama-3.2 decoder (SPEC §1 flavor table)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_base: float = 500000.0
+    scale_factor: float = 32.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+FLAVORS: dict[str, LlamaFlavor] = {
+    "llama-3B": LlamaFlavor(28, 24, 8, 3072, 8192, 8192),
+    "llama-300M": LlamaFlavor(3, 8, 4, 3072, 8192, 2048),
+    "llama-7B": LlamaFlavor(32, 32, 8, 4096, 14336, 8192),
+    "llama-400M": LlamaFlavor(4, 8, 4, 3072, 8192, 2048),
+}
+
+
+def resolve_flavor(value: str | Mapping[str, Any] | LlamaFlavor) -> LlamaFlavor:
+    """A flavor from its known name, an object with the table's fields, or a LlamaFlavor."""
+    if isinstance(value, LlamaFlavor):
+        flavor = value
+    elif isinstance(value, str):
+        if value not in FLAVORS:
+            raise UserError(f"unknown model flavor {value!r}; known flavors: {', '.join(FLAVORS)}")
+        flavor = FLAVORS[value]
+    elif isinstance(value, Mapping):
+        names = {f.name for f in fields(LlamaFlavor)}
+        required = {f.name for f in fields(LlamaFlavor) if f.default is MISSING}
+        missing = sorted(n for n in required if n not in value)
+        if missing:
+            raise UserError(f"model flavor object lacks {', '.join(missing)}")
+        flavor = LlamaFlavor(**{k: v for k, v in value.items() if k in names})
+    else:
+        raise UserError(f"model flavor must be a name or an object, not {type(value).__name__}")
+    if flavor.embed_dim % flavor.num_heads or flavor.num_heads % flavor.num_kv_heads:
+        raise UserError(
+            f"model flavor has embed_dim {flavor.embed_dim}, num_heads {flavor.num_heads}, "
+            f"num_kv_heads {flavor.num_kv_heads}: heads must divide evenly"
+        )
+    return flavor
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """HeartMuLa config.json."""
+
+    backbone: LlamaFlavor
+    decoder: LlamaFlavor
+    text_vocab_size: int = 128256
+    audio_vocab_size: int = 8197
+    audio_num_codebooks: int = 8
+    muq_dim: int = 512
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LMConfig:
+        for key in ("backbone_flavor", "decoder_flavor"):
+            if key not in d:
+                raise UserError(f"HeartMuLa config.json lacks {key!r}")
+        kwargs = {
+            f.name: int(d[f.name])
+            for f in fields(cls)
+            if f.name not in ("backbone", "decoder") and f.name in d
+        }
+        return cls(
+            backbone=resolve_flavor(d["backbone_flavor"]),
+            decoder=resolve_flavor(d["decoder_flavor"]),
+            **kwargs,
+        )
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """gen_config.json: special ids of the text and audio vocabularies."""
+
+    text_bos_id: int = 128000
+    text_eos_id: int = 128001
+    audio_eos_id: int = 8193
+    empty_id: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GenConfig:
+        return cls(**{f.name: int(d[f.name]) for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """HeartCodec config.json plus the sizes the reference reads from tensor shapes.
+
+    The defaults are the published HeartCodec-oss sizes.
+    """
+
+    codebook_size: int = 8192
+    codebook_dim: int = 32
+    num_quantizers: int = 8
+    dim: int = 512  # VQ output / conditioning width
+    in_channels: int = 1024  # estimator input: x | ic | mu
+    out_channels: int = 256  # latent channels
+    num_attention_heads: int = 24
+    attention_head_dim: int = 64
+    num_layers: int = 24
+    num_layers_2: int = 6
+    latent_hidden_dim: int = 128  # channels per mono stream fed to the scalar decoder
+    sample_rate: int = 48000
+    num_samples: int = 2  # the scalar decoder's repeat_interleave in its post-processor
+    upsample_factors: tuple[int, ...] = (5, 4, 4, 4, 3)
+    # From tensors: MLP hidden sizes of both DiT stages, scalar decoder channels per stage.
+    mlp_hidden: int = 4096
+    mlp_hidden_2: int = 8192
+    decoder_channels: tuple[int, ...] = field(default=(2048, 1024, 512, 256, 128, 64))
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **from_tensors: Any) -> CodecConfig:
+        names = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {k: v for k, v in d.items() if k in names}
+        kwargs.update(from_tensors)
+        for key in ("upsample_factors", "decoder_channels"):
+            if key in kwargs:
+                kwargs[key] = tuple(int(v) for v in kwargs[key])
+        return cls(**kwargs)

@@ -1,0 +1,161 @@
+"""The plain generation loop (SPEC §3-4): prompt → frame 0, then one frame per backbone step until
+an EOS token or `max_frames`.
+
+`prefill` and `decode_one_frame` are the two steps; each returns the frame and the raw codebook-0
+logits of its backbone step, which is what the parity tests compare. `generate_frames` drives them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import GenConfig
+from .errors import UserError
+from .lm import HeartMuLa, LMCache
+from .prompt import Prompt
+from .sampling import cfg_mix, sample_topk
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during generation, carrying the frames made so far ([8, T'] int64, CPU).
+
+    A KeyboardInterrupt subclass, so code that does not look for it still stops as on any
+    Ctrl-C, while a caller that does can decode the partial song.
+    """
+
+    def __init__(self, frames: Tensor) -> None:
+        super().__init__(f"generation interrupted after {frames.shape[1]} frames")
+        self.frames = frames
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Sampling settings of one request. With CFG (scale > 1) rows are [cond, uncond] and the one
+    token drawn from the guided logits is fed to both."""
+
+    topk: int = 50
+    temperature: float = 1.0
+    cfg_scale: float = 1.5
+    generator: torch.Generator | None = None
+
+    @property
+    def batch(self) -> int:
+        return 2 if self.cfg_scale > 1 else 1
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """Raw logits [batch, V] → the sampled token [1, 1]."""
+        if self.batch == 2:
+            logits = cfg_mix(logits[:1], logits[1:], self.cfg_scale)
+        return sample_topk(logits, self.topk, self.temperature, self.generator)
+
+
+def _sample_frame(
+    model: HeartMuLa, last: Tensor, c0_logits: Tensor, cache: LMCache, sampler: Sampler
+) -> Tensor:
+    """The depth decoder's expansion of one backbone step into a frame [n] (on the device)."""
+    b = last.shape[0]
+    token = sampler(c0_logits)
+    tokens = [token]
+    # Positions restart at 0 every frame: [last hidden, c0 embedding] at 0 and 1, then one
+    # codebook embedding per step.
+    x = torch.stack([last, model.embed_audio(token[0, 0], 0).expand_as(last)], dim=1)
+    start = 0
+    for i in range(1, model.config.audio_num_codebooks):
+        token = sampler(model.decoder_step(x, start, cache, i))
+        tokens.append(token)
+        start += x.shape[1]
+        x = model.embed_audio(token, i).expand(b, 1, -1)
+    return torch.cat(tokens, dim=1)[0]
+
+
+def prefill(
+    model: HeartMuLa, prompt: Prompt, cache: LMCache, sampler: Sampler
+) -> tuple[Tensor, Tensor]:
+    """Frame 0 from the whole prompt at positions 0..P-1: (frame [n], c0 logits [batch, V])."""
+    ids = prompt.ids.to(model.text_embeddings.weight.device)
+    rows = model.embed_prompt(ids, prompt.slot_index, cache.batch)
+    last, logits = model.backbone_step(rows, 0, cache)
+    return _sample_frame(model, last, logits, cache, sampler), logits
+
+
+def decode_one_frame(
+    model: HeartMuLa, frame: Tensor, pos: int, cache: LMCache, sampler: Sampler
+) -> tuple[Tensor, Tensor]:
+    """The next frame from the previous one fed at position `pos`: (frame [n], c0 logits)."""
+    rows = model.embed_frame(frame.expand(cache.batch, -1))
+    last, logits = model.backbone_step(rows, pos, cache)
+    return _sample_frame(model, last, logits, cache, sampler), logits
+
+
+def check_sampling(*, topk: int, temperature: float, cfg_scale: float) -> None:
+    """Refuse sampling settings the SPEC has no meaning for (SPEC §4)."""
+    if topk < 1:
+        raise UserError(f"topk must be at least 1, not {topk}")
+    if not temperature > 0:
+        raise UserError(f"temperature must be greater than 0, not {temperature}")
+    if not cfg_scale >= 0:
+        raise UserError(f"cfg_scale must be 0 or more, not {cfg_scale}")
+
+
+def check_length(model: HeartMuLa, prompt: Prompt, max_frames: int) -> None:
+    """Refuse a request that does not fit the backbone's context."""
+    if max_frames < 0:
+        raise UserError(f"the number of frames must be 0 or more, not {max_frames}")
+    limit = model.config.backbone.max_seq_len
+    if len(prompt) + max_frames + 1 > limit:
+        raise UserError(
+            f"the prompt ({len(prompt)} tokens) plus {max_frames} frames is too long for the "
+            f"model's context of {limit}; shorten the lyrics or the requested length"
+        )
+
+
+@torch.no_grad()
+def generate_frames(
+    model: HeartMuLa,
+    prompt: Prompt,
+    gen: GenConfig,
+    *,
+    max_frames: int,
+    topk: int = 50,
+    temperature: float = 1.0,
+    cfg_scale: float = 1.5,
+    generator: torch.Generator | None = None,
+    on_frame: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Codes [n_codebooks, T] int64 on the CPU, T ≤ max_frames + 1 (frame 0 included).
+
+    Stops at the first frame holding a token ≥ `gen.audio_eos_id`, which is dropped; stray ids
+    below it but past the codec's codebook are returned as they are. `on_frame(n)` is called
+    with the number of frames made so far after each one. `generator` must be on the model's
+    device. Ctrl-C raises GenerationInterrupted with the frames made so far.
+    """
+    check_sampling(topk=topk, temperature=temperature, cfg_scale=cfg_scale)
+    check_length(model, prompt, max_frames)
+    sampler = Sampler(topk, temperature, cfg_scale, generator)
+    cache = model.new_cache(sampler.batch, len(prompt) + max_frames)
+    frames: list[Tensor] = []
+    try:
+        frame, _ = prefill(model, prompt, cache, sampler)
+        frames.append(frame)
+        if on_frame is not None:
+            on_frame(1)
+        for n in range(max_frames):
+            frame, _ = decode_one_frame(model, frame, len(prompt) + n, cache, sampler)
+            if bool((frame >= gen.audio_eos_id).any()):  # the plain path syncs here, per frame
+                break
+            frames.append(frame)
+            if on_frame is not None:
+                on_frame(len(frames))
+    except KeyboardInterrupt:
+        raise GenerationInterrupted(_stack(frames, model)) from None
+    return _stack(frames, model)
+
+
+def _stack(frames: list[Tensor], model: HeartMuLa) -> Tensor:
+    if not frames:
+        return torch.zeros(model.config.audio_num_codebooks, 0, dtype=torch.long)
+    return torch.stack(frames, dim=1).cpu()

@@ -1,0 +1,260 @@
+"""The HeartMuLa LM (SPEC §3): a Llama-3.2 backbone over prompt/frame rows and a small depth
+decoder that expands each backbone step into the 8 codebook tokens of one audio frame.
+
+Both transformers are torchtune-style decoders without token embedding or output head. KV caches
+are not module state: a request allocates an `LMCache` with `HeartMuLa.new_cache` and passes it to
+every call, so one loaded model serves any batch (1 plain, 2 with CFG) and any length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LlamaFlavor, LMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Statistics in float32 even for bf16 activations; cast back before the scale (torchtune).
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.scale
+
+
+# Llama-3 RoPE scaling constants (scale_factor comes from the flavor).
+_LOW_FREQ, _HIGH_FREQ, _OLD_CONTEXT = 1.0, 4.0, 8192.0
+
+
+class RotaryEmbedding:
+    """Llama-3 scaled RoPE on interleaved pairs (x[2i], x[2i+1]).
+
+    Not an nn.Module and holds no state_dict entries: the cos/sin tables are float32 and built
+    lazily on the device of first use, so the model can be constructed on the meta device.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float, scale_factor: float) -> None:
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.base = base
+        self.scale_factor = scale_factor
+        self._cos: Tensor | None = None
+        self._sin: Tensor | None = None
+
+    def _inv_freq(self) -> Tensor:
+        # float32 base frequencies, then the Llama-3 rescaling in float64 (as torchtune does it
+        # in Python floats), stored back as float32.
+        d, s = self.head_dim, self.scale_factor
+        theta = (1.0 / (self.base ** (torch.arange(0, d, 2).float() / d))).double()
+        wavelen = 2 * math.pi / theta
+        smooth = (_OLD_CONTEXT / wavelen - _LOW_FREQ) / (_HIGH_FREQ - _LOW_FREQ)
+        scaled = torch.where(
+            wavelen > _OLD_CONTEXT / _LOW_FREQ, theta / s, (1 - smooth) * theta / s + smooth * theta
+        )
+        scaled = torch.where(wavelen < _OLD_CONTEXT / _HIGH_FREQ, theta, scaled)
+        return scaled.float()
+
+    def tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin: float32 [max_seq_len, head_dim // 2] on `device`, built once per device."""
+        if self._cos is None or self._cos.device != device:
+            positions = torch.arange(self.max_seq_len, dtype=torch.float32)
+            angles = torch.outer(positions, self._inv_freq())
+            self._cos, self._sin = angles.cos().to(device), angles.sin().to(device)
+        return self._cos, self._sin
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, H, D]; cos/sin [T, D/2]. Rotation in float32, result in x's dtype."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Static keys/values of one attention layer for one request: [B, H_kv, max_len, D].
+
+    Only positions below the current end are ever read, so reusing a cache from position 0 (the
+    depth decoder does it every frame) needs no clearing.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v [B, H_kv, T, D] at positions start..start+T-1; return the filled prefix."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache of length {self.k.shape[2]} cannot hold position {end - 1}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, f: LlamaFlavor) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = f.num_heads, f.num_kv_heads, f.head_dim
+        self.q_proj = nn.Linear(f.embed_dim, f.num_heads * f.head_dim, bias=False)
+        self.k_proj = nn.Linear(f.embed_dim, f.num_kv_heads * f.head_dim, bias=False)
+        self.v_proj = nn.Linear(f.embed_dim, f.num_kv_heads * f.head_dim, bias=False)
+        self.output_proj = nn.Linear(f.num_heads * f.head_dim, f.embed_dim, bias=False)
+
+    def forward(self, x: Tensor, start: int, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        k, v = cache.update(start, k.transpose(1, 2), v.transpose(1, 2))
+        mask = None
+        if t > 1:  # several new positions (prefill): causal by absolute position
+            q_pos = torch.arange(start, start + t, device=x.device)
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos[:, None]
+        # GQA: query head j reads kv head j // (num_heads / num_kv_heads).
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+        return self.output_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, f: LlamaFlavor) -> None:
+        super().__init__()
+        self.sa_norm = RMSNorm(f.embed_dim, f.norm_eps)
+        self.attn = Attention(f)
+        self.mlp_norm = RMSNorm(f.embed_dim, f.norm_eps)
+        self.mlp = MLP(f.embed_dim, f.intermediate_dim)
+
+    def forward(self, x: Tensor, start: int, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+        h = x + self.attn(self.sa_norm(x), start, cos, sin, cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama-3.2 decoder stack + final norm, over embeddings at positions start..start+T-1."""
+
+    def __init__(self, f: LlamaFlavor) -> None:
+        super().__init__()
+        self.flavor = f
+        self.layers = nn.ModuleList(TransformerBlock(f) for _ in range(f.num_layers))
+        self.norm = RMSNorm(f.embed_dim, f.norm_eps)
+        self.rope = RotaryEmbedding(f.head_dim, f.max_seq_len, f.rope_base, f.scale_factor)
+
+    def new_cache(
+        self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device
+    ) -> list[KVCache]:
+        f = self.flavor
+        return [
+            KVCache(batch, max_len, f.num_kv_heads, f.head_dim, dtype=dtype, device=device)
+            for _ in self.layers
+        ]
+
+    def forward(self, x: Tensor, start: int, cache: list[KVCache]) -> Tensor:
+        cos, sin = self.rope.tables(x.device)
+        end = start + x.shape[1]
+        cos, sin = cos[start:end], sin[start:end]
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x = layer(x, start, cos, sin, layer_cache)
+        return self.norm(x)
+
+
+@dataclass
+class LMCache:
+    """Per-request KV caches: the backbone's over the whole request, the decoder's for one frame."""
+
+    backbone: list[KVCache]
+    decoder: list[KVCache]
+    batch: int
+
+
+class HeartMuLa(nn.Module):
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        bb, dec = config.backbone, config.decoder
+        n, vocab = config.audio_num_codebooks, config.audio_vocab_size
+        self.backbone = Transformer(bb)
+        self.decoder = Transformer(dec)
+        self.text_embeddings = nn.Embedding(config.text_vocab_size, bb.embed_dim)
+        # Codebook k's token t lives at row t + k * audio_vocab_size.
+        self.audio_embeddings = nn.Embedding(vocab * n, bb.embed_dim)
+        self.unconditional_text_embedding = nn.Embedding(1, bb.embed_dim)
+        self.projection = nn.Linear(bb.embed_dim, dec.embed_dim, bias=False)
+        self.codebook0_head = nn.Linear(bb.embed_dim, vocab, bias=False)
+        # Input-major [n-1, decoder_dim, vocab], used as `d @ audio_head[i-1]` (not Linear layout).
+        self.audio_head = nn.Parameter(torch.empty(n - 1, dec.embed_dim, vocab))
+        self.muq_linear = nn.Linear(config.muq_dim, bb.embed_dim)
+
+    def new_cache(self, batch: int, backbone_len: int) -> LMCache:
+        """Caches for one request, on the device and in the dtype of the activations."""
+        w = self.text_embeddings.weight
+        kw = {"dtype": w.dtype, "device": w.device}
+        return LMCache(
+            backbone=self.backbone.new_cache(batch, backbone_len, **kw),
+            decoder=self.decoder.new_cache(batch, self.config.audio_num_codebooks, **kw),
+            batch=batch,
+        )
+
+    def embed_prompt(self, ids: Tensor, slot_index: int, batch: int) -> Tensor:
+        """Prompt rows [batch, P, D] from the text column ids [P].
+
+        Row 0 is conditional: text embeddings with the SLOT set to `muq_linear(zeros)`, which is
+        its bias (reference-audio conditioning is not released). Row 1, when batch is 2, is the
+        unconditional row: every position, SLOT included, is the unconditional text embedding.
+        """
+        cond = self.text_embeddings(ids)
+        cond[slot_index] = self.muq_linear.bias
+        rows = [cond]
+        if batch == 2:
+            rows.append(self.unconditional_text_embedding.weight[0].expand_as(cond))
+        return torch.stack(rows)
+
+    def embed_audio(self, tokens: Tensor, codebook: int) -> Tensor:
+        """Embeddings of codebook `codebook`'s tokens (any shape) → [..., D]."""
+        return self.audio_embeddings(tokens + codebook * self.config.audio_vocab_size)
+
+    def embed_frame(self, frame: Tensor) -> Tensor:
+        """One frame row per batch row: frame [B, n] → sum of its codebook embeddings [B, 1, D]."""
+        offsets = torch.arange(frame.shape[1], device=frame.device) * self.config.audio_vocab_size
+        return self.audio_embeddings(frame + offsets).sum(dim=1, keepdim=True)
+
+    def backbone_step(self, rows: Tensor, start: int, cache: LMCache) -> tuple[Tensor, Tensor]:
+        """Backbone over rows [B, T, D] at positions start..: (last hidden [B, D], c0 logits)."""
+        last = self.backbone(rows, start, cache.backbone)[:, -1]
+        return last, self.codebook0_head(last)
+
+    def decoder_step(self, x: Tensor, start: int, cache: LMCache, codebook: int) -> Tensor:
+        """Depth decoder over backbone-width inputs x [B, T, D] at positions start..: logits of
+        codebook `codebook` (1..n-1), [B, audio_vocab_size]."""
+        d = self.decoder(self.projection(x), start, cache.decoder)[:, -1]
+        return d @ self.audio_head[codebook - 1]

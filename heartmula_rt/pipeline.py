@@ -1,0 +1,197 @@
+"""The public pipeline: checkpoint folder → LM frames → HeartCodec → waveform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from . import checkpoint
+from .checkpoint import CODEC_DIR, LM_DIR
+from .codec import HeartCodec
+from .config import CodecConfig, GenConfig, LMConfig
+from .decode import check_length, generate_frames
+from .errors import UserError
+from .lm import HeartMuLa
+from .prompt import Prompt, build_prompt, read_text
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FRAME_MS = 80  # 12.5 LM frames per second
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise UserError(f"unsupported dtype {name}; use one of {', '.join(DTYPES)}")
+        return name
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+def max_frames_for(max_seconds: float) -> int:
+    """The reference's frame budget: max_audio_length_ms // 80."""
+    if not max_seconds > 0:
+        raise UserError(f"max_seconds must be positive, got {max_seconds}")
+    return int(max_seconds * 1000) // FRAME_MS
+
+
+@dataclass
+class Pipeline:
+    """A loaded HeartMuLa LM and HeartCodec, ready to turn tags and lyrics into audio."""
+
+    lm: HeartMuLa
+    lm_config: LMConfig
+    codec: HeartCodec
+    codec_config: CodecConfig
+    tokenizer: Tokenizer
+    gen_config: GenConfig
+    device: torch.device
+    sample_rate: int = 48000
+
+    def prompt(self, tags: str, lyrics: str) -> Prompt:
+        """Tags and lyrics (text or file paths) as prompt rows (SPEC §2)."""
+        prompt = build_prompt(self.tokenizer, self.gen_config, read_text(tags), read_text(lyrics))
+        if int(prompt.ids.max()) >= self.lm_config.text_vocab_size:
+            raise UserError(
+                f"tokenizer.json produces id {int(prompt.ids.max())}, outside the LM's text "
+                f"vocabulary of {self.lm_config.text_vocab_size}"
+            )
+        return prompt
+
+    def check_request(self, tags: str, lyrics: str, max_frames: int) -> None:
+        """Everything `generate_frames` would refuse about the prompt, without generating."""
+        check_length(self.lm, self.prompt(tags, lyrics), max_frames)
+
+    def generate_frames(
+        self,
+        tags: str,
+        lyrics: str,
+        max_frames: int = 240_000 // FRAME_MS,
+        topk: int = 50,
+        temperature: float = 1.0,
+        cfg_scale: float = 1.5,
+        seed: int | None = None,
+        on_frame: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Sample audio codes: int64 [8, T] on the CPU, frame 0 included, EOS frame dropped.
+
+        With a seed, sampling repeats exactly on the same device.
+        """
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        return generate_frames(
+            self.lm,
+            self.prompt(tags, lyrics),
+            self.gen_config,
+            max_frames=max_frames,
+            topk=topk,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            generator=generator,
+            on_frame=on_frame,
+        )
+
+    def decode_frames(
+        self,
+        frames: torch.Tensor,
+        num_steps: int = 10,
+        guidance_scale: float = 1.25,
+        generator: torch.Generator | None = None,
+        on_window: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Codes [8, T] → float32 stereo waveform [2, N] at 48 kHz, on the CPU.
+
+        Codec noise is drawn from `generator` on the CPU, so a seed means the same noise on any
+        device.
+        """
+        return self.codec.detokenize(
+            frames,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            on_window=on_window,
+        )
+
+    def generate(
+        self,
+        tags: str,
+        lyrics: str,
+        max_seconds: float = 240,
+        seed: int | None = None,
+        topk: int = 50,
+        temperature: float = 1.0,
+        cfg_scale: float = 1.5,
+        num_steps: int = 10,
+        guidance_scale: float = 1.25,
+    ) -> torch.Tensor:
+        """Tags and lyrics → float32 stereo waveform [2, N] at 48 kHz."""
+        frames = self.generate_frames(
+            tags,
+            lyrics,
+            max_frames=max_frames_for(max_seconds),
+            topk=topk,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            seed=seed,
+        )
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return self.decode_frames(frames, num_steps, guidance_scale, generator)
+
+
+def load_pipeline(
+    model_path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    codec_dtype: str | torch.dtype = "float32",
+) -> Pipeline:
+    """Load a checkpoint folder in the official layout (SPEC §1).
+
+    `dtype` is the LM's weight dtype, `codec_dtype` the codec's; both load tensor by tensor.
+    """
+    root = Path(model_path)
+    device = parse_device(device)
+    lm_dtype, codec_dtype = parse_dtype(dtype), parse_dtype(codec_dtype)
+    checkpoint.check_model_path(root)
+    tokenizer_file = checkpoint.tokenizer_path(root)
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # tokenizers raises a bare Exception for bad files
+        raise UserError(f"{tokenizer_file} is not a valid tokenizer file ({e})") from None
+    gen_config = checkpoint.load_gen_config(root)
+    lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=device, dtype=lm_dtype)
+    codec, codec_config = checkpoint.load_codec(root / CODEC_DIR, device=device, dtype=codec_dtype)
+    if lm_config.audio_vocab_size <= codec_config.codebook_size:
+        raise UserError(
+            f"LM audio vocabulary {lm_config.audio_vocab_size} does not fit codec codebook "
+            f"{codec_config.codebook_size}: these checkpoints do not belong together"
+        )
+    return Pipeline(
+        lm=lm,
+        lm_config=lm_config,
+        codec=codec,
+        codec_config=codec_config,
+        tokenizer=tokenizer,
+        gen_config=gen_config,
+        device=device,
+        sample_rate=codec_config.sample_rate,
+    )

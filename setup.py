@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="heartmula-rt",
+    version="0.1.0",
+    description="A lean, fast runtime for the HeartMuLa music model and its HeartCodec decoder",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ and quant/ live at the top of the repo but install inside the package.
+    packages=["heartmula_rt", "heartmula_rt.codec", "heartmula_rt.kernels", "heartmula_rt.quant"],
+    package_dir={
+        "heartmula_rt": "heartmula_rt",
+        "heartmula_rt.kernels": "kernels",
+        "heartmula_rt.quant": "quant",
+    },
+    install_requires=[
+        # Any recent torch: a pinned CPU wheel installed first (see README) satisfies this as is.
+        "torch>=2.3",
+        "numpy",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "soundfile>=0.12",  # libsndfile >= 1.1 bundled: wav, flac, ogg and mp3
+        "huggingface_hub>=0.20",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "scipy", "ruff"]},
+    entry_points={"console_scripts": ["heartmula-rt=heartmula_rt.cli:main"]},
+)

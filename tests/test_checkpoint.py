@@ -1,0 +1,271 @@
+"""The loader: official layout variants, full-size shapes, and every way a checkpoint can be bad."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from heartmula_rt import checkpoint
+from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR, load_codec, load_lm
+from heartmula_rt.codec import HeartCodec
+from heartmula_rt.config import FLAVORS, CodecConfig, LMConfig
+from heartmula_rt.errors import UserError
+from heartmula_rt.lm import HeartMuLa
+
+
+@pytest.fixture
+def ckpt(fixtures_dir: Path, tmp_path: Path) -> Path:
+    """A writable copy of the tiny-public checkpoint."""
+    return Path(shutil.copytree(fixtures_dir / "tiny-public" / "ckpt", tmp_path / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """State dicts loaded from the untouched fixture: what every variant must reproduce."""
+    root = fixtures_dir / "tiny-public" / "ckpt"
+    return {
+        "lm": load_lm(root / LM_DIR)[0].state_dict(),
+        "codec": load_codec(root / CODEC_DIR)[0].state_dict(),
+    }
+
+
+def rewrite(path: Path, edit) -> None:
+    tensors = load_file(path)
+    save_file(edit(tensors), path)
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=atol, msg=k)
+
+
+def test_loads_fixture_exactly(fixtures_dir: Path, reference) -> None:
+    raw = load_file(fixtures_dir / "tiny-public" / "ckpt" / LM_DIR / "model.safetensors")
+    for key, tensor in reference["lm"].items():
+        assert torch.equal(tensor, raw[key]), key
+    codec = reference["codec"]
+    assert "scalar_model.decoder.0.weight" in codec
+    assert not any("encoder" in k or "project_in" in k or "embed_avg" in k for k in codec)
+
+
+def test_weight_norm_is_folded(fixtures_dir: Path, reference) -> None:
+    raw = load_file(fixtures_dir / "tiny-public" / "ckpt" / CODEC_DIR / "model.safetensors")
+    for prefix in ("scalar_model.decoder.0", "scalar_model.decoder.1.up_conv.layer"):
+        g = raw[f"{prefix}.parametrizations.weight.original0"]
+        v = raw[f"{prefix}.parametrizations.weight.original1"]
+        expected = torch._weight_norm(v, g, 0)
+        torch.testing.assert_close(reference["codec"][f"{prefix}.weight"], expected)
+
+
+def test_sharded_with_index(ckpt: Path, reference) -> None:
+    lm_dir = ckpt / LM_DIR
+    tensors = load_file(lm_dir / "model.safetensors")
+    (lm_dir / "model.safetensors").unlink()
+    keys = list(tensors)
+    weight_map = {}
+    for i in range(3):
+        name = f"model-{i + 1:05d}-of-00003.safetensors"
+        part = {k: tensors[k] for k in keys[i::3]}
+        save_file(part, lm_dir / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (lm_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert len(checkpoint.shard_files(lm_dir)) == 3
+    assert_same(load_lm(lm_dir)[0].state_dict(), reference["lm"])
+
+
+def test_weight_norm_split_across_shards_and_old_spelling(ckpt: Path, reference) -> None:
+    """weight_g / weight_v (pre-parametrization torch), g and v in different shards."""
+    codec_dir = ckpt / CODEC_DIR
+    tensors = load_file(codec_dir / "model.safetensors")
+    renamed = {
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): t
+        for k, t in tensors.items()
+    }
+    (codec_dir / "model.safetensors").unlink()
+    g_keys = {k for k in renamed if k.endswith("weight_g")}
+    shards = {
+        "model-00001-of-00002.safetensors": {k: t for k, t in renamed.items() if k in g_keys},
+        "model-00002-of-00002.safetensors": {k: t for k, t in renamed.items() if k not in g_keys},
+    }
+    weight_map = {}
+    for name, part in shards.items():
+        save_file(part, codec_dir / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (codec_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_same(load_codec(codec_dir)[0].state_dict(), reference["codec"])
+
+
+def test_initted_as_float_1(ckpt: Path, reference) -> None:
+    def edit(t):
+        return {k: (torch.ones(1) if k.endswith("initted") else v) for k, v in t.items()}
+
+    rewrite(ckpt / CODEC_DIR / "model.safetensors", edit)
+    assert_same(load_codec(ckpt / CODEC_DIR)[0].state_dict(), reference["codec"])
+
+
+def test_bf16_storage_and_repack_keys(ckpt: Path, reference) -> None:
+    def to_bf16_with_rope_cache(t):
+        out = {k: v.to(torch.bfloat16) for k, v in t.items()}
+        out["backbone.layers.0.attn.pos_embeddings.theta"] = torch.ones(8)
+        out["decoder.layers.1.attn.pos_embeddings.cache"] = torch.ones(4, 8)
+        return out
+
+    rewrite(ckpt / LM_DIR / "model.safetensors", to_bf16_with_rope_cache)
+    model, _ = load_lm(ckpt / LM_DIR, dtype=torch.float32)
+    expected = {k: v.to(torch.bfloat16).float() for k, v in reference["lm"].items()}
+    assert_same(model.state_dict(), expected)
+
+
+def test_converts_to_target_dtype(fixtures_dir: Path) -> None:
+    root = fixtures_dir / "tiny-public" / "ckpt"
+    lm, _ = load_lm(root / LM_DIR, dtype=torch.bfloat16)
+    codec, _ = load_codec(root / CODEC_DIR, dtype=torch.bfloat16)
+    for name, t in [*lm.state_dict().items(), *codec.state_dict().items()]:
+        assert t.dtype == torch.bfloat16, name
+        assert t.device.type == "cpu", name
+
+
+# --- bad checkpoints: one clear sentence naming the culprit ------------------------------------
+
+
+def test_missing_folder_and_files(ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        checkpoint.check_model_path(tmp_path / "nowhere")
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="tokenizer.json"):
+        checkpoint.check_model_path(ckpt)
+
+
+def test_missing_model_file(ckpt: Path) -> None:
+    (ckpt / LM_DIR / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="no model.safetensors"):
+        load_lm(ckpt / LM_DIR)
+
+
+def test_missing_shard(ckpt: Path) -> None:
+    index = {"weight_map": {"audio_head": "model-00002-of-00002.safetensors"}}
+    (ckpt / LM_DIR / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="missing shard .*model-00002-of-00002"):
+        load_lm(ckpt / LM_DIR)
+
+
+def test_truncated_file(ckpt: Path) -> None:
+    path = ckpt / LM_DIR / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="damaged or truncated"):
+        load_lm(ckpt / LM_DIR)
+
+
+def test_corrupt_header(ckpt: Path) -> None:
+    path = ckpt / CODEC_DIR / "model.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+    with pytest.raises(UserError, match="damaged or truncated"):
+        load_codec(ckpt / CODEC_DIR)
+
+
+def test_wrong_shape_names_key(ckpt: Path) -> None:
+    def edit(t):
+        t["backbone.layers.1.mlp.w1.weight"] = torch.zeros(161, 64)
+        return t
+
+    rewrite(ckpt / LM_DIR / "model.safetensors", edit)
+    with pytest.raises(
+        UserError,
+        match=r"'backbone.layers.1.mlp.w1.weight' has shape \[161, 64\], "
+        r"expected \[160, 64\]",
+    ):
+        load_lm(ckpt / LM_DIR)
+
+
+def test_unknown_and_missing_keys(ckpt: Path) -> None:
+    path = ckpt / LM_DIR / "model.safetensors"
+    original = load_file(path)
+    save_file({**original, "backbone.layers.0.attn.q_norm.scale": torch.ones(64)}, path)
+    with pytest.raises(UserError, match="unexpected tensor 'backbone.layers.0.attn.q_norm.scale'"):
+        load_lm(ckpt / LM_DIR)
+    save_file({k: v for k, v in original.items() if k != "decoder.norm.scale"}, path)
+    with pytest.raises(UserError, match=r"lacks tensor 'decoder.norm.scale' \[64\]"):
+        load_lm(ckpt / LM_DIR)
+
+
+def test_lonely_weight_norm_half(ckpt: Path) -> None:
+    def edit(t):
+        del t["scalar_model.decoder.7.parametrizations.weight.original1"]
+        return t
+
+    rewrite(ckpt / CODEC_DIR / "model.safetensors", edit)
+    with pytest.raises(UserError, match="scalar_model.decoder.7"):
+        load_codec(ckpt / CODEC_DIR)
+
+
+def test_unknown_flavor(ckpt: Path) -> None:
+    path = ckpt / LM_DIR / "config.json"
+    config = json.loads(path.read_text())
+    config["backbone_flavor"] = "llama-13B"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="unknown model flavor 'llama-13B'"):
+        load_lm(ckpt / LM_DIR)
+    config["backbone_flavor"] = {"num_layers": 2, "num_heads": 4}
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="lacks embed_dim"):
+        load_lm(ckpt / LM_DIR)
+
+
+def test_config_not_json(ckpt: Path) -> None:
+    (ckpt / LM_DIR / "config.json").write_text("{oops")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_lm(ckpt / LM_DIR)
+
+
+# --- full-size shapes on the meta device --------------------------------------------------------
+
+
+def read_keys(path: Path) -> dict[str, tuple[int, ...]]:
+    rows = path.read_text().splitlines()[1:]
+    return {k: tuple(json.loads(s)) for k, s in (r.split("\t") for r in rows)}
+
+
+def used_shapes(official: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Official keys as the loader maps them: unused dropped, weight-norm pairs folded."""
+    out = {}
+    for key, shape in official.items():
+        if checkpoint.UNUSED_KEYS.fullmatch(key):
+            continue
+        m = checkpoint.WEIGHT_NORM_KEY.fullmatch(key)
+        if m is None:
+            out[key] = shape
+        elif m["pi"] == "1" or m["gv"] == "v":
+            out[f"{m['prefix']}.weight"] = shape
+    return out
+
+
+def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def test_full_size_lm_shapes(fixtures_dir: Path) -> None:
+    official = read_keys(fixtures_dir / "keys" / "HeartMuLa-oss-3B.keys.tsv")
+    config = LMConfig(backbone=FLAVORS["llama-3B"], decoder=FLAVORS["llama-300M"])
+    with torch.device("meta"):
+        model = HeartMuLa(config)
+    assert module_shapes(model) == official
+    assert list(model.buffers()) == []  # RoPE tables are built on the real device, not stored
+    assert sum(t.numel() for t in model.state_dict().values()) == pytest.approx(3.94e9, rel=0.01)
+
+
+def test_full_size_codec_shapes(fixtures_dir: Path) -> None:
+    official = read_keys(fixtures_dir / "keys" / "HeartCodec-oss.keys.tsv")
+    config = checkpoint.codec_config_from_shapes({}, official)
+    assert config == CodecConfig()
+    with torch.device("meta"):
+        model = HeartCodec(config)
+    assert module_shapes(model) == used_shapes(official)

@@ -1,0 +1,242 @@
+"""`heartmula-rt` end to end on the tiny fixture, and every bad input the CLI must refuse."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import tqdm
+
+import heartmula_rt
+from heartmula_rt import cli
+from heartmula_rt.checkpoint import LM_DIR
+
+SAMPLES_PER_FRAME = 3840  # 48 kHz / 12.5 frames per second
+
+
+@pytest.fixture(scope="module")
+def model_path(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "tiny-public" / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def expected_frames(model_path: Path) -> int:
+    """How many frames the CLI's settings give, asked of the Python API."""
+    pipe = heartmula_rt.load_pipeline(model_path)
+    frames = pipe.generate_frames("piano,happy", "[verse]\nla la la\n", max_frames=25, seed=7)
+    return frames.shape[1]
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def gen_args(model_path: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "gen",
+        "--model-path",
+        str(model_path),
+        "--tags",
+        "piano,happy",
+        "--lyrics",
+        "[verse]\nla la la\n",
+        "--max-seconds",
+        "2",
+        "--seed",
+        "7",
+        "-o",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("ext", [".wav", ".flac", ".ogg", ".mp3"])
+def test_gen_writes_each_format(
+    model_path: Path, expected_frames: int, tmp_path: Path, ext: str, capsys
+) -> None:
+    out = tmp_path / f"song{ext}"
+    code, stdout, _ = run(gen_args(model_path, out), capsys)
+    assert code == 0
+    info = sf.info(str(out))
+    assert info.channels == 2 and info.samplerate == 48000
+    data, _ = sf.read(str(out))
+    assert data.shape == (expected_frames * SAMPLES_PER_FRAME, 2)
+    assert "RTF" in stdout.strip().splitlines()[-1]
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
+
+
+def test_gen_is_reproducible_with_seed(model_path: Path, tmp_path: Path, capsys) -> None:
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    args = ["--topk", "20", "--temperature", "0.9"]
+    assert run(gen_args(model_path, a, *args), capsys)[0] == 0
+    assert run(gen_args(model_path, b, *args), capsys)[0] == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_console_script(model_path: Path, tmp_path: Path) -> None:
+    exe = shutil.which("heartmula-rt", path=os.path.dirname(sys.executable))
+    assert exe, "the heartmula-rt console script is not installed"
+    out = tmp_path / "x.wav"
+    proc = subprocess.run([exe, *gen_args(model_path, out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+
+
+def test_ctrl_c_writes_partial(model_path: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Ctrl-C during the LM stage decodes what exists into <stem>.partial<ext>."""
+    real_update = tqdm.tqdm.update
+
+    def update(self, n=1):
+        # on_frame runs after each frame is made: the 6th call finds 6 frames made
+        if self.desc == "LM" and self.n == 5:
+            raise KeyboardInterrupt
+        return real_update(self, n)
+
+    monkeypatch.setattr(tqdm.tqdm, "update", update)
+    out = tmp_path / "song.flac"
+    code, _, err = run(gen_args(model_path, out), capsys)
+    assert code == 130
+    partial = tmp_path / "song.partial.flac"
+    assert not out.exists() and partial.is_file()
+    assert sf.info(str(partial)).frames == 6 * SAMPLES_PER_FRAME
+    assert "partial" in err
+
+
+# --- bad input: one line on stderr, exit 2, no traceback, no output file -----------------------
+
+
+def bad_model(tmp_path: Path, fixtures_dir: Path, damage) -> Path:
+    root = Path(shutil.copytree(fixtures_dir / "tiny-public" / "ckpt", tmp_path / "ckpt"))
+    damage(root)
+    return root
+
+
+def not_utf8(tmp_path: Path) -> str:
+    path = tmp_path / "lyrics.txt"
+    path.write_bytes(b"caf\xe9 au lait\n")
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing model folder": (lambda t, f: ["--model-path", str(t / "nope")], "does not exist"),
+    "missing LM file": (
+        lambda t, f: [
+            "--model-path",
+            str(bad_model(t, f, lambda r: (r / LM_DIR / "model.safetensors").unlink())),
+        ],
+        "no model.safetensors",
+    ),
+    "truncated safetensors": (
+        lambda t, f: [
+            "--model-path",
+            str(
+                bad_model(
+                    t,
+                    f,
+                    lambda r: (r / LM_DIR / "model.safetensors").write_bytes(
+                        (f / "tiny-public/ckpt" / LM_DIR / "model.safetensors").read_bytes()[
+                            :100_000
+                        ]
+                    ),
+                )
+            ),
+        ],
+        "damaged or truncated",
+    ),
+    "wrong shape": (
+        lambda t, f: [
+            "--model-path",
+            str(
+                bad_model(
+                    t,
+                    f,
+                    lambda r: (r / LM_DIR / "config.json").write_text(
+                        (r / LM_DIR / "config.json")
+                        .read_text()
+                        .replace('"intermediate_dim": 160', '"intermediate_dim": 96')
+                    ),
+                )
+            ),
+        ],
+        "has shape",
+    ),
+    "unknown flavor": (
+        lambda t, f: [
+            "--model-path",
+            str(
+                bad_model(
+                    t,
+                    f,
+                    lambda r: (r / LM_DIR / "config.json").write_text(
+                        '{"backbone_flavor": "llama-1T", "decoder_flavor": "llama-300M"}'
+                    ),
+                )
+            ),
+        ],
+        "unknown model flavor",
+    ),
+    "empty tags and lyrics": (lambda t, f: ["--tags", " ", "--lyrics", ""], "both empty"),
+    "topk 0": (lambda t, f: ["--topk", "0"], "topk"),
+    "temperature 0": (lambda t, f: ["--temperature", "0"], "temperature"),
+    "negative cfg": (lambda t, f: ["--cfg-scale", "-1"], "cfg"),
+    "prompt too long": (lambda t, f: ["--lyrics", "la " * 2000], "too long"),
+    "too many frames": (lambda t, f: ["--max-seconds", "100"], "too long"),
+    "non-UTF-8 lyrics file": (lambda t, f: ["--lyrics", not_utf8(t)], "UTF-8"),
+    "non-numeric topk": (lambda t, f: ["--topk", "many"], "invalid int"),
+    "unknown dtype": (lambda t, f: ["--dtype", "float8"], "invalid choice"),
+    "unknown device": (lambda t, f: ["--device", "tpu"], "device"),
+}
+
+
+def exit_code(args: list[str]) -> int:
+    try:
+        return cli.main(args)
+    except SystemExit as e:  # argparse's own errors
+        return int(e.code)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(case: str, model_path: Path, fixtures_dir: Path, tmp_path: Path, capfd) -> None:
+    make_args, message = BAD_INPUTS[case]
+    out = tmp_path / "out" / "song.wav"
+    out.parent.mkdir()
+    # argparse lets a later option win: the bad value overrides the good one in gen_args
+    code = exit_code(gen_args(model_path, out) + make_args(tmp_path, fixtures_dir))
+    err = capfd.readouterr().err
+    assert code == 2
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], err
+    assert err.strip().splitlines()[-1] == errors[0]
+    assert "Traceback" not in err
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("song.aiff", "unknown output extension"),
+        ("missing/song.wav", "does not exist"),
+        ("song", "unknown output extension"),
+    ],
+)
+def test_bad_output_path_checked_before_loading(tmp_path: Path, name: str, message: str, capfd):
+    # a model path that does not exist: the output check must come first
+    code = exit_code(gen_args(tmp_path / "no-model", tmp_path / name))
+    err = capfd.readouterr().err
+    assert code == 2 and message in err and "no-model" not in err
+
+
+def test_unwritable_output(tmp_path: Path, capfd) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as a user that can write anywhere")
+    code = exit_code(gen_args(tmp_path / "no-model", locked / "song.wav"))
+    assert code == 2 and "not writable" in capfd.readouterr().err

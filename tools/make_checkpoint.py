@@ -1,0 +1,306 @@
+"""Write a random HeartMuLa + HeartCodec checkpoint folder in the official layout (SPEC §1).
+
+    python tools/make_checkpoint.py OUT --lm tiny --codec tiny            # seconds, for tests
+    python tools/make_checkpoint.py OUT --lm 3B --codec full --dtype bfloat16   # for benchmarks
+
+Keys, shapes, weight-norm halves, the unused VQ buffers, sharding and the index file follow the
+published files, so the real loading code is exercised. Tensors are made and written one shard at
+a time, so a full-size checkpoint needs about one shard of host memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR
+from heartmula_rt.codec import HeartCodec
+from heartmula_rt.config import CodecConfig, LMConfig
+from heartmula_rt.lm import HeartMuLa
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+LM_PRESETS: dict[str, dict] = {
+    # The sizes of ../shared/fixtures/tiny-public.
+    "tiny": {
+        "backbone_flavor": {
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "embed_dim": 64,
+            "intermediate_dim": 160,
+            "max_seq_len": 1024,
+        },
+        "decoder_flavor": {
+            "num_layers": 2,
+            "num_heads": 2,
+            "num_kv_heads": 1,
+            "embed_dim": 64,
+            "intermediate_dim": 128,
+            "max_seq_len": 64,
+        },
+        "text_vocab_size": 512,
+        "audio_vocab_size": 1029,
+    },
+    # Big enough for quantization error to be meaningful, small enough for CPU tests.
+    "mid": {
+        "backbone_flavor": {
+            "num_layers": 8,
+            "num_heads": 8,
+            "num_kv_heads": 4,
+            "embed_dim": 512,
+            "intermediate_dim": 1536,
+            "max_seq_len": 2048,
+        },
+        "decoder_flavor": {
+            "num_layers": 2,
+            "num_heads": 8,
+            "num_kv_heads": 4,
+            "embed_dim": 512,
+            "intermediate_dim": 1536,
+            "max_seq_len": 64,
+        },
+        "text_vocab_size": 512,
+        "audio_vocab_size": 1029,
+    },
+    "3B": {
+        "backbone_flavor": "llama-3B",
+        "decoder_flavor": "llama-300M",
+        "text_vocab_size": 128256,
+        "audio_vocab_size": 8197,
+    },
+    "7B": {
+        "backbone_flavor": "llama-7B",
+        "decoder_flavor": "llama-400M",
+        "text_vocab_size": 128256,
+        "audio_vocab_size": 8197,
+    },
+}
+CODEC_PRESETS: dict[str, CodecConfig] = {
+    "tiny": CodecConfig(
+        codebook_size=1024,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_layers_2=1,
+        mlp_hidden=256,
+        mlp_hidden_2=256,
+        decoder_channels=(128, 64, 32, 16, 8, 4),
+    ),
+    "full": CodecConfig(),
+}
+# Every conv of the scalar decoder is weight-normed except the post-processor's plain `conv`.
+_WEIGHT_NORMED = re.compile(r"scalar_model\.decoder\.\d+(\.(?!conv\.)[\w.]+)?\.weight")
+_SAMPLE_TEXT = """piano happy wedding rock energetic metal pop ballad electronic jazz
+[intro] [verse] [chorus] [bridge] [outro] the sun creeps in across the floor
+i hear the traffic outside the door every day the light returns la la la
+hello world we sing along through the night and into the morning light"""
+
+
+def make_tokenizer(vocab_size: int) -> Tokenizer:
+    """A small byte-level BPE, BOS 0 and EOS 1, whose post-processor adds BOS like Llama-3's."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 512),
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_SAMPLE_TEXT.splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, 0)]
+    )
+    return tok
+
+
+def _random(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Weights that keep activations of a random model bounded."""
+    if key.endswith((".scale", "norm.weight")):
+        return 1 + 0.02 * torch.randn(shape, generator=g)
+    if key.endswith(".bias"):
+        return 0.02 * torch.randn(shape, generator=g)
+    if "activation" in key:  # PReLU slope
+        return torch.full(shape, 0.25)
+    if "scale_shift_table" in key:
+        return 0.1 * torch.randn(shape, generator=g)
+    if len(shape) == 1:
+        return torch.randn(shape, generator=g)
+    fan_in = shape[-2] if key == "audio_head" else shape[1] * (shape[2] if len(shape) == 3 else 1)
+    if key.endswith(("embeddings.weight", "embedding.weight", "._codebook.embed")):
+        fan_in = 1  # lookup tables, not matmuls
+    return torch.randn(shape, generator=g) * fan_in**-0.5
+
+
+def _official_tensors(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A module tensor as the published files store it: weight norm split into g and v.
+
+    g = 1 keeps each folded row at unit norm, about what the fan-in scaling gives.
+    """
+    if _WEIGHT_NORMED.fullmatch(key) and t.dim() == 3:
+        prefix = key.removesuffix(".weight")
+        return {
+            f"{prefix}.parametrizations.weight.original0": torch.ones(t.shape[0], 1, 1),
+            f"{prefix}.parametrizations.weight.original1": t,
+        }
+    return {key: t}
+
+
+def _codec_extras(cfg: CodecConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Unused tensors the published codec carries (the loader must skip them)."""
+    extras = {
+        "flow_matching.zero_cond_embedding1": ((cfg.dim,), torch.float32),
+        "flow_matching.vq_embed.project_in.weight": ((cfg.codebook_dim, cfg.dim), torch.float32),
+        "flow_matching.vq_embed.project_in.bias": ((cfg.codebook_dim,), torch.float32),
+    }
+    for k in range(cfg.num_quantizers):
+        p = f"flow_matching.vq_embed.layers.{k}._codebook"
+        extras[f"{p}.initted"] = ((), torch.bool)
+        extras[f"{p}.cluster_size"] = ((1, cfg.codebook_size), torch.float32)
+        extras[f"{p}.embed_avg"] = ((1, cfg.codebook_size, cfg.codebook_dim), torch.float32)
+    return extras
+
+
+def write_model(
+    out: Path,
+    module: torch.nn.Module,
+    config: dict,
+    *,
+    dtype: torch.dtype,
+    shard_bytes: int,
+    seed: int,
+    extras: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+) -> None:
+    """Random weights for every tensor of `module` (built on meta), written shard by shard."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shapes = {k: (tuple(v.shape), dtype) for k, v in module.state_dict().items()}
+    shapes.update(extras or {})
+    # Plan shards from sizes first so the file names know the shard count.
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, (shape, dt) in shapes.items():
+        nbytes = torch.Size(shape).numel() * dt.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    g = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        if len(shards) == 1:
+            name = "model.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for key in keys:
+            shape, dt = shapes[key]
+            if dt == torch.bool:
+                tensors[key] = torch.ones(shape, dtype=torch.bool)
+            elif extras and key in extras:
+                tensors[key] = torch.zeros(shape, dtype=dtype)  # EMA buffers, unused
+            else:
+                for k, t in _official_tensors(key, _random(key, shape, g)).items():
+                    tensors[k] = t.to(dtype).contiguous()
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        for k, t in tensors.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def make_checkpoint(
+    out: Path,
+    *,
+    lm: str = "tiny",
+    codec: str = "tiny",
+    dtype: torch.dtype = torch.float32,
+    shard_bytes: int = 4 << 30,
+    seed: int = 0,
+) -> Path:
+    """Write a complete random checkpoint folder and return its path."""
+    out = Path(out)
+    dtype_name = str(dtype).removeprefix("torch.")
+    lm_json = {
+        "architectures": ["HeartMuLa"],
+        "model_type": "heartmula",
+        "audio_num_codebooks": 8,
+        "muq_dim": 512,
+        "dtype": dtype_name,
+        **LM_PRESETS[lm],
+    }
+    lm_cfg = LMConfig.from_dict(lm_json)
+    codec_cfg = CODEC_PRESETS[codec]
+    if lm_cfg.audio_vocab_size != codec_cfg.codebook_size + 5:
+        raise SystemExit(
+            f"--lm {lm} (audio vocab {lm_cfg.audio_vocab_size}) does not fit "
+            f"--codec {codec} (codebook {codec_cfg.codebook_size})"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(lm_cfg.text_vocab_size).save(str(out / "tokenizer.json"))
+    eos = codec_cfg.codebook_size + 1
+    gen = {"text_bos_id": 0, "text_eos_id": 1, "audio_eos_id": eos, "empty_id": 0}
+    (out / "gen_config.json").write_text(json.dumps(gen, indent=4) + "\n")
+
+    with torch.device("meta"):
+        lm_module = HeartMuLa(lm_cfg)
+        codec_module = HeartCodec(codec_cfg)
+    write_model(out / LM_DIR, lm_module, lm_json, dtype=dtype, shard_bytes=shard_bytes, seed=seed)
+    codec_json = {
+        "architectures": ["HeartCodec"],
+        "model_type": "heartcodec",
+        "dtype": dtype_name,
+        **{
+            k: v
+            for k, v in asdict(codec_cfg).items()
+            if k not in ("mlp_hidden", "mlp_hidden_2", "decoder_channels")
+        },
+    }
+    write_model(
+        out / CODEC_DIR,
+        codec_module,
+        codec_json,
+        dtype=dtype,
+        shard_bytes=shard_bytes,
+        seed=seed + 1,
+        extras=_codec_extras(codec_cfg),
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path, help="folder to write (created)")
+    p.add_argument("--lm", choices=sorted(LM_PRESETS), default="tiny")
+    p.add_argument("--codec", choices=sorted(CODEC_PRESETS), default="tiny")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--shard-gb", type=float, default=4.0, help="largest shard, GB")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    make_checkpoint(
+        a.out,
+        lm=a.lm,
+        codec=a.codec,
+        dtype=getattr(torch, a.dtype),
+        shard_bytes=int(a.shard_gb * 1e9),
+        seed=a.seed,
+    )
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
