@@ -31,13 +31,18 @@ def check_output_path(path: Path) -> Path:
             f"unknown output extension {path.suffix or '(none)'!r} in {path}; "
             f"use one of {', '.join(FORMATS)}"
         )
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     if not folder.is_dir():
         raise UserError(f"output folder {folder} does not exist")
     if path.is_dir():
         raise UserError(f"output path {path} is a folder")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"output path {path} is not writable")
+    try:  # permissions alone do not tell (read-only mounts, root): try to create a file there
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"output path {path} is not writable ({e.strerror})") from None
     return path
 
 

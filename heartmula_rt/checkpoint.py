@@ -304,7 +304,7 @@ def download(root: Path, *, progress: bool = True) -> Path:
                 f"hf download {r} --local-dir {root / s}" for r, s in HUB_REPOS.items()
             )
             raise UserError(
-                f"could not download {repo} ({type(e).__name__}); fetch the weights by hand "
-                f"with: {hint}"
+                f"could not download {repo} from the Hugging Face hub ({type(e).__name__}: "
+                f"offline?); fetch the weights by hand with: {hint}"
             ) from None
     return root

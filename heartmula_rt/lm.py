@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LlamaFlavor, LMConfig
+from .layers import apply_rope, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -25,10 +26,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Statistics in float32 even for bf16 activations; cast back before the scale (torchtune).
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.scale
+        return rms_norm(x, self.scale, self.eps)
 
 
 # Llama-3 RoPE scaling constants (scale_factor comes from the flavor).
@@ -70,15 +68,6 @@ class RotaryEmbedding:
             angles = torch.outer(positions, self._inv_freq())
             self._cos, self._sin = angles.cos().to(device), angles.sin().to(device)
         return self._cos, self._sin
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, T, H, D]; cos/sin [T, D/2]. Rotation in float32, result in x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return out.flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -123,6 +112,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, start: int, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
         b, t, _ = x.shape
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]: broadcast over heads
         q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from heartmula_rt.checkpoint import LM_DIR, load_lm
+from heartmula_rt.lm import HeartMuLa
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
@@ -15,3 +18,15 @@ def fixtures_dir() -> Path:
     path = SHARED / "fixtures"
     assert path.is_dir(), f"{path} is missing: clone the project with shared/ beside it"
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(fixtures_dir: Path) -> Path:
+    """The tiny-public checkpoint folder (read-only)."""
+    return fixtures_dir / "tiny-public" / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_ckpt: Path) -> HeartMuLa:
+    """The tiny-public LM in float32 on the CPU, loaded once."""
+    return load_lm(tiny_ckpt / LM_DIR)[0]

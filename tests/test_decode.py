@@ -17,53 +17,43 @@ from heartmula_rt.prompt import Prompt, build_prompt
 
 
 @pytest.fixture(scope="module")
-def ckpt(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "tiny-public/ckpt"
+def gen(tiny_ckpt: Path) -> GenConfig:
+    return load_gen_config(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")
-def model(ckpt: Path) -> HeartMuLa:
-    return load_lm(ckpt / "HeartMuLa-oss-3B")[0]
-
-
-@pytest.fixture(scope="module")
-def gen(ckpt: Path) -> GenConfig:
-    return load_gen_config(ckpt)
-
-
-@pytest.fixture(scope="module")
-def prompt(ckpt: Path, gen: GenConfig) -> Prompt:
-    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+def prompt(tiny_ckpt: Path, gen: GenConfig) -> Prompt:
+    tokenizer = Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))
     return build_prompt(tokenizer, gen, "Rock,Energetic", "[Verse]\nhello world\n")
 
 
-def _sampled(model: HeartMuLa, prompt: Prompt, gen: GenConfig, cfg_scale: float) -> torch.Tensor:
+def _sampled(tiny_lm: HeartMuLa, prompt: Prompt, gen: GenConfig, cfg_scale: float) -> torch.Tensor:
     generator = torch.Generator().manual_seed(11)
     return generate_frames(
-        model, prompt, gen, max_frames=12, cfg_scale=cfg_scale, generator=generator
+        tiny_lm, prompt, gen, max_frames=12, cfg_scale=cfg_scale, generator=generator
     )
 
 
 def test_cfg_switching_on_one_model_matches_fresh_models(
-    model: HeartMuLa, ckpt: Path, prompt: Prompt, gen: GenConfig
+    tiny_lm: HeartMuLa, tiny_ckpt: Path, prompt: Prompt, gen: GenConfig
 ) -> None:
-    runs = [_sampled(model, prompt, gen, cfg) for cfg in (1.5, 1.0, 1.5, 1.0)]
+    runs = [_sampled(tiny_lm, prompt, gen, cfg) for cfg in (1.5, 1.0, 1.5, 1.0)]
     fresh = [
-        _sampled(load_lm(ckpt / "HeartMuLa-oss-3B")[0], prompt, gen, cfg) for cfg in (1.5, 1.0)
+        _sampled(load_lm(tiny_ckpt / "HeartMuLa-oss-3B")[0], prompt, gen, cfg) for cfg in (1.5, 1.0)
     ]
     assert torch.equal(runs[0], fresh[0]) and torch.equal(runs[2], fresh[0])
     assert torch.equal(runs[1], fresh[1]) and torch.equal(runs[3], fresh[1])
     assert not torch.equal(runs[0], runs[1])  # guidance does change the draws
 
 
-def test_cfg_below_one_is_unguided(model: HeartMuLa, prompt: Prompt, gen: GenConfig) -> None:
-    assert torch.equal(_sampled(model, prompt, gen, 0.5), _sampled(model, prompt, gen, 1.0))
+def test_cfg_below_one_is_unguided(tiny_lm: HeartMuLa, prompt: Prompt, gen: GenConfig) -> None:
+    assert torch.equal(_sampled(tiny_lm, prompt, gen, 0.5), _sampled(tiny_lm, prompt, gen, 1.0))
 
 
-def test_zero_frames_gives_frame_zero(model: HeartMuLa, prompt: Prompt, gen: GenConfig) -> None:
-    frames = generate_frames(model, prompt, gen, max_frames=0, topk=1)
+def test_zero_frames_gives_frame_zero(tiny_lm: HeartMuLa, prompt: Prompt, gen: GenConfig) -> None:
+    frames = generate_frames(tiny_lm, prompt, gen, max_frames=0, topk=1)
     assert frames.shape == (8, 1)
-    assert torch.equal(frames, generate_frames(model, prompt, gen, max_frames=5, topk=1)[:, :1])
+    assert torch.equal(frames, generate_frames(tiny_lm, prompt, gen, max_frames=5, topk=1)[:, :1])
 
 
 @pytest.mark.parametrize(
@@ -78,25 +68,27 @@ def test_zero_frames_gives_frame_zero(model: HeartMuLa, prompt: Prompt, gen: Gen
     ],
 )
 def test_bad_settings_are_user_errors(
-    model: HeartMuLa, prompt: Prompt, gen: GenConfig, kwargs: dict, message: str
+    tiny_lm: HeartMuLa, prompt: Prompt, gen: GenConfig, kwargs: dict, message: str
 ) -> None:
     kwargs = {"max_frames": 4, **kwargs}
     with pytest.raises(UserError, match=message):
-        generate_frames(model, prompt, gen, **kwargs)
+        generate_frames(tiny_lm, prompt, gen, **kwargs)
 
 
-def test_longest_allowed_request(model: HeartMuLa, gen: GenConfig) -> None:
+def test_longest_allowed_request(tiny_lm: HeartMuLa, gen: GenConfig) -> None:
     """prompt + max_frames + 1 may reach the backbone's max_seq_len exactly."""
-    limit = model.config.backbone.max_seq_len
+    limit = tiny_lm.config.backbone.max_seq_len
     long_prompt = Prompt(ids=torch.full((limit - 4,), 7), slot_index=3)
-    never_stop = GenConfig(audio_eos_id=model.config.audio_vocab_size)
+    never_stop = GenConfig(audio_eos_id=tiny_lm.config.audio_vocab_size)
     with pytest.raises(UserError, match="context"):
-        generate_frames(model, long_prompt, never_stop, max_frames=4, topk=1)
-    frames = generate_frames(model, long_prompt, never_stop, max_frames=3, topk=1)
+        generate_frames(tiny_lm, long_prompt, never_stop, max_frames=4, topk=1)
+    frames = generate_frames(tiny_lm, long_prompt, never_stop, max_frames=3, topk=1)
     assert frames.shape == (8, 4)
 
 
-def test_interrupt_returns_partial_frames(model: HeartMuLa, prompt: Prompt, gen: GenConfig) -> None:
+def test_interrupt_returns_partial_frames(
+    tiny_lm: HeartMuLa, prompt: Prompt, gen: GenConfig
+) -> None:
     seen: list[int] = []
 
     def on_frame(n: int) -> None:
@@ -105,16 +97,18 @@ def test_interrupt_returns_partial_frames(model: HeartMuLa, prompt: Prompt, gen:
             raise KeyboardInterrupt
 
     with pytest.raises(GenerationInterrupted) as info:
-        generate_frames(model, prompt, gen, max_frames=20, topk=1, on_frame=on_frame)
+        generate_frames(tiny_lm, prompt, gen, max_frames=20, topk=1, on_frame=on_frame)
     assert isinstance(info.value, KeyboardInterrupt)
     assert seen == [1, 2, 3, 4, 5]
-    full = generate_frames(model, prompt, gen, max_frames=20, topk=1)
+    full = generate_frames(tiny_lm, prompt, gen, max_frames=20, topk=1)
     assert info.value.frames.shape == (8, 5)
     assert torch.equal(info.value.frames, full[:, :5])
 
 
-def test_bfloat16_model_runs(ckpt: Path, model: HeartMuLa, prompt: Prompt, gen: GenConfig) -> None:
-    bf16 = load_lm(ckpt / "HeartMuLa-oss-3B", dtype=torch.bfloat16)[0]
+def test_bfloat16_model_runs(
+    tiny_ckpt: Path, tiny_lm: HeartMuLa, prompt: Prompt, gen: GenConfig
+) -> None:
+    bf16 = load_lm(tiny_ckpt / "HeartMuLa-oss-3B", dtype=torch.bfloat16)[0]
     frames = generate_frames(bf16, prompt, gen, max_frames=6, cfg_scale=1.5, topk=1)
     assert frames.dtype == torch.int64 and frames.shape[0] == 8 and frames.shape[1] >= 1
     assert int(frames.min()) >= 0 and int(frames.max()) < gen.audio_eos_id
@@ -122,6 +116,6 @@ def test_bfloat16_model_runs(ckpt: Path, model: HeartMuLa, prompt: Prompt, gen: 
     sampler = Sampler(topk=1, cfg_scale=1.5)
     with torch.no_grad():
         _, logits16 = prefill(bf16, prompt, bf16.new_cache(2, len(prompt)), sampler)
-        _, logits32 = prefill(model, prompt, model.new_cache(2, len(prompt)), sampler)
+        _, logits32 = prefill(tiny_lm, prompt, tiny_lm.new_cache(2, len(prompt)), sampler)
     assert logits16.dtype == torch.bfloat16
     torch.testing.assert_close(logits16.float(), logits32, rtol=0, atol=0.15)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import load_gen_config, load_lm
+from heartmula_rt.checkpoint import load_gen_config
 from heartmula_rt.decode import Sampler, decode_one_frame, generate_frames, prefill
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import build_prompt
@@ -25,18 +25,8 @@ CASE_FILES = ["mula_cfg15.safetensors", "mula_nocfg.safetensors", "mula_eos.safe
 
 
 @pytest.fixture(scope="module")
-def ckpt(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "tiny-public/ckpt"
-
-
-@pytest.fixture(scope="module")
-def model(ckpt: Path) -> HeartMuLa:
-    return load_lm(ckpt / "HeartMuLa-oss-3B")[0]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(ckpt: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+def tokenizer(tiny_ckpt: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))
 
 
 @pytest.fixture(params=CASE_FILES)
@@ -50,31 +40,31 @@ def test_every_mula_case_is_covered(fixtures_dir: Path) -> None:
     assert sorted(c["file"] for c in _mula_cases(fixtures_dir)) == sorted(CASE_FILES)
 
 
-def test_prompt(case, tokenizer: Tokenizer, ckpt: Path) -> None:
+def test_prompt(case, tokenizer: Tokenizer, tiny_ckpt: Path) -> None:
     c, expected = case
-    prompt = build_prompt(tokenizer, load_gen_config(ckpt), c["tags"], c["lyrics"])
+    prompt = build_prompt(tokenizer, load_gen_config(tiny_ckpt), c["tags"], c["lyrics"])
     assert torch.equal(prompt.ids, expected["prompt_ids"])
     assert prompt.slot_index == int(expected["muq_index"])
 
 
-def test_first_step_logits(case, model: HeartMuLa, tokenizer: Tokenizer, ckpt: Path) -> None:
+def test_first_step_logits(case, tiny_lm: HeartMuLa, tokenizer: Tokenizer, tiny_ckpt: Path) -> None:
     c, expected = case
-    prompt = build_prompt(tokenizer, load_gen_config(ckpt), c["tags"], c["lyrics"])
+    prompt = build_prompt(tokenizer, load_gen_config(tiny_ckpt), c["tags"], c["lyrics"])
     sampler = Sampler(c["topk"], c["temperature"], c["cfg_scale"])
-    cache = model.new_cache(sampler.batch, len(prompt) + 1)
+    cache = tiny_lm.new_cache(sampler.batch, len(prompt) + 1)
     with torch.no_grad():
-        frame, logits0 = prefill(model, prompt, cache, sampler)
-        _, logits1 = decode_one_frame(model, frame, len(prompt), cache, sampler)
+        frame, logits0 = prefill(tiny_lm, prompt, cache, sampler)
+        _, logits1 = decode_one_frame(tiny_lm, frame, len(prompt), cache, sampler)
     torch.testing.assert_close(logits0, expected["c0_logits_step0"], rtol=0, atol=1e-4)
     torch.testing.assert_close(logits1, expected["c0_logits_step1"], rtol=0, atol=1e-4)
 
 
-def test_greedy_frames(case, model: HeartMuLa, tokenizer: Tokenizer, ckpt: Path) -> None:
+def test_greedy_frames(case, tiny_lm: HeartMuLa, tokenizer: Tokenizer, tiny_ckpt: Path) -> None:
     c, expected = case
-    gen = load_gen_config(ckpt)
+    gen = load_gen_config(tiny_ckpt)
     prompt = build_prompt(tokenizer, gen, c["tags"], c["lyrics"])
     frames = generate_frames(
-        model,
+        tiny_lm,
         prompt,
         gen,
         max_frames=c["max_frames"],

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CodecConfig
+from ..layers import apply_rope, rms_norm
 from .vq import ResidualVQ
 
 NORM_EPS = 1e-6
@@ -28,13 +29,6 @@ def rope_tables(n: int, head_dim: int, device: torch.device) -> tuple[torch.Tens
     theta = ROPE_BASE ** (-i2 / head_dim)
     angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * theta[None, :]
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, H, T, head_dim], in float32."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(-2).to(x.dtype)
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + NORM_EPS)
-        return xf.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, NORM_EPS)
 
 
 class ProjectLayer(nn.Module):
