@@ -70,7 +70,9 @@ def write_audio(path: Path, wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would leak into the finished file
         sf.write(tmp, data, sample_rate, format=fmt, subtype=subtype)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, sf.LibsndfileError)):  # e.g. the disk filled up meanwhile
+            raise UserError(f"could not write {path} ({e})") from None
         raise
     return clipped

@@ -180,12 +180,13 @@ def load_into(
     *,
     device: torch.device | str,
     dtype: torch.dtype,
+    float32_prefixes: tuple[str, ...] = (),
 ) -> None:
     """Fill a meta-device model from safetensors files, tensor by tensor.
 
     Every parameter and persistent buffer must be found with its exact shape; any other key that
-    is not a known unused one is an error. Floating tensors become `dtype`, converted on the host
-    before they move to `device`.
+    is not a known unused one is an error. Floating tensors become `dtype` (float32 under
+    `float32_prefixes`), converted on the host before they move to `device`.
     """
     expected = dict(model.state_dict(keep_vars=True))
     seen: set[str] = set()
@@ -202,7 +203,7 @@ def load_into(
             raise UserError(f"tensor {key!r} appears twice in {source}")
         seen.add(key)
         if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+            tensor = tensor.to(torch.float32 if key.startswith(float32_prefixes) else dtype)
         _assign(model, key, tensor.to(device), is_param=isinstance(want, nn.Parameter))
         del tensor
     missing = [k for k in expected if k not in seen]
@@ -278,13 +279,21 @@ def load_codec_config(codec_dir: Path) -> CodecConfig:
 def load_codec(
     codec_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ):
-    """HeartCodec of one folder (SPEC §5), as (model, config)."""
+    """HeartCodec of one folder (SPEC §5), as (model, config); `dtype` applies to the DiT."""
     from .codec import HeartCodec
 
     config = load_codec_config(codec_dir)
     with torch.device("meta"):
         model = HeartCodec(config)
-    load_into(model, shard_files(codec_dir), device=device, dtype=dtype)
+    # The scalar decoder computes in float32 whatever `dtype` is (its input is rounded to
+    # multiples of 1/9, so it amplifies small errors): keep its weights exact.
+    load_into(
+        model,
+        shard_files(codec_dir),
+        device=device,
+        dtype=dtype,
+        float32_prefixes=("scalar_model.",),
+    )
     return model.eval(), config
 
 

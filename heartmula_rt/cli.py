@@ -19,7 +19,15 @@ from . import checkpoint
 from .audio import check_output_path, partial_path, write_audio
 from .decode import GenerationInterrupted, check_sampling
 from .errors import UserError
-from .pipeline import DTYPES, Pipeline, load_pipeline, max_frames_for, parse_device, parse_dtype
+from .pipeline import (
+    DTYPES,
+    Pipeline,
+    check_seed,
+    load_pipeline,
+    max_frames_for,
+    parse_device,
+    parse_dtype,
+)
 from .prompt import check_texts, read_text
 
 EXIT_USER_ERROR = 2
@@ -69,6 +77,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
     check_texts(tags, lyrics)
     check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
     max_frames = max_frames_for(args.max_seconds)
+    check_seed(args.seed)
     device, dtype, codec_dtype = (
         parse_device(args.device),
         parse_dtype(args.dtype),

@@ -7,6 +7,7 @@ logits of its backbone step, which is what the parity tests compare. `generate_f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,10 +96,10 @@ def check_sampling(*, topk: int, temperature: float, cfg_scale: float) -> None:
     """Refuse sampling settings the SPEC has no meaning for (SPEC §4)."""
     if topk < 1:
         raise UserError(f"topk must be at least 1, not {topk}")
-    if not temperature > 0:
-        raise UserError(f"temperature must be greater than 0, not {temperature}")
-    if not cfg_scale >= 0:
-        raise UserError(f"cfg_scale must be 0 or more, not {cfg_scale}")
+    if not 0 < temperature < math.inf:
+        raise UserError(f"temperature must be a finite number above 0, not {temperature}")
+    if not 0 <= cfg_scale < math.inf:
+        raise UserError(f"cfg_scale must be a finite number of 0 or more, not {cfg_scale}")
 
 
 def check_length(model: HeartMuLa, prompt: Prompt, max_frames: int) -> None:

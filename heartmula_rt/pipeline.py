@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +48,15 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UserError(f"seed must be an integer in [0, 2**63), not {seed}")
+
+
 def max_frames_for(max_seconds: float) -> int:
     """The reference's frame budget: max_audio_length_ms // 80."""
-    if not max_seconds > 0:
-        raise UserError(f"max_seconds must be positive, got {max_seconds}")
+    if not 0 < max_seconds < math.inf:
+        raise UserError(f"max_seconds must be a positive number, not {max_seconds}")
     return int(max_seconds * 1000) // FRAME_MS
 
 
@@ -96,6 +102,7 @@ class Pipeline:
 
         With a seed, sampling repeats exactly on the same device.
         """
+        check_seed(seed)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)

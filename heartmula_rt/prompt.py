@@ -25,9 +25,15 @@ class Prompt:
         return self.ids.shape[0]
 
 
+# A one-line argument ending like this is meant as a file, and a missing one is a typo, not text.
+TEXT_FILE_SUFFIXES = (".txt", ".lrc", ".md")
+
+
 def read_text(value: str) -> str:
     """The contents of the file `value` names, if it names one; otherwise `value` itself."""
     if not os.path.isfile(value):
+        if "\n" not in value and value.strip().lower().endswith(TEXT_FILE_SUFFIXES):
+            raise UserError(f"text file {value} does not exist")
         return value
     try:
         # utf-8-sig: a leading byte-order mark (Windows editors) is not part of the text.

@@ -184,6 +184,10 @@ BAD_INPUTS = {
     "prompt too long": (lambda t, f: ["--lyrics", "la " * 2000], "too long"),
     "too many frames": (lambda t, f: ["--max-seconds", "100"], "too long"),
     "non-UTF-8 lyrics file": (lambda t, f: ["--lyrics", not_utf8(t)], "UTF-8"),
+    "missing lyrics file": (lambda t, f: ["--lyrics", str(t / "lyrics.txt")], "does not exist"),
+    "infinite length": (lambda t, f: ["--max-seconds", "inf"], "max_seconds"),
+    "infinite temperature": (lambda t, f: ["--temperature", "inf"], "temperature"),
+    "seed out of range": (lambda t, f: ["--seed", str(2**64)], "seed"),
     "non-numeric topk": (lambda t, f: ["--topk", "many"], "invalid int"),
     "unknown dtype": (lambda t, f: ["--dtype", "float8"], "invalid choice"),
     "unknown device": (lambda t, f: ["--device", "tpu"], "device"),
@@ -232,3 +236,11 @@ def test_unwritable_output(tmp_path: Path, capfd) -> None:
     # /proc refuses new files even to root, which os.access alone would not tell
     code = exit_code(gen_args(tmp_path / "no-model", Path("/proc/song.wav")))
     assert code == 2 and "not writable" in capfd.readouterr().err
+
+
+def test_download_offline_says_how(tmp_path: Path, monkeypatch, capfd) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = exit_code(["download", "--model-path", str(tmp_path / "weights")])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "could not download HeartMuLa/HeartMuLaGen" in err[0] and "hf download" in err[0]

@@ -81,11 +81,19 @@ def test_read_text_from_file_or_value(tmp_path: Path) -> None:
     path.write_text("[Verse]\nÉté, ça va\n", encoding="utf-8")
     assert read_text(str(path)) == "[Verse]\nÉté, ça va\n"
     assert read_text("[Verse]\nplain text\n") == "[Verse]\nplain text\n"
-    assert read_text(str(tmp_path / "missing.txt")) == str(tmp_path / "missing.txt")
+    assert read_text(str(tmp_path / "missing")) == str(tmp_path / "missing")
     assert read_text(str(tmp_path)) == str(tmp_path)  # a folder is not a text file
     bom = tmp_path / "bom.txt"
     bom.write_bytes("\ufeffpiano".encode())
     assert read_text(str(bom)) == "piano"
+
+
+def test_read_text_missing_text_file_is_an_error(tmp_path: Path) -> None:
+    """A one-line value naming a .txt/.lrc/.md file is a path: a typo must not become lyrics."""
+    for name in ("lyrics.txt", "song.LRC", "notes.md"):
+        with pytest.raises(UserError, match=f"{name} does not exist"):
+            read_text(str(tmp_path / name))
+    assert read_text("[verse]\nsee notes.txt") == "[verse]\nsee notes.txt"  # multi-line: text
 
 
 def test_read_text_rejects_non_utf8_file(tmp_path: Path) -> None:
