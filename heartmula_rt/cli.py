@@ -71,7 +71,6 @@ def _decode_and_write(pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
     out = check_output_path(args.output)
     tags, lyrics = read_text(args.tags), read_text(args.lyrics)
     check_texts(tags, lyrics)
@@ -88,8 +87,10 @@ def cmd_gen(args: argparse.Namespace) -> int:
     print(
         f"loading {root} on {device} (LM {args.dtype}, codec {args.codec_dtype})", file=sys.stderr
     )
+    loading = time.perf_counter()
     pipe = load_pipeline(root, device=device, dtype=dtype, codec_dtype=codec_dtype)
     pipe.check_request(tags, lyrics, max_frames)
+    start = time.perf_counter()
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     print(f"seed {seed}", file=sys.stderr)
 
@@ -117,12 +118,16 @@ def cmd_gen(args: argparse.Namespace) -> int:
         seconds = _decode_and_write(pipe, stop.frames, partial, seed)
         print(f"wrote {partial} ({seconds:.1f} s of audio, partial)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    bar.total = bar.n  # ended on EOS before the frame budget: show it as complete
     bar.close()
 
     seconds = _decode_and_write(pipe, frames, out, seed)
     wall = time.perf_counter() - start
     rtf = wall / max(seconds, 1e-9)
-    print(f"wrote {out}: {seconds:.1f} s of audio in {wall:.1f} s (RTF {rtf:.3f})")
+    print(
+        f"wrote {out}: {seconds:.1f} s of audio in {wall:.1f} s (RTF {rtf:.3f}; "
+        f"loading took {start - loading:.1f} s)"
+    )
     return 0
 
 
@@ -149,18 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tags", default="", help="comma-separated tags, or a text file of them")
     gen.add_argument("--lyrics", default="", help="lyrics, or a text file of them")
     gen.add_argument("--max-seconds", type=float, default=240.0, help="longest song (default 240)")
-    gen.add_argument("--topk", type=int, default=50)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--cfg-scale", type=float, default=1.5, help="≤ 1 means no guidance")
+    gen.add_argument("--topk", type=int, default=50, help="sample among the k likeliest (50)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    gen.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.5,
+        help="classifier-free guidance (1.5); ≤ 1 means none",
+    )
     gen.add_argument("--seed", type=int, default=None, help="default: random, printed")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N (default: cuda if available)",
+    )
     gen.add_argument(
         "--dtype",
         choices=list(DTYPES),
         default=None,
         help="LM weights (default: bfloat16 on GPU, float32 on CPU)",
     )
-    gen.add_argument("--codec-dtype", choices=list(DTYPES), default="float32")
+    gen.add_argument(
+        "--codec-dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="the codec's DiT (float32); its conv decoder is always float32",
+    )
     gen.add_argument(
         "-o", "--output", type=Path, required=True, help="output file: .wav .flac .ogg or .mp3"
     )

@@ -271,3 +271,22 @@ def test_full_size_codec_shapes(fixtures_dir: Path) -> None:
     with torch.device("meta"):
         model = HeartCodec(config)
     assert module_shapes(model) == used_shapes(official)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "decoder"), [("llama-3B", "llama-300M"), ("llama-7B", "llama-400M")]
+)
+def test_named_flavors_build(backbone: str, decoder: str) -> None:
+    config = LMConfig.from_dict({"backbone_flavor": backbone, "decoder_flavor": decoder})
+    with torch.device("meta"):
+        model = HeartMuLa(config)
+    bb, dec = FLAVORS[backbone], FLAVORS[decoder]
+    assert (
+        len(model.backbone.layers) == bb.num_layers and len(model.decoder.layers) == dec.num_layers
+    )
+    assert model.backbone.layers[0].attn.k_proj.weight.shape == (
+        bb.num_kv_heads * bb.head_dim,
+        bb.embed_dim,
+    )
+    assert model.audio_head.shape == (7, dec.embed_dim, 8197)
+    assert model.projection.weight.shape == (dec.embed_dim, bb.embed_dim)
