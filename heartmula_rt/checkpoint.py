@@ -9,6 +9,7 @@ memory and never puts float32 weights on the GPU. Weight norm is folded here, on
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -150,6 +151,41 @@ def _fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (g * v / norm).float()
 
 
+def _weight_norm_half(m: re.Match) -> str:
+    return m["gv"] or ("g" if m["pi"] == "0" else "v")
+
+
+def module_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """What the files hold under module keys, from their headers alone: unused tensors skipped,
+    each weight-norm pair as `<prefix>.weight` with v's shape."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    halves: dict[str, dict[str, tuple[int, ...]]] = {}
+    for path in files:
+        with _open(path) as f:
+            for key in f.keys():
+                if UNUSED_KEYS.fullmatch(key):
+                    continue
+                shape = tuple(f.get_slice(key).get_shape())
+                m = WEIGHT_NORM_KEY.fullmatch(key)
+                if m is not None:
+                    halves.setdefault(m["prefix"], {})[_weight_norm_half(m)] = shape
+                elif key in shapes:
+                    raise UserError(f"tensor {key!r} appears twice in {path.parent}")
+                else:
+                    shapes[key] = shape
+    for prefix, pair in halves.items():
+        if len(pair) < 2:
+            missing = "g (original0)" if "g" not in pair else "v (original1)"
+            raise UserError(f"weight norm of {prefix!r} lacks its {missing} tensor")
+        g, v = pair["g"], pair["v"]
+        if g[0] != v[0] or math.prod(g) != g[0]:
+            raise UserError(
+                f"weight-norm tensors of {prefix!r} do not match: g {list(g)}, v {list(v)}"
+            )
+        shapes[f"{prefix}.weight"] = v
+    return shapes
+
+
 def _folded_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Used tensors under their module keys, weight-norm pairs folded into `<prefix>.weight`."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
@@ -158,20 +194,11 @@ def _folded_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         if m is None:
             yield key, tensor
             continue
-        part = m["gv"] or ("g" if m["pi"] == "0" else "v")
         pair = halves.setdefault(m["prefix"], {})
-        pair[part] = tensor
-        if len(pair) == 2:
+        pair[_weight_norm_half(m)] = tensor
+        if len(pair) == 2:  # g and v may sit in different shards
             del halves[m["prefix"]]
-            if pair["g"].shape[0] != pair["v"].shape[0] or pair["g"].numel() != pair["g"].shape[0]:
-                raise UserError(
-                    f"weight-norm tensors of {m['prefix']!r} do not match: "
-                    f"g {list(pair['g'].shape)}, v {list(pair['v'].shape)}"
-                )
             yield f"{m['prefix']}.weight", _fold_weight_norm(pair["g"], pair["v"])
-    for prefix, pair in halves.items():
-        missing = "g (original0)" if "g" not in pair else "v (original1)"
-        raise UserError(f"weight norm of {prefix!r} lacks its {missing} tensor")
 
 
 def load_into(
@@ -184,33 +211,34 @@ def load_into(
 ) -> None:
     """Fill a meta-device model from safetensors files, tensor by tensor.
 
-    Every parameter and persistent buffer must be found with its exact shape; any other key that
-    is not a known unused one is an error. Floating tensors become `dtype` (float32 under
-    `float32_prefixes`), converted on the host before they move to `device`.
+    The file headers are checked against the model first, so a bad checkpoint fails in seconds,
+    not after gigabytes were read: every parameter and persistent buffer must be there with its
+    exact shape, and any other key that is not a known unused one is an error. Floating tensors
+    become `dtype` (float32 under `float32_prefixes`), converted on the host before they move to
+    `device`.
     """
-    expected = dict(model.state_dict(keep_vars=True))
-    seen: set[str] = set()
-    source = str(files[0].parent if len(files) > 1 else files[0])
-    for key, tensor in _folded_tensors(files):
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    params = {k for k, _ in model.named_parameters()}
+    found = module_shapes(files)
+    source = files[0].parent if len(files) > 1 else files[0]
+    for key, shape in found.items():
         if key not in expected:
-            raise UserError(f"unexpected tensor {key!r} {list(tensor.shape)} in {source}")
-        want = expected[key]
-        if tuple(tensor.shape) != tuple(want.shape):
+            raise UserError(f"unexpected tensor {key!r} {list(shape)} in {source}")
+        if shape != expected[key]:
             raise UserError(
-                f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(want.shape)}"
+                f"tensor {key!r} has shape {list(shape)}, expected {list(expected[key])}"
             )
-        if key in seen:
-            raise UserError(f"tensor {key!r} appears twice in {source}")
-        seen.add(key)
-        if tensor.is_floating_point():
-            tensor = tensor.to(torch.float32 if key.startswith(float32_prefixes) else dtype)
-        _assign(model, key, tensor.to(device), is_param=isinstance(want, nn.Parameter))
-        del tensor
-    missing = [k for k in expected if k not in seen]
+    missing = [k for k in expected if k not in found]
     if missing:
-        shown = ", ".join(f"{k!r} {list(expected[k].shape)}" for k in missing[:3])
+        shown = ", ".join(f"{k!r} {list(expected[k])}" for k in missing[:3])
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"checkpoint {source} lacks tensor {shown}{more}")
+
+    for key, tensor in _folded_tensors(files):
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32 if key.startswith(float32_prefixes) else dtype)
+        _assign(model, key, tensor.to(device), is_param=key in params)
+        del tensor
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, *, is_param: bool) -> None:

@@ -199,6 +199,23 @@ def test_unknown_and_missing_keys(ckpt: Path) -> None:
         load_lm(ckpt / LM_DIR)
 
 
+def test_bad_checkpoint_fails_before_any_tensor_is_read(ckpt: Path, monkeypatch) -> None:
+    """Shapes and keys come from the headers: a 15 GB load never fails at its end."""
+
+    def edit(t):
+        del t["decoder.norm.scale"]
+        return t
+
+    rewrite(ckpt / LM_DIR / "model.safetensors", edit)
+
+    def no_reading(files):
+        raise AssertionError("tensor data was read before the headers were checked")
+
+    monkeypatch.setattr(checkpoint, "_iter_tensors", no_reading)
+    with pytest.raises(UserError, match="lacks tensor 'decoder.norm.scale'"):
+        load_lm(ckpt / LM_DIR)
+
+
 def test_lonely_weight_norm_half(ckpt: Path) -> None:
     def edit(t):
         del t["scalar_model.decoder.7.parametrizations.weight.original1"]
