@@ -32,7 +32,7 @@ HUB_REPOS = {  # hub repo -> folder under the model path
 }
 
 # Keys the official files carry that inference does not use.
-UNUSED_KEYS = re.compile(
+_UNUSED_KEYS = re.compile(
     r"(.*\.pos_embeddings\.(theta|cache)"  # third-party bf16 repacks
     r"|flow_matching\.zero_cond_embedding1"
     r"|flow_matching\.vq_embed\.project_in\..*"
@@ -40,7 +40,7 @@ UNUSED_KEYS = re.compile(
     r"|scalar_model\.encoder\..*)"
 )
 # Weight-norm halves in both spellings torch has used: (module prefix, "g" or "v").
-WEIGHT_NORM_KEY = re.compile(
+_WEIGHT_NORM_KEY = re.compile(
     r"(?P<prefix>.*)\.(?:parametrizations\.weight\.original(?P<pi>[01])|weight_(?P<gv>[gv]))"
 )
 
@@ -120,11 +120,13 @@ def _open(path: Path):
 
 
 def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Every key's shape, from the file headers alone."""
+    """Every key's shape as stored, from the file headers alone."""
     shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         with _open(path) as f:
             for key in f.keys():
+                if key in shapes:
+                    raise UserError(f"tensor {key!r} appears twice in {path.parent}")
                 shapes[key] = tuple(f.get_slice(key).get_shape())
     return shapes
 
@@ -133,7 +135,7 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with _open(path) as f:
             for key in f.keys():
-                if UNUSED_KEYS.fullmatch(key):
+                if _UNUSED_KEYS.fullmatch(key):
                     continue
                 try:
                     tensor = f.get_tensor(key)
@@ -155,24 +157,19 @@ def _weight_norm_half(m: re.Match) -> str:
     return m["gv"] or ("g" if m["pi"] == "0" else "v")
 
 
-def module_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """What the files hold under module keys, from their headers alone: unused tensors skipped,
-    each weight-norm pair as `<prefix>.weight` with v's shape."""
+def used_shapes(stored: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Stored shapes under module keys: unused tensors dropped, each weight-norm pair as
+    `<prefix>.weight` with v's shape."""
     shapes: dict[str, tuple[int, ...]] = {}
     halves: dict[str, dict[str, tuple[int, ...]]] = {}
-    for path in files:
-        with _open(path) as f:
-            for key in f.keys():
-                if UNUSED_KEYS.fullmatch(key):
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                m = WEIGHT_NORM_KEY.fullmatch(key)
-                if m is not None:
-                    halves.setdefault(m["prefix"], {})[_weight_norm_half(m)] = shape
-                elif key in shapes:
-                    raise UserError(f"tensor {key!r} appears twice in {path.parent}")
-                else:
-                    shapes[key] = shape
+    for key, shape in stored.items():
+        if _UNUSED_KEYS.fullmatch(key):
+            continue
+        m = _WEIGHT_NORM_KEY.fullmatch(key)
+        if m is None:
+            shapes[key] = shape
+        else:
+            halves.setdefault(m["prefix"], {})[_weight_norm_half(m)] = shape
     for prefix, pair in halves.items():
         if len(pair) < 2:
             missing = "g (original0)" if "g" not in pair else "v (original1)"
@@ -190,7 +187,7 @@ def _folded_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Used tensors under their module keys, weight-norm pairs folded into `<prefix>.weight`."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in _iter_tensors(files):
-        m = WEIGHT_NORM_KEY.fullmatch(key)
+        m = _WEIGHT_NORM_KEY.fullmatch(key)
         if m is None:
             yield key, tensor
             continue
@@ -219,7 +216,7 @@ def load_into(
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     params = {k for k, _ in model.named_parameters()}
-    found = module_shapes(files)
+    found = used_shapes(tensor_shapes(files))
     source = files[0].parent if len(files) > 1 else files[0]
     for key, shape in found.items():
         if key not in expected:
@@ -272,19 +269,15 @@ def load_lm(
 def codec_config_from_shapes(
     config: dict[str, Any], shapes: dict[str, tuple[int, ...]]
 ) -> CodecConfig:
-    """CodecConfig from config.json plus the sizes the reference takes from tensor shapes."""
+    """CodecConfig from config.json plus the sizes the reference takes from tensor shapes
+    (`shapes` under module keys, as `used_shapes` gives them)."""
     est = "flow_matching.estimator"
     dec = "scalar_model.decoder"
 
     def weight_shape(prefix: str) -> tuple[int, ...]:
-        for key in (
-            f"{prefix}.weight",
-            f"{prefix}.parametrizations.weight.original1",
-            f"{prefix}.weight_v",
-        ):
-            if key in shapes:
-                return shapes[key]
-        raise UserError(f"codec checkpoint lacks tensor {prefix + '.weight'!r}")
+        if f"{prefix}.weight" not in shapes:
+            raise UserError(f"codec checkpoint lacks tensor {prefix + '.weight'!r}")
+        return shapes[f"{prefix}.weight"]
 
     channels = [weight_shape(f"{dec}.0")[0]]
     n_up = len(config.get("upsample_factors", CodecConfig.upsample_factors))
@@ -300,7 +293,7 @@ def codec_config_from_shapes(
 def load_codec_config(codec_dir: Path) -> CodecConfig:
     files = shard_files(codec_dir)
     return codec_config_from_shapes(
-        _read_json(Path(codec_dir) / "config.json"), tensor_shapes(files)
+        _read_json(Path(codec_dir) / "config.json"), used_shapes(tensor_shapes(files))
     )
 
 
@@ -325,7 +318,7 @@ def load_codec(
     return model.eval(), config
 
 
-def download(root: Path, *, progress: bool = True) -> Path:
+def download(root: Path) -> Path:
     """Fetch the official weights into `root` in the layout SPEC §1 describes."""
     try:
         from huggingface_hub import snapshot_download

@@ -79,6 +79,24 @@ def test_sharded_with_index(ckpt: Path, reference) -> None:
     assert_same(load_lm(lm_dir)[0].state_dict(), reference["lm"])
 
 
+def test_key_in_two_shards(ckpt: Path) -> None:
+    lm_dir = ckpt / LM_DIR
+    tensors = load_file(lm_dir / "model.safetensors")
+    (lm_dir / "model.safetensors").unlink()
+    save_file(tensors, lm_dir / "model-00001-of-00002.safetensors")
+    save_file(
+        {"decoder.norm.scale": tensors["decoder.norm.scale"]},
+        lm_dir / "model-00002-of-00002.safetensors",
+    )
+    weight_map = {
+        **dict.fromkeys(tensors, "model-00001-of-00002.safetensors"),
+        "decoder.norm.scale": "model-00002-of-00002.safetensors",
+    }
+    (lm_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError, match="'decoder.norm.scale' appears twice"):
+        load_lm(lm_dir)
+
+
 def test_weight_norm_split_across_shards_and_old_spelling(ckpt: Path, reference) -> None:
     """weight_g / weight_v (pre-parametrization torch), g and v in different shards."""
     codec_dir = ckpt / CODEC_DIR
@@ -253,20 +271,6 @@ def read_keys(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(json.loads(s)) for k, s in (r.split("\t") for r in rows)}
 
 
-def used_shapes(official: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Official keys as the loader maps them: unused dropped, weight-norm pairs folded."""
-    out = {}
-    for key, shape in official.items():
-        if checkpoint.UNUSED_KEYS.fullmatch(key):
-            continue
-        m = checkpoint.WEIGHT_NORM_KEY.fullmatch(key)
-        if m is None:
-            out[key] = shape
-        elif m["pi"] == "1" or m["gv"] == "v":
-            out[f"{m['prefix']}.weight"] = shape
-    return out
-
-
 def module_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
@@ -283,11 +287,12 @@ def test_full_size_lm_shapes(fixtures_dir: Path) -> None:
 
 def test_full_size_codec_shapes(fixtures_dir: Path) -> None:
     official = read_keys(fixtures_dir / "keys" / "HeartCodec-oss.keys.tsv")
-    config = checkpoint.codec_config_from_shapes({}, official)
+    used = checkpoint.used_shapes(official)
+    config = checkpoint.codec_config_from_shapes({}, used)
     assert config == CodecConfig()
     with torch.device("meta"):
         model = HeartCodec(config)
-    assert module_shapes(model) == used_shapes(official)
+    assert module_shapes(model) == used
 
 
 @pytest.mark.parametrize(
