@@ -26,6 +26,11 @@ setup(
         "huggingface_hub>=0.20",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "scipy", "ruff"]},
+    extras_require={
+        # triton: CPU builds of torch lack it; tests run its kernels with TRITON_INTERPRET=1.
+        "test": ["pytest", "scipy", "ruff", "matplotlib", "triton>=3.2"],
+        # benchmarks/: the GPU micro-benchmarks, and `heartmula-rt bench --plot`.
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
     entry_points={"console_scripts": ["heartmula-rt=heartmula_rt.cli:main"]},
 )

@@ -17,12 +17,16 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .audio import check_output_path, partial_path, write_audio
+from .bench import DEFAULT_PROMPT_LEN, cmd_bench
+from .config import LM_PRESETS
 from .decode import GenerationInterrupted, check_sampling
+from .engine import ENGINES, check_engine, default_engine
 from .errors import UserError
 from .pipeline import (
     DTYPES,
     Pipeline,
     check_seed,
+    default_dtype,
     load_pipeline,
     max_frames_for,
     parse_device,
@@ -77,18 +81,19 @@ def cmd_gen(args: argparse.Namespace) -> int:
     check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
     max_frames = max_frames_for(args.max_seconds)
     check_seed(args.seed)
-    device, dtype, codec_dtype = (
-        parse_device(args.device),
-        parse_dtype(args.dtype),
-        parse_dtype(args.codec_dtype),
-    )
+    device = parse_device(args.device)
+    dtype_name = args.dtype or default_dtype(device)
+    dtype, codec_dtype = parse_dtype(dtype_name), parse_dtype(args.codec_dtype)
+    engine = args.engine or default_engine(device)
+    check_engine(engine, device)
     root = _resolve_model_path(args.model_path)
 
     print(
-        f"loading {root} on {device} (LM {args.dtype}, codec {args.codec_dtype})", file=sys.stderr
+        f"loading {root} on {device} (LM {dtype_name}, codec {args.codec_dtype}, {engine} engine)",
+        file=sys.stderr,
     )
     loading = time.perf_counter()
-    pipe = load_pipeline(root, device=device, dtype=dtype, codec_dtype=codec_dtype)
+    pipe = load_pipeline(root, device=device, dtype=dtype, codec_dtype=codec_dtype, engine=engine)
     pipe.check_request(tags, lyrics, max_frames)
     start = time.perf_counter()
     seed = args.seed if args.seed is not None else secrets.randbits(31)
@@ -104,7 +109,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             cfg_scale=args.cfg_scale,
             seed=seed,
-            on_frame=lambda n: bar.update(1),
+            on_frame=lambda n: bar.update(n - bar.n),
         )
     except GenerationInterrupted as stop:
         bar.close()
@@ -139,6 +144,78 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_options(p: argparse.ArgumentParser, codec_help: str) -> None:
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N (default: cuda if available)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="LM weights (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    p.add_argument("--codec-dtype", choices=list(DTYPES), default="float32", help=codec_help)
+
+
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure LM frames/s, codec time and real-time factor of the engines"
+    )
+    model = p.add_mutually_exclusive_group()
+    model.add_argument(
+        "--synthetic",
+        choices=list(LM_PRESETS),
+        default="3B",
+        help="random weights of this size, made on the device (default 3B, full codec)",
+    )
+    model.add_argument("--model-path", type=Path, default=None, help="a checkpoint folder instead")
+    p.add_argument(
+        "--engines",
+        default=None,
+        help=f"comma list of {','.join(ENGINES)} (default: plain,graph on GPU, plain on CPU)",
+    )
+    _add_device_options(p, codec_help="the codec's DiT (float32)")
+    p.add_argument("--max-seconds", type=float, default=240.0, help="song length (default 240)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="≤ 1: batch 1 (default 1.5)")
+    p.add_argument("--topk", type=int, default=50, help="(default 50)")
+    p.add_argument("--temperature", type=float, default=1.0, help="(default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of every run (default 0)")
+    p.add_argument("--repeats", type=int, default=3, help="counted LM runs per engine (3)")
+    p.add_argument("--warmup", type=int, default=1, help="LM runs per engine not counted (1)")
+    p.add_argument("--codec-repeats", type=int, default=1, help="counted codec runs (1)")
+    p.add_argument("--no-codec", action="store_true", help="time the LM only")
+    p.add_argument(
+        "--greedy-frames",
+        type=int,
+        default=0,
+        help="also compare N top-1 frames of each engine with the plain engine's (default 0: no)",
+    )
+    p.add_argument(
+        "--prompt-len",
+        type=int,
+        default=None,
+        help=f"prompt tokens of a synthetic run (default {DEFAULT_PROMPT_LEN})",
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="where the results JSON goes (default benchmarks/results)",
+    )
+    p.add_argument("--name", default=None, help="last part of the results file name")
+    p.add_argument(
+        "--plot",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        default=None,
+        help="only draw: --plot OUT.png RESULTS.json [RESULTS.json ...]",
+    )
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="heartmula-rt", description="Fast HeartMuLa music generation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -164,21 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--seed", type=int, default=None, help="default: random, printed")
     gen.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cpu, cuda or cuda:N (default: cuda if available)",
-    )
-    gen.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
+        "--engine",
+        choices=ENGINES,
         default=None,
-        help="LM weights (default: bfloat16 on GPU, float32 on CPU)",
+        help="LM decode loop: plain (eager PyTorch), graph (one CUDA graph per frame) or "
+        "compile (torch.compile, then graphs); default: graph on GPU, plain on CPU",
     )
-    gen.add_argument(
-        "--codec-dtype",
-        choices=list(DTYPES),
-        default="float32",
-        help="the codec's DiT (float32); its conv decoder is always float32",
+    _add_device_options(
+        gen, codec_help="the codec's DiT (float32); its conv decoder is always float32"
     )
     gen.add_argument(
         "-o", "--output", type=Path, required=True, help="output file: .wav .flac .ogg or .mp3"
@@ -193,13 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where to put them (default: {checkpoint.default_model_path()})",
     )
     dl.set_defaults(func=cmd_download)
+
+    _add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "dtype", "") is None:
-        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     try:
         return args.func(args)
     except UserError as e:

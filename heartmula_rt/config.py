@@ -146,3 +146,75 @@ class CodecConfig:
             if key in kwargs:
                 kwargs[key] = tuple(int(v) for v in kwargs[key])
         return cls(**kwargs)
+
+
+# Sizes of random-weight models for tests and benchmarks (synthetic.py, tools/make_checkpoint.py).
+LM_PRESETS: dict[str, dict] = {
+    # The sizes of ../shared/fixtures/tiny-public.
+    "tiny": {
+        "backbone_flavor": {
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "embed_dim": 64,
+            "intermediate_dim": 160,
+            "max_seq_len": 1024,
+        },
+        "decoder_flavor": {
+            "num_layers": 2,
+            "num_heads": 2,
+            "num_kv_heads": 1,
+            "embed_dim": 64,
+            "intermediate_dim": 128,
+            "max_seq_len": 64,
+        },
+        "text_vocab_size": 512,
+        "audio_vocab_size": 1029,
+    },
+    # Big enough for quantization error to be meaningful, small enough for CPU tests.
+    "mid": {
+        "backbone_flavor": {
+            "num_layers": 8,
+            "num_heads": 8,
+            "num_kv_heads": 4,
+            "embed_dim": 512,
+            "intermediate_dim": 1536,
+            "max_seq_len": 2048,
+        },
+        "decoder_flavor": {
+            "num_layers": 2,
+            "num_heads": 8,
+            "num_kv_heads": 4,
+            "embed_dim": 512,
+            "intermediate_dim": 1536,
+            "max_seq_len": 64,
+        },
+        "text_vocab_size": 512,
+        "audio_vocab_size": 1029,
+    },
+    "3B": {
+        "backbone_flavor": "llama-3B",
+        "decoder_flavor": "llama-300M",
+        "text_vocab_size": 128256,
+        "audio_vocab_size": 8197,
+    },
+    "7B": {
+        "backbone_flavor": "llama-7B",
+        "decoder_flavor": "llama-400M",
+        "text_vocab_size": 128256,
+        "audio_vocab_size": 8197,
+    },
+}
+CODEC_PRESETS: dict[str, CodecConfig] = {
+    "tiny": CodecConfig(
+        codebook_size=1024,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_layers_2=1,
+        mlp_hidden=256,
+        mlp_hidden_2=256,
+        decoder_channels=(128, 64, 32, 16, 8, 4),
+    ),
+    "full": CodecConfig(),
+}

@@ -54,10 +54,17 @@ class Sampler:
         return sample_topk(logits, self.topk, self.temperature, self.generator)
 
 
-def _sample_frame(
-    model: HeartMuLa, last: Tensor, c0_logits: Tensor, cache: LMCache, sampler: Sampler
+def sample_frame(
+    model: HeartMuLa,
+    last: Tensor,
+    c0_logits: Tensor,
+    cache: LMCache,
+    sampler: Callable[[Tensor], Tensor],
 ) -> Tensor:
-    """The depth decoder's expansion of one backbone step into a frame [n] (on the device)."""
+    """The depth decoder's expansion of one backbone step into a frame [n] (on the device).
+
+    `sampler` maps raw logits [batch, V] to the token [1, 1] fed to every row (`Sampler`, or
+    the engine's fused one)."""
     b = last.shape[0]
     token = sampler(c0_logits)
     tokens = [token]
@@ -74,13 +81,13 @@ def _sample_frame(
 
 
 def prefill(
-    model: HeartMuLa, prompt: Prompt, cache: LMCache, sampler: Sampler
+    model: HeartMuLa, prompt: Prompt, cache: LMCache, sampler: Callable[[Tensor], Tensor]
 ) -> tuple[Tensor, Tensor]:
     """Frame 0 from the whole prompt at positions 0..P-1: (frame [n], c0 logits [batch, V])."""
     ids = prompt.ids.to(model.text_embeddings.weight.device)
     rows = model.embed_prompt(ids, prompt.slot_index, cache.batch)
     last, logits = model.backbone_step(rows, 0, cache)
-    return _sample_frame(model, last, logits, cache, sampler), logits
+    return sample_frame(model, last, logits, cache, sampler), logits
 
 
 def decode_one_frame(
@@ -89,7 +96,7 @@ def decode_one_frame(
     """The next frame from the previous one fed at position `pos`: (frame [n], c0 logits)."""
     rows = model.embed_frame(frame.expand(cache.batch, -1))
     last, logits = model.backbone_step(rows, pos, cache)
-    return _sample_frame(model, last, logits, cache, sampler), logits
+    return sample_frame(model, last, logits, cache, sampler), logits
 
 
 def check_sampling(*, topk: int, temperature: float, cfg_scale: float) -> None:
@@ -126,11 +133,13 @@ def generate_frames(
     cfg_scale: float = 1.5,
     generator: torch.Generator | None = None,
     on_frame: Callable[[int], None] | None = None,
+    stop_at_eos: bool = True,
 ) -> Tensor:
     """Codes [n_codebooks, T] int64 on the CPU, T ≤ max_frames + 1 (frame 0 included).
 
-    Stops at the first frame holding a token ≥ `gen.audio_eos_id`, which is dropped; stray ids
-    below it but past the codec's codebook are returned as they are. `on_frame(n)` is called
+    Stops at the first frame holding a token ≥ `gen.audio_eos_id`, which is dropped (unless
+    `stop_at_eos` is False: benchmarks on random weights run every frame); stray ids below it
+    but past the codec's codebook are returned as they are. `on_frame(n)` is called
     with the number of frames made so far after each one. `generator` must be on the model's
     device. Ctrl-C raises GenerationInterrupted with the frames made so far.
     """
@@ -146,7 +155,8 @@ def generate_frames(
             on_frame(1)
         for n in range(max_frames):
             frame, _ = decode_one_frame(model, frame, len(prompt) + n, cache, sampler)
-            if bool((frame >= gen.audio_eos_id).any()):  # the plain path syncs here, per frame
+            # The plain path syncs here, every frame.
+            if stop_at_eos and bool((frame >= gen.audio_eos_id).any()):
                 break
             frames.append(frame)
             if on_frame is not None:

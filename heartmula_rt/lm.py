@@ -77,8 +77,12 @@ class KVCache:
     depth decoder does it every frame) needs no clearing.
     """
 
-    def __init__(
-        self,
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+
+    @classmethod
+    def zeros(
+        cls,
         batch: int,
         max_len: int,
         num_kv_heads: int,
@@ -86,10 +90,12 @@ class KVCache:
         *,
         dtype: torch.dtype,
         device: torch.device,
-    ) -> None:
+    ) -> KVCache:
         shape = (batch, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
 
     def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v [B, H_kv, T, D] at positions start..start+T-1; return the filled prefix."""
@@ -99,6 +105,17 @@ class KVCache:
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def write_at(self, pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write one position's k/v [B, H_kv, 1, D] at the device-held position `pos` (0-d
+        int64); return the first `kv_len` positions (the caller masks those past `pos`)."""
+        self.k.index_copy_(2, pos.view(1), k)
+        self.v.index_copy_(2, pos.view(1), v)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+    def narrow(self, batch: int) -> KVCache:
+        """A view of the first `batch` rows: one allocation serves batch 1 and batch 2."""
+        return KVCache(self.k[:batch], self.v[:batch])
 
 
 class Attention(nn.Module):
@@ -110,18 +127,38 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(f.embed_dim, f.num_kv_heads * f.head_dim, bias=False)
         self.output_proj = nn.Linear(f.num_heads * f.head_dim, f.embed_dim, bias=False)
 
-    def forward(self, x: Tensor, start: int, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        start: int | Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache,
+        kv_len: int | None = None,
+    ) -> Tensor:
         b, t, _ = x.shape
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]: broadcast over heads
         q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        k, v = cache.update(start, k.transpose(1, 2), v.transpose(1, 2))
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         mask = None
-        if t > 1:  # several new positions (prefill): causal by absolute position
-            q_pos = torch.arange(start, start + t, device=x.device)
-            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos[:, None]
-        # GQA: query head j reads kv head j // (num_heads / num_kv_heads).
+        if isinstance(start, Tensor):  # one position held on the device (static decode)
+            k, v = cache.write_at(start, k, v, kv_len)
+            mask = (torch.arange(kv_len, device=x.device) <= start).view(1, 1, 1, kv_len)
+        else:
+            k, v = cache.update(start, k, v)
+            if t > 1:  # several new positions (prefill): causal by absolute position
+                q_pos = torch.arange(start, start + t, device=x.device)
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos[:, None]
+        # GQA: query head j reads kv head j // g, g = num_heads / num_kv_heads.
+        if t == 1:
+            # Decode: each kv head's g query heads become g query rows over that head, so SDPA
+            # reads every cached key once, with no expanded copy, on any backend.
+            g = self.num_heads // self.num_kv_heads
+            q = q.view(b, self.num_kv_heads, g, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.output_proj(y.reshape(b, 1, -1))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
         return self.output_proj(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -145,8 +182,16 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(f.embed_dim, f.norm_eps)
         self.mlp = MLP(f.embed_dim, f.intermediate_dim)
 
-    def forward(self, x: Tensor, start: int, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
-        h = x + self.attn(self.sa_norm(x), start, cos, sin, cache)
+    def forward(
+        self,
+        x: Tensor,
+        start: int | Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        h = x + self.attn(self.sa_norm(x), start, cos, sin, cache, kv_len)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -165,16 +210,23 @@ class Transformer(nn.Module):
     ) -> list[KVCache]:
         f = self.flavor
         return [
-            KVCache(batch, max_len, f.num_kv_heads, f.head_dim, dtype=dtype, device=device)
+            KVCache.zeros(batch, max_len, f.num_kv_heads, f.head_dim, dtype=dtype, device=device)
             for _ in self.layers
         ]
 
-    def forward(self, x: Tensor, start: int, cache: list[KVCache]) -> Tensor:
+    def forward(
+        self, x: Tensor, start: int | Tensor, cache: list[KVCache], kv_len: int | None = None
+    ) -> Tensor:
+        """`start` is an int, or for one new position a 0-d int64 device tensor; then the first
+        `kv_len` cached positions are read, those past `start` masked (a static shape that a
+        CUDA graph or torch.compile can keep while the position moves)."""
         cos, sin = self.rope.tables(x.device)
-        end = start + x.shape[1]
-        cos, sin = cos[start:end], sin[start:end]
+        if isinstance(start, Tensor):
+            cos, sin = cos[start.view(1)], sin[start.view(1)]
+        else:
+            cos, sin = cos[start : start + x.shape[1]], sin[start : start + x.shape[1]]
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x = layer(x, start, cos, sin, layer_cache)
+            x = layer(x, start, cos, sin, layer_cache, kv_len)
         return self.norm(x)
 
 
@@ -185,6 +237,14 @@ class LMCache:
     backbone: list[KVCache]
     decoder: list[KVCache]
     batch: int
+
+    def narrow(self, batch: int) -> LMCache:
+        """Views of the first `batch` rows of every cache."""
+        return LMCache(
+            backbone=[c.narrow(batch) for c in self.backbone],
+            decoder=[c.narrow(batch) for c in self.decoder],
+            batch=batch,
+        )
 
 
 class HeartMuLa(nn.Module):
@@ -238,9 +298,12 @@ class HeartMuLa(nn.Module):
         offsets = torch.arange(frame.shape[1], device=frame.device) * self.config.audio_vocab_size
         return self.audio_embeddings(frame + offsets).sum(dim=1, keepdim=True)
 
-    def backbone_step(self, rows: Tensor, start: int, cache: LMCache) -> tuple[Tensor, Tensor]:
-        """Backbone over rows [B, T, D] at positions start..: (last hidden [B, D], c0 logits)."""
-        last = self.backbone(rows, start, cache.backbone)[:, -1]
+    def backbone_step(
+        self, rows: Tensor, start: int | Tensor, cache: LMCache, kv_len: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Backbone over rows [B, T, D] at positions start..: (last hidden [B, D], c0 logits).
+        A device-held `start` takes one row and reads `kv_len` cached positions."""
+        last = self.backbone(rows, start, cache.backbone, kv_len)[:, -1]
         return last, self.codebook0_head(last)
 
     def decoder_step(self, x: Tensor, start: int, cache: LMCache, codebook: int) -> Tensor:

@@ -14,7 +14,8 @@ from . import checkpoint
 from .checkpoint import CODEC_DIR, LM_DIR
 from .codec import HeartCodec
 from .config import CodecConfig, GenConfig, LMConfig
-from .decode import check_length, generate_frames
+from .decode import check_length
+from .engine import Engine, check_engine, default_engine, make_engine
 from .errors import UserError
 from .lm import HeartMuLa
 from .prompt import Prompt, build_prompt, read_text
@@ -48,6 +49,11 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def default_dtype(device: torch.device) -> str:
+    """The LM's default weight dtype: bfloat16 on a GPU, float32 on the CPU."""
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def check_seed(seed: int | None) -> None:
     if seed is not None and not 0 <= seed < 2**63:
         raise UserError(f"seed must be an integer in [0, 2**63), not {seed}")
@@ -71,6 +77,7 @@ class Pipeline:
     tokenizer: Tokenizer
     gen_config: GenConfig
     device: torch.device
+    engine: Engine
     sample_rate: int = 48000
 
     def prompt(self, tags: str, lyrics: str) -> Prompt:
@@ -100,21 +107,17 @@ class Pipeline:
     ) -> torch.Tensor:
         """Sample audio codes: int64 [8, T] on the CPU, frame 0 included, EOS frame dropped.
 
-        With a seed, sampling repeats exactly on the same device.
+        With a seed, sampling repeats exactly with the same engine on the same device (engines
+        draw their random numbers differently; greedy decoding, topk=1, agrees across them).
         """
         check_seed(seed)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        return generate_frames(
-            self.lm,
+        return self.engine.generate_frames(
             self.prompt(tags, lyrics),
-            self.gen_config,
             max_frames=max_frames,
             topk=topk,
             temperature=temperature,
             cfg_scale=cfg_scale,
-            generator=generator,
+            seed=seed,
             on_frame=on_frame,
         )
 
@@ -170,14 +173,18 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     codec_dtype: str | torch.dtype = "float32",
+    engine: str | None = None,
 ) -> Pipeline:
     """Load a checkpoint folder in the official layout (SPEC §1).
 
     `dtype` is the LM's weight dtype, `codec_dtype` the codec's; both load tensor by tensor.
+    `engine` is one of `engine.ENGINES` (default: `default_engine(device)`).
     """
     root = Path(model_path)
     device = parse_device(device)
     lm_dtype, codec_dtype = parse_dtype(dtype), parse_dtype(codec_dtype)
+    engine = default_engine(device) if engine is None else engine
+    check_engine(engine, device)
     checkpoint.check_model_path(root)
     tokenizer_file = checkpoint.tokenizer_path(root)
     try:
@@ -200,5 +207,6 @@ def load_pipeline(
         tokenizer=tokenizer,
         gen_config=gen_config,
         device=device,
+        engine=make_engine(engine, lm, gen_config),
         sample_rate=codec_config.sample_rate,
     )

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from heartmula_rt.checkpoint import LM_DIR, load_lm
 from heartmula_rt.lm import HeartMuLa
+
+# Without a GPU, Triton kernels run on the CPU through Triton's interpreter; it must be chosen
+# before any kernel is defined, so before heartmula_rt.kernels is first imported (lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

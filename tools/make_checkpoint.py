@@ -23,80 +23,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR
 from heartmula_rt.codec import HeartCodec
-from heartmula_rt.config import CodecConfig, LMConfig
+from heartmula_rt.config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
 from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.synthetic import random_tensor, synthetic_gen_config
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
-LM_PRESETS: dict[str, dict] = {
-    # The sizes of ../shared/fixtures/tiny-public.
-    "tiny": {
-        "backbone_flavor": {
-            "num_layers": 2,
-            "num_heads": 4,
-            "num_kv_heads": 2,
-            "embed_dim": 64,
-            "intermediate_dim": 160,
-            "max_seq_len": 1024,
-        },
-        "decoder_flavor": {
-            "num_layers": 2,
-            "num_heads": 2,
-            "num_kv_heads": 1,
-            "embed_dim": 64,
-            "intermediate_dim": 128,
-            "max_seq_len": 64,
-        },
-        "text_vocab_size": 512,
-        "audio_vocab_size": 1029,
-    },
-    # Big enough for quantization error to be meaningful, small enough for CPU tests.
-    "mid": {
-        "backbone_flavor": {
-            "num_layers": 8,
-            "num_heads": 8,
-            "num_kv_heads": 4,
-            "embed_dim": 512,
-            "intermediate_dim": 1536,
-            "max_seq_len": 2048,
-        },
-        "decoder_flavor": {
-            "num_layers": 2,
-            "num_heads": 8,
-            "num_kv_heads": 4,
-            "embed_dim": 512,
-            "intermediate_dim": 1536,
-            "max_seq_len": 64,
-        },
-        "text_vocab_size": 512,
-        "audio_vocab_size": 1029,
-    },
-    "3B": {
-        "backbone_flavor": "llama-3B",
-        "decoder_flavor": "llama-300M",
-        "text_vocab_size": 128256,
-        "audio_vocab_size": 8197,
-    },
-    "7B": {
-        "backbone_flavor": "llama-7B",
-        "decoder_flavor": "llama-400M",
-        "text_vocab_size": 128256,
-        "audio_vocab_size": 8197,
-    },
-}
-CODEC_PRESETS: dict[str, CodecConfig] = {
-    "tiny": CodecConfig(
-        codebook_size=1024,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        num_layers=2,
-        num_layers_2=1,
-        mlp_hidden=256,
-        mlp_hidden_2=256,
-        decoder_channels=(128, 64, 32, 16, 8, 4),
-    ),
-    "full": CodecConfig(),
-}
 # Every conv of the scalar decoder is weight-normed except the post-processor's plain `conv`.
 _WEIGHT_NORMED = re.compile(r"scalar_model\.decoder\.\d+(\.(?!conv\.)[\w.]+)?\.weight")
 _SAMPLE_TEXT = """piano happy wedding rock energetic metal pop ballad electronic jazz
@@ -121,24 +53,6 @@ def make_tokenizer(vocab_size: int) -> Tokenizer:
         single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, 0)]
     )
     return tok
-
-
-def _random(key: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Weights that keep activations of a random model bounded."""
-    if key.endswith((".scale", "norm.weight")):
-        return 1 + 0.02 * torch.randn(shape, generator=g)
-    if key.endswith(".bias"):
-        return 0.02 * torch.randn(shape, generator=g)
-    if "activation" in key:  # PReLU slope
-        return torch.full(shape, 0.25)
-    if "scale_shift_table" in key:
-        return 0.1 * torch.randn(shape, generator=g)
-    if len(shape) == 1:
-        return torch.randn(shape, generator=g)
-    fan_in = shape[-2] if key == "audio_head" else shape[1] * (shape[2] if len(shape) == 3 else 1)
-    if key.endswith(("embeddings.weight", "embedding.weight", "._codebook.embed")):
-        fan_in = 1  # lookup tables, not matmuls
-    return torch.randn(shape, generator=g) * fan_in**-0.5
 
 
 def _official_tensors(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -210,7 +124,7 @@ def write_model(
             elif extras and key in extras:
                 tensors[key] = torch.zeros(shape, dtype=dtype)  # EMA buffers, unused
             else:
-                for k, t in _official_tensors(key, _random(key, shape, g)).items():
+                for k, t in _official_tensors(key, random_tensor(key, shape, g)).items():
                     tensors[k] = t.to(dtype).contiguous()
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         for k, t in tensors.items():
@@ -251,8 +165,7 @@ def make_checkpoint(
         )
     out.mkdir(parents=True, exist_ok=True)
     make_tokenizer(lm_cfg.text_vocab_size).save(str(out / "tokenizer.json"))
-    eos = codec_cfg.codebook_size + 1
-    gen = {"text_bos_id": 0, "text_eos_id": 1, "audio_eos_id": eos, "empty_id": 0}
+    gen = asdict(synthetic_gen_config(codec_cfg))
     (out / "gen_config.json").write_text(json.dumps(gen, indent=4) + "\n")
 
     with torch.device("meta"):

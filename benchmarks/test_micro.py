@@ -1,0 +1,125 @@
+"""GPU micro-benchmarks (pytest-benchmark): the sampler, one decode frame, one codec window.
+
+    pytest benchmarks/ --benchmark-json=micro.json
+
+Skipped without a CUDA GPU or pytest-benchmark. Synthetic 3B bf16 LM weights and the full float32
+codec are made on the GPU once per session. A round is one timed call of the benchmarked function
+followed by a device sync; where a round holds several calls, `extra_info.calls` says how many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from heartmula_rt.codec.detokenize import WINDOW
+from heartmula_rt.decode import Sampler, decode_one_frame, prefill
+from heartmula_rt.engine import make_engine
+from heartmula_rt.prompt import Prompt
+from heartmula_rt.sampling import cfg_mix, sample_topk
+from heartmula_rt.synthetic import Models, synthetic_models, synthetic_prompt
+
+pytest.importorskip("pytest_benchmark")
+if not torch.cuda.is_available():
+    pytest.skip("the micro-benchmarks need a CUDA GPU", allow_module_level=True)
+
+DEVICE = torch.device("cuda")
+SONG_FRAMES = 64
+
+
+def timed(benchmark, fn: Callable[[], object], *, calls: int = 1, rounds: int = 20) -> None:
+    """Benchmark `calls` calls of fn and a sync per round, after two warm-up rounds."""
+
+    def round_() -> None:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(DEVICE)
+
+    benchmark.extra_info["calls"] = calls
+    benchmark.pedantic(round_, rounds=rounds, warmup_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def models() -> Models:
+    return synthetic_models("3B", DEVICE, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def prompt(models: Models) -> Prompt:
+    return synthetic_prompt(256, models.lm_config.text_vocab_size)
+
+
+@pytest.fixture(scope="module")
+def logits() -> torch.Tensor:
+    """Codebook-0 logits of one CFG step: [cond, uncond] rows of the 8197-token vocabulary."""
+    g = torch.Generator(DEVICE).manual_seed(0)
+    return torch.randn(2, 8197, generator=g, device=DEVICE).to(torch.bfloat16)
+
+
+def test_sampler_plain(benchmark, logits: torch.Tensor) -> None:
+    g = torch.Generator(DEVICE).manual_seed(0)
+    timed(
+        benchmark,
+        lambda: sample_topk(cfg_mix(logits[:1], logits[1:], 1.5), 50, 1.0, g),
+        calls=100,
+    )
+
+
+def test_sampler_fused(benchmark, logits: torch.Tensor) -> None:
+    fused_sample = pytest.importorskip("heartmula_rt.kernels.sampling").fused_sample
+    ints = torch.tensor([0, 0, 50], dtype=torch.int64, device=DEVICE)  # seed, counter, topk
+    floats = torch.tensor([1.5, 1.0], dtype=torch.float32, device=DEVICE)  # cfg, temperature
+    timed(benchmark, lambda: fused_sample(logits, ints, floats, True), calls=100)
+
+
+@torch.inference_mode()
+def test_decode_frame_plain(benchmark, models: Models, prompt: Prompt) -> None:
+    """`decode.decode_one_frame` alone, always at the first position after the prompt."""
+    sampler = Sampler(generator=torch.Generator(DEVICE).manual_seed(0))
+    cache = models.lm.new_cache(sampler.batch, len(prompt) + 1)
+    frame, _ = prefill(models.lm, prompt, cache, sampler)
+    timed(
+        benchmark,
+        lambda: decode_one_frame(models.lm, frame, len(prompt), cache, sampler),
+        calls=10,
+        rounds=10,
+    )
+
+
+@pytest.mark.parametrize("engine", ["plain", "graph"])
+def test_song_frames(benchmark, models: Models, prompt: Prompt, engine: str) -> None:
+    """A whole short song (prefill + SONG_FRAMES frames): per frame, mostly, for each engine;
+    the first warm-up round captures the graph engine's graphs."""
+    eng = make_engine(engine, models.lm, models.gen_config)
+    benchmark.extra_info["frames"] = SONG_FRAMES
+    benchmark.pedantic(
+        lambda: eng.generate_frames(prompt, max_frames=SONG_FRAMES, seed=0, stop_at_eos=False),
+        rounds=5,
+        warmup_rounds=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def window_codes(models: Models) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(models.codec_config.codebook_size, (8, WINDOW), generator=g)
+
+
+def test_codec_window_dit(benchmark, models: Models, window_codes: torch.Tensor) -> None:
+    """Flow matching of one 30 s window: conditioning and 10 guided Euler steps of the DiT."""
+    timed(
+        benchmark,
+        lambda: next(
+            models.codec.window_latents(window_codes, generator=torch.Generator().manual_seed(0))
+        ),
+        rounds=5,
+    )
+
+
+def test_codec_window_scalar(benchmark, models: Models, window_codes: torch.Tensor) -> None:
+    """The scalar decoder on one window's latents: 744 latent frames → 30 s of stereo."""
+    g = torch.Generator().manual_seed(0)
+    latents = next(models.codec.window_latents(window_codes, generator=g))
+    timed(benchmark, lambda: models.codec.decode_window(latents), rounds=5)

@@ -1,0 +1,556 @@
+"""`heartmula-rt bench`: LM frames/s, codec time and end-to-end RTF of each engine, as JSON.
+
+One invocation measures the engines it is given side by side, on one model and one prompt, and
+writes one results file (fields: benchmarks/README.md). Each LM run makes every frame of the
+budget (`stop_at_eos=False`: random weights sample EOS early), so runs are comparable; the codec
+does not depend on the engine and is timed once, on the first engine's frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .codec.detokenize import WINDOW
+from .config import LM_PRESETS
+from .decode import check_length, check_sampling
+from .engine import ENGINES, Engine, check_engine, default_engine, make_engine
+from .errors import UserError
+from .lm import HeartMuLa
+from .pipeline import (
+    FRAME_MS,
+    check_seed,
+    default_dtype,
+    load_pipeline,
+    max_frames_for,
+    parse_device,
+    parse_dtype,
+)
+from .prompt import Prompt
+from .synthetic import Models, synthetic_models, synthetic_prompt
+
+# The prompt of runs on a real checkpoint: the tags and lyrics of a typical short song.
+SAMPLE_TAGS = "pop,piano,female vocals,happy,wedding,romantic"
+SAMPLE_LYRICS = """[intro]
+
+[verse]
+the morning light is spilling through the window on the floor
+i hear you humming softly as you're walking through the door
+we never had a fortune but we always had a song
+and every little moment feels like where we both belong
+
+[chorus]
+so hold me in the kitchen while the coffee's getting cold
+we'll dance like we are twenty even when we're growing old
+and if the world keeps turning faster than we understand
+i'll find my way back home to you, i'll always hold your hand
+
+[verse]
+the seasons keep on changing and the city keeps on loud
+but you can always find me in the quiet of the crowd
+
+[bridge]
+la la la, oh, la la la
+
+[outro]
+"""
+DEFAULT_PROMPT_LEN = 256
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_copy_gbps(device: torch.device, repeats: int = 10, copies: int = 4) -> float:
+    """Device-to-device copy bandwidth in GB/s, bytes read plus written: what a frame that only
+    streams its weights once could reach. Median over `repeats` timings of `copies` copies."""
+    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):  # two warm-ups: first touch of the pages, clocks ramping up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(copies):
+            dst.copy_(src)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * nbytes * copies / statistics.median(times) / 1e9
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (a quantized module's packed weights too)."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, batch: int) -> int:
+    """Bytes one decode frame must read, with `kv_positions` backbone positions cached.
+
+    The backbone reads each weight once (of the audio embeddings only a frame's n rows; the text
+    embeddings not at all) and its cache; codebook 0's head is read once; the depth decoder and
+    its input projection run once per codebook 1..n-1, reading their weights every time, and each
+    of those codebooks reads its own slice of the audio head.
+    """
+    cfg = model.config
+    n, bb, dec = cfg.audio_num_codebooks, cfg.backbone, cfg.decoder
+    emb = model.audio_embeddings
+    weights = (
+        module_bytes(model.backbone)
+        + module_bytes(emb) * n // emb.num_embeddings
+        + module_bytes(model.codebook0_head)
+        + (n - 1) * (module_bytes(model.decoder) + module_bytes(model.projection))
+        + model.audio_head.numel() * model.audio_head.element_size()
+    )
+    # Keys and values, in the activations' dtype; the decoder's step i reads i + 1 positions.
+    decoder_positions = sum(i + 1 for i in range(1, n))
+    kv_per_position = 2 * batch * model.text_embeddings.weight.element_size()
+    kv = kv_per_position * (
+        bb.num_layers * bb.num_kv_heads * bb.head_dim * kv_positions
+        + dec.num_layers * dec.num_kv_heads * dec.head_dim * decoder_positions
+    )
+    return weights + kv
+
+
+def timed_generate(
+    engine: Engine, prompt: Prompt, device: torch.device, **kwargs: Any
+) -> tuple[Tensor, float, float]:
+    """(frames, prefill seconds, decode seconds) of one song; prefill ends at on_frame(1)."""
+    prefill_end = math.nan
+
+    def on_frame(n: int) -> None:
+        nonlocal prefill_end
+        if n == 1:
+            _sync(device)
+            prefill_end = time.perf_counter()
+
+    _sync(device)
+    start = time.perf_counter()
+    frames = engine.generate_frames(prompt, on_frame=on_frame, stop_at_eos=False, **kwargs)
+    _sync(device)
+    return frames, prefill_end - start, time.perf_counter() - prefill_end
+
+
+def time_codec(
+    models: Models, frames: Tensor, device: torch.device, *, seed: int, repeats: int
+) -> list[float]:
+    """Seconds to decode `frames` as the pipeline does, after one warm-up window."""
+    models.codec.detokenize(frames[:, :WINDOW], generator=torch.Generator().manual_seed(seed))
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        models.codec.detokenize(frames, generator=torch.Generator().manual_seed(seed))
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def greedy_agreement(frames: Tensor, reference: Tensor) -> tuple[float, int | None]:
+    """(fraction of tokens equal to the reference's, first frame that differs or None)."""
+    same = frames == reference
+    differing = (~same).any(dim=0).nonzero()
+    return same.double().mean().item(), int(differing[0]) if len(differing) else None
+
+
+def _peak_vram_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def parse_engines(value: str | None, device: torch.device) -> list[str]:
+    """A comma list of engine names, each checked against `device`; by default the plain engine
+    and the device's default one."""
+    if value is None:
+        value = ",".join(dict.fromkeys(("plain", default_engine(device))))
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    if not names:
+        raise UserError(f"--engines names no engine; use a comma list of {', '.join(ENGINES)}")
+    for name in names:
+        check_engine(name, device)
+    return names
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or "cpu"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def _commit() -> str | None:
+    """HEAD of the checkout this package runs from, "+dirty" if tracked files changed."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def write_results(out_dir: Path, name: str, result: dict[str, Any]) -> Path:
+    """`out_dir/{utc date}_{device}_{name}.json`, with a numbered suffix rather than overwrite."""
+    stem = f"{result['date'][:10]}_{_slug(result['device'])}_{_slug(name)}"
+    path, n = out_dir / f"{stem}.json", 1
+    while True:
+        try:
+            with path.open("x") as f:
+                json.dump(result, f, indent=2)
+                f.write("\n")
+            return path
+        except FileExistsError:
+            n += 1
+            path = out_dir / f"{stem}-{n}.json"
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror})") from None
+
+
+# Columns of the summary table: (title, run field, format).
+_TABLE = (
+    ("frames", "frames", "d"),
+    ("prefill ms", "prefill_ms", ".1f"),
+    ("frames/s", "lm_frames_per_s", ".2f"),
+    ("ms/frame", "ms_per_frame", ".2f"),
+    ("floor ms", "floor_ms_per_frame", ".2f"),
+    ("GB/s", "achieved_gbps", ".0f"),
+    ("codec s", "codec_s", ".2f"),
+    ("e2e RTF", "e2e_rtf", ".3f"),
+    ("VRAM GiB", "peak_vram_gib", ".1f"),
+    ("greedy", "greedy_agreement", ".4f"),
+)
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    """One line per run: the numbers to compare at a glance ("-" where not measured)."""
+    rows = [["run", *(title for title, _, _ in _TABLE)]]
+    for run in runs:
+        cells = ["-" if run[key] is None else format(run[key], spec) for _, key, spec in _TABLE]
+        rows.append([run["name"], *cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        " ".join(
+            [row[0].ljust(widths[0])]
+            + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        )
+        for row in rows
+    )
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results file written by `heartmula-rt bench`."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"results file {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+    except ValueError:
+        raise UserError(f"{path} is not a JSON file") from None
+    runs = result.get("runs") if isinstance(result, dict) else None
+    if not isinstance(runs, list) or not all(
+        isinstance(r, dict) and {"name", "lm_frames_per_s", "e2e_rtf"} <= r.keys() for r in runs
+    ):
+        raise UserError(f"{path} is not a results file of heartmula-rt bench")
+    return result
+
+
+def plot_results(files: list[Path], png: Path) -> None:
+    """Bars of LM frames/s and end-to-end RTF for every run of every results file."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    labels, fps, rtf = [], [], []
+    for path in files:
+        result = read_results(path)
+        for run in result["runs"]:
+            labels.append(f"{result.get('device', '?')} {run['name']}")
+            fps.append(run["lm_frames_per_s"])
+            rtf.append(math.nan if run["e2e_rtf"] is None else run["e2e_rtf"])
+    fig = Figure(figsize=(12, 1.5 + 0.4 * len(labels)), layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    rows = list(range(len(labels)))
+    left.bar_label(left.barh(rows, fps), fmt="%.1f", padding=2)
+    left.axvline(1000 / FRAME_MS, color="k", linestyle="--", linewidth=1)
+    left.set(yticks=rows, yticklabels=labels, xlabel="LM frames/s (dashed: real time, 12.5)")
+    left.invert_yaxis()  # first run on top
+    rtf_labels = ["" if math.isnan(r) else f"{r:.3f}" for r in rtf]  # no codec: no bar
+    right.bar_label(right.barh(rows, rtf), labels=rtf_labels, padding=2)
+    right.axvline(1, color="k", linestyle="--", linewidth=1)
+    right.set(xlabel="end-to-end RTF (below 1: faster than real time)")
+    for ax in (left, right):
+        ax.margins(x=0.12)  # room for the value labels
+    try:
+        fig.savefig(png, format="png")
+    except OSError as e:
+        raise UserError(f"cannot write {png} ({e.strerror})") from None
+
+
+def _load(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, codec_dtype: torch.dtype
+) -> tuple[Models, Prompt, str]:
+    """(models, prompt, model description): a checkpoint's, or random ones of a preset size."""
+    if args.model_path is not None:
+        if args.prompt_len is not None:
+            raise UserError(
+                "--prompt-len is for --synthetic models; a checkpoint's prompt is fixed"
+            )
+        # The pipeline's own engine goes unused (each benchmarked one is made here): plain is free.
+        pipe = load_pipeline(
+            args.model_path, device=device, dtype=dtype, codec_dtype=codec_dtype, engine="plain"
+        )
+        models = Models(pipe.lm, pipe.lm_config, pipe.codec, pipe.codec_config, pipe.gen_config)
+        return models, pipe.prompt(SAMPLE_TAGS, SAMPLE_LYRICS), str(args.model_path)
+    preset = args.synthetic
+    length = DEFAULT_PROMPT_LEN if args.prompt_len is None else args.prompt_len
+    prompt = synthetic_prompt(length, LM_PRESETS[preset]["text_vocab_size"])
+    return synthetic_models(preset, device, dtype, codec_dtype), prompt, f"synthetic {preset}"
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for flag, value, least in (
+        ("--repeats", args.repeats, 1),
+        ("--warmup", args.warmup, 0),
+        ("--codec-repeats", args.codec_repeats, 1),
+        ("--greedy-frames", args.greedy_frames, 0),
+    ):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, not {value}")
+
+
+def _results_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the results folder {path} ({e.strerror})") from None
+    return path
+
+
+@dataclass
+class LMTiming:
+    """One engine's LM measurements: counted runs only, peak memory over all of them."""
+
+    frames: Tensor  # of the last run
+    prefill_s: list[float]
+    decode_s: list[float]
+    peak_vram_gib: float | None
+    greedy: tuple[float | None, int | None]
+
+
+def _time_lm(
+    engine: Engine, prompt: Prompt, device: torch.device, *, warmup: int, repeats: int, **kw: Any
+) -> tuple[Tensor, list[float], list[float]]:
+    """The last run's frames and each counted run's prefill and decode seconds."""
+    prefill_s, decode_s = [], []
+    for i in range(warmup + repeats):
+        frames, prefill, decode = timed_generate(engine, prompt, device, **kw)
+        what = "warm-up" if i < warmup else f"run {i - warmup + 1}/{repeats}"
+        fps = (frames.shape[1] - 1) / decode
+        print(f"{engine.name} {what}: {fps:.2f} frames/s", file=sys.stderr)
+        if i >= warmup:
+            prefill_s.append(prefill)
+            decode_s.append(decode)
+    return frames, prefill_s, decode_s
+
+
+def _greedy(engine: Engine, prompt: Prompt, args: argparse.Namespace) -> Tensor:
+    return engine.generate_frames(
+        prompt,
+        max_frames=args.greedy_frames,
+        topk=1,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        stop_at_eos=False,
+    )
+
+
+def _record(
+    engine: str,
+    lm: LMTiming,
+    settings: dict[str, Any],
+    *,
+    bytes_per_frame: int,
+    copy_gbps: float,
+    codec_s: list[float],
+    codec_peak: float | None,
+) -> dict[str, Any]:
+    """One run's JSON object, fields in the order of benchmarks/README.md."""
+    frames = lm.frames.shape[1]
+    decode = statistics.median(lm.decode_s)
+    prefill = statistics.median(lm.prefill_s)
+    fps = (frames - 1) / decode
+    codec = statistics.median(codec_s) if codec_s else None
+    e2e = None if codec is None else prefill + decode + codec
+    peaks = [p for p in (lm.peak_vram_gib, codec_peak) if p is not None]
+    return {
+        "name": f"{engine}-{settings['dtype']}",
+        "engine": engine,
+        **settings,
+        "frames": frames,
+        "prefill_ms": prefill * 1000,
+        "lm_frames_per_s": fps,
+        "ms_per_frame": 1000 / fps,
+        "bytes_per_frame": bytes_per_frame,
+        "achieved_gbps": bytes_per_frame * fps / 1e9,
+        "copy_gbps": copy_gbps,
+        "floor_ms_per_frame": bytes_per_frame / copy_gbps / 1e6,
+        "codec_s": codec,
+        "e2e_s": e2e,
+        "e2e_rtf": None if e2e is None else e2e / (frames * FRAME_MS / 1000),
+        "ttfa_s": None,
+        "peak_vram_gib": max(peaks) if peaks else None,
+        "vram_budget_gib": None,
+        "greedy_agreement": lm.greedy[0],
+        "greedy_first_mismatch": lm.greedy[1],
+        "raw_decode_s": lm.decode_s,
+        "raw_prefill_s": lm.prefill_s,
+        "raw_codec_s": codec_s,
+    }
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        png, *files = args.plot
+        if not files:
+            raise UserError("--plot needs the PNG to write, then at least one results file")
+        plot_results(files, png)
+        print(f"wrote {png}")
+        return 0
+    device = parse_device(args.device)
+    dtype_name = args.dtype or default_dtype(device)
+    dtype, codec_dtype = parse_dtype(dtype_name), parse_dtype(args.codec_dtype)
+    engine_names = parse_engines(args.engines, device)
+    check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
+    check_seed(args.seed)
+    max_frames = max_frames_for(args.max_seconds)
+    if max_frames < 1:
+        raise UserError(f"--max-seconds must allow one frame ({FRAME_MS / 1000} s) at least")
+    _check_counts(args)
+    out_dir = _results_dir(args.out_dir)
+
+    models, prompt, model_name = _load(args, device, dtype, codec_dtype)
+    check_length(models.lm, prompt, max(max_frames, args.greedy_frames))
+    engines = {name: make_engine(name, models.lm, models.gen_config) for name in engine_names}
+    reference = None
+    if args.greedy_frames:
+        plain = engines.get("plain") or make_engine("plain", models.lm, models.gen_config)
+        reference = _greedy(plain, prompt, args)
+
+    timings: dict[str, LMTiming] = {}
+    for name, engine in engines.items():
+        _reset_peak(device)
+        frames, prefill_s, decode_s = _time_lm(
+            engine,
+            prompt,
+            device,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            max_frames=max_frames,
+            topk=args.topk,
+            temperature=args.temperature,
+            cfg_scale=args.cfg_scale,
+            seed=args.seed,
+        )
+        peak = _peak_vram_gib(device)
+        greedy = (None, None)
+        if reference is not None:
+            greedy = greedy_agreement(_greedy(engine, prompt, args), reference)
+        timings[name] = LMTiming(frames, prefill_s, decode_s, peak, greedy)
+
+    codec_s, codec_peak = [], None
+    if not args.no_codec:
+        _reset_peak(device)
+        first = next(iter(timings.values())).frames
+        codec_s = time_codec(models, first, device, seed=args.seed, repeats=args.codec_repeats)
+        codec_peak = _peak_vram_gib(device)
+
+    batch = 2 if args.cfg_scale > 1 else 1
+    p = len(prompt)
+    # The exact mean over the song: bytes grow linearly with the cached positions.
+    bytes_per_frame = round(
+        (
+            lm_bytes_per_frame(models.lm, p + 1, batch)
+            + lm_bytes_per_frame(models.lm, p + max_frames, batch)
+        )
+        / 2
+    )
+    settings = {
+        "quant": "none",
+        "dtype": dtype_name,
+        "codec_dtype": args.codec_dtype,
+        "batch": batch,
+        "cfg_scale": args.cfg_scale,
+        "topk": args.topk,
+        "temperature": args.temperature,
+        "max_seconds": args.max_seconds,
+        "prompt_len": p,
+    }
+    copy_gbps = measure_copy_gbps(device)
+    runs = [
+        _record(
+            name,
+            lm,
+            settings,
+            bytes_per_frame=bytes_per_frame,
+            copy_gbps=copy_gbps,
+            codec_s=codec_s,
+            codec_peak=codec_peak,
+        )
+        for name, lm in timings.items()
+    ]
+    result = {
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "commit": _commit(),
+        "command": shlex.join(sys.argv),
+        "model": model_name,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runs": runs,
+    }
+    default_name = (
+        f"synthetic-{args.synthetic}" if args.model_path is None else args.model_path.name
+    )
+    path = write_results(out_dir, args.name or default_name, result)
+    print(format_table(runs))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,312 @@
+"""Decode engines: the plain loop, and a static one-frame step replayed as a CUDA graph.
+
+Every engine has one method, `generate_frames(prompt, ...)`, with the plain loop's contract.
+
+The static engine keeps all per-frame state in device tensors — the position, the last frame, the
+output buffer, the first-EOS index, the sampler's settings and RNG — so one frame (backbone step,
+the depth decoder's 7 steps, CFG, sampling, embedding of the sampled tokens, the EOS flag) is a
+function of nothing the host must pass. Captured once as a CUDA graph it replays with one launch
+and no host synchronisation; the host reads the EOS index every `sync_every` frames and trims
+what was made after it, so the output equals the plain loop's. Attention reads the cache up to
+the end of the current `bucket` of positions (the rest masked), so one graph serves a bucket and
+graphs are kept per (batch, bucket end) and reused across songs. `compile` runs the same step
+through torch.compile before capturing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import secrets
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .config import GenConfig
+from .decode import (
+    GenerationInterrupted,
+    Sampler,
+    check_length,
+    check_sampling,
+    generate_frames,
+    prefill,
+    sample_frame,
+)
+from .errors import UserError
+from .lm import HeartMuLa, LMCache
+from .prompt import Prompt
+
+ENGINES = ("plain", "graph", "compile")
+BUCKET = 256  # backbone positions per attention bucket: one graph per bucket
+SYNC_EVERY = 8  # frames between the host's looks at the EOS flag
+CAPACITY_STEP = 1024  # cache capacity grows in these steps, so songs of similar length share one
+
+
+class PlainEngine:
+    """The plain loop of `decode.py`: eager PyTorch, one host sync per frame, any device."""
+
+    name = "plain"
+
+    def __init__(self, model: HeartMuLa, gen_config: GenConfig) -> None:
+        self.model, self.gen_config = model, gen_config
+
+    def generate_frames(
+        self,
+        prompt: Prompt,
+        *,
+        max_frames: int,
+        topk: int = 50,
+        temperature: float = 1.0,
+        cfg_scale: float = 1.5,
+        seed: int | None = None,
+        on_frame: Callable[[int], None] | None = None,
+        stop_at_eos: bool = True,
+    ) -> Tensor:
+        """Codes [n_codebooks, T] int64 on the CPU, as `decode.generate_frames` returns them
+        (every engine's contract). `on_frame(n)` gets the number of frames made so far, first
+        n=1 right after the prompt; a seed repeats the same frames with the same engine on the
+        same device."""
+        generator = None
+        if seed is not None:
+            device = self.model.text_embeddings.weight.device
+            generator = torch.Generator(device=device).manual_seed(seed)
+        return generate_frames(
+            self.model,
+            prompt,
+            self.gen_config,
+            max_frames=max_frames,
+            topk=topk,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            generator=generator,
+            on_frame=on_frame,
+            stop_at_eos=stop_at_eos,
+        )
+
+
+class DeviceSampler:
+    """Sampling settings and Philox state in device memory, read by the fused Triton sampler.
+
+    A captured graph reads them at every replay, so it serves any seed, top-k, temperature and
+    CFG scale; the kernel advances the RNG counter on every call.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        from .kernels.sampling import fused_sample  # needs triton: imported only when used
+
+        self._sample = fused_sample
+        self.ints = torch.zeros(3, dtype=torch.int64, device=device)  # seed, counter, topk
+        self.floats = torch.zeros(2, dtype=torch.float32, device=device)  # cfg scale, temperature
+        self.batch = 1
+
+    def configure(self, *, topk: int, temperature: float, cfg_scale: float, seed: int) -> None:
+        self.batch = Sampler(cfg_scale=cfg_scale).batch
+        self.ints.copy_(torch.tensor([seed, 0, topk]))
+        self.floats.copy_(torch.tensor([cfg_scale, temperature]))
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """Raw logits [batch, V] → the sampled token [1, 1]."""
+        return self._sample(logits, self.ints, self.floats, self.batch == 2)
+
+
+class StaticState:
+    """The device tensors one frame step reads and writes, allocated once per capacity."""
+
+    def __init__(self, model: HeartMuLa, batch: int, capacity: int) -> None:
+        device = model.text_embeddings.weight.device
+        n = model.config.audio_num_codebooks
+        self.batch, self.capacity = batch, capacity
+        self.cache = model.new_cache(batch, capacity)
+        self.frame = torch.zeros(n, dtype=torch.int64, device=device)  # fed at `pos`
+        self.pos = torch.zeros((), dtype=torch.int64, device=device)
+        self.index = torch.zeros((), dtype=torch.int64, device=device)  # next row of `codes`
+        self.eos_at = torch.zeros((), dtype=torch.int64, device=device)  # -1: no EOS yet
+        self.codes = torch.zeros(capacity, n, dtype=torch.int64, device=device)
+        self._views = {batch: self.cache}
+
+    def cache_for(self, batch: int) -> LMCache:
+        """The caches' first `batch` rows, the same view objects every time (graphs and compiled
+        code see the same inputs song after song)."""
+        if batch not in self._views:
+            self._views[batch] = self.cache.narrow(batch)
+        return self._views[batch]
+
+    def frames(self, count: int) -> Tensor:
+        """The first `count` frames made, [n_codebooks, count] int64 on the CPU."""
+        return self.codes[:count].cpu().T.contiguous()
+
+    def start(self, frame: Tensor, pos: int) -> None:
+        """Frame 0 from the prompt, to be fed at position `pos`."""
+        self.codes[0] = frame
+        self.frame.copy_(frame)
+        self.pos.fill_(pos)
+        self.index.fill_(1)
+        self.eos_at.fill_(-1)
+
+
+class StaticEngine:
+    """One frame per call of a static step: a CUDA graph replay (`graph`), the step compiled
+    first (`compile`), or, for tests on the CPU, the step run without graphs (`graphs=False`;
+    there `compile_backend="aot_eager"` traces it as inductor would, without code generation)."""
+
+    def __init__(
+        self,
+        model: HeartMuLa,
+        gen_config: GenConfig,
+        *,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        graphs: bool = True,
+        bucket: int = BUCKET,
+        sync_every: int = SYNC_EVERY,
+        capacity_step: int = CAPACITY_STEP,
+    ) -> None:
+        self.name = "compile" if compile else "graph"
+        self.model, self.gen_config = model, gen_config
+        self.device = model.text_embeddings.weight.device
+        self.bucket, self.sync_every, self.capacity_step = bucket, sync_every, capacity_step
+        self.sampler = DeviceSampler(self.device)
+        self._use_graphs = graphs
+        self._step_fn = self._step
+        if compile:
+            self._step_fn = torch.compile(self._step, fullgraph=True, backend=compile_backend)
+        self._state: StaticState | None = None
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._warm: set[tuple[int, int]] = set()  # keys run once outside capture
+        self._pool = None
+
+    # -- the step -------------------------------------------------------------------------
+
+    def _step(self, state: StaticState, cache: LMCache, kv_len: int) -> None:
+        model = self.model
+        rows = model.embed_frame(state.frame.expand(cache.batch, -1))
+        last, logits = model.backbone_step(rows, state.pos, cache, kv_len)
+        frame = sample_frame(model, last, logits, cache, self.sampler)
+        state.codes.index_copy_(0, state.index.view(1), frame[None])
+        first_eos = (frame >= self.gen_config.audio_eos_id).any() & (state.eos_at < 0)
+        state.eos_at.copy_(torch.where(first_eos, state.index, state.eos_at))
+        state.frame.copy_(frame)
+        state.pos.add_(1)
+        state.index.add_(1)
+
+    def _run_step(self, state: StaticState, cache: LMCache, kv_len: int) -> None:
+        if not self._use_graphs:
+            self._step_fn(state, cache, kv_len)
+            return
+        key = (cache.batch, kv_len)
+        graph = self._graphs.get(key)
+        if graph is None and key not in self._warm:
+            # First frame of this shape runs for real on a side stream (compiling, choosing
+            # kernels, allocating workspaces: nothing of that may happen inside a capture).
+            self._warm.add(key)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step_fn(state, cache, kv_len)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return
+        if graph is None:
+            # Capturing records without running, so the state is as it was: replay below.
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._step_fn(state, cache, kv_len)
+            self._graphs[key] = graph
+        graph.replay()
+
+    # -- the host loop --------------------------------------------------------------------
+
+    def _reserve(self, batch: int, positions: int) -> StaticState:
+        """State for `batch` rows and `positions` cache positions, reused when it fits; a larger
+        request reallocates it and drops the graphs captured over the old tensors."""
+        state = self._state
+        if state is None or state.batch < batch or state.capacity < positions:
+            self._graphs.clear()
+            self._warm.clear()
+            self._state = state = None
+            limit = self.model.config.backbone.max_seq_len
+            step = self.capacity_step
+            capacity = min(math.ceil(positions / step) * step, limit)
+            state = self._state = StaticState(self.model, batch, capacity)
+        return state
+
+    def _kv_len(self, pos: int, capacity: int) -> int:
+        """Cache positions read by the step that writes position `pos`: its bucket's end."""
+        return min(math.ceil((pos + 1) / self.bucket) * self.bucket, capacity)
+
+    @torch.no_grad()
+    def generate_frames(
+        self,
+        prompt: Prompt,
+        *,
+        max_frames: int,
+        topk: int = 50,
+        temperature: float = 1.0,
+        cfg_scale: float = 1.5,
+        seed: int | None = None,
+        on_frame: Callable[[int], None] | None = None,
+        stop_at_eos: bool = True,
+    ) -> Tensor:
+        check_sampling(topk=topk, temperature=temperature, cfg_scale=cfg_scale)
+        check_length(self.model, prompt, max_frames)
+        seed = secrets.randbits(63) if seed is None else seed
+        self.sampler.configure(topk=topk, temperature=temperature, cfg_scale=cfg_scale, seed=seed)
+        batch = self.sampler.batch
+        state = self._reserve(batch, len(prompt) + max_frames)
+        cache = state.cache_for(batch)
+        made = 0  # frames known to be final (read back from the device)
+        try:
+            frame, _ = prefill(self.model, prompt, cache, self.sampler)
+            state.start(frame, len(prompt))
+            made = 1
+            if on_frame is not None:
+                on_frame(made)
+            done = 0
+            while done < max_frames:
+                for _ in range(min(self.sync_every, max_frames - done)):
+                    self._run_step(state, cache, self._kv_len(len(prompt) + done, state.capacity))
+                    done += 1
+                eos_at = int(state.eos_at)  # the one host sync per `sync_every` frames
+                if stop_at_eos and eos_at >= 0:
+                    made = eos_at
+                    break
+                made = 1 + done
+                if on_frame is not None:
+                    on_frame(made)
+        except KeyboardInterrupt:
+            if made:  # what was queued before Ctrl-C completes: keep it
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                eos_at = int(state.eos_at)
+                made = eos_at if stop_at_eos and eos_at >= 0 else int(state.index)
+            raise GenerationInterrupted(state.frames(made)) from None
+        return state.frames(made)
+
+
+# Every engine has PlainEngine's `name` and `generate_frames`.
+Engine = PlainEngine | StaticEngine
+
+
+def check_engine(name: str, device: torch.device) -> None:
+    """Refuse an engine name that does not exist or cannot run on `device`."""
+    if name not in ENGINES:
+        raise UserError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
+    if name != "plain" and device.type != "cuda":
+        raise UserError(f"the {name} engine needs a CUDA GPU; use the plain engine on the CPU")
+    if name != "plain" and importlib.util.find_spec("triton") is None:
+        raise UserError(f"the {name} engine needs triton (pip install triton)")
+
+
+def default_engine(device: torch.device) -> str:
+    """CUDA graphs on a GPU (the plain loop there waits on a launch per kernel), else plain."""
+    return "graph" if device.type == "cuda" else "plain"
+
+
+def make_engine(name: str, model: HeartMuLa, gen_config: GenConfig) -> Engine:
+    """The engine called `name` (one of ENGINES) for a loaded model."""
+    check_engine(name, model.text_embeddings.weight.device)
+    if name == "plain":
+        return PlainEngine(model, gen_config)
+    return StaticEngine(model, gen_config, compile=name == "compile")

@@ -1,0 +1,114 @@
+"""The fused Triton sampler against the plain one (SPEC §4), on the CPU via TRITON_INTERPRET."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from heartmula_rt.sampling import cfg_mix, sample_topk
+
+sampling = pytest.importorskip("heartmula_rt.kernels.sampling", reason="needs triton")
+
+
+def _state(seed: int, topk: int, cfg_scale: float = 1.5, temperature: float = 1.0):
+    ints = torch.tensor([seed, 0, topk], dtype=torch.int64)
+    floats = torch.tensor([cfg_scale, temperature], dtype=torch.float32)
+    return ints, floats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [True, False])
+def test_topk1_is_the_plain_argmax(dtype: torch.dtype, cfg: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(10):
+        logits = (3 * torch.randn(2, 8197, generator=g)).to(dtype)
+        if trial % 2:  # a tie for the maximum: both pick the first
+            logits[:, 4000] = logits[:, 17] = logits.max() + 1
+        ints, floats = _state(trial, topk=1, cfg_scale=1.5)
+        token = sampling.fused_sample(logits if cfg else logits[:1], ints, floats, cfg)
+        plain = cfg_mix(logits[:1], logits[1:], 1.5) if cfg else logits[:1]
+        assert token.shape == (1, 1) and token.dtype == torch.int64
+        assert torch.equal(token, sample_topk(plain, 1, 1.0))
+
+
+def _expected_probs(logits: torch.Tensor, topk: int, temperature: float) -> torch.Tensor:
+    scaled = logits.double() / temperature
+    kth = scaled.topk(topk).values[-1]
+    return torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
+
+
+def _draws(rows: torch.Tensor, n: int, topk: int, temperature: float, seed: int) -> torch.Tensor:
+    """n draws from CFG rows [cond, uncond], 2048 per launch (each output row of a launch has
+    its own Philox counters; each launch advances the counter)."""
+    cond, uncond = rows
+    logits = torch.cat([cond.expand(2048, -1), uncond.expand(2048, -1)])
+    ints, floats = _state(seed, topk, cfg_scale=1.5, temperature=temperature)
+    calls = -(-n // 2048)
+    draws = [sampling.fused_sample(logits, ints, floats, True)[:, 0] for _ in range(calls)]
+    return torch.cat(draws)[:n]
+
+
+def test_draws_follow_the_top_k_distribution() -> None:
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(2, 300, generator=g)
+    # A tie at the k-th value: both tied tokens must stay drawable.
+    mixed = cfg_mix(rows[:1], rows[1:], 1.5)[0]
+    kth, outside = mixed.topk(50).indices[49], mixed.argmin()
+    rows[:, outside] = rows[:, kth]
+    mixed = cfg_mix(rows[:1], rows[1:], 1.5)[0]
+    probs = _expected_probs(mixed, 50, 0.7)
+    assert int((probs > 0).sum()) == 51
+
+    draws = _draws(rows, 20_480, topk=50, temperature=0.7, seed=3)
+    counts = torch.bincount(draws, minlength=300).double()
+    assert counts[probs == 0].sum() == 0  # nothing outside the top k
+    kept = probs > 0
+    assert chisquare(counts[kept], probs[kept] * counts.sum()).pvalue > 1e-3
+    # The test has power: the same draws are far from the T=0.8 distribution.
+    wrong = _expected_probs(mixed, 50, 0.8)[kept]
+    assert chisquare(counts[kept], wrong * counts.sum()).pvalue < 1e-6
+
+
+def test_topk_at_least_vocab_keeps_every_token() -> None:
+    rows = torch.zeros(2, 7)  # uniform over 7 tokens
+    counts = torch.bincount(_draws(rows, 7000, topk=50, temperature=1.0, seed=5), minlength=7)
+    assert chisquare(counts.double()).pvalue > 1e-3
+
+
+def test_rng_state_lives_in_device_memory() -> None:
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(2))
+    ints, floats = _state(seed=7, topk=50)
+    first = [int(sampling.fused_sample(logits, ints, floats, True)) for _ in range(30)]
+    assert int(ints[1]) == 30  # the counter advanced once per call
+    ints[1] = 0
+    again = [int(sampling.fused_sample(logits, ints, floats, True)) for _ in range(30)]
+    assert again == first  # a seed repeats
+    assert len(set(first)) > 10  # successive calls draw fresh numbers
+    ints[0], ints[1] = 8, 0
+    other = [int(sampling.fused_sample(logits, ints, floats, True)) for _ in range(30)]
+    assert other != first  # the seed is read from memory
+
+
+def test_settings_are_read_from_memory() -> None:
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(4))
+    ints, floats = _state(seed=1, topk=1, cfg_scale=1.5)
+    floats[0] = 3.0
+    token = sampling.fused_sample(logits, ints, floats, True)
+    assert torch.equal(token, cfg_mix(logits[:1], logits[1:], 3.0).argmax(-1, keepdim=True))
+
+
+def test_compiles_without_graph_breaks() -> None:
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(6))
+    ints, floats = _state(seed=2, topk=50)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def two_draws(x: torch.Tensor) -> torch.Tensor:
+        a = sampling.fused_sample(x, ints, floats, True)
+        return torch.cat([a, sampling.fused_sample(x, ints, floats, True)])
+
+    compiled = two_draws(logits)
+    assert int(ints[1]) == 2
+    ints[1] = 0
+    eager = torch.cat([sampling.fused_sample(logits, ints, floats, True) for _ in range(2)])
+    assert torch.equal(compiled, eager)
