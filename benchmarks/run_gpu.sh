@@ -4,7 +4,10 @@
 #   1. `heartmula-rt bench` on synthetic 3B bf16 weights, 240 s songs, engines plain, graph and
 #      compile side by side, codec and greedy agreement (64 top-1 frames) included;
 #   2. greedy agreement in float32, where the engines' rounding differences are smallest;
-#   3. the micro-benchmarks: pytest benchmarks/ --benchmark-json.
+#   3. the micro-benchmarks: pytest benchmarks/ --benchmark-json;
+#   4. the sampler and engine tests on the GPU (compiled kernel, real graph capture), if the
+#      fixtures travelled: `mkdir -p .shared && cp -r ../shared/fixtures .shared/` and
+#      `echo /.shared/ >> .git/info/exclude` here, then `.shared` in the call's carry list.
 #
 # Results (two bench JSON files, micro.json, run.log) go to $OUT, else benchmarks/results; commit
 # the bench files under benchmarks/results/. Overrides: MAX_SECONDS (240), REPEATS (1 counted
@@ -42,3 +45,6 @@ bench --max-seconds "$MAX_SECONDS" --repeats "$REPEATS" --warmup 1 --greedy-fram
 bench --dtype float32 --max-seconds 1 --repeats 1 --warmup 0 --no-codec --greedy-frames 64 \
     --name greedy-fp32
 python3 -m pytest benchmarks/ -q --benchmark-json="$OUT/micro.json"
+if [ -d .shared/fixtures ]; then
+    HEARTMULA_RT_SHARED=.shared python3 -m pytest -q tests/test_fused_sampler.py tests/test_engine.py
+fi

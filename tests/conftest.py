@@ -16,7 +16,11 @@ from heartmula_rt.lm import HeartMuLa
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# ../shared beside the checkout; HEARTMULA_RT_SHARED points elsewhere (a copy carried to a GPU
+# machine, where only the checkout travels).
+SHARED = Path(
+    os.environ.get("HEARTMULA_RT_SHARED", Path(__file__).resolve().parents[1].parent / "shared")
+)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The static decode engine against the plain loop and the reference (SPEC §3-4).
 
-On the CPU the static step runs eagerly (`graphs=False`) and through torch.compile, with the fused
-sampler under Triton's interpreter: everything the graph engine does except the capture itself.
+Without a GPU the static step runs eagerly (`graphs=False`) and through torch.compile, with the
+fused sampler under Triton's interpreter: everything the graph engine does except the capture
+itself. On a GPU machine the same tests run on the GPU, plus the captured engines' own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import Prompt, build_prompt
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_ckpt: Path) -> HeartMuLa:
+    """The tiny-public LM in float32 where the sampler kernel runs."""
+    return load_lm(tiny_ckpt / LM_DIR, device=DEVICE)[0]
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +57,22 @@ def _run(engine, prompt: Prompt, c: dict, **kwargs) -> torch.Tensor:
     "file", ["mula_cfg15.safetensors", "mula_nocfg.safetensors", "mula_eos.safetensors"]
 )
 def test_greedy_frames_equal_the_reference(
-    file: str, tiny_lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, fixtures_dir: Path
+    file: str, lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, fixtures_dir: Path
 ) -> None:
     c = _cases(fixtures_dir)[file]
     expected = load_file(fixtures_dir / "tiny-public/expected" / file)["frames"].long()
     prompt = build_prompt(tokenizer, gen, c["tags"], c["lyrics"])
     # Small buckets and an odd sync interval: many graphs' worth of shapes, and EOS (the eos
     # case stops at frame 13) found in the middle of a run of unchecked frames.
-    engine = StaticEngine(tiny_lm, gen, graphs=False, bucket=16, sync_every=5)
+    engine = StaticEngine(lm, gen, graphs=False, bucket=16, sync_every=5)
     frames = _run(engine, prompt, c)
     assert frames.dtype == torch.int64 and frames.device.type == "cpu"
     assert torch.equal(frames, expected)
 
 
-def test_one_engine_serves_many_songs(
-    tiny_lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer
-) -> None:
-    engine = StaticEngine(tiny_lm, gen, graphs=False, bucket=32, capacity_step=64)
-    plain = PlainEngine(tiny_lm, gen)
+def test_one_engine_serves_many_songs(lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer) -> None:
+    engine = StaticEngine(lm, gen, graphs=False, bucket=32, capacity_step=64)
+    plain = PlainEngine(lm, gen)
     short = build_prompt(tokenizer, gen, "rock", "hey")
     long = build_prompt(tokenizer, gen, "piano,happy", "[Verse]\n" + "la la la\n" * 12)
     requests = [  # (prompt, max_frames, cfg_scale, reallocates)
@@ -85,8 +91,8 @@ def test_one_engine_serves_many_songs(
         assert torch.equal(frames, plain.generate_frames(prompt, **kwargs))
 
 
-def test_seeded_sampling_repeats(tiny_lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer) -> None:
-    engine = StaticEngine(tiny_lm, gen, graphs=False)
+def test_seeded_sampling_repeats(lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer) -> None:
+    engine = StaticEngine(lm, gen, graphs=False)
     prompt = build_prompt(tokenizer, gen, "jazz", "[Verse]\nhello\n")
     runs = [
         engine.generate_frames(prompt, max_frames=10, seed=s, stop_at_eos=False) for s in (1, 2, 1)
@@ -98,12 +104,10 @@ def test_seeded_sampling_repeats(tiny_lm: HeartMuLa, gen: GenConfig, tokenizer: 
     assert len({tuple(col.tolist()) for col in runs[0].T}) > 8
 
 
-def test_ctrl_c_keeps_the_frames_made(
-    tiny_lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer
-) -> None:
+def test_ctrl_c_keeps_the_frames_made(lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer) -> None:
     prompt = build_prompt(tokenizer, gen, "pop", "[Chorus]\nla\n")
-    full = PlainEngine(tiny_lm, gen).generate_frames(prompt, max_frames=30, topk=1)
-    engine = StaticEngine(tiny_lm, gen, graphs=False, sync_every=4)
+    full = PlainEngine(lm, gen).generate_frames(prompt, max_frames=30, topk=1)
+    engine = StaticEngine(lm, gen, graphs=False, sync_every=4)
 
     def stop_after(n: int) -> None:
         if n >= 9:
@@ -117,7 +121,7 @@ def test_ctrl_c_keeps_the_frames_made(
 
 
 def test_compiled_step_equals_the_plain_loop(
-    tiny_lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, fixtures_dir: Path
+    lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, fixtures_dir: Path
 ) -> None:
     c = _cases(fixtures_dir)["mula_cfg15.safetensors"]
     prompt = build_prompt(tokenizer, gen, c["tags"], c["lyrics"])
@@ -125,13 +129,13 @@ def test_compiled_step_equals_the_plain_loop(
     # functionalized, including the recompile with a dynamic kv length at the second bucket;
     # inductor's CPU code generation would add minutes and is not the GPU's code anyway.
     engine = StaticEngine(
-        tiny_lm, gen, compile=True, compile_backend="aot_eager", graphs=False, bucket=16
+        lm, gen, compile=True, compile_backend="aot_eager", graphs=False, bucket=16
     )
-    plain = PlainEngine(tiny_lm, gen)
+    plain = PlainEngine(lm, gen)
     assert torch.equal(_run(engine, prompt, c), _run(plain, prompt, c))
 
 
-def test_engine_choice(tiny_lm: HeartMuLa, gen: GenConfig) -> None:
+def test_engine_choice(tiny_lm: HeartMuLa, gen: GenConfig) -> None:  # tiny_lm: on the CPU
     assert make_engine("plain", tiny_lm, gen).name == "plain"
     with pytest.raises(UserError, match="unknown engine 'fast'"):
         make_engine("fast", tiny_lm, gen)
@@ -146,9 +150,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 @pytest.mark.parametrize("name", ["graph", "compile"])
 def test_gpu_engines_equal_the_reference_and_reuse_graphs(
-    name: str, tiny_ckpt: Path, gen: GenConfig, tokenizer: Tokenizer, fixtures_dir: Path
+    name: str, lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, fixtures_dir: Path
 ) -> None:
-    lm = load_lm(tiny_ckpt / LM_DIR, device=torch.device("cuda"))[0]  # float32
     engine = make_engine(name, lm, gen)
     cases = _cases(fixtures_dir)
     captured = []

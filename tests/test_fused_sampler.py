@@ -9,11 +9,13 @@ from scipy.stats import chisquare
 from heartmula_rt.sampling import cfg_mix, sample_topk
 
 sampling = pytest.importorskip("heartmula_rt.kernels.sampling", reason="needs triton")
+# On a GPU machine the kernel runs compiled; elsewhere under Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _state(seed: int, topk: int, cfg_scale: float = 1.5, temperature: float = 1.0):
-    ints = torch.tensor([seed, 0, topk], dtype=torch.int64)
-    floats = torch.tensor([cfg_scale, temperature], dtype=torch.float32)
+    ints = torch.tensor([seed, 0, topk], dtype=torch.int64, device=DEVICE)
+    floats = torch.tensor([cfg_scale, temperature], dtype=torch.float32, device=DEVICE)
     return ints, floats
 
 
@@ -22,7 +24,7 @@ def _state(seed: int, topk: int, cfg_scale: float = 1.5, temperature: float = 1.
 def test_topk1_is_the_plain_argmax(dtype: torch.dtype, cfg: bool) -> None:
     g = torch.Generator().manual_seed(0)
     for trial in range(10):
-        logits = (3 * torch.randn(2, 8197, generator=g)).to(dtype)
+        logits = (3 * torch.randn(2, 8197, generator=g)).to(DEVICE, dtype)
         if trial % 2:  # a tie for the maximum: both pick the first
             logits[:, 4000] = logits[:, 17] = logits.max() + 1
         ints, floats = _state(trial, topk=1, cfg_scale=1.5)
@@ -35,7 +37,7 @@ def test_topk1_is_the_plain_argmax(dtype: torch.dtype, cfg: bool) -> None:
 def _expected_probs(logits: torch.Tensor, topk: int, temperature: float) -> torch.Tensor:
     scaled = logits.double() / temperature
     kth = scaled.topk(topk).values[-1]
-    return torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
+    return torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1).cpu()
 
 
 def _draws(rows: torch.Tensor, n: int, topk: int, temperature: float, seed: int) -> torch.Tensor:
@@ -46,12 +48,12 @@ def _draws(rows: torch.Tensor, n: int, topk: int, temperature: float, seed: int)
     ints, floats = _state(seed, topk, cfg_scale=1.5, temperature=temperature)
     calls = -(-n // 2048)
     draws = [sampling.fused_sample(logits, ints, floats, True)[:, 0] for _ in range(calls)]
-    return torch.cat(draws)[:n]
+    return torch.cat(draws)[:n].cpu()
 
 
 def test_draws_follow_the_top_k_distribution() -> None:
     g = torch.Generator().manual_seed(1)
-    rows = torch.randn(2, 300, generator=g)
+    rows = torch.randn(2, 300, generator=g).to(DEVICE)
     # A tie at the k-th value: both tied tokens must stay drawable.
     mixed = cfg_mix(rows[:1], rows[1:], 1.5)[0]
     kth, outside = mixed.topk(50).indices[49], mixed.argmin()
@@ -71,13 +73,13 @@ def test_draws_follow_the_top_k_distribution() -> None:
 
 
 def test_topk_at_least_vocab_keeps_every_token() -> None:
-    rows = torch.zeros(2, 7)  # uniform over 7 tokens
+    rows = torch.zeros(2, 7, device=DEVICE)  # uniform over 7 tokens
     counts = torch.bincount(_draws(rows, 7000, topk=50, temperature=1.0, seed=5), minlength=7)
     assert chisquare(counts.double()).pvalue > 1e-3
 
 
 def test_rng_state_lives_in_device_memory() -> None:
-    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(2))
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     ints, floats = _state(seed=7, topk=50)
     first = [int(sampling.fused_sample(logits, ints, floats, True)) for _ in range(30)]
     assert int(ints[1]) == 30  # the counter advanced once per call
@@ -91,7 +93,7 @@ def test_rng_state_lives_in_device_memory() -> None:
 
 
 def test_settings_are_read_from_memory() -> None:
-    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(4))
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     ints, floats = _state(seed=1, topk=1, cfg_scale=1.5)
     floats[0] = 3.0
     token = sampling.fused_sample(logits, ints, floats, True)
@@ -99,7 +101,7 @@ def test_settings_are_read_from_memory() -> None:
 
 
 def test_compiles_without_graph_breaks() -> None:
-    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(6))
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     ints, floats = _state(seed=2, topk=50)
 
     @torch.compile(backend="aot_eager", fullgraph=True)
