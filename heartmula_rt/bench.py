@@ -43,6 +43,7 @@ from .pipeline import (
     parse_dtype,
 )
 from .prompt import Prompt
+from .quant import quantize_model
 from .synthetic import Models, synthetic_models, synthetic_prompt
 
 # The prompt of runs on a real checkpoint: the tags and lyrics of a typical short song.
@@ -102,6 +103,13 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _bytes(weight: nn.Module | Tensor) -> int:
+    """A plain Parameter's bytes, or its quantized replacement module's."""
+    if isinstance(weight, nn.Module):
+        return module_bytes(weight)
+    return weight.numel() * weight.element_size()
+
+
 def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, batch: int) -> int:
     """Bytes one decode frame must read, with `kv_positions` backbone positions cached.
 
@@ -118,7 +126,7 @@ def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, batch: int) -> int:
         + module_bytes(emb) * n // emb.num_embeddings
         + module_bytes(model.codebook0_head)
         + (n - 1) * (module_bytes(model.decoder) + module_bytes(model.projection))
-        + model.audio_head.numel() * model.audio_head.element_size()
+        + _bytes(model.audio_head)
     )
     # Keys and values, in the activations' dtype; the decoder's step i reads i + 1 positions.
     decoder_positions = sum(i + 1 for i in range(1, n))
@@ -336,14 +344,23 @@ def _load(
             )
         # The pipeline's own engine goes unused (each benchmarked one is made here): plain is free.
         pipe = load_pipeline(
-            args.model_path, device=device, dtype=dtype, codec_dtype=codec_dtype, engine="plain"
+            args.model_path,
+            device=device,
+            dtype=dtype,
+            codec_dtype=codec_dtype,
+            engine="plain",
+            quant=args.quant,
         )
         models = Models(pipe.lm, pipe.lm_config, pipe.codec, pipe.codec_config, pipe.gen_config)
         return models, pipe.prompt(SAMPLE_TAGS, SAMPLE_LYRICS), str(args.model_path)
     preset = args.synthetic
     length = DEFAULT_PROMPT_LEN if args.prompt_len is None else args.prompt_len
     prompt = synthetic_prompt(length, LM_PRESETS[preset]["text_vocab_size"])
-    return synthetic_models(preset, device, dtype, codec_dtype), prompt, f"synthetic {preset}"
+    models = synthetic_models(preset, device, dtype, codec_dtype)
+    quantize_model(models.lm, args.quant)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the unquantized weights' blocks: not this run's peak
+    return models, prompt, f"synthetic {preset}"
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -422,7 +439,9 @@ def _record(
     e2e = None if codec is None else prefill + decode + codec
     peaks = [p for p in (lm.peak_vram_gib, codec_peak) if p is not None]
     return {
-        "name": f"{engine}-{settings['dtype']}",
+        "name": "-".join(
+            [engine, settings["dtype"]] + [settings["quant"]] * (settings["quant"] != "none")
+        ),
         "engine": engine,
         **settings,
         "frames": frames,
@@ -514,7 +533,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         / 2
     )
     settings = {
-        "quant": "none",
+        "quant": args.quant,
         "dtype": dtype_name,
         "codec_dtype": args.codec_dtype,
         "batch": batch,

@@ -33,6 +33,7 @@ from .pipeline import (
     parse_dtype,
 )
 from .prompt import check_texts, read_text
+from .quant import QUANT_MODES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -89,11 +90,19 @@ def cmd_gen(args: argparse.Namespace) -> int:
     root = _resolve_model_path(args.model_path)
 
     print(
-        f"loading {root} on {device} (LM {dtype_name}, codec {args.codec_dtype}, {engine} engine)",
+        f"loading {root} on {device} (LM {dtype_name}, quantization {args.quant}, "
+        f"codec {args.codec_dtype}, {engine} engine)",
         file=sys.stderr,
     )
     loading = time.perf_counter()
-    pipe = load_pipeline(root, device=device, dtype=dtype, codec_dtype=codec_dtype, engine=engine)
+    pipe = load_pipeline(
+        root,
+        device=device,
+        dtype=dtype,
+        codec_dtype=codec_dtype,
+        engine=engine,
+        quant=args.quant,
+    )
     pipe.check_request(tags, lyrics, max_frames)
     start = time.perf_counter()
     seed = args.seed if args.seed is not None else secrets.randbits(31)
@@ -157,6 +166,12 @@ def _add_device_options(p: argparse.ArgumentParser, codec_help: str) -> None:
         help="LM weights (default: bfloat16 on GPU, float32 on CPU)",
     )
     p.add_argument("--codec-dtype", choices=list(DTYPES), default="float32", help=codec_help)
+    p.add_argument(
+        "--quant",
+        choices=QUANT_MODES,
+        default="none",
+        help="LM weight-only quantization: none, int8 (per channel), nf4 or int4 (groups of 128)",
+    )
 
 
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:

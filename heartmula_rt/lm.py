@@ -310,4 +310,10 @@ class HeartMuLa(nn.Module):
         """Depth decoder over backbone-width inputs x [B, T, D] at positions start..: logits of
         codebook `codebook` (1..n-1), [B, audio_vocab_size]."""
         d = self.decoder(self.projection(x), start, cache.decoder)[:, -1]
-        return d @ self.audio_head[codebook - 1]
+        return self.audio_head_logits(d, codebook)
+
+    def audio_head_logits(self, d: Tensor, codebook: int) -> Tensor:
+        """Codebook `codebook`'s logits from decoder outputs d [B, decoder_dim]; the head is the
+        stored Parameter or a quantized module that maps (d, codebook) the same way."""
+        head = self.audio_head
+        return d @ head[codebook - 1] if isinstance(head, Tensor) else head(d, codebook)

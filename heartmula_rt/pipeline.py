@@ -19,6 +19,7 @@ from .engine import Engine, check_engine, default_engine, make_engine
 from .errors import UserError
 from .lm import HeartMuLa
 from .prompt import Prompt, build_prompt, read_text
+from .quant import check_mode, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAME_MS = 80  # 12.5 LM frames per second
@@ -174,17 +175,21 @@ def load_pipeline(
     dtype: str | torch.dtype = "float32",
     codec_dtype: str | torch.dtype = "float32",
     engine: str | None = None,
+    quant: str = "none",
 ) -> Pipeline:
     """Load a checkpoint folder in the official layout (SPEC §1).
 
     `dtype` is the LM's weight dtype, `codec_dtype` the codec's; both load tensor by tensor.
-    `engine` is one of `engine.ENGINES` (default: `default_engine(device)`).
+    `engine` is one of `engine.ENGINES` (default: `default_engine(device)`). `quant` is one of
+    `quant.QUANT_MODES`: the LM is then loaded on the CPU, quantized one linear layer at a time
+    and moved to `device`, so its unquantized weights never occupy the GPU.
     """
     root = Path(model_path)
     device = parse_device(device)
     lm_dtype, codec_dtype = parse_dtype(dtype), parse_dtype(codec_dtype)
     engine = default_engine(device) if engine is None else engine
     check_engine(engine, device)
+    check_mode(quant)
     checkpoint.check_model_path(root)
     tokenizer_file = checkpoint.tokenizer_path(root)
     try:
@@ -192,7 +197,9 @@ def load_pipeline(
     except Exception as e:  # tokenizers raises a bare Exception for bad files
         raise UserError(f"{tokenizer_file} is not a valid tokenizer file ({e})") from None
     gen_config = checkpoint.load_gen_config(root)
-    lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=device, dtype=lm_dtype)
+    lm_device = device if quant == "none" else torch.device("cpu")
+    lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=lm_device, dtype=lm_dtype)
+    lm = quantize_model(lm, quant).to(device)
     codec, codec_config = checkpoint.load_codec(root / CODEC_DIR, device=device, dtype=codec_dtype)
     if lm_config.audio_vocab_size <= codec_config.codebook_size:
         raise UserError(

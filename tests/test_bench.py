@@ -101,6 +101,14 @@ def test_results_file(tiny_results: Path, capsys) -> None:
     )
 
 
+def test_quantized_run(tmp_path: Path) -> None:
+    assert bench(*tiny_args(tmp_path, "--no-codec", "--quant", "int8")) == 0
+    (run,) = only_result(tmp_path)["runs"]
+    assert run["quant"] == "int8" and run["name"] == "plain-float32-int8"
+    # int8 weights: about a quarter of float32's bytes, scales and unquantized rows aside.
+    assert run["bytes_per_frame"] < 0.4 * tiny_bytes_per_frame(257, batch=2)
+
+
 def test_greedy_agreement_of_plain_with_itself(tmp_path: Path) -> None:
     args = tiny_args(tmp_path, "--no-codec", "--greedy-frames", "8", "--cfg-scale", "1")
     assert bench(*args, "--name", "greedy") == 0
