@@ -5,9 +5,10 @@ pipe = heartmula_rt.load_pipeline(model_path, device="cuda", dtype="bfloat16")
 wav = pipe.generate("piano,happy", "[verse]\\n...", max_seconds=60, seed=1)  # [2, N] @ 48 kHz
 """
 
+__version__ = "0.1.0"  # before the imports: submodules read it while the package loads
+
 from .decode import GenerationInterrupted
 from .errors import UserError
 from .pipeline import Pipeline, load_pipeline
 
 __all__ = ["GenerationInterrupted", "Pipeline", "UserError", "load_pipeline"]
-__version__ = "0.1.0"

@@ -19,7 +19,8 @@ from .engine import Engine, check_engine, default_engine, make_engine
 from .errors import UserError
 from .lm import HeartMuLa
 from .prompt import Prompt, build_prompt, read_text
-from .quant import check_mode, quantize_model
+from .quant import check_mode
+from .quant.cache import load_quantized_lm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAME_MS = 80  # 12.5 LM frames per second
@@ -182,7 +183,8 @@ def load_pipeline(
     `dtype` is the LM's weight dtype, `codec_dtype` the codec's; both load tensor by tensor.
     `engine` is one of `engine.ENGINES` (default: `default_engine(device)`). `quant` is one of
     `quant.QUANT_MODES`: the LM is then loaded on the CPU, quantized one linear layer at a time
-    and moved to `device`, so its unquantized weights never occupy the GPU.
+    and moved to `device`, so its unquantized weights never occupy the GPU, and the result is
+    cached for the next load (`quant.cache`).
     """
     root = Path(model_path)
     device = parse_device(device)
@@ -197,9 +199,11 @@ def load_pipeline(
     except Exception as e:  # tokenizers raises a bare Exception for bad files
         raise UserError(f"{tokenizer_file} is not a valid tokenizer file ({e})") from None
     gen_config = checkpoint.load_gen_config(root)
-    lm_device = device if quant == "none" else torch.device("cpu")
-    lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=lm_device, dtype=lm_dtype)
-    lm = quantize_model(lm, quant).to(device)
+    if quant == "none":
+        lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=device, dtype=lm_dtype)
+    else:
+        lm = load_quantized_lm(root / LM_DIR, quant, device=device, dtype=lm_dtype)
+        lm_config = lm.config
     codec, codec_config = checkpoint.load_codec(root / CODEC_DIR, device=device, dtype=codec_dtype)
     if lm_config.audio_vocab_size <= codec_config.codebook_size:
         raise UserError(

@@ -23,6 +23,19 @@ SHARED = Path(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quant_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Quantized-model caches go to a temporary folder, never the user's cache."""
+    path = tmp_path_factory.mktemp("quant-cache")
+    old = os.environ.get("HEARTMULA_RT_CACHE")
+    os.environ["HEARTMULA_RT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["HEARTMULA_RT_CACHE"]
+    else:
+        os.environ["HEARTMULA_RT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """shared/fixtures: tiny-public/ (checkpoint + reference outputs) and keys/."""

@@ -1,0 +1,124 @@
+"""A quantized LM saved once and reloaded on later runs without re-quantizing.
+
+The cache is one safetensors file per (checkpoint folder, mode, LM dtype) in
+`default_cache_dir()`, holding the whole quantized LM state dict. Its metadata carries a key made
+of the mode, the dtype, the runtime's cache format version and the checkpoint's fingerprint (each
+shard's name, size, modification time and safetensors header, plus config.json), so a rewritten
+checkpoint or a new runtime makes it stale. A stale or damaged cache is rebuilt with a one-line
+notice; a cache that cannot be written costs a notice, never the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from heartmula_rt import __version__
+from heartmula_rt.checkpoint import load_lm, load_lm_config, shard_files
+from heartmula_rt.lm import HeartMuLa
+
+from .formats import check_mode, quantize_model
+
+log = logging.getLogger(__name__)
+# Bump when the quantized layout changes: older caches then read as stale.
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """$HEARTMULA_RT_CACHE, else heartmula-rt/quant in the user cache."""
+    if "HEARTMULA_RT_CACHE" in os.environ:
+        return Path(os.environ["HEARTMULA_RT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "heartmula-rt/quant"
+
+
+def fingerprint(model_dir: Path) -> str:
+    """What identifies a checkpoint's contents without reading its gigabytes: config.json, and
+    per shard its name, size, modification time and safetensors header."""
+    h = hashlib.sha256(Path(model_dir, "config.json").read_bytes())
+    for path in shard_files(model_dir):
+        stat = path.stat()
+        h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            h.update(f.read(min(header_len, 100_000_000)))
+    return h.hexdigest()
+
+
+def cache_key(model_dir: Path, mode: str, dtype: torch.dtype) -> str:
+    parts = [mode, str(dtype), str(CACHE_FORMAT), __version__, fingerprint(model_dir)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def cache_path(model_dir: Path, mode: str, dtype: torch.dtype, cache_dir: Path) -> Path:
+    """One file per checkpoint folder, mode and dtype: a new key replaces the old file."""
+    folder = re.sub(r"[^A-Za-z0-9]+", "-", str(Path(model_dir).resolve())).strip("-")
+    dtype_name = str(dtype).removeprefix("torch.")
+    return cache_dir / f"{folder}-{mode}-{dtype_name}.safetensors"
+
+
+def _load_cached(path: Path, key: str, model_dir: Path, mode: str, device: torch.device):
+    """The cached model, or None (with the reason logged) if it is missing, stale or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored_key = (f.metadata() or {}).get("key")
+        if stored_key != key:
+            log.warning("quantized cache %s is stale; rebuilding it", path)
+            return None
+        with torch.device("meta"):
+            model = HeartMuLa(load_lm_config(model_dir))
+        quantize_model(model, mode)
+        model.load_state_dict(load_file(str(path), device=str(device)), strict=True, assign=True)
+        return model.eval()
+    except (OSError, SafetensorError, RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.warning("quantized cache %s is damaged (%s); rebuilding it", path, reason)
+        return None
+
+
+def _save(model: HeartMuLa, path: Path, key: str) -> None:
+    """Write the cache atomically (temporary file, then rename); failure is only a notice."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp), metadata={"key": key})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        log.warning("could not write the quantized cache %s (%s)", path, reason)
+
+
+def load_quantized_lm(
+    model_dir: Path,
+    mode: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    cache_dir: Path | None = None,
+) -> HeartMuLa:
+    """The checkpoint's LM quantized to `mode` on `device`: from the cache when it is current,
+    else loaded on the CPU, quantized one layer at a time, cached, and moved to `device` (the
+    unquantized weights never occupy the GPU)."""
+    check_mode(mode)
+    model_dir = Path(model_dir)
+    key = cache_key(model_dir, mode, dtype)
+    path = cache_path(model_dir, mode, dtype, cache_dir or default_cache_dir())
+    model = _load_cached(path, key, model_dir, mode, device)
+    if model is None:
+        model = quantize_model(load_lm(model_dir, device="cpu", dtype=dtype)[0], mode)
+        _save(model, path, key)
+        model = model.to(device)
+    return model
