@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .codec.detokenize import WINDOW
 from .config import LM_PRESETS
-from .decode import check_length, check_sampling
+from .decode import cfg_batch, check_length, check_sampling
 from .engine import ENGINES, Engine, check_engine, default_engine, make_engine
 from .errors import UserError
 from .lm import HeartMuLa
@@ -522,7 +522,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         codec_s = time_codec(models, first, device, seed=args.seed, repeats=args.codec_repeats)
         codec_peak = _peak_vram_gib(device)
 
-    batch = 2 if args.cfg_scale > 1 else 1
+    batch = cfg_batch(args.cfg_scale)
     p = len(prompt)
     # The exact mean over the song: bytes grow linearly with the cached positions.
     bytes_per_frame = round(

@@ -153,7 +153,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_device_options(p: argparse.ArgumentParser, codec_help: str) -> None:
+def _add_model_options(p: argparse.ArgumentParser, codec_help: str) -> None:
+    """Where and how the models run: device, dtypes, LM quantization (gen and bench)."""
     p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -191,7 +192,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"comma list of {','.join(ENGINES)} (default: plain,graph on GPU, plain on CPU)",
     )
-    _add_device_options(p, codec_help="the codec's DiT (float32)")
+    _add_model_options(p, codec_help="the codec's DiT (float32)")
     p.add_argument("--max-seconds", type=float, default=240.0, help="song length (default 240)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="≤ 1: batch 1 (default 1.5)")
     p.add_argument("--topk", type=int, default=50, help="(default 50)")
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="LM decode loop: plain (eager PyTorch), graph (one CUDA graph per frame) or "
         "compile (torch.compile, then graphs); default: graph on GPU, plain on CPU",
     )
-    _add_device_options(
+    _add_model_options(
         gen, codec_help="the codec's DiT (float32); its conv decoder is always float32"
     )
     gen.add_argument(

@@ -33,6 +33,11 @@ class GenerationInterrupted(KeyboardInterrupt):
         self.frames = frames
 
 
+def cfg_batch(cfg_scale: float) -> int:
+    """Rows per step: 2 ([cond, uncond]) with guidance, i.e. a scale above 1, else 1."""
+    return 2 if cfg_scale > 1 else 1
+
+
 @dataclass(frozen=True)
 class Sampler:
     """Sampling settings of one request. With CFG (scale > 1) rows are [cond, uncond] and the one
@@ -45,7 +50,7 @@ class Sampler:
 
     @property
     def batch(self) -> int:
-        return 2 if self.cfg_scale > 1 else 1
+        return cfg_batch(self.cfg_scale)
 
     def __call__(self, logits: Tensor) -> Tensor:
         """Raw logits [batch, V] → the sampled token [1, 1]."""

@@ -26,7 +26,7 @@ from torch import Tensor
 from .config import GenConfig
 from .decode import (
     GenerationInterrupted,
-    Sampler,
+    cfg_batch,
     check_length,
     check_sampling,
     generate_frames,
@@ -101,7 +101,7 @@ class DeviceSampler:
         self.batch = 1
 
     def configure(self, *, topk: int, temperature: float, cfg_scale: float, seed: int) -> None:
-        self.batch = Sampler(cfg_scale=cfg_scale).batch
+        self.batch = cfg_batch(cfg_scale)
         self.ints.copy_(torch.tensor([seed, 0, topk]))
         self.floats.copy_(torch.tensor([cfg_scale, temperature]))
 
@@ -225,7 +225,7 @@ class StaticEngine:
         if state is None or state.batch < batch or state.capacity < positions:
             self._graphs.clear()
             self._warm.clear()
-            self._state = state = None
+            self._state = state = None  # free the old caches before allocating the new ones
             limit = self.model.config.backbone.max_seq_len
             step = self.capacity_step
             capacity = min(math.ceil(positions / step) * step, limit)

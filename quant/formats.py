@@ -92,10 +92,6 @@ class QuantLinear(nn.Module):
         """The weight as stored, [out, in] in `dtype`."""
         raise NotImplementedError
 
-    def weight_bytes(self) -> int:
-        """Bytes stored for the weight: packed codes plus scales (and zeros)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantize(x.dtype))
 

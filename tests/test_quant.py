@@ -9,7 +9,6 @@ agreement is only meaningful on a trained checkpoint.
 from __future__ import annotations
 
 import copy
-import itertools
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from heartmula_rt.quant import (
 from heartmula_rt.quant.formats import NF4_CODEBOOK
 from torch import nn
 
+from heartmula_rt.bench import module_bytes
 from heartmula_rt.checkpoint import load_gen_config
 from heartmula_rt.config import LM_PRESETS, GenConfig, LMConfig
 from heartmula_rt.decode import generate_frames
@@ -41,11 +41,6 @@ BF16_EPS = 2.0**-8  # bfloat16's relative rounding of the 4-bit formats' block p
 
 def _weight(out: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(out, n, generator=torch.Generator().manual_seed(seed))
-
-
-def _bytes(module: nn.Module) -> int:
-    tensors = itertools.chain(module.parameters(), module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # -- formats ------------------------------------------------------------------------------
@@ -105,7 +100,7 @@ def test_relative_error_on_gaussian_weights(mode: str, bound: float) -> None:
 )
 def test_packed_sizes(mode: str, shape: tuple[int, int], expected: int) -> None:
     q = FORMATS[mode].from_weight(_weight(*shape))
-    assert q.weight_bytes() == _bytes(q) == expected
+    assert module_bytes(q) == expected
     assert q.dequantize().shape == shape
 
 
@@ -162,7 +157,8 @@ def test_quantize_model_swaps_every_matmul_weight(mode: str, tiny_lm: HeartMuLa)
     assert isinstance(model.codebook0_head, QuantLinear)
     assert isinstance(model.projection, QuantLinear)
     # Float32 weights of 4 bytes become 1 (int8) or 0.5 (4-bit), plus scales.
-    assert _bytes(model.backbone) < _bytes(tiny_lm.backbone) * (0.3 if mode == "int8" else 0.2)
+    ratio = 0.3 if mode == "int8" else 0.2
+    assert module_bytes(model.backbone) < module_bytes(tiny_lm.backbone) * ratio
 
 
 def test_none_leaves_the_model_alone(tiny_lm: HeartMuLa) -> None:
@@ -180,10 +176,10 @@ def test_quantizes_on_the_meta_device() -> None:
     # The 3B model's sizes without its weights: every format's stored size from shapes alone.
     with torch.device("meta"):
         model = HeartMuLa(LMConfig.from_dict(LM_PRESETS["3B"])).to(torch.bfloat16)
-    before = _bytes(model)
+    before = module_bytes(model)
     quantize_model(model, "int8")
     assert model.codebook0_head.weight.dtype == torch.int8
-    assert _bytes(model) < 0.6 * before
+    assert module_bytes(model) < 0.6 * before
 
 
 @pytest.mark.parametrize("mode", QUANT_MODES[1:])
