@@ -28,7 +28,10 @@ setup(
     ],
     extras_require={
         # triton: CPU builds of torch lack it; tests run its kernels with TRITON_INTERPRET=1.
-        "test": ["pytest", "scipy", "ruff", "matplotlib", "triton>=3.2"],
+        # bitsandbytes: its CPU NF4 matmul checks the GPU path's re-packing.
+        "test": ["pytest", "scipy", "ruff", "matplotlib", "triton>=3.2", "bitsandbytes>=0.50"],
+        # --quant nf4 at speed on a GPU.
+        "nf4": ["bitsandbytes>=0.50"],
         # benchmarks/: the GPU micro-benchmarks, and `heartmula-rt bench --plot`.
         "bench": ["pytest-benchmark", "matplotlib"],
     },

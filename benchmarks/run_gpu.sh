@@ -1,33 +1,41 @@
 #!/usr/bin/env bash
-# Every GPU figure of the project in one call of a lent H100 (about 6 to 9 minutes):
+# Every GPU figure of the project, in parts that each fit one 10-minute call of a lent H100:
 #
-#   1. `heartmula-rt bench` on synthetic 3B bf16 weights, 240 s songs, engines plain, graph and
-#      compile side by side, codec and greedy agreement (64 top-1 frames) included;
-#   2. greedy agreement in float32, where the engines' rounding differences are smallest;
-#   3. the micro-benchmarks: pytest benchmarks/ --benchmark-json;
-#   4. the sampler and engine tests on the GPU (compiled kernel, real graph capture), if the
-#      fixtures travelled: `mkdir -p .shared && cp -r ../shared/fixtures .shared/` and
-#      `echo /.shared/ >> .git/info/exclude` here, then `.shared` in the call's carry list.
+#   bash benchmarks/run_gpu.sh PART [PART ...]
 #
-# Results (two bench JSON files, micro.json, run.log) go to $OUT, else benchmarks/results; commit
-# the bench files under benchmarks/results/. Overrides: MAX_SECONDS (240), REPEATS (1 counted
-# run per engine after one warm-up: a 240 s run already averages 3000 frames), ENGINES.
+#   decode  engines plain, graph and compile side by side: synthetic 3B bf16, 240 s songs, greedy
+#           agreement over 64 top-1 frames, the codec in each dtype (mixed / float32 / bfloat16:
+#           seconds, SNR against float32) and each engine's streamed song (time to first audio);
+#           then greedy agreement in float32 (~6 min)
+#   quant   the graph engine with --quant none,int8,nf4,int4 side by side in one run (~3 min)
+#   micro   pytest benchmarks/: sampler, decode frame, codec window, every quantized linear's
+#           plain / fast / compiled forward (picks the int8 kernel) (~3 min)
+#   tests   the GPU-aware tests: fused sampler, engines (real capture), fast quantized kernels,
+#           streaming, mixed codec (~3 min; needs the fixtures, see below)
+#   vram-a  --vram 24G,16G,12G,8G: one full 240 s song per budget, enforced (~5 min)
+#   vram-b  --vram 6G (~3 min)
+#   vram-c  --vram 4G: RTF up to 1, so up to 4 min of song (~6 min)
 #
-# The device image has torch, triton, pytest-benchmark and matplotlib but not soundfile, which
-# the CLI imports. Carry it as wheels: here, in the repo root (once per checkout),
-#   echo /.whl/ >> .git/info/exclude
+# Results (bench JSON files, micro.json, run-PART.log) go to $OUT, else benchmarks/results;
+# commit the bench files under benchmarks/results/. Overrides: MAX_SECONDS (240).
+#
+# The device image has torch, triton, pytest-benchmark and matplotlib but not soundfile (the CLI
+# imports it) or bitsandbytes (the fast NF4 path). Carry them as wheels, and the fixtures for
+# `tests` (without the codec reference outputs, to stay under the 64 MiB a call carries).
+# Here, in the repo root, once per checkout:
+#   printf '/.whl/\n/.shared/\n' >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .whl soundfile cffi pycparser
-# then run `bash benchmarks/run_gpu.sh` with `.whl` in the call's carry list.
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     soundfile cffi pycparser bitsandbytes
+#   mkdir -p .shared && rsync -a --exclude 'codec_T*' ../shared/fixtures .shared/
+# then run this script with `.whl` and `.shared` in the call's carry list.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 MAX_SECONDS=${MAX_SECONDS:-240}
-REPEATS=${REPEATS:-1}
-ENGINES=${ENGINES:-plain,graph,compile}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/run.log") 2>&1
+exec > >(tee -a "$OUT/run-${*// /-}.log") 2>&1
 export PYTHONUNBUFFERED=1
 
 nvidia-smi
@@ -39,12 +47,36 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e .
 
 bench() {
-    python3 -m heartmula_rt.cli bench --synthetic 3B --engines "$ENGINES" --out-dir "$OUT" "$@"
+    python3 -m heartmula_rt.cli bench --synthetic 3B --out-dir "$OUT" "$@"
 }
-bench --max-seconds "$MAX_SECONDS" --repeats "$REPEATS" --warmup 1 --greedy-frames 64
-bench --dtype float32 --max-seconds 1 --repeats 1 --warmup 0 --no-codec --greedy-frames 64 \
-    --name greedy-fp32
-python3 -m pytest benchmarks/ -q --benchmark-json="$OUT/micro.json"
-if [ -d .shared/fixtures ]; then
-    HEARTMULA_RT_SHARED=.shared python3 -m pytest -q tests/test_fused_sampler.py tests/test_engine.py
-fi
+for part in "$@"; do
+    echo "=== $part"
+    case "$part" in
+    decode)
+        bench --engines plain,graph,compile --max-seconds "$MAX_SECONDS" --repeats 1 \
+            --warmup 1 --greedy-frames 64
+        bench --engines plain,graph,compile --dtype float32 --max-seconds 1 --repeats 1 \
+            --warmup 0 --no-codec --greedy-frames 64 --name greedy-fp32
+        ;;
+    quant)
+        bench --engines graph --quant none,int8,nf4,int4 --max-seconds "$MAX_SECONDS" \
+            --repeats 1 --warmup 1 --no-codec --greedy-frames 64 --name quant
+        ;;
+    micro)
+        python3 -m pytest benchmarks/ -q --benchmark-json="$OUT/micro.json"
+        ;;
+    tests)
+        HEARTMULA_RT_SHARED=.shared python3 -m pytest -q tests/test_fused_sampler.py \
+            tests/test_engine.py tests/test_quant_fast.py tests/test_stream.py \
+            tests/test_codec_mixed.py
+        ;;
+    vram-a) bench --engines graph --vram 24G,16G,12G,8G --max-seconds "$MAX_SECONDS" \
+        --repeats 1 --warmup 0 ;;
+    vram-b) bench --engines graph --vram 6G --max-seconds "$MAX_SECONDS" --repeats 1 --warmup 0 ;;
+    vram-c) bench --engines graph --vram 4G --max-seconds "$MAX_SECONDS" --repeats 1 --warmup 0 ;;
+    *)
+        echo "unknown part $part: use decode, quant, micro, tests, vram-a, vram-b or vram-c" >&2
+        exit 2
+        ;;
+    esac
+done

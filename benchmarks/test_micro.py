@@ -1,4 +1,5 @@
-"""GPU micro-benchmarks (pytest-benchmark): the sampler, one decode frame, one codec window.
+"""GPU micro-benchmarks (pytest-benchmark): the sampler, one decode frame, one codec window, and
+each quantized linear's plain and fast forward.
 
     pytest benchmarks/ --benchmark-json=micro.json
 
@@ -13,6 +14,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from heartmula_rt.quant.fast import fast_module
+from heartmula_rt.quant.formats import FORMATS
 
 from heartmula_rt.codec.detokenize import WINDOW
 from heartmula_rt.decode import Sampler, decode_one_frame, prefill
@@ -123,3 +126,48 @@ def test_codec_window_scalar(benchmark, models: Models, window_codes: torch.Tens
     g = torch.Generator().manual_seed(0)
     latents = next(models.codec.window_latents(window_codes, generator=g))
     timed(benchmark, lambda: models.codec.decode_window(latents), rounds=5)
+
+
+# The 3B backbone's matmul shapes (out, in): q/o, k/v, w1/w3, w2; and the 8197-way heads.
+LINEAR_SHAPES = [(3072, 3072), (1024, 3072), (8192, 3072), (3072, 8192), (8197, 3072)]
+
+
+@pytest.mark.parametrize("impl", ["plain", "fast", "compiled"])
+@pytest.mark.parametrize("mode", ["none", "int8", "nf4", "int4"])
+def test_quantized_linears(benchmark, mode: str, impl: str) -> None:
+    """One decode step's input (2 rows: CFG) through one weight of each 3B shape, bf16: the
+    bf16 matmul ("none"), the stored format's dequantize-then-matmul ("plain"), its fast twin
+    ("fast": Triton int8, bitsandbytes NF4, tinygemm int4) and the plain module through
+    torch.compile ("compiled": inductor fuses the dequantization into the matmul, what torchao's
+    weight-only modes amount to). GB/s in extra_info: the weights' bytes per call over the time.
+    """
+    if mode == "none" and impl != "plain":
+        pytest.skip("bf16 has one implementation")
+    g = torch.Generator(DEVICE).manual_seed(0)
+    modules = []
+    for out, n in LINEAR_SHAPES:
+        w = torch.randn(out, n, generator=g, device=DEVICE).to(torch.bfloat16) / n**0.5
+        if mode == "none":
+            modules.append(lambda x, w=w: torch.nn.functional.linear(x, w))
+            continue
+        module = FORMATS[mode].from_weight(w)
+        if impl == "fast":
+            module = fast_module(module, DEVICE, torch.bfloat16)
+            if type(module) in FORMATS.values():
+                pytest.skip(f"no fast {mode} kernel here (bitsandbytes missing?)")
+        modules.append(torch.compile(module, fullgraph=True) if impl == "compiled" else module)
+    xs = [
+        torch.randn(2, n, generator=g, device=DEVICE).to(torch.bfloat16) for _, n in LINEAR_SHAPES
+    ]
+    bytes_per_call = {"none": 2.0, "int8": 1.0, "nf4": 0.5 + 2 / 64, "int4": 0.5 + 4 / 128}[mode]
+    weights = sum(out * n for out, n in LINEAR_SHAPES)
+    benchmark.extra_info["weight_bytes"] = round(weights * bytes_per_call)
+
+    def all_shapes() -> None:
+        for module, x in zip(modules, xs, strict=True):
+            module(x)
+
+    all_shapes()  # compile and autotune outside the timing
+    timed(benchmark, all_shapes, calls=20, rounds=10)
+    seconds = benchmark.stats.stats.median / 20
+    benchmark.extra_info["gbps"] = benchmark.extra_info["weight_bytes"] / seconds / 1e9

@@ -1,11 +1,20 @@
 """Writing audio files: the format from the extension, written to a temporary file and renamed,
-so a failed or interrupted write never leaves a half-written song behind."""
+so a failed or interrupted write never leaves a half-written song behind.
+
+Streamed songs go to `WavStream`: 16-bit WAV whose header is rewritten after every piece, so the
+file is a valid WAV of the audio so far at every moment. A file being written is named
+`<stem>.partial.wav` and renamed to the requested name only when the song is complete; a stopped
+song keeps the `.partial` name. On a pipe (stdout) the header says "unknown length" (the
+largest sizes), as players of streamed WAV expect.
+"""
 
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -76,3 +85,68 @@ def write_audio(path: Path, wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -
             raise UserError(f"could not write {path} ({e})") from None
         raise
     return clipped
+
+
+def pcm16(data: np.ndarray) -> tuple[bytes, int]:
+    """Float samples [channels, n] → (interleaved little-endian 16-bit bytes, number clipped),
+    converted as libsndfile converts `write_audio`'s WAV files: floor(x · 32768), clipped."""
+    clipped = int(np.count_nonzero(np.abs(data) > 1.0))
+    ints = np.floor(np.clip(data, -1.0, 1.0) * 32768.0).clip(-32768, 32767).astype("<i2")
+    return ints.T.tobytes(), clipped
+
+
+class WavStream:
+    """A 16-bit PCM WAV written piece by piece to `out` (a binary file or pipe).
+
+    On a seekable file the RIFF and data sizes are rewritten after every piece; on a pipe they
+    stay at the largest value ("length unknown").
+    """
+
+    HEADER_BYTES = 44
+
+    def __init__(self, out: BinaryIO, sample_rate: int = SAMPLE_RATE, channels: int = 2) -> None:
+        self.out, self.sample_rate, self.channels = out, sample_rate, channels
+        self.data_bytes = 0
+        self.clipped = 0
+        try:
+            self.seekable = out.seekable()
+        except (AttributeError, OSError):
+            self.seekable = False
+        self._header(0xFFFFFFFF - self.HEADER_BYTES + 8)
+
+    @property
+    def seconds(self) -> float:
+        return self.data_bytes / (2 * self.channels * self.sample_rate)
+
+    def write(self, piece: np.ndarray) -> None:
+        """Append float samples [channels, n]."""
+        data, clipped = pcm16(piece)
+        self.clipped += clipped
+        if self.seekable:  # after the last complete piece, whatever an interrupted write left
+            self.out.seek(self.HEADER_BYTES + self.data_bytes)
+        self.out.write(data)
+        self.data_bytes += len(data)
+        if self.seekable:
+            self.out.seek(0)
+            self._header(self.data_bytes)
+        self.out.flush()
+
+    def _header(self, data_bytes: int) -> None:
+        block = 2 * self.channels
+        self.out.write(
+            b"RIFF"
+            + struct.pack("<I", data_bytes + self.HEADER_BYTES - 8)
+            + b"WAVEfmt "
+            + struct.pack(
+                "<IHHIIHH",
+                16,
+                1,
+                self.channels,
+                self.sample_rate,
+                self.sample_rate * block,
+                block,
+                16,
+            )
+            + b"data"
+            + struct.pack("<I", data_bytes)
+        )

@@ -9,6 +9,8 @@ does not depend on the engine and is timed once, on the first engine's frames.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -27,7 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype, default_codec_dtype
 from .codec.detokenize import WINDOW
+from .codec.scalar import DECODE_CHUNK, largest_activation_bytes
 from .config import LM_PRESETS
 from .decode import cfg_batch, check_length, check_sampling
 from .engine import ENGINES, Engine, check_engine, default_engine, make_engine
@@ -42,8 +46,21 @@ from .pipeline import (
     parse_device,
     parse_dtype,
 )
+from .planner import (
+    CUDA_CONTEXT_BYTES,
+    GiB,
+    codec_turn,
+    format_plan,
+    parse_vram,
+    place_codec,
+    place_lm,
+    plan_memory,
+    preset_configs,
+)
 from .prompt import Prompt
-from .quant import quantize_model
+from .quant import check_mode, quantize_model
+from .quant.fast import use_fast_kernels
+from .stream import SongStream
 from .synthetic import Models, synthetic_models, synthetic_prompt
 
 # The prompt of runs on a real checkpoint: the tags and lyrics of a typical short song.
@@ -170,6 +187,67 @@ def time_codec(
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def codec_variant(base: HeartCodec, mode: str, device: torch.device) -> HeartCodec:
+    """The float32 `base` at codec dtype `mode` (a copy unless float32), with the pipeline's
+    fast path (the estimator as a CUDA graph on a GPU)."""
+    codec = base if mode == "float32" else copy.deepcopy(base).set_precision(mode)
+    codec.use_fast_path("graph" if device.type == "cuda" else None)
+    return codec
+
+
+def snr_db(x: Tensor, reference: Tensor) -> float:
+    return 10 * math.log10(reference.pow(2).sum() / (x - reference).pow(2).sum())
+
+
+def bench_codec_dtypes(
+    models: Models, frames: Tensor, device: torch.device, *, seed: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Per codec dtype: decode time of `frames`, peak memory, and the waveform's SNR against
+    float32's (same weights: the bfloat16 variants are made from the float32 codec)."""
+    results, reference = {}, None
+    for mode in ("float32", "mixed", "bfloat16"):
+        codec = codec_variant(models.codec, mode, device)
+        _reset_peak(device)
+        times = time_codec(
+            dataclasses.replace(models, codec=codec), frames, device, seed=seed, repeats=repeats
+        )
+        peak = _peak_vram_gib(device)
+        wav = codec.detokenize(frames, generator=torch.Generator().manual_seed(seed))
+        reference = wav if reference is None else reference
+        results[mode] = {
+            "codec_s": statistics.median(times),
+            "snr_db": None if mode == "float32" else snr_db(wav, reference),
+            "peak_vram_gib": peak,
+            "raw_codec_s": times,
+        }
+        print(f"codec {mode}: {results[mode]['codec_s']:.2f} s", file=sys.stderr)
+        del codec, wav
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def time_stream(
+    engine: Engine, codec: HeartCodec, prompt: Prompt, device: torch.device, *, seed: int, **kw
+) -> tuple[float, float]:
+    """(seconds to the first audio, seconds to the last) of one streamed song, every frame of
+    the budget made (`stop_at_eos=False`, as the LM timings)."""
+    _sync(device)
+    start = time.perf_counter()
+    stream = SongStream(
+        engine,
+        codec,
+        prompt,
+        generator=torch.Generator().manual_seed(seed),
+        seed=seed,
+        stop_at_eos=False,
+        **kw,
+    )
+    for _ in stream:
+        pass
+    return stream.first_audio_s, time.perf_counter() - start
 
 
 def greedy_agreement(frames: Tensor, reference: Tensor) -> tuple[float, int | None]:
@@ -334,9 +412,10 @@ def plot_results(files: list[Path], png: Path) -> None:
 
 
 def _load(
-    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, codec_dtype: torch.dtype
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, quant: str
 ) -> tuple[Models, Prompt, str]:
-    """(models, prompt, model description): a checkpoint's, or random ones of a preset size."""
+    """(models, prompt, model description): a checkpoint's, or random ones of a preset size;
+    the codec in float32, the other codec dtypes are made from it (`codec_variant`)."""
     if args.model_path is not None:
         if args.prompt_len is not None:
             raise UserError(
@@ -347,17 +426,18 @@ def _load(
             args.model_path,
             device=device,
             dtype=dtype,
-            codec_dtype=codec_dtype,
+            codec_dtype="float32",
             engine="plain",
-            quant=args.quant,
+            quant=quant,
         )
         models = Models(pipe.lm, pipe.lm_config, pipe.codec, pipe.codec_config, pipe.gen_config)
         return models, pipe.prompt(SAMPLE_TAGS, SAMPLE_LYRICS), str(args.model_path)
     preset = args.synthetic
     length = DEFAULT_PROMPT_LEN if args.prompt_len is None else args.prompt_len
     prompt = synthetic_prompt(length, LM_PRESETS[preset]["text_vocab_size"])
-    models = synthetic_models(preset, device, dtype, codec_dtype)
-    quantize_model(models.lm, args.quant)
+    # The same seed for every mode: each quantizes the same random weights.
+    models = synthetic_models(preset, device, dtype)
+    use_fast_kernels(quantize_model(models.lm, quant), dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the unquantized weights' blocks: not this run's peak
     return models, prompt, f"synthetic {preset}"
@@ -429,6 +509,7 @@ def _record(
     copy_gbps: float,
     codec_s: list[float],
     codec_peak: float | None,
+    vram_budget_gib: float | None = None,
 ) -> dict[str, Any]:
     """One run's JSON object, fields in the order of benchmarks/README.md."""
     frames = lm.frames.shape[1]
@@ -457,12 +538,63 @@ def _record(
         "e2e_rtf": None if e2e is None else e2e / (frames * FRAME_MS / 1000),
         "ttfa_s": None,
         "peak_vram_gib": max(peaks) if peaks else None,
-        "vram_budget_gib": None,
+        "vram_budget_gib": vram_budget_gib,
         "greedy_agreement": lm.greedy[0],
         "greedy_first_mismatch": lm.greedy[1],
         "raw_decode_s": lm.decode_s,
         "raw_prefill_s": lm.prefill_s,
         "raw_codec_s": codec_s,
+    }
+
+
+def parse_quant_modes(value: str) -> list[str]:
+    """`--quant none,int8,int4`: each mode once, measured side by side in one run."""
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    if not modes:
+        raise UserError("--quant needs at least one mode")
+    for mode in modes:
+        check_mode(mode)
+    if len(set(modes)) != len(modes):
+        raise UserError(f"--quant names a mode twice: {value}")
+    return modes
+
+
+def _result(device: torch.device, model_name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A results file's object: where and how it was measured, then its runs."""
+    return {
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "commit": _commit(),
+        "command": shlex.join(sys.argv),
+        "model": model_name,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runs": runs,
+    }
+
+
+def _settings(args: argparse.Namespace, quant: str, dtype: str, codec: str, prompt_len: int):
+    """The settings every run of a file records (benchmarks/README.md)."""
+    return {
+        "quant": quant,
+        "dtype": dtype,
+        "codec_dtype": codec,
+        "batch": cfg_batch(args.cfg_scale),
+        "cfg_scale": args.cfg_scale,
+        "topk": args.topk,
+        "temperature": args.temperature,
+        "max_seconds": args.max_seconds,
+        "prompt_len": prompt_len,
+    }
+
+
+def _sampling(args: argparse.Namespace, max_frames: int) -> dict[str, Any]:
+    return {
+        "max_frames": max_frames,
+        "topk": args.topk,
+        "temperature": args.temperature,
+        "cfg_scale": args.cfg_scale,
+        "seed": args.seed,
     }
 
 
@@ -476,7 +608,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     device = parse_device(args.device)
     dtype_name = args.dtype or default_dtype(device)
-    dtype, codec_dtype = parse_dtype(dtype_name), parse_dtype(args.codec_dtype)
+    dtype = parse_dtype(dtype_name)
+    codec_mode = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))
+    quant_modes = parse_quant_modes(args.quant)
     engine_names = parse_engines(args.engines, device)
     check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
     check_seed(args.seed)
@@ -486,7 +620,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _check_counts(args)
     out_dir = _results_dir(args.out_dir)
 
-    models, prompt, model_name = _load(args, device, dtype, codec_dtype)
+    if args.vram is not None:
+        if quant_modes != ["none"]:
+            raise UserError("--vram plans the quantization itself: leave out --quant")
+        return _bench_budgets(args, device, dtype, codec_mode, max_frames, out_dir)
+    runs, codec_dtypes, model_name = [], None, ""
+    for i, quant in enumerate(quant_modes):
+        models, prompt, model_name = _load(args, device, dtype, quant)
+        settings = _settings(args, quant, dtype_name, codec_mode, len(prompt))
+        mode_runs, codec = _bench_quant_mode(
+            args, models, prompt, device, engine_names, max_frames, settings, first=i == 0
+        )
+        runs += mode_runs
+        codec_dtypes = codec_dtypes or codec
+        del models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = _result(device, model_name, runs)
+    result["codec"] = codec_dtypes
+    default_name = (
+        f"synthetic-{args.synthetic}" if args.model_path is None else args.model_path.name
+    )
+    path = write_results(out_dir, args.name or default_name, result)
+    print(format_table(runs))
+    print(f"wrote {path}")
+    return 0
+
+
+def _bench_quant_mode(
+    args: argparse.Namespace,
+    models: Models,
+    prompt: Prompt,
+    device: torch.device,
+    engine_names: list[str],
+    max_frames: int,
+    settings: dict[str, Any],
+    *,
+    first: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """One quantization mode's runs (one per engine), and, for the first mode only, the codec
+    measurements (the codec does not depend on the LM's quantization): its per-dtype results
+    and each engine's streamed song."""
     check_length(models.lm, prompt, max(max_frames, args.greedy_frames))
     engines = {name: make_engine(name, models.lm, models.gen_config) for name in engine_names}
     reference = None
@@ -503,11 +677,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device,
             warmup=args.warmup,
             repeats=args.repeats,
-            max_frames=max_frames,
-            topk=args.topk,
-            temperature=args.temperature,
-            cfg_scale=args.cfg_scale,
-            seed=args.seed,
+            **_sampling(args, max_frames),
         )
         peak = _peak_vram_gib(device)
         greedy = (None, None)
@@ -515,15 +685,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
             greedy = greedy_agreement(_greedy(engine, prompt, args), reference)
         timings[name] = LMTiming(frames, prefill_s, decode_s, peak, greedy)
 
-    codec_s, codec_peak = [], None
-    if not args.no_codec:
-        _reset_peak(device)
-        first = next(iter(timings.values())).frames
-        codec_s = time_codec(models, first, device, seed=args.seed, repeats=args.codec_repeats)
-        codec_peak = _peak_vram_gib(device)
+    codec_s, codec_peak, codec_dtypes, streams = [], None, None, {}
+    if first and not args.no_codec:
+        frames = next(iter(timings.values())).frames
+        codec_dtypes = bench_codec_dtypes(
+            models, frames, device, seed=args.seed, repeats=args.codec_repeats
+        )
+        codec_mode = settings["codec_dtype"]
+        codec_s = codec_dtypes[codec_mode]["raw_codec_s"]
+        codec_peak = codec_dtypes[codec_mode]["peak_vram_gib"]
+        codec = codec_variant(models.codec, codec_mode, device)
+        # Only the warm-up window (graph capture), as a loaded pipeline has done it once.
+        time_codec(dataclasses.replace(models, codec=codec), frames, device, seed=0, repeats=0)
+        for name, engine in engines.items():
+            sampling = _sampling(args, max_frames)
+            streams[name] = time_stream(engine, codec, prompt, device, **sampling)
+            print(f"{name} streamed: first audio after {streams[name][0]:.2f} s", file=sys.stderr)
 
-    batch = cfg_batch(args.cfg_scale)
-    p = len(prompt)
+    batch, p = settings["batch"], len(prompt)
     # The exact mean over the song: bytes grow linearly with the cached positions.
     bytes_per_frame = round(
         (
@@ -532,17 +711,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         / 2
     )
-    settings = {
-        "quant": args.quant,
-        "dtype": dtype_name,
-        "codec_dtype": args.codec_dtype,
-        "batch": batch,
-        "cfg_scale": args.cfg_scale,
-        "topk": args.topk,
-        "temperature": args.temperature,
-        "max_seconds": args.max_seconds,
-        "prompt_len": p,
-    }
     copy_gbps = measure_copy_gbps(device)
     runs = [
         _record(
@@ -556,20 +724,110 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         for name, lm in timings.items()
     ]
-    result = {
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "commit": _commit(),
-        "command": shlex.join(sys.argv),
-        "model": model_name,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "runs": runs,
+    for run in runs:
+        run["ttfa_s"], run["stream_s"] = streams.get(run["engine"], (None, None))
+    return runs, None if codec_dtypes is None else _codec_result(models, codec_dtypes)
+
+
+def _codec_result(models: Models, dtypes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The results file's `codec` object (benchmarks/README.md)."""
+    history, ahead = models.codec.scalar_model.context()
+    chunk_frames = DECODE_CHUNK + history + ahead
+    return {
+        "decode_chunk": DECODE_CHUNK,
+        "scalar_largest_activation_bytes": largest_activation_bytes(
+            models.codec_config, chunk_frames
+        ),
+        "scalar_largest_activation_bytes_unchunked": largest_activation_bytes(
+            models.codec_config, 2 * WINDOW
+        ),
+        "dtypes": dtypes,
     }
-    default_name = (
-        f"synthetic-{args.synthetic}" if args.model_path is None else args.model_path.name
-    )
-    path = write_results(out_dir, args.name or default_name, result)
-    print(format_table(runs))
-    print(f"wrote {path}")
+
+
+def _bench_budgets(
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    codec_mode: str,
+    max_frames: int,
+    out_dir: Path,
+) -> int:
+    """`--vram 4G,6G,...`: per budget, synthetic models placed as its plan says, the budget
+    enforced with `set_per_process_memory_fraction`, one results file (first engine only)."""
+    if device.type != "cuda":
+        raise UserError("--vram budgets GPU memory: bench it on a CUDA device")
+    if args.model_path is not None:
+        raise UserError("--vram plans synthetic models: leave out --model-path")
+    budgets = [parse_vram(b) for b in args.vram.split(",") if b.strip()]
+    engine_name = parse_engines(args.engines, device)[0]
+    lm_config, codec_config = preset_configs(args.synthetic)
+    total = torch.cuda.get_device_properties(device).total_memory
+    for budget in budgets:
+        plan = plan_memory(
+            budget,
+            lm_config,
+            codec_config,
+            max_frames=max_frames,
+            batch=cfg_batch(args.cfg_scale),
+            lm_dtype=dtype,
+            codec_dtype=CODEC_DTYPES[codec_mode][0],
+        )
+        print(format_plan(plan), file=sys.stderr)
+        # Made and quantized on the GPU (fast), then placed from host memory as planned.
+        models = synthetic_models(args.synthetic, device, dtype)
+        models.codec.set_precision(codec_mode)
+        quantize_model(models.lm, plan.quant)
+        models.lm.to("cpu")
+        models.codec.to("cpu")
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT_BYTES) / total, device)
+        try:
+            place_lm(models.lm, plan, device)
+            place_codec(models.codec, plan, device)
+            length = DEFAULT_PROMPT_LEN if args.prompt_len is None else args.prompt_len
+            prompt = synthetic_prompt(length, LM_PRESETS[args.synthetic]["text_vocab_size"])
+            engine = make_engine(engine_name, models.lm, models.gen_config)
+            _reset_peak(device)
+            frames, prefill_s, decode_s = _time_lm(
+                engine,
+                prompt,
+                device,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                **_sampling(args, max_frames),
+            )
+            with codec_turn(plan, models.lm, models.codec, engine.release):
+                codec_s = time_codec(
+                    models, frames, device, seed=args.seed, repeats=args.codec_repeats
+                )
+            # Both phases' peak, plus the CUDA context the allocator does not see.
+            peak = _peak_vram_gib(device) + CUDA_CONTEXT_BYTES / GiB
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        settings = _settings(
+            args, plan.quant, str(dtype).removeprefix("torch."), codec_mode, len(prompt)
+        )
+        bytes_per_frame = lm_bytes_per_frame(
+            models.lm, len(prompt) + max_frames // 2, settings["batch"]
+        )
+        timing = LMTiming(frames, prefill_s, decode_s, peak, (None, None))
+        run = _record(
+            engine_name,
+            timing,
+            settings,
+            bytes_per_frame=bytes_per_frame,
+            copy_gbps=measure_copy_gbps(device),
+            codec_s=codec_s,
+            codec_peak=None,
+            vram_budget_gib=budget / GiB,
+        )
+        run["plan"] = format_plan(plan)
+        run["predicted_peak_gib"] = plan.predicted_peak_bytes / GiB
+        result = _result(device, f"synthetic {args.synthetic}", [run])
+        path = write_results(out_dir, f"vram-{budget / GiB:g}G", result)
+        print(format_table([run]))
+        print(f"wrote {path}")
+        del models, engine, timing, frames
+        torch.cuda.empty_cache()
     return 0

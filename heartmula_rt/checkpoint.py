@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,7 @@ def load_into(
     device: torch.device | str,
     dtype: torch.dtype,
     float32_prefixes: tuple[str, ...] = (),
+    place: Callable[[str, torch.Tensor], bool] | None = None,
 ) -> None:
     """Fill a meta-device model from safetensors files, tensor by tensor.
 
@@ -212,7 +213,8 @@ def load_into(
     not after gigabytes were read: every parameter and persistent buffer must be there with its
     exact shape, and any other key that is not a known unused one is an error. Floating tensors
     become `dtype` (float32 under `float32_prefixes`), converted on the host before they move to
-    `device`.
+    `device`. `place(key, host_tensor)`, if given, may take a tensor over (returning True), e.g.
+    to quantize it on its way to the device; the others are assigned as they are.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     params = {k for k, _ in model.named_parameters()}
@@ -234,7 +236,8 @@ def load_into(
     for key, tensor in _folded_tensors(files):
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32 if key.startswith(float32_prefixes) else dtype)
-        _assign(model, key, tensor.to(device), is_param=key in params)
+        if place is None or not place(key, tensor):
+            _assign(model, key, tensor.to(device), is_param=key in params)
         del tensor
 
 

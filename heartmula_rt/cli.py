@@ -7,6 +7,7 @@ inputs and the output path have been checked.
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import sys
 import time
@@ -16,10 +17,11 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
-from .audio import check_output_path, partial_path, write_audio
+from .audio import WavStream, check_output_path, partial_path, write_audio
 from .bench import DEFAULT_PROMPT_LEN, cmd_bench
+from .codec import CODEC_DTYPES, check_codec_dtype, default_codec_dtype
 from .config import LM_PRESETS
-from .decode import GenerationInterrupted, check_sampling
+from .decode import GenerationInterrupted, cfg_batch, check_sampling
 from .engine import ENGINES, check_engine, default_engine
 from .errors import UserError
 from .pipeline import (
@@ -32,6 +34,7 @@ from .pipeline import (
     parse_device,
     parse_dtype,
 )
+from .planner import checkpoint_configs, format_plan, parse_vram, plan_memory, preset_configs
 from .prompt import check_texts, read_text
 from .quant import QUANT_MODES
 
@@ -75,8 +78,74 @@ def _decode_and_write(pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int
     return wav.shape[-1] / pipe.sample_rate
 
 
+def _stream_and_write(pipe: Pipeline, out: Path | None, **song) -> int:
+    """Stream the song into `out` (None: stdout) as it is made; see audio.WavStream for the
+    file's life: `<stem>.partial.wav` while it grows, renamed to `out` once complete."""
+    start = time.perf_counter()
+    total = max_frames_for(song["max_seconds"]) + 1
+    bar = tqdm(total=total, desc="LM", unit="frame", file=sys.stderr)
+    target = "stdout" if out is None else partial_path(out)
+    try:
+        sink = sys.stdout.buffer if out is None else open(target, "wb")  # noqa: SIM115
+    except OSError as e:
+        raise UserError(f"could not write {target} ({e.strerror})") from None
+    wav = WavStream(sink, pipe.sample_rate)
+    stream = pipe.stream(**song, on_frame=lambda n: bar.update(n - bar.n))
+    ended = None  # why the song stopped early, if it did
+    try:
+        for piece in stream:
+            if stream.first_audio_s is not None and wav.data_bytes == 0:
+                print(f"first audio after {stream.first_audio_s:.2f} s", file=sys.stderr)
+            try:
+                wav.write(piece)
+            except BrokenPipeError:
+                ended = "the program reading stdout closed it"
+                stream.stop()
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no more output
+                break
+            except OSError as e:
+                stream.stop()
+                raise UserError(
+                    f"could not write {target} ({e.strerror}); it holds the audio written so far"
+                ) from None
+    except KeyboardInterrupt:
+        ended = "interrupted"
+        bar.close()
+        print("interrupted: decoding the frames made so far", file=sys.stderr)
+        stream.stop()
+        for piece in stream:  # the song to its (new) end; a second Ctrl-C stops at once
+            wav.write(piece)
+    finally:
+        bar.close()
+        if out is not None:
+            sink.close()
+    if wav.clipped:
+        print(f"note: {wav.clipped} samples were outside [-1, 1] and were clipped", file=sys.stderr)
+    if ended is None and stream.interrupted:
+        ended = "interrupted"
+    if ended is not None and wav.data_bytes == 0 and out is not None:
+        Path(target).unlink()
+        print(f"{ended} before the first audio: nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if ended is not None:
+        print(f"{ended}: wrote {target} ({wav.seconds:.1f} s of audio, partial)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if out is not None:
+        os.replace(target, out)
+    wall = time.perf_counter() - start
+    print(
+        f"wrote {out or 'stdout'}: {wav.seconds:.1f} s of audio in {wall:.1f} s "
+        f"(first audio after {stream.first_audio_s:.2f} s)",
+        file=sys.stdout if out is not None else sys.stderr,
+    )
+    return 0
+
+
 def cmd_gen(args: argparse.Namespace) -> int:
-    out = check_output_path(args.output)
+    to_stdout = str(args.output) == "-"
+    out = None if to_stdout else check_output_path(args.output)
+    if args.stream and not to_stdout and out.suffix.lower() != ".wav":
+        raise UserError(f"--stream writes WAV: use a .wav output or - (stdout), not {out.name}")
     tags, lyrics = read_text(args.tags), read_text(args.lyrics)
     check_texts(tags, lyrics)
     check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
@@ -84,14 +153,15 @@ def cmd_gen(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     device = parse_device(args.device)
     dtype_name = args.dtype or default_dtype(device)
-    dtype, codec_dtype = parse_dtype(dtype_name), parse_dtype(args.codec_dtype)
+    dtype = parse_dtype(dtype_name)
+    codec_dtype = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))
     engine = args.engine or default_engine(device)
     check_engine(engine, device)
     root = _resolve_model_path(args.model_path)
 
     print(
         f"loading {root} on {device} (LM {dtype_name}, quantization {args.quant}, "
-        f"codec {args.codec_dtype}, {engine} engine)",
+        f"codec {codec_dtype}, {engine} engine)",
         file=sys.stderr,
     )
     loading = time.perf_counter()
@@ -102,11 +172,27 @@ def cmd_gen(args: argparse.Namespace) -> int:
         codec_dtype=codec_dtype,
         engine=engine,
         quant=args.quant,
+        vram=args.vram,
+        max_seconds=args.max_seconds,
     )
+    if pipe.plan is not None:
+        print(format_plan(pipe.plan), file=sys.stderr)
     pipe.check_request(tags, lyrics, max_frames)
     start = time.perf_counter()
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     print(f"seed {seed}", file=sys.stderr)
+    if args.stream or to_stdout:
+        return _stream_and_write(
+            pipe,
+            out,
+            tags=tags,
+            lyrics=lyrics,
+            max_seconds=args.max_seconds,
+            seed=seed,
+            topk=args.topk,
+            temperature=args.temperature,
+            cfg_scale=args.cfg_scale,
+        )
 
     bar = tqdm(total=max_frames + 1, desc="LM", unit="frame", file=sys.stderr)
     try:
@@ -145,6 +231,27 @@ def cmd_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    budget = parse_vram(args.vram)
+    check_sampling(topk=1, temperature=1.0, cfg_scale=args.cfg_scale)
+    max_frames = max_frames_for(args.max_seconds)
+    if args.model_path is None:
+        lm_config, codec_config = preset_configs()
+    else:
+        lm_config, codec_config = checkpoint_configs(args.model_path)
+    plan = plan_memory(
+        budget,
+        lm_config,
+        codec_config,
+        max_frames=max_frames,
+        batch=cfg_batch(args.cfg_scale),
+        lm_dtype=parse_dtype(args.dtype),
+        codec_dtype=CODEC_DTYPES[args.codec_dtype][0],  # the DiT blocks'
+    )
+    print(format_plan(plan))
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     root = args.model_path or checkpoint.default_model_path()
     checkpoint.download(root)
@@ -153,8 +260,11 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_options(p: argparse.ArgumentParser, codec_help: str) -> None:
-    """Where and how the models run: device, dtypes, LM quantization (gen and bench)."""
+def _add_model_options(
+    p: argparse.ArgumentParser, codec_help: str, *, quant_list: bool = False
+) -> None:
+    """Where and how the models run: device, dtypes, LM quantization (gen and bench; bench
+    takes several quantization modes, `quant_list`)."""
     p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -166,12 +276,14 @@ def _add_model_options(p: argparse.ArgumentParser, codec_help: str) -> None:
         default=None,
         help="LM weights (default: bfloat16 on GPU, float32 on CPU)",
     )
-    p.add_argument("--codec-dtype", choices=list(DTYPES), default="float32", help=codec_help)
+    p.add_argument("--codec-dtype", choices=list(CODEC_DTYPES), default=None, help=codec_help)
+    quant_help = (
+        "LM weight-only quantization: none, int8 (per channel), nf4 or int4 (groups of 128)"
+    )
+    if quant_list:  # checked by bench.parse_quant_modes
+        quant_help += "; several, comma-separated, are measured side by side (none,int8,int4)"
     p.add_argument(
-        "--quant",
-        choices=QUANT_MODES,
-        default="none",
-        help="LM weight-only quantization: none, int8 (per channel), nf4 or int4 (groups of 128)",
+        "--quant", choices=None if quant_list else QUANT_MODES, default="none", help=quant_help
     )
 
 
@@ -192,7 +304,11 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"comma list of {','.join(ENGINES)} (default: plain,graph on GPU, plain on CPU)",
     )
-    _add_model_options(p, codec_help="the codec's DiT (float32)")
+    _add_model_options(
+        p,
+        codec_help="the codec's precision (default: mixed on GPU, else float32)",
+        quant_list=True,
+    )
     p.add_argument("--max-seconds", type=float, default=240.0, help="song length (default 240)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="≤ 1: batch 1 (default 1.5)")
     p.add_argument("--topk", type=int, default=50, help="(default 50)")
@@ -221,6 +337,12 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         help="where the results JSON goes (default benchmarks/results)",
     )
     p.add_argument("--name", default=None, help="last part of the results file name")
+    p.add_argument(
+        "--vram",
+        default=None,
+        help="comma list of GPU budgets (4G,6G,8G,12G,16G,24G): one results file per budget, "
+        "models placed as planned and the budget enforced",
+    )
     p.add_argument(
         "--plot",
         nargs="+",
@@ -264,12 +386,48 @@ def build_parser() -> argparse.ArgumentParser:
         "compile (torch.compile, then graphs); default: graph on GPU, plain on CPU",
     )
     _add_model_options(
-        gen, codec_help="the codec's DiT (float32); its conv decoder is always float32"
+        gen,
+        codec_help="mixed: the DiT in bfloat16, the rest float32 (default on GPU); float32 "
+        "(default on CPU); bfloat16: everything, lower quality",
     )
     gen.add_argument(
-        "-o", "--output", type=Path, required=True, help="output file: .wav .flac .ogg or .mp3"
+        "--vram",
+        default=None,
+        help="GPU memory budget such as 12G: the planner then chooses quantization and "
+        "placement (see `heartmula-rt plan`)",
+    )
+    gen.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output file: .wav .flac .ogg or .mp3; - streams WAV to stdout (for a player)",
+    )
+    gen.add_argument(
+        "--stream",
+        action="store_true",
+        help="write the .wav while the song is made (as <stem>.partial.wav, renamed when done); "
+        "prints the time to first audio",
     )
     gen.set_defaults(func=cmd_gen)
+
+    plan = sub.add_parser(
+        "plan", help="print the memory plan and predicted peak of a --vram budget (no weights)"
+    )
+    plan.add_argument("--vram", required=True, help="GPU memory budget, such as 6G or 12GiB")
+    plan.add_argument("--max-seconds", type=float, default=240.0, help="longest song (240)")
+    plan.add_argument("--cfg-scale", type=float, default=1.5, help="≤ 1 means batch 1 (1.5)")
+    plan.add_argument(
+        "--model-path",
+        type=Path,
+        default=None,
+        help="a checkpoint folder (configs and headers only); default: the 3B model's sizes",
+    )
+    plan.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="LM (bfloat16)")
+    plan.add_argument(
+        "--codec-dtype", choices=list(CODEC_DTYPES), default="mixed", help="codec (mixed)"
+    )
+    plan.set_defaults(func=cmd_plan)
 
     dl = sub.add_parser("download", help="fetch the official weights from the Hugging Face hub")
     dl.add_argument(

@@ -139,13 +139,16 @@ def generate_frames(
     generator: torch.Generator | None = None,
     on_frame: Callable[[int], None] | None = None,
     stop_at_eos: bool = True,
+    on_codes: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """Codes [n_codebooks, T] int64 on the CPU, T ≤ max_frames + 1 (frame 0 included).
 
     Stops at the first frame holding a token ≥ `gen.audio_eos_id`, which is dropped (unless
     `stop_at_eos` is False: benchmarks on random weights run every frame); stray ids below it
     but past the codec's codebook are returned as they are. `on_frame(n)` is called
-    with the number of frames made so far after each one. `generator` must be on the model's
+    with the number of frames made so far after each one, `on_codes(new)` (streaming) with
+    the frames made since its last call, [n_codebooks, k] int64 on the CPU, just before
+    `on_frame`. `generator` must be on the model's
     device. Ctrl-C raises GenerationInterrupted with the frames made so far.
     """
     check_sampling(topk=topk, temperature=temperature, cfg_scale=cfg_scale)
@@ -156,6 +159,8 @@ def generate_frames(
     try:
         frame, _ = prefill(model, prompt, cache, sampler)
         frames.append(frame)
+        if on_codes is not None:
+            on_codes(frame[:, None].cpu())
         if on_frame is not None:
             on_frame(1)
         for n in range(max_frames):
@@ -164,6 +169,8 @@ def generate_frames(
             if stop_at_eos and bool((frame >= gen.audio_eos_id).any()):
                 break
             frames.append(frame)
+            if on_codes is not None:
+                on_codes(frame[:, None].cpu())
             if on_frame is not None:
                 on_frame(len(frames))
     except KeyboardInterrupt:

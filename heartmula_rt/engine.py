@@ -51,6 +51,9 @@ class PlainEngine:
     def __init__(self, model: HeartMuLa, gen_config: GenConfig) -> None:
         self.model, self.gen_config = model, gen_config
 
+    def release(self) -> None:
+        """Nothing to free: each song's caches go when it ends (StaticEngine's interface)."""
+
     def generate_frames(
         self,
         prompt: Prompt,
@@ -62,14 +65,17 @@ class PlainEngine:
         seed: int | None = None,
         on_frame: Callable[[int], None] | None = None,
         stop_at_eos: bool = True,
+        on_codes: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
         """Codes [n_codebooks, T] int64 on the CPU, as `decode.generate_frames` returns them
         (every engine's contract). `on_frame(n)` gets the number of frames made so far, first
-        n=1 right after the prompt; a seed repeats the same frames with the same engine on the
-        same device."""
+        n=1 right after the prompt, and `on_codes(new)` just before it the frames made since
+        its last call ([n_codebooks, k] int64, CPU; together a prefix of the result, which may
+        hold a few more); a seed repeats the same frames with the same engine on the same
+        device."""
         generator = None
         if seed is not None:
-            device = self.model.text_embeddings.weight.device
+            device = self.model.device
             generator = torch.Generator(device=device).manual_seed(seed)
         return generate_frames(
             self.model,
@@ -82,6 +88,7 @@ class PlainEngine:
             generator=generator,
             on_frame=on_frame,
             stop_at_eos=stop_at_eos,
+            on_codes=on_codes,
         )
 
 
@@ -114,7 +121,7 @@ class StaticState:
     """The device tensors one frame step reads and writes, allocated once per capacity."""
 
     def __init__(self, model: HeartMuLa, batch: int, capacity: int) -> None:
-        device = model.text_embeddings.weight.device
+        device = model.device
         n = model.config.audio_num_codebooks
         self.batch, self.capacity = batch, capacity
         self.cache = model.new_cache(batch, capacity)
@@ -164,7 +171,7 @@ class StaticEngine:
     ) -> None:
         self.name = "compile" if compile else "graph"
         self.model, self.gen_config = model, gen_config
-        self.device = model.text_embeddings.weight.device
+        self.device = model.device
         self.bucket, self.sync_every, self.capacity_step = bucket, sync_every, capacity_step
         self.sampler = DeviceSampler(self.device)
         self._use_graphs = graphs
@@ -216,6 +223,13 @@ class StaticEngine:
             self._graphs[key] = graph
         graph.replay()
 
+    def release(self) -> None:
+        """Free the caches and the graphs' memory (the memory planner does it before the
+        codec runs); the next song allocates and captures them again."""
+        self._graphs.clear()
+        self._warm.clear()
+        self._state = self._pool = None
+
     # -- the host loop --------------------------------------------------------------------
 
     def _reserve(self, batch: int, positions: int) -> StaticState:
@@ -248,6 +262,7 @@ class StaticEngine:
         seed: int | None = None,
         on_frame: Callable[[int], None] | None = None,
         stop_at_eos: bool = True,
+        on_codes: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
         check_sampling(topk=topk, temperature=temperature, cfg_scale=cfg_scale)
         check_length(self.model, prompt, max_frames)
@@ -261,6 +276,8 @@ class StaticEngine:
             frame, _ = prefill(self.model, prompt, cache, self.sampler)
             state.start(frame, len(prompt))
             made = 1
+            if on_codes is not None:
+                on_codes(state.frames(made))
             if on_frame is not None:
                 on_frame(made)
             done = 0
@@ -272,6 +289,8 @@ class StaticEngine:
                 if stop_at_eos and eos_at >= 0:
                     made = eos_at
                     break
+                if on_codes is not None:
+                    on_codes(state.codes[made : 1 + done].cpu().T.contiguous())
                 made = 1 + done
                 if on_frame is not None:
                     on_frame(made)
@@ -306,7 +325,7 @@ def default_engine(device: torch.device) -> str:
 
 def make_engine(name: str, model: HeartMuLa, gen_config: GenConfig) -> Engine:
     """The engine called `name` (one of ENGINES) for a loaded model."""
-    check_engine(name, model.text_embeddings.weight.device)
+    check_engine(name, model.device)
     if name == "plain":
         return PlainEngine(model, gen_config)
     return StaticEngine(model, gen_config, compile=name == "compile")

@@ -211,7 +211,7 @@ class Transformer(nn.Module):
         f = self.flavor
         return [
             KVCache.zeros(batch, max_len, f.num_kv_heads, f.head_dim, dtype=dtype, device=device)
-            for _ in self.layers
+            for _ in range(f.num_layers)  # not self.layers: iterating offloaded layers streams them
         ]
 
     def forward(
@@ -265,10 +265,15 @@ class HeartMuLa(nn.Module):
         self.audio_head = nn.Parameter(torch.empty(n - 1, dec.embed_dim, vocab))
         self.muq_linear = nn.Linear(config.muq_dim, bb.embed_dim)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the LM computes: the audio embeddings' device (the text embeddings, used only
+        for the prompt, may stay on the CPU; see planner.py)."""
+        return self.audio_embeddings.weight.device
+
     def new_cache(self, batch: int, backbone_len: int) -> LMCache:
         """Caches for one request, on the device and in the dtype of the activations."""
-        w = self.text_embeddings.weight
-        kw = {"dtype": w.dtype, "device": w.device}
+        kw = {"dtype": self.audio_embeddings.weight.dtype, "device": self.device}
         return LMCache(
             backbone=self.backbone.new_cache(batch, backbone_len, **kw),
             decoder=self.decoder.new_cache(batch, self.config.audio_num_codebooks, **kw),
@@ -282,7 +287,8 @@ class HeartMuLa(nn.Module):
         its bias (reference-audio conditioning is not released). Row 1, when batch is 2, is the
         unconditional row: every position, SLOT included, is the unconditional text embedding.
         """
-        cond = self.text_embeddings(ids)
+        # The text embeddings may sit on the CPU: look up there, compute on the LM's device.
+        cond = self.text_embeddings(ids.to(self.text_embeddings.weight.device)).to(self.device)
         cond[slot_index] = self.muq_linear.bias
         rows = [cond]
         if batch == 2:

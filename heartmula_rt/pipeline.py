@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,15 +13,25 @@ from tokenizers import Tokenizer
 
 from . import checkpoint
 from .checkpoint import CODEC_DIR, LM_DIR
-from .codec import HeartCodec
+from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype, default_codec_dtype
 from .config import CodecConfig, GenConfig, LMConfig
 from .decode import check_length
 from .engine import Engine, check_engine, default_engine, make_engine
 from .errors import UserError
 from .lm import HeartMuLa
+from .planner import (
+    MemoryPlan,
+    checkpoint_configs,
+    codec_turn,
+    parse_vram,
+    place_codec,
+    place_lm,
+    plan_memory,
+)
 from .prompt import Prompt, build_prompt, read_text
 from .quant import check_mode
 from .quant.cache import load_quantized_lm
+from .stream import SongStream
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FRAME_MS = 80  # 12.5 LM frames per second
@@ -81,6 +92,7 @@ class Pipeline:
     device: torch.device
     engine: Engine
     sample_rate: int = 48000
+    plan: MemoryPlan | None = None  # the `vram=` memory plan this pipeline was loaded with
 
     def prompt(self, tags: str, lyrics: str) -> Prompt:
         """Tags and lyrics (text or file paths) as prompt rows (SPEC §2)."""
@@ -136,13 +148,19 @@ class Pipeline:
         Codec noise is drawn from `generator` on the CPU, so a seed means the same noise on any
         device.
         """
-        return self.codec.detokenize(
-            frames,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            on_window=on_window,
+        turn = (
+            contextlib.nullcontext()
+            if self.plan is None
+            else codec_turn(self.plan, self.lm, self.codec, self.engine.release)
         )
+        with turn:
+            return self.codec.detokenize(
+                frames,
+                num_steps=num_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                on_window=on_window,
+            )
 
     def generate(
         self,
@@ -169,30 +187,86 @@ class Pipeline:
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         return self.decode_frames(frames, num_steps, guidance_scale, generator)
 
+    def stream(
+        self,
+        tags: str,
+        lyrics: str,
+        max_seconds: float = 240,
+        seed: int | None = None,
+        topk: int = 50,
+        temperature: float = 1.0,
+        cfg_scale: float = 1.5,
+        num_steps: int = 10,
+        guidance_scale: float = 1.25,
+        on_frame: Callable[[int], None] | None = None,
+    ) -> SongStream:
+        """As `generate`, but an iterator of float32 [2, n] numpy pieces that come while the
+        LM runs (heartmula_rt/stream.py); concatenated they equal `generate`'s waveform for the
+        same seed, bit for bit."""
+        if self.plan is not None:
+            raise UserError(
+                "streaming needs the LM and the codec on the GPU together; "
+                "it does not work with a --vram plan yet"
+            )
+        check_seed(seed)
+        prompt = self.prompt(tags, lyrics)
+        max_frames = max_frames_for(max_seconds)
+        check_length(self.lm, prompt, max_frames)
+        return SongStream(
+            self.engine,
+            self.codec,
+            prompt,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            generator=None if seed is None else torch.Generator().manual_seed(seed),
+            on_frame=on_frame,
+            max_frames=max_frames,
+            topk=topk,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            seed=seed,
+        )
+
 
 def load_pipeline(
     model_path: str | Path,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
-    codec_dtype: str | torch.dtype = "float32",
+    codec_dtype: str | None = None,
     engine: str | None = None,
     quant: str = "none",
+    vram: str | None = None,
+    max_seconds: float = 240,
 ) -> Pipeline:
     """Load a checkpoint folder in the official layout (SPEC §1).
 
-    `dtype` is the LM's weight dtype, `codec_dtype` the codec's; both load tensor by tensor.
+    `dtype` is the LM's weight dtype; `codec_dtype` one of `codec.CODEC_DTYPES` (default:
+    `mixed` on a GPU, `float32` on the CPU); both load tensor by tensor. On a GPU (without a
+    `vram` plan, which moves the codec) the codec's estimator is replayed as a CUDA graph.
     `engine` is one of `engine.ENGINES` (default: `default_engine(device)`). `quant` is one of
-    `quant.QUANT_MODES`: the LM is then loaded on the CPU, quantized one linear layer at a time
-    and moved to `device`, so its unquantized weights never occupy the GPU, and the result is
-    cached for the next load (`quant.cache`).
+    `quant.QUANT_MODES`: the LM is then quantized while it loads, tensor by tensor, so its
+    unquantized weights never sit in memory whole, cached for the next load (`quant.cache`),
+    and run by the fast kernels the device has (`quant.fast`).
+
+    `vram` ("12G") is a GPU memory budget: the planner (`planner.plan_memory`, for songs of up
+    to `max_seconds`) then chooses the quantization and what lives on the GPU, the models load
+    on the host and move as planned, and `Pipeline.plan` holds the plan.
     """
     root = Path(model_path)
     device = parse_device(device)
-    lm_dtype, codec_dtype = parse_dtype(dtype), parse_dtype(codec_dtype)
+    lm_dtype = parse_dtype(dtype)
+    codec_mode = check_codec_dtype(codec_dtype or default_codec_dtype(device))
+    codec_dtype = CODEC_DTYPES[codec_mode][0]  # the DiT blocks': what the weights load as
     engine = default_engine(device) if engine is None else engine
     check_engine(engine, device)
     check_mode(quant)
     checkpoint.check_model_path(root)
+    plan = None
+    if vram is not None:
+        plan = _plan_for(root, vram, device, quant, max_seconds, lm_dtype, codec_dtype)
+        quant, load_device = plan.quant, torch.device("cpu")
+    else:
+        load_device = device
     tokenizer_file = checkpoint.tokenizer_path(root)
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -200,11 +274,19 @@ def load_pipeline(
         raise UserError(f"{tokenizer_file} is not a valid tokenizer file ({e})") from None
     gen_config = checkpoint.load_gen_config(root)
     if quant == "none":
-        lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=device, dtype=lm_dtype)
+        lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=load_device, dtype=lm_dtype)
     else:
-        lm = load_quantized_lm(root / LM_DIR, quant, device=device, dtype=lm_dtype)
+        lm = load_quantized_lm(root / LM_DIR, quant, device=load_device, dtype=lm_dtype)
         lm_config = lm.config
-    codec, codec_config = checkpoint.load_codec(root / CODEC_DIR, device=device, dtype=codec_dtype)
+    codec, codec_config = checkpoint.load_codec(
+        root / CODEC_DIR, device=load_device, dtype=codec_dtype
+    )
+    codec.set_precision(codec_mode)
+    if plan is None and device.type == "cuda":
+        codec.use_fast_path("graph")
+    if plan is not None:
+        place_lm(lm, plan, device)
+        place_codec(codec, plan, device)
     if lm_config.audio_vocab_size <= codec_config.codebook_size:
         raise UserError(
             f"LM audio vocabulary {lm_config.audio_vocab_size} does not fit codec codebook "
@@ -220,4 +302,30 @@ def load_pipeline(
         device=device,
         engine=make_engine(engine, lm, gen_config),
         sample_rate=codec_config.sample_rate,
+        plan=plan,
+    )
+
+
+def _plan_for(
+    root: Path,
+    vram: str,
+    device: torch.device,
+    quant: str,
+    max_seconds: float,
+    lm_dtype: torch.dtype,
+    codec_dtype: torch.dtype,
+) -> MemoryPlan:
+    """The memory plan of `vram` for this checkpoint, from its configs and headers alone."""
+    if device.type != "cuda":
+        raise UserError(f"--vram budgets GPU memory; the device {device} is not a CUDA GPU")
+    if quant != "none":
+        raise UserError("--vram chooses the quantization itself: leave out --quant")
+    lm_config, codec_config = checkpoint_configs(root)
+    return plan_memory(
+        parse_vram(vram),
+        lm_config,
+        codec_config,
+        max_frames=max_frames_for(max_seconds),
+        lm_dtype=lm_dtype,
+        codec_dtype=codec_dtype,
     )

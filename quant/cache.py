@@ -1,5 +1,7 @@
-"""A quantized LM saved once and reloaded on later runs without re-quantizing.
+"""A quantized LM: quantized while it loads, saved once, reloaded on later runs as it is.
 
+Loading quantizes tensor by tensor: each matmul weight goes from the shard to the device and is
+quantized there, so neither the host nor the device ever holds the unquantized model.
 The cache is one safetensors file per (checkpoint folder, mode, LM dtype) in
 `default_cache_dir()`, holding the whole quantized LM state dict. Its metadata carries a key made
 of the mode, the dtype, the runtime's cache format version and the checkpoint's fingerprint (each
@@ -23,10 +25,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from heartmula_rt import __version__
-from heartmula_rt.checkpoint import load_lm, load_lm_config, shard_files
+from heartmula_rt.checkpoint import load_into, load_lm_config, shard_files
 from heartmula_rt.lm import HeartMuLa
 
-from .formats import check_mode, quantize_model
+from .fast import use_fast_kernels
+from .formats import (
+    FORMATS,
+    QuantizedAudioHead,
+    check_mode,
+    quantize_model,
+    quantized_linears,
+    set_audio_head,
+)
 
 log = logging.getLogger(__name__)
 # Bump when the quantized layout changes: older caches then read as stale.
@@ -91,7 +101,7 @@ def _save(model: HeartMuLa, path: Path, key: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp), metadata={"key": key})
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:
@@ -99,6 +109,30 @@ def _save(model: HeartMuLa, path: Path, key: str) -> None:
             tmp.unlink()
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         log.warning("could not write the quantized cache %s (%s)", path, reason)
+
+
+@torch.no_grad()
+def quantize_checkpoint(
+    model_dir: Path, mode: str, *, device: torch.device, dtype: torch.dtype
+) -> HeartMuLa:
+    """The checkpoint's LM, each matmul weight quantized on `device` as it is read: the peak is
+    the quantized model plus one unquantized tensor (the audio head: one codebook)."""
+    with torch.device("meta"):
+        model = HeartMuLa(load_lm_config(model_dir))
+    cls = FORMATS[mode]
+    linears = {f"{name}.weight": name for name in quantized_linears(model)}
+
+    def quantize(key: str, tensor: torch.Tensor) -> bool:
+        if key in linears:
+            model.set_submodule(linears[key], cls.from_weight(tensor.to(device)))
+        elif key == "audio_head":
+            set_audio_head(model, QuantizedAudioHead.from_parameter(tensor, mode, device))
+        else:
+            return False
+        return True
+
+    load_into(model, shard_files(model_dir), device=device, dtype=dtype, place=quantize)
+    return model.eval()
 
 
 def load_quantized_lm(
@@ -110,15 +144,15 @@ def load_quantized_lm(
     cache_dir: Path | None = None,
 ) -> HeartMuLa:
     """The checkpoint's LM quantized to `mode` on `device`: from the cache when it is current,
-    else loaded on the CPU, quantized one layer at a time, cached, and moved to `device` (the
-    unquantized weights never occupy the GPU)."""
+    else quantized while loading (`quantize_checkpoint`) and cached; then with the fast kernels
+    the device has (`quant.fast`)."""
     check_mode(mode)
     model_dir = Path(model_dir)
     key = cache_key(model_dir, mode, dtype)
     path = cache_path(model_dir, mode, dtype, cache_dir or default_cache_dir())
     model = _load_cached(path, key, model_dir, mode, device)
     if model is None:
-        model = quantize_model(load_lm(model_dir, device="cpu", dtype=dtype)[0], mode)
+        model = quantize_checkpoint(model_dir, mode, device=device, dtype=dtype)
         _save(model, path, key)
-        model = model.to(device)
+    use_fast_kernels(model, dtype)
     return model

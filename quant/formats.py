@@ -8,8 +8,9 @@ will later sit behind. `quantize_model` swaps every matmul weight of a HeartMuLa
 - int8: symmetric, one float32 scale per output channel.
 - nf4: QLoRA's NormalFloat4 codebook, absmax scale per block of 64 weights of a row (no double
   quantization of the scales).
-- int4: asymmetric, scale and zero per group of 128 weights of a row (torchao's int4
-  weight-only scheme), `w = q * scale + zero` with q in 0..15.
+- int4: asymmetric, scale and zero per group of 128 weights of a row, `w = (q - 8) * scale +
+  zero` with q in 0..15: the zero is the group's midpoint, the layout of the tinygemm kernel
+  behind torchao's int4 weight-only mode, so the fast path takes the stored values as they are.
 
 The 4-bit formats pack two codes per uint8 (even input index in the low nibble) and keep their
 block parameters in bfloat16: half the bytes of float32, and its 2^-9 relative rounding is
@@ -30,6 +31,7 @@ from heartmula_rt.lm import HeartMuLa
 QUANT_MODES = ("none", "int8", "nf4", "int4")
 NF4_BLOCK = 64
 INT4_GROUP = 128
+INT4_MID = 8  # the int4 code the group's zero stands for
 BLOCK_DTYPE = torch.bfloat16  # the 4-bit formats' per-block scales and zeros
 
 # The 16 NF4 values of QLoRA (Dettmers et al. 2023; bitsandbytes), ascending.
@@ -152,7 +154,7 @@ class NF4Linear(QuantLinear):
 
 class Int4Linear(QuantLinear):
     """Asymmetric int4 per group of a row: codes [out, in / 2] packed, scale and zero
-    [out, in / group]; w = q * scale + zero."""
+    [out, in / group]; w = (q - 8) * scale + zero."""
 
     def __init__(self, packed: Tensor, scale: Tensor, zero: Tensor) -> None:
         super().__init__(packed.shape[1] * 2, packed.shape[0])
@@ -165,14 +167,15 @@ class Int4Linear(QuantLinear):
         out, n = weight.shape
         w = weight.float().reshape(out, n // block_size(n, group), -1)
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        scale, zero = ((hi - lo) / 15).to(BLOCK_DTYPE), lo.to(BLOCK_DTYPE)
+        scale = (hi - lo) / 15
+        scale, zero = scale.to(BLOCK_DTYPE), (lo + INT4_MID * scale).to(BLOCK_DTYPE)
         # Codes from the rounded scale and zero, the values dequantize will use.
-        q = (w - zero.float()[..., None]) / scale.float().clamp_min(1e-30)[..., None]
+        q = (w - zero.float()[..., None]) / scale.float().clamp_min(1e-30)[..., None] + INT4_MID
         return cls(pack4(torch.round(q).clamp(0, 15).view(out, n)), scale, zero)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         out, groups = self.scale.shape
-        q = unpack4(self.packed).float().view(out, groups, -1)
+        q = unpack4(self.packed).float().view(out, groups, -1) - INT4_MID
         w = q * self.scale.float()[..., None] + self.zero.float()[..., None]
         return w.view(out, -1).to(dtype)
 
@@ -189,9 +192,14 @@ class QuantizedAudioHead(nn.Module):
         self.heads = nn.ModuleList(heads)
 
     @classmethod
-    def from_parameter(cls, audio_head: Tensor, mode: str) -> QuantizedAudioHead:
-        # Transposed once here into Linear layout, one codebook at a time.
-        return cls([FORMATS[mode].from_weight(w.detach().T.contiguous()) for w in audio_head])
+    def from_parameter(
+        cls, audio_head: Tensor, mode: str, device: torch.device | None = None
+    ) -> QuantizedAudioHead:
+        """Quantize one codebook at a time, each first moved to `device` (default: where the
+        head is), so a host-side head never occupies the device unquantized."""
+        device = audio_head.device if device is None else device
+        heads = [FORMATS[mode].from_weight(w.T.contiguous().to(device)) for w in audio_head]
+        return cls(heads)
 
     def forward(self, d: Tensor, codebook: int) -> Tensor:
         return self.heads[codebook - 1](d)
@@ -203,30 +211,34 @@ def check_mode(mode: str) -> None:
         raise UserError(f"unknown quantization mode {mode!r}; use one of {', '.join(QUANT_MODES)}")
 
 
-def _swap_linears(module: nn.Module, cls: type[QuantLinear]) -> None:
-    # One Linear at a time: once swapped, the float weight has no reference left and is freed,
-    # so peak memory stays about one layer above the quantized model.
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, cls.from_linear(child))
-        else:
-            _swap_linears(child, cls)
+def quantized_linears(model: HeartMuLa) -> list[str]:
+    """The names of the nn.Linear modules `quantize_model` swaps: every Linear of the backbone
+    and the decoder, `projection` and `codebook0_head`."""
+    names = [
+        f"{stack}.{name}"
+        for stack in ("backbone", "decoder")
+        for name, m in model.get_submodule(stack).named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    return [*names, "projection", "codebook0_head"]
 
 
 @torch.no_grad()
 def quantize_model(model: HeartMuLa, mode: str) -> HeartMuLa:
-    """Quantize `model` in place on its device and return it: every Linear of the backbone and
-    the decoder, `projection`, `codebook0_head` and `audio_head`. The embeddings and
-    `muq_linear` (only its bias is used) stay as they are."""
+    """Quantize `model` in place on its device and return it: `quantized_linears(model)` and
+    `audio_head`. The embeddings and `muq_linear` (only its bias is used) stay as they are."""
     check_mode(mode)
     if mode == "none":
         return model
     cls = FORMATS[mode]
-    for module in (model.backbone, model.decoder):
-        _swap_linears(module, cls)
-    model.projection = cls.from_linear(model.projection)
-    model.codebook0_head = cls.from_linear(model.codebook0_head)
-    head = QuantizedAudioHead.from_parameter(model.audio_head, mode)
+    # One Linear at a time: once swapped, the float weight has no reference left and is freed,
+    # so peak memory stays about one layer above the quantized model.
+    for name in quantized_linears(model):
+        model.set_submodule(name, cls.from_linear(model.get_submodule(name)))
+    set_audio_head(model, QuantizedAudioHead.from_parameter(model.audio_head, mode))
+    return model
+
+
+def set_audio_head(model: HeartMuLa, head: QuantizedAudioHead) -> None:
     del model.audio_head  # a Parameter's name takes no module until the Parameter is gone
     model.audio_head = head
-    return model

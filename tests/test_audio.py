@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from heartmula_rt.audio import FORMATS, partial_path, write_audio
+from heartmula_rt.audio import FORMATS, WavStream, partial_path, write_audio
 from heartmula_rt.errors import UserError
 
 
@@ -54,3 +55,31 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
 
 def test_partial_path() -> None:
     assert partial_path(Path("out/song.mp3")) == Path("out/song.partial.mp3")
+
+
+def test_wav_stream_is_valid_at_every_piece_and_equals_write_audio(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    wav = (rng.standard_normal((2, 30_000)) * 0.6).astype(np.float32)  # some beyond [-1, 1]
+    streamed = tmp_path / "streamed.wav"
+    with streamed.open("wb") as f:
+        out = WavStream(f)
+        for start in range(0, wav.shape[1], 7_000):
+            out.write(wav[:, start : start + 7_000])
+            assert sf.info(str(streamed)).frames == min(start + 7_000, wav.shape[1])
+    whole = tmp_path / "whole.wav"
+    assert write_audio(whole, torch.from_numpy(wav)) == out.clipped > 0
+    assert streamed.read_bytes() == whole.read_bytes()
+    assert out.seconds == wav.shape[1] / 48000
+
+
+def test_wav_stream_to_a_pipe_says_length_unknown(tmp_path: Path) -> None:
+    class Pipe(io.BytesIO):
+        def seekable(self) -> bool:
+            return False
+
+    pipe = Pipe()
+    WavStream(pipe).write(np.full((2, 10), 0.5, dtype=np.float32))
+    data = pipe.getvalue()
+    assert data[:4] == b"RIFF" and data[36:40] == b"data"
+    assert data[4:8] == b"\xff\xff\xff\xff" and data[40:44] == b"\xdb\xff\xff\xff"  # 2³² − 1
+    assert np.array_equal(np.frombuffer(data[44:], "<i2"), np.full(20, 16384))

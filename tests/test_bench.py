@@ -25,12 +25,12 @@ RUN_FIELDS = {
     "name", "engine", "quant", "dtype", "codec_dtype", "batch", "cfg_scale", "topk",
     "temperature", "max_seconds", "frames", "prompt_len", "prefill_ms", "lm_frames_per_s",
     "ms_per_frame", "bytes_per_frame", "achieved_gbps", "copy_gbps", "floor_ms_per_frame",
-    "codec_s", "e2e_s", "e2e_rtf", "ttfa_s", "peak_vram_gib", "vram_budget_gib",
+    "codec_s", "e2e_s", "e2e_rtf", "ttfa_s", "stream_s", "peak_vram_gib", "vram_budget_gib",
     "greedy_agreement", "greedy_first_mismatch", "raw_decode_s", "raw_prefill_s", "raw_codec_s",
 }  # fmt: skip
 POSITIVE = (
     "prefill_ms", "lm_frames_per_s", "ms_per_frame", "bytes_per_frame", "achieved_gbps",
-    "copy_gbps", "floor_ms_per_frame", "codec_s", "e2e_s", "e2e_rtf",
+    "copy_gbps", "floor_ms_per_frame", "codec_s", "e2e_s", "e2e_rtf", "ttfa_s", "stream_s",
 )  # fmt: skip
 
 
@@ -91,8 +91,16 @@ def test_results_file(tiny_results: Path, capsys) -> None:
     assert run["prompt_len"] == 256
     for key in POSITIVE:
         assert math.isfinite(run[key]) and run[key] > 0, key
-    for key in ("ttfa_s", "peak_vram_gib", "vram_budget_gib", "greedy_agreement"):
+    for key in ("peak_vram_gib", "vram_budget_gib", "greedy_agreement"):
         assert run[key] is None, key
+    assert run["codec_dtype"] == "float32" and run["ttfa_s"] <= run["stream_s"]
+    codec = result["codec"]
+    assert codec["dtypes"].keys() == {"float32", "mixed", "bfloat16"}
+    assert codec["dtypes"]["float32"]["snr_db"] is None
+    assert codec["dtypes"]["mixed"]["snr_db"] > codec["dtypes"]["bfloat16"]["snr_db"] > 0
+    assert run["raw_codec_s"] == codec["dtypes"]["float32"]["raw_codec_s"]
+    largest = codec["scalar_largest_activation_bytes"]
+    assert 0 < largest < codec["scalar_largest_activation_bytes_unchunked"]
     assert [len(run[k]) for k in ("raw_decode_s", "raw_prefill_s", "raw_codec_s")] == [1, 1, 1]
     # The mean over the song: backbone positions 257 (first decode step) to 281 (last).
     assert run["bytes_per_frame"] == tiny_bytes_per_frame((257 + 281) / 2, batch=2)
@@ -107,6 +115,19 @@ def test_quantized_run(tmp_path: Path) -> None:
     assert run["quant"] == "int8" and run["name"] == "plain-float32-int8"
     # int8 weights: about a quarter of float32's bytes, scales and unquantized rows aside.
     assert run["bytes_per_frame"] < 0.4 * tiny_bytes_per_frame(257, batch=2)
+
+
+def test_quant_modes_side_by_side_in_one_file(tmp_path: Path) -> None:
+    """One file, one run per mode and engine; each mode quantizes the same random weights, so
+    int8 reads about a quarter of float32's bytes."""
+    args = tiny_args(tmp_path, "--no-codec", "--quant", "none,int8")
+    assert bench(*args) == 0
+    runs = only_result(tmp_path)["runs"]
+    assert [(r["quant"], r["name"]) for r in runs] == [
+        ("none", "plain-float32"),
+        ("int8", "plain-float32-int8"),
+    ]
+    assert runs[1]["bytes_per_frame"] < 0.4 * runs[0]["bytes_per_frame"]
 
 
 def test_greedy_agreement_of_plain_with_itself(tmp_path: Path) -> None:
@@ -155,6 +176,9 @@ def test_synthetic_lm_is_make_checkpoints(tmp_path: Path) -> None:
         (["--max-seconds", "0.05"], "one frame"),
         (["--prompt-len", "0"], "prompt length"),
         (["--topk", "0"], "topk"),
+        (["--quant", "none,int3"], "unknown quantization mode 'int3'"),
+        (["--quant", "int8,int8"], "names a mode twice"),
+        (["--quant", ","], "at least one mode"),
     ],
 )
 def test_bad_inputs(tmp_path: Path, args: list[str], message: str) -> None:

@@ -2,6 +2,12 @@
 
 `HeartCodec` mirrors the official state-dict layout (minus unused tensors, weight norm folded into
 plain `.weight`), so it can be built on the meta device and loaded with `assign=True`.
+
+Precision (`CODEC_DTYPES`, applied by `set_precision`): `float32`; `mixed`, the GPU default:
+the DiT's blocks in bfloat16 with float32 residual streams, norm statistics, RoPE tables and ODE
+state, and the small per-window or per-step ends (codebook lookup, conditioning projection,
+`proj_out`) and the scalar decoder in float32; `bfloat16`, everything in bfloat16, measured beside
+it but not recommended.
 """
 
 from __future__ import annotations
@@ -12,12 +18,32 @@ import torch
 from torch import nn
 
 from ..config import CodecConfig
+from ..errors import UserError
 from . import detokenize as _windows
-from .detokenize import sanitize_codes
+from .detokenize import WindowDecoder, sanitize_codes
 from .dit import FlowMatching
-from .scalar import ScalarModel
+from .graphed import FAST_PATHS, GraphedEstimator
+from .scalar import DECODE_CHUNK, ScalarModel
 
-__all__ = ["HeartCodec", "sanitize_codes"]
+__all__ = ["CODEC_DTYPES", "HeartCodec", "WindowDecoder", "sanitize_codes"]
+
+# name → (weight dtype of the DiT's blocks, of everything else)
+CODEC_DTYPES = {
+    "mixed": (torch.bfloat16, torch.float32),
+    "float32": (torch.float32, torch.float32),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+}
+
+
+def check_codec_dtype(name: str) -> str:
+    if name not in CODEC_DTYPES:
+        raise UserError(f"unknown codec dtype {name!r}; use one of {', '.join(CODEC_DTYPES)}")
+    return name
+
+
+def default_codec_dtype(device: torch.device) -> str:
+    """`mixed` on a GPU (bfloat16 tensor cores), `float32` on the CPU (no fast bfloat16)."""
+    return "mixed" if device.type == "cuda" else "float32"
 
 
 class HeartCodec(nn.Module):
@@ -26,6 +52,63 @@ class HeartCodec(nn.Module):
         self.config = config
         self.flow_matching = FlowMatching(config)
         self.scalar_model = ScalarModel(config)
+
+    def set_precision(self, name: str) -> HeartCodec:
+        """Cast the weights in place for the codec dtype `name` (one of CODEC_DTYPES).
+
+        Load the weights at the narrowest dtype the mode uses (bfloat16 for `mixed`), so a
+        checkpoint's tensors are converted once on the host; the float32 parts then hold the
+        bfloat16 values exactly and only their arithmetic is wider.
+        """
+        blocks, rest = CODEC_DTYPES[check_codec_dtype(name)]
+        flow = self.flow_matching
+        flow.estimator.to(blocks)
+        # Per window or per step and cheap, but their rounding goes straight into the
+        # conditioning or the ODE state: worth ~1 dB of SNR on the tiny fixture.
+        for module in (flow.vq_embed, flow.cond_feature_emb, flow.estimator.proj_out):
+            module.to(rest)
+        self.scalar_model.to(rest)
+        return self
+
+    def use_fast_path(self, name: str | None, *, compile_backend: str = "inductor") -> None:
+        """Replay the estimator as a CUDA graph (`graph`), compiled first (`compile`), or not
+        (None). On the CPU only `compile` works, without graphs (for tests)."""
+        if name is None:
+            self.flow_matching.fast_estimator = None
+            return
+        if name not in FAST_PATHS:
+            raise UserError(f"unknown codec fast path {name!r}; use one of {', '.join(FAST_PATHS)}")
+        graphs = self.flow_matching.cond_feature_emb.weight.device.type == "cuda"
+        if name == "graph" and not graphs:
+            raise UserError("the codec's graph fast path needs a CUDA GPU")
+        self.flow_matching.fast_estimator = GraphedEstimator(
+            self.flow_matching.estimator,
+            compile=name == "compile",
+            compile_backend=compile_backend,
+            graphs=graphs,
+        )
+
+    def window_decoder(
+        self,
+        *,
+        num_steps: int = 10,
+        guidance_scale: float = 1.25,
+        generator: torch.Generator | None = None,
+        on_window: Callable[[int], None] | None = None,
+        chunk: int = DECODE_CHUNK,
+    ) -> WindowDecoder:
+        """An incremental decoder: `push(codes)` as they come, then `finish()` (see
+        WindowDecoder). Call its methods under torch.inference_mode()."""
+        return WindowDecoder(
+            self.flow_matching,
+            self.scalar_model,
+            self.config,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            on_window=on_window,
+            chunk=chunk,
+        )
 
     @torch.inference_mode()
     def detokenize(
@@ -36,11 +119,13 @@ class HeartCodec(nn.Module):
         guidance_scale: float = 1.25,
         generator: torch.Generator | None = None,
         on_window: Callable[[int, int], None] | None = None,
+        chunk: int = DECODE_CHUNK,
     ) -> torch.Tensor:
         """codes [8, T] → float32 waveform [2, int(T/12.5·48000)] on the CPU.
 
         `generator` (CPU) supplies each window's initial noise; None uses a fresh random one.
-        `on_window(done, total)` is called after each decoded window.
+        `on_window(done, total)` is called after each decoded window. The scalar decoder runs
+        `chunk` latent frames at a time.
         """
         return _windows.detokenize(
             self.flow_matching,
@@ -51,6 +136,7 @@ class HeartCodec(nn.Module):
             guidance_scale=guidance_scale,
             generator=generator,
             on_window=on_window,
+            chunk=chunk,
         )
 
     @torch.inference_mode()
@@ -73,7 +159,7 @@ class HeartCodec(nn.Module):
         )
 
     @torch.inference_mode()
-    def decode_window(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_window(self, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> torch.Tensor:
         """One window's latents [1, F, 256] → float32 [2, F·1920] on the latents' device."""
         streams = self.config.out_channels // self.config.latent_hidden_dim
-        return _windows.decode_window(self.scalar_model, latents, streams)
+        return _windows.decode_window(self.scalar_model, latents, streams, chunk)

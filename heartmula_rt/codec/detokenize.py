@@ -5,6 +5,9 @@ Windows are 372 codes (744 latent frames) with a hop of 320; each window after t
 the previous window's last 104 latent frames as its in-context prefix. The reference's tail-drop
 quirk is fixed: the codes are always padded to a whole number of hops plus the overlap, so every
 code is decoded.
+
+`WindowDecoder` is the one implementation: `detokenize` gives it every code at once, streaming
+(heartmula_rt/stream.py) gives it codes as the LM makes them, and both get the same samples.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from ..config import CodecConfig
 from ..errors import UserError
 from .dit import FlowMatching
-from .scalar import ScalarModel
+from .scalar import DECODE_CHUNK, ScalarModel
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +31,8 @@ OVERLAP = WINDOW - HOP  # 52 codes shared by neighbouring windows
 LATENTS_PER_CODE = 2  # 12.5 Hz codes → 25 Hz latents
 
 
-def sanitize_codes(
-    codes: torch.Tensor, codebook_size: int, num_quantizers: int = 8
-) -> tuple[torch.Tensor, int]:
-    """Validate codes [num_quantizers, T] and replace stray ids ≥ codebook_size.
-
-    The LM can emit ids in [codebook_size, audio_eos_id) that index past the codebook. Each is
-    replaced by the same codebook's id from the nearest earlier valid frame, else the nearest
-    later one, else 0. Returns (int64 codes, number of ids replaced); the input is not modified.
-    """
+def check_codes(codes: torch.Tensor, codebook_size: int, num_quantizers: int = 8) -> torch.Tensor:
+    """Validate codes [num_quantizers, T ≥ 1] of non-negative integer ids; returns them as int64."""
     if not isinstance(codes, torch.Tensor):
         raise UserError(f"codes must be a torch.Tensor, not {type(codes).__name__}")
     if codes.dim() != 2 or codes.shape[0] != num_quantizers or codes.shape[1] == 0:
@@ -48,6 +44,19 @@ def sanitize_codes(
     codes = codes.long()
     if bool((codes < 0).any()):
         raise UserError(f"codes must be ids in [0, {codebook_size}); got a negative id")
+    return codes
+
+
+def sanitize_codes(
+    codes: torch.Tensor, codebook_size: int, num_quantizers: int = 8
+) -> tuple[torch.Tensor, int]:
+    """Validate codes [num_quantizers, T] and replace stray ids ≥ codebook_size.
+
+    The LM can emit ids in [codebook_size, audio_eos_id) that index past the codebook. Each is
+    replaced by the same codebook's id from the nearest earlier valid frame, else the nearest
+    later one, else 0. Returns (int64 codes, number of ids replaced); the input is not modified.
+    """
+    codes = check_codes(codes, codebook_size, num_quantizers)
     valid = codes < codebook_size
     n_stray = int((~valid).sum())
     if n_stray == 0:
@@ -89,6 +98,46 @@ def num_output_samples(num_codes: int, sample_rate: int) -> int:
     return num_codes * sample_rate * 2 // 25
 
 
+class LatentChain:
+    """The flow-matching half of windowed decoding: window after window, the noise draw and the
+    in-context prefix taken from the previous window's latents.
+
+    Noise contract: exactly one CPU `torch.randn((1, 744, C), generator=generator)` per window,
+    in window order, then moved to the model's device; nothing else draws from the generator.
+    """
+
+    def __init__(
+        self,
+        flow: FlowMatching,
+        *,
+        num_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+    ) -> None:
+        self.flow, self.num_steps, self.guidance_scale = flow, num_steps, guidance_scale
+        self.generator = generator
+        self.previous: torch.Tensor | None = None  # the last window's latents
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        """One window's valid codes [Q, 372] → its final latents [1, 744, C] float32 (before
+        the decoder's rounding), on the model's device."""
+        flow = self.flow
+        device = flow.cond_feature_emb.weight.device
+        mu = flow.condition(codes[None].to(device))
+        frames, prefix = LATENTS_PER_CODE * WINDOW, LATENTS_PER_CODE * OVERLAP
+        noise = torch.randn(
+            (1, frames, flow.latent_channels), generator=self.generator, dtype=torch.float32
+        )
+        noise = noise.to(device)
+        ic, n_ic = torch.zeros_like(noise), 0  # window 0 has no in-context prefix
+        if self.previous is not None:
+            ic[:, :prefix], n_ic = self.previous[:, -prefix:], prefix
+        self.previous = flow.sample(
+            mu, noise, ic, n_ic, num_steps=self.num_steps, guidance_scale=self.guidance_scale
+        )
+        return self.previous
+
+
 def window_latents(
     flow: FlowMatching,
     codes: torch.Tensor,
@@ -99,35 +148,127 @@ def window_latents(
 ) -> Iterator[torch.Tensor]:
     """Each window's final latents [1, 744, C] float32 (before the decoder's rounding), in order.
 
-    `codes` [Q, T] must hold valid ids (see sanitize_codes). Noise contract: exactly one CPU
-    `torch.randn((1, 744, C), generator=generator)` per window, in window order, then moved to
-    the model's device; nothing else draws from the generator.
+    `codes` [Q, T] must hold valid ids (see sanitize_codes); noise as `LatentChain` draws it.
     """
-    param = flow.cond_feature_emb.weight
     length, starts = plan_windows(codes.shape[1])
-    codes = extend_codes(codes, length).to(param.device)
-    frames = LATENTS_PER_CODE * WINDOW
-    prefix = LATENTS_PER_CODE * OVERLAP
-    previous = None
+    codes = extend_codes(codes, length)
+    chain = LatentChain(
+        flow, num_steps=num_steps, guidance_scale=guidance_scale, generator=generator
+    )
     for start in starts:
-        mu = flow.condition(codes[None, :, start : start + WINDOW])
-        noise = torch.randn(
-            (1, frames, flow.latent_channels), generator=generator, dtype=torch.float32
-        )
-        noise = noise.to(param.device)
-        ic, n_ic = torch.zeros_like(noise), 0  # window 0 has no in-context prefix
-        if previous is not None:
-            ic[:, :prefix], n_ic = previous[:, -prefix:], prefix
-        previous = flow.sample(
-            mu, noise, ic, n_ic, num_steps=num_steps, guidance_scale=guidance_scale
-        )
-        yield previous
+        yield chain(codes[:, start : start + WINDOW])
 
 
-def decode_window(scalar: ScalarModel, latents: torch.Tensor, streams: int) -> torch.Tensor:
-    """Latents [1, F, streams·c] → float32 [streams, samples]; stream s gets dims [s·c, (s+1)·c)."""
+def decode_window(
+    scalar: ScalarModel, latents: torch.Tensor, streams: int, chunk: int = DECODE_CHUNK
+) -> torch.Tensor:
+    """Latents [1, F, streams·c] → float32 [streams, samples]; stream s gets dims [s·c, (s+1)·c).
+    The decoder runs `chunk` latent frames at a time (see ScalarModel.decode_chunked)."""
     x = latents[0].transpose(0, 1).reshape(streams, -1, latents.shape[1])
-    return scalar(x)
+    return scalar.decode_chunked(x, chunk)
+
+
+class WindowDecoder:
+    """Codes in, audio out, window by window: the one implementation of SPEC §5.1–5.7 that
+    `detokenize` (all codes at once) and streaming (codes as the LM makes them) both drive.
+
+    `push` takes the next codes and decodes every window that lies entirely inside codes whose
+    final value is known: such a window is in the final plan whatever the song's length. A stray
+    id with no valid id before it in its codebook takes the first valid one after it, so nothing
+    is decoded while a codebook holds only strays. `finish` plans the tail windows (codes padded
+    by tiling) and decodes them. Both return the audio that became final as float32
+    [streams, n] pieces on the model's device (nothing waits for the device, so a stream can
+    copy them back while the LM runs): everything up to the next window's crossfade, and at the
+    end the rest, trimmed to T codes' worth. The pieces concatenate to exactly what `detokenize`
+    returns.
+    """
+
+    def __init__(
+        self,
+        flow: FlowMatching,
+        scalar: ScalarModel,
+        config: CodecConfig,
+        *,
+        num_steps: int = 10,
+        guidance_scale: float = 1.25,
+        generator: torch.Generator | None = None,
+        on_window: Callable[[int], None] | None = None,
+        chunk: int = DECODE_CHUNK,
+    ) -> None:
+        if generator is None:
+            generator = torch.Generator()
+            generator.seed()  # fresh, non-deterministic; the global RNG is left alone
+        self.scalar, self.config, self.on_window, self.chunk = scalar, config, on_window, chunk
+        self.chain = LatentChain(
+            flow, num_steps=num_steps, guidance_scale=guidance_scale, generator=generator
+        )
+        self.streams = config.out_channels // config.latent_hidden_dim
+        samples_per_code = LATENTS_PER_CODE * scalar.samples_per_frame
+        self.window_len, self.hop, self.overlap = (
+            n * samples_per_code for n in (WINDOW, HOP, OVERLAP)
+        )
+        device = flow.cond_feature_emb.weight.device
+        self.ramp = torch.linspace(0, 1, self.overlap, device=device)
+        self.codes = torch.zeros(config.num_quantizers, 0, dtype=torch.long)  # as received
+        self.windows = 0  # windows decoded so far
+        self.tail: torch.Tensor | None = None  # the last window's overlap, not yet crossfaded
+        self.left: int | None = None  # samples still to emit, once the length is known
+
+    def push(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Add codes [Q, n] (stray ids allowed); decode the windows that became certain."""
+        cfg = self.config
+        codes = check_codes(codes, cfg.codebook_size, cfg.num_quantizers)
+        self.codes = torch.cat([self.codes, codes.cpu()], dim=1)
+        if self._next_end() > self.codes.shape[1]:
+            return []
+        if not bool((self.codes < cfg.codebook_size).any(dim=1).all()):
+            return []  # a codebook with only stray ids so far: their replacement is unknown
+        fixed, _ = sanitize_codes(self.codes, cfg.codebook_size, cfg.num_quantizers)
+        pieces = []
+        while self._next_end() <= fixed.shape[1]:
+            pieces += self._decode(fixed[:, self._next_end() - WINDOW : self._next_end()])
+        return pieces
+
+    def finish(self) -> list[torch.Tensor]:
+        """No more codes: decode the remaining windows and return the rest of the audio."""
+        cfg = self.config
+        fixed, n_stray = sanitize_codes(self.codes, cfg.codebook_size, cfg.num_quantizers)
+        if n_stray:
+            log.warning(
+                "replaced %d codec ids ≥ %d by a neighbouring frame's", n_stray, cfg.codebook_size
+            )
+        num_codes = fixed.shape[1]
+        length, starts = plan_windows(num_codes)
+        fixed = extend_codes(fixed, length)
+        self.left = num_output_samples(num_codes, cfg.sample_rate) - self.windows * self.hop
+        pieces = []
+        for start in starts[self.windows :]:
+            pieces += self._decode(fixed[:, start : start + WINDOW])
+        return pieces + self._emit(self.tail)
+
+    def _next_end(self) -> int:
+        """One past the last code of the next window."""
+        return self.windows * HOP + WINDOW
+
+    def _decode(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        latents = self.chain(codes)
+        wav = decode_window(self.scalar, latents, self.streams, self.chunk)
+        wav = wav[:, : self.window_len]
+        if self.tail is not None:  # linear crossfade over the overlap: old × (1 − r) + new × r
+            old, new = self.tail, wav[:, : self.overlap]
+            wav[:, : self.overlap] = old * (1 - self.ramp) + new * self.ramp
+        self.windows += 1
+        self.tail = wav[:, self.hop :]
+        if self.on_window is not None:
+            self.on_window(self.windows)
+        return self._emit(wav[:, : self.hop])
+
+    def _emit(self, wav: torch.Tensor) -> list[torch.Tensor]:
+        """The piece to hand out: cut at the song's end once that is known, never empty."""
+        if self.left is not None:
+            wav = wav[:, : max(self.left, 0)]
+            self.left -= wav.shape[1]
+        return [wav] if wav.shape[1] else []
 
 
 def detokenize(
@@ -140,39 +281,24 @@ def detokenize(
     guidance_scale: float = 1.25,
     generator: torch.Generator | None = None,
     on_window: Callable[[int, int], None] | None = None,
+    chunk: int = DECODE_CHUNK,
 ) -> torch.Tensor:
     """codes [8, T] → float32 waveform [2, int(T/12.5·sr)] on the CPU.
 
-    Stray ids are replaced (see sanitize_codes) with a logged warning. Windows are decoded one
-    at a time and crossfaded into the output as they finish; `on_window(done, total)` is called
+    Stray ids are replaced (see sanitize_codes) with a logged warning. A `WindowDecoder` given
+    every code at once decodes the windows one at a time; `on_window(done, total)` is called
     after each.
     """
-    codes, n_stray = sanitize_codes(codes, config.codebook_size, config.num_quantizers)
-    if n_stray:
-        log.warning(
-            "replaced %d codec ids ≥ %d by a neighbouring frame's", n_stray, config.codebook_size
-        )
-    if generator is None:
-        generator = torch.Generator()
-        generator.seed()  # fresh, non-deterministic; the global RNG is left alone
-    num_codes = codes.shape[1]
-    streams = config.out_channels // config.latent_hidden_dim
-    samples_per_code = LATENTS_PER_CODE * math.prod(config.upsample_factors) * config.num_samples
-    window_len, hop, overlap = (n * samples_per_code for n in (WINDOW, HOP, OVERLAP))
-    _, starts = plan_windows(num_codes)
-    out = torch.zeros(streams, window_len + (len(starts) - 1) * hop)
-    ramp = torch.linspace(0, 1, overlap)
-    latents = window_latents(
-        flow, codes, num_steps=num_steps, guidance_scale=guidance_scale, generator=generator
+    codes = check_codes(codes, config.codebook_size, config.num_quantizers)
+    total = len(plan_windows(codes.shape[1])[1])
+    decoder = WindowDecoder(
+        flow,
+        scalar,
+        config,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        on_window=None if on_window is None else lambda done: on_window(done, total),
+        chunk=chunk,
     )
-    for i, lat in enumerate(latents):
-        wav = decode_window(scalar, lat, streams)[:, :window_len].cpu()
-        at = i * hop
-        if i > 0:  # linear crossfade over the overlap: old × (1 − r) + new × r
-            old = out[:, at : at + overlap]
-            out[:, at : at + overlap] = old * (1 - ramp) + wav[:, :overlap] * ramp
-            wav, at = wav[:, overlap:], at + overlap
-        out[:, at : at + wav.shape[1]] = wav
-        if on_window is not None:
-            on_window(i + 1, len(starts))
-    return out[:, : num_output_samples(num_codes, config.sample_rate)]
+    return torch.cat(decoder.push(codes) + decoder.finish(), dim=1).cpu()

@@ -1,13 +1,15 @@
 """The flow-matching half of HeartCodec (SPEC §5.4–5.5): conditioning from codes, the estimator
 DiT, and the Euler sampler with classifier-free guidance and an in-context prefix.
 
-Activations run in the weights' dtype; the ODE state, RoPE tables, timestep features and norm
-statistics stay float32 whatever that dtype is.
+Matmuls and convolutions run in the weights' dtype (bfloat16 for `codec_dtype="mixed"`); the
+residual streams, the modulations, the ODE state, RoPE tables, timestep features and norm
+statistics stay float32 whatever that dtype is. With float32 weights every cast is a no-op.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +66,10 @@ class ProjectLayer(nn.Module):
         self.ffn_2 = nn.Linear(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, in_dim] in any dtype → float32 [B, T, out_dim]."""
+        x = x.to(self.ffn_2.weight.dtype)
         h = self.ffn_1(x.transpose(1, 2)).transpose(1, 2) * 3**-0.5
-        return self.ffn_2(h)
+        return self.ffn_2(h).float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -87,8 +91,9 @@ class AdaLNSingle(nn.Module):
         self.linear = nn.Linear(dim, 6 * dim)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.emb["timestep_embedder"](features)
-        return self.linear(F.silu(e)).unflatten(-1, (6, -1)), e
+        """float32 features [B, 512] → float32 (mod [B, 6, D], e [B, D])."""
+        e = self.emb["timestep_embedder"](features.to(self.linear.weight.dtype))
+        return self.linear(F.silu(e)).unflatten(-1, (6, -1)).float(), e.float()
 
 
 class Attention(nn.Module):
@@ -103,6 +108,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] in the weights' dtype → the same."""
         B, T, D = x.shape
         q, k, v = (
             proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)
@@ -138,10 +144,14 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, mod: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        mods = (self.scale_shift_table[None] + mod)[:, :, None]  # [B, 6, 1, D]
+        """x [B, T, D] float32 (the residual stream) → the same; only the matmuls are narrow."""
+        dtype = self.attn.q_proj.weight.dtype
+        mods = (self.scale_shift_table[None].float() + mod)[:, :, None]  # [B, 6, 1, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mods.unbind(1)
-        x = x + gate1 * self.attn(self.attn_norm(x) * (1 + scale1) + shift1, cos, sin)
-        return x + gate2 * self.mlp(self.mlp_norm(x) * (1 + scale2) + shift2)
+        h = self.attn_norm(x) * (1 + scale1) + shift1
+        x = x + gate1 * self.attn(h.to(dtype), cos, sin).float()
+        h = self.mlp_norm(x) * (1 + scale2) + shift2
+        return x + gate2 * self.mlp(h.to(dtype)).float()
 
 
 class Estimator(nn.Module):
@@ -173,14 +183,15 @@ class Estimator(nn.Module):
         blocks: nn.ModuleList,
         table: torch.Tensor,
     ) -> torch.Tensor:
-        mod, e = adaln(features.to(s.dtype))
+        mod, e = adaln(features)
         cos, sin = rope_tables(s.shape[1], s.shape[-1] // self.num_heads, s.device)
         for block in blocks:
             s = block(s, mod, cos, sin)
-        shift, scale = (table[None] + e[:, None]).unbind(1)
+        shift, scale = (table[None].float() + e[:, None]).unbind(1)
         return layer_norm(s) * (1 + scale[:, None]) + shift[:, None]
 
     def forward(self, inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Returns float32 velocities whatever the weights' dtype."""
         features = timestep_features(t)
         s = self.proj_in(inp)
         s = self._stage(
@@ -202,11 +213,13 @@ class FlowMatching(nn.Module):
         self.vq_embed = ResidualVQ(cfg.num_quantizers, cfg.codebook_size, cfg.codebook_dim, cfg.dim)
         self.cond_feature_emb = nn.Linear(cfg.dim, cfg.dim)
         self.estimator = Estimator(cfg)
+        # The optional fast path (graphed.GraphedEstimator) called in the estimator's place.
+        self.fast_estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def condition(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, Q, n] (valid ids) → mu [B, 2n, dim]: two latent frames per code."""
-        mu = self.cond_feature_emb(self.vq_embed(codes))
-        return mu.repeat_interleave(2, dim=1)
+        """codes [B, Q, n] (valid ids) → float32 mu [B, 2n, dim]: two latent frames per code."""
+        q = self.vq_embed(codes).to(self.cond_feature_emb.weight.dtype)
+        return self.cond_feature_emb(q).float().repeat_interleave(2, dim=1)
 
     def sample(
         self,
@@ -224,13 +237,14 @@ class FlowMatching(nn.Module):
         `ic` (float32, zeros past the prefix) and end exactly on it. Guidance is batched as
         [uncond; cond], the unconditional half with mu = 0.
         """
+        estimator = self.fast_estimator or self.estimator
         x = noise.clone()
         mu_in = torch.cat([torch.zeros_like(mu), mu])
         t_span = torch.linspace(0, 1, num_steps + 1, device=noise.device)
         for t, t_next in zip(t_span[:-1], t_span[1:], strict=True):
             x[:, :prefix] = (1 - (1 - SIGMA_MIN) * t) * noise[:, :prefix] + t * ic[:, :prefix]
-            inp = torch.cat([x, ic], dim=-1).to(mu.dtype).repeat(2, 1, 1)
-            v = self.estimator(torch.cat([inp, mu_in], dim=-1), t.expand(inp.shape[0])).float()
+            inp = torch.cat([x, ic], dim=-1).repeat(2, 1, 1)
+            v = estimator(torch.cat([inp, mu_in], dim=-1), t.expand(inp.shape[0]))
             v_uncond, v_cond = v.chunk(2)
             x = x + (t_next - t) * (v_uncond + guidance_scale * (v_cond - v_uncond))
         x[:, :prefix] = ic[:, :prefix]

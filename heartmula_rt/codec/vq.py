@@ -38,4 +38,4 @@ class ResidualVQ(nn.Module):
             nn.functional.embedding(codes[..., k, :], layer._codebook.embed[0])
             for k, layer in enumerate(self.layers)
         )
-        return self.project_out(q)
+        return self.project_out(q.to(self.project_out.weight.dtype))

@@ -1,0 +1,97 @@
+"""The codec's precision modes, the chunked scalar decoder and the estimator's fast path, each
+against the plain float32 path on the tiny fixture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from heartmula_rt.checkpoint import CODEC_DIR, load_codec
+from heartmula_rt.codec import CODEC_DTYPES, HeartCodec
+from heartmula_rt.codec.scalar import largest_activation_bytes
+from heartmula_rt.config import CODEC_PRESETS
+from heartmula_rt.errors import UserError
+
+
+def snr_db(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return 10 * torch.log10(reference.pow(2).sum() / (x - reference).pow(2).sum()).item()
+
+
+@pytest.fixture(scope="module")
+def codes(fixtures_dir: Path) -> torch.Tensor:
+    return load_file(fixtures_dir / "tiny-public/expected/codec_T150.safetensors")["codes"]
+
+
+@pytest.fixture(scope="module")
+def float32_codec(tiny_ckpt: Path) -> HeartCodec:
+    return load_codec(tiny_ckpt / CODEC_DIR)[0]
+
+
+def load(tiny_ckpt: Path, mode: str) -> HeartCodec:
+    """As load_pipeline does: weights loaded at the DiT blocks' dtype, then set_precision."""
+    codec, _ = load_codec(tiny_ckpt / CODEC_DIR, dtype=CODEC_DTYPES[mode][0])
+    return codec.set_precision(mode)
+
+
+def test_mixed_keeps_40_db(tiny_ckpt: Path, float32_codec: HeartCodec, codes) -> None:
+    def decode(codec: HeartCodec) -> torch.Tensor:
+        return codec.detokenize(codes, generator=torch.Generator().manual_seed(0))
+
+    reference = decode(float32_codec)
+    mixed, bf16 = load(tiny_ckpt, "mixed"), load(tiny_ckpt, "bfloat16")
+    est = mixed.flow_matching.estimator
+    assert est.transformer_blocks[0].mlp.up.weight.dtype == torch.bfloat16
+    assert est.proj_out.ffn_2.weight.dtype == torch.float32
+    assert mixed.scalar_model.decoder[0].weight.dtype == torch.float32
+    assert bf16.scalar_model.decoder[0].weight.dtype == torch.bfloat16
+    mixed_snr, bf16_snr = snr_db(decode(mixed), reference), snr_db(decode(bf16), reference)
+    print(f"SNR vs float32: mixed {mixed_snr:.1f} dB, bfloat16 {bf16_snr:.1f} dB")
+    assert mixed_snr >= 40
+    assert mixed_snr > bf16_snr  # the float32 parts are what buys the margin
+
+
+def test_unknown_codec_dtype(float32_codec: HeartCodec) -> None:
+    with pytest.raises(UserError, match="codec dtype"):
+        float32_codec.set_precision("float16")
+
+
+def test_chunked_scalar_decoder_equals_unchunked(float32_codec: HeartCodec) -> None:
+    scalar = float32_codec.scalar_model
+    latents = torch.randn(2, 128, 150, generator=torch.Generator().manual_seed(1)) * 0.5
+    with torch.inference_mode():
+        whole = scalar(latents)
+        for chunk in (37, 150):
+            chunked = scalar.decode_chunked(latents, chunk)
+            assert chunked.shape == whole.shape
+            torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+        # The context matters: half of it changes the output.
+        history, ahead = scalar.context()
+        assert (history, ahead) == (44, 2)
+        lo = 100 - history // 2
+        short = scalar(latents[..., lo : 100 + 37 + ahead])[..., (100 - lo) * 1920 :]
+        assert not torch.allclose(short[..., : 37 * 1920], whole[..., 100 * 1920 : 137 * 1920])
+
+
+def test_chunking_bounds_the_largest_activation() -> None:
+    full = CODEC_PRESETS["full"]
+    # The post-processor's output: 2 streams × 64 channels × 744 · 1920 samples, float32.
+    assert largest_activation_bytes(full, 744) == 2 * 64 * 744 * 1920 * 4
+    assert largest_activation_bytes(full, 186 + 44 + 2) == 2 * 64 * 232 * 1920 * 4
+
+
+def test_compiled_estimator_equals_plain(tiny_ckpt: Path, codes) -> None:
+    codec = load_codec(tiny_ckpt / CODEC_DIR)[0]
+
+    def first_window() -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return next(codec.window_latents(codes, num_steps=2, generator=g))
+
+    plain = first_window()
+    codec.use_fast_path("compile", compile_backend="aot_eager")
+    fast = first_window()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="CUDA"):
+        codec.use_fast_path("graph")

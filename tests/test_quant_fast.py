@@ -1,0 +1,163 @@
+"""The quantized linears' fast kernels against the stored formats' plain forward.
+
+On a GPU they run as they do in use. Without one: the int8 Triton kernel under TRITON_INTERPRET=1,
+bitsandbytes' CPU NF4 matmul, and tinygemm's CPU twin (same values, another packing).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from heartmula_rt.quant import quantize_model
+from heartmula_rt.quant.fast import (
+    Int4TinyGemmLinear,
+    Int8TritonLinear,
+    NF4BnbLinear,
+    fast_module,
+    use_fast_kernels,
+)
+from heartmula_rt.quant.formats import Int4Linear, Int8Linear, NF4Linear, QuantLinear
+
+from heartmula_rt.checkpoint import LM_DIR, load_gen_config, load_lm
+from heartmula_rt.config import GenConfig
+from heartmula_rt.engine import PlainEngine, StaticEngine
+from heartmula_rt.prompt import Prompt
+from heartmula_rt.synthetic import synthetic_prompt
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GPU = torch.device("cuda")  # as a target: which twin fast_module picks for a GPU
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_ckpt) -> GenConfig:
+    return load_gen_config(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_lm) -> Prompt:
+    return synthetic_prompt(12, tiny_lm.config.text_vocab_size)
+
+
+def _weight(out: int, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(out, n, generator=torch.Generator().manual_seed(seed))
+
+
+def _x(rows: tuple[int, ...], n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*rows, n, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("rows", "out", "n"),
+    [((1,), 96, 256), ((2,), 100, 200), ((2, 1), 33, 520), ((3,), 64, 128), ((4,), 16, 64)],
+)
+def test_int8_triton_kernel_equals_the_plain_forward(rows, out, n, dtype) -> None:
+    """Odd widths and heights exercise the kernel's masks; 3 rows are padded to 4."""
+    ref = Int8Linear.from_weight(_weight(out, n)).to(DEVICE)
+    fast = Int8TritonLinear.from_int8(ref)
+    x = _x(rows, n, dtype).to(DEVICE)
+    y = fast(x)
+    assert y.shape == (*rows, out) and y.dtype == dtype
+    # The plain path rounds the product to `dtype` before scaling; the kernel scales the
+    # float32 sum: they differ by that one rounding.
+    exact = F.linear(x.double(), ref.weight.double()) * ref.scale.double()
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    assert torch.allclose(y.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    assert torch.allclose(ref(x).double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+
+
+def test_int8_prefill_sized_inputs_take_the_plain_path() -> None:
+    ref = Int8Linear.from_weight(_weight(48, 64)).to(DEVICE)
+    x = _x((5,), 64, torch.float32).to(DEVICE)
+    assert torch.equal(Int8TritonLinear.from_int8(ref)(x), ref(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(1,), (2,), (3, 5)])
+def test_nf4_bitsandbytes_equals_the_plain_forward(rows, dtype) -> None:
+    ref = NF4Linear.from_weight(_weight(96, 256)).to(DEVICE)
+    fast = NF4BnbLinear.from_nf4(ref)
+    x = _x(rows, 256, dtype).to(DEVICE)
+    assert torch.allclose(
+        fast(x).float(), ref(x).float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3
+    )
+
+
+@pytest.mark.parametrize(("out", "n"), [(96, 256), (100, 256), (64, 160)])
+@pytest.mark.parametrize("rows", [(1,), (2,), (3, 4)])
+def test_int4_tinygemm_equals_the_plain_forward(out, n, rows) -> None:
+    """100 rows are padded to 112 and cut; 160-wide rows have groups of 32 (tinygemm's
+    narrowest packing)."""
+    ref = Int4Linear.from_weight(_weight(out, n)).to(DEVICE)
+    assert Int4TinyGemmLinear.supports(ref)
+    fast = Int4TinyGemmLinear.from_int4(ref)
+    x = _x(rows, n, torch.bfloat16).to(DEVICE)
+    y = fast(x)
+    assert y.shape == (*rows, out) and y.dtype == torch.bfloat16
+    exact = F.linear(x.double(), ref.dequantize().double())
+    assert torch.allclose(y.double(), exact, rtol=2**-7, atol=2**-7 * exact.abs().max().item())
+
+
+def test_int4_groups_tinygemm_lacks_keep_the_plain_path() -> None:
+    ref = Int4Linear.from_weight(_weight(64, 48))  # 48 = 3 · 16: no tinygemm packing
+    assert not Int4TinyGemmLinear.supports(ref)
+    assert fast_module(ref, GPU, torch.bfloat16) is ref
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype", "expected"),
+    [
+        ("int8", torch.bfloat16, Int8TritonLinear),
+        ("int8", torch.float32, Int8TritonLinear),
+        ("nf4", torch.bfloat16, NF4BnbLinear),
+        ("int4", torch.bfloat16, Int4TinyGemmLinear),
+        ("int4", torch.float32, Int4Linear),  # tinygemm computes in bf16 only
+    ],
+)
+def test_fast_twins_are_chosen_for_the_gpu_only(mode, dtype, expected) -> None:
+    ref = {"int8": Int8Linear, "nf4": NF4Linear, "int4": Int4Linear}[mode].from_weight(
+        _weight(64, 256)
+    )
+    assert type(fast_module(ref, GPU, dtype)) is expected
+    assert fast_module(ref, torch.device("cpu"), dtype) is ref
+
+
+def test_use_fast_kernels_keeps_the_plain_modules_on_the_cpu(tiny_ckpt) -> None:
+    model = quantize_model(load_lm(tiny_ckpt / LM_DIR)[0], "int4")
+    kinds = use_fast_kernels(model, torch.float32)
+    assert set(kinds) == {"Int4Linear"} and kinds["Int4Linear"] > 30
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype", "frames", "compile"),
+    [
+        ("int8", torch.float32, 3, False),  # few frames: the interpreted kernel is slow
+        ("nf4", torch.float32, 6, False),
+        ("int4", torch.bfloat16, 6, True),  # tinygemm computes in bf16 only
+    ],
+)
+def test_fast_kernels_decode_like_the_plain_modules(
+    tiny_ckpt, gen, prompt, mode, dtype, frames, compile
+) -> None:
+    """The whole tiny LM with every quantized linear swapped for its fast twin (as on the GPU),
+    through the static engine (for int4 compiled with aot_eager, fullgraph): greedy frames agree
+    with the plain modules'."""
+    plain = quantize_model(load_lm(tiny_ckpt / LM_DIR, device=DEVICE, dtype=dtype)[0], mode)
+    settings = {"max_frames": frames, "topk": 1, "cfg_scale": 1.5, "seed": 0}
+    expected = PlainEngine(plain, gen).generate_frames(prompt, **settings)
+    swapped = 0
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, QuantLinear):
+            plain.set_submodule(name, fast_module(module, GPU, dtype))
+            swapped += 1
+    kinds = {type(m) for m in plain.modules() if isinstance(m, QuantLinear)}
+    fast = {"int8": Int8TritonLinear, "nf4": NF4BnbLinear, "int4": Int4TinyGemmLinear}[mode]
+    assert kinds == {fast} and swapped > 30
+    engine = StaticEngine(plain, gen, compile=compile, compile_backend="aot_eager", graphs=False)
+    got = engine.generate_frames(prompt, **settings)
+    if dtype == torch.float32:
+        assert torch.equal(got, expected)
+    else:  # rounding differences in bf16 may flip a near-tie of random weights late
+        assert torch.equal(got[:, :2], expected[:, :2])
+        assert (got == expected).float().mean().item() >= 0.8

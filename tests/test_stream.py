@@ -1,0 +1,184 @@
+"""Streaming: the incremental window decoder, the engines' `on_codes` hook, `SongStream` and
+`Pipeline.stream`, each against the non-streamed path of the same seed, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import heartmula_rt
+from heartmula_rt import cli
+from heartmula_rt.codec.detokenize import HOP, WINDOW
+from heartmula_rt.engine import PlainEngine, StaticEngine
+from heartmula_rt.pipeline import Pipeline
+from heartmula_rt.stream import SongStream
+
+SAMPLES_PER_CODE = 3840
+STEPS = 1  # one ODE step per window: the stream's bookkeeping, not the ODE, is under test
+TAGS, LYRICS = "piano", "la la"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt: Path) -> Pipeline:
+    return heartmula_rt.load_pipeline(tiny_ckpt)
+
+
+def random_codes(num_codes: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 1024, (8, num_codes), generator=torch.Generator().manual_seed(seed))
+
+
+def test_window_decoder_streams_what_detokenize_returns(pipe: Pipeline) -> None:
+    codec = pipe.codec
+    codes = random_codes(2 * HOP + WINDOW - 40, 0)  # 3 windows, the last one padded by tiling
+    codes[5, : WINDOW + 10] = 1024 + torch.arange(WINDOW + 10) % 4  # only strays for a while
+    codes[2, 100:103] = 1027  # strays with a valid id before them
+    expected = codec.detokenize(codes, num_steps=STEPS, generator=torch.Generator().manual_seed(3))
+
+    g = torch.Generator().manual_seed(3)
+    decoder = codec.window_decoder(num_steps=STEPS, generator=g)
+    pieces, emitted_at = [], []
+    with torch.inference_mode():
+        for start in range(0, codes.shape[1], 97):  # pieces of any size, across windows
+            new = decoder.push(codes[:, start : start + 97])
+            pieces += new
+            emitted_at += [min(start + 97, codes.shape[1])] * len(new)
+        pieces += decoder.finish()
+    # Window 0 waits for codebook 5's first valid id (frame 382, in the push ending at 388),
+    # window 1 comes with its last code (691, in the push ending at 776), window 2 (past the
+    # real codes) only at the end.
+    assert emitted_at == [388, 776]
+    assert [p.shape[1] for p in pieces[:2]] == [HOP * SAMPLES_PER_CODE] * 2
+    streamed = torch.cat(pieces, dim=1)
+    assert streamed.shape == expected.shape == (2, codes.shape[1] * SAMPLES_PER_CODE)
+    assert torch.equal(streamed, expected)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["plain", "static"])
+def test_on_codes_hands_over_every_frame_once(pipe: Pipeline, static: bool) -> None:
+    if static:
+        pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
+        engine = StaticEngine(pipe.lm, pipe.gen_config, graphs=False, sync_every=5)
+    else:
+        engine = PlainEngine(pipe.lm, pipe.gen_config)
+    got: list[torch.Tensor] = []
+    prompt = pipe.prompt("metal", "[chorus]\nla la la\n")  # the fixture's eos case
+    frames = engine.generate_frames(
+        prompt, max_frames=40, topk=1, cfg_scale=2.0, on_codes=got.append
+    )
+    assert frames.shape[1] == 13  # ends on EOS: the EOS frame is never handed over
+    handed = torch.cat(got, dim=1)
+    # A prefix of the result: the static engine's frames after its last EOS check before the
+    # EOS come only with the return value.
+    assert torch.equal(handed, frames[:, : handed.shape[1]])
+    assert handed.shape[1] == frames.shape[1] or static
+
+
+def test_pipeline_stream_equals_generate_on_eos(pipe: Pipeline) -> None:
+    kwargs = {"max_seconds": 8, "seed": 2, "num_steps": STEPS}
+    stream = pipe.stream(TAGS, LYRICS, **kwargs)
+    pieces = list(stream)
+    assert 0 < stream.frames.shape[1] < 101 and not stream.interrupted  # EOS, one padded window
+    assert stream.first_audio_s is not None and stream.first_audio_s > 0
+    assert all(p.dtype == np.float32 and p.shape[0] == 2 for p in pieces)
+    expected = pipe.generate(TAGS, LYRICS, **kwargs)
+    assert np.array_equal(np.concatenate(pieces, axis=1), expected.numpy())
+
+
+def test_song_stream_over_two_windows(pipe: Pipeline) -> None:
+    """Random weights end early on EOS; without stopping there, 381 frames make two windows,
+    the first decoded while the LM still runs, and the EOS ids among them are stray ids."""
+    prompt = pipe.prompt(TAGS, LYRICS)
+    holder: list[SongStream] = []
+    audio_before_last_frame = []
+
+    def on_frame(n: int) -> None:
+        if n == 381:
+            audio_before_last_frame.append(holder[0].first_audio_s is not None)
+
+    holder.append(
+        SongStream(
+            pipe.engine,
+            pipe.codec,
+            prompt,
+            num_steps=STEPS,
+            generator=torch.Generator().manual_seed(4),
+            on_frame=on_frame,
+            max_frames=380,
+            seed=5,
+            stop_at_eos=False,
+        )
+    )
+    stream = holder[0]
+    pieces = list(stream)
+    assert stream.frames.shape[1] == 381
+    assert audio_before_last_frame == [True]  # window 0 was out before the LM had finished
+    expected = pipe.codec.detokenize(
+        stream.frames, num_steps=STEPS, generator=torch.Generator().manual_seed(4)
+    )
+    assert np.array_equal(np.concatenate(pieces, axis=1), expected.numpy())
+
+
+def test_stop_ends_the_song_where_the_lm_stopped(pipe: Pipeline) -> None:
+    prompt = pipe.prompt(TAGS, LYRICS)
+    holder: list[SongStream] = []
+
+    def on_frame(n: int) -> None:
+        if n == 20:
+            holder[0].stop()
+
+    holder.append(
+        SongStream(
+            pipe.engine,
+            pipe.codec,
+            prompt,
+            num_steps=STEPS,
+            generator=torch.Generator().manual_seed(6),
+            on_frame=on_frame,
+            max_frames=400,
+            seed=0,
+            stop_at_eos=False,
+        )
+    )
+    stream = holder[0]
+    pieces = list(stream)
+    assert stream.interrupted and 20 <= stream.frames.shape[1] <= 22
+    expected = pipe.codec.detokenize(
+        stream.frames, num_steps=STEPS, generator=torch.Generator().manual_seed(6)
+    )
+    assert np.array_equal(np.concatenate(pieces, axis=1), expected.numpy())
+
+
+def test_worker_errors_reach_the_consumer(pipe: Pipeline) -> None:
+    stream = pipe.stream(TAGS, LYRICS, max_seconds=1, seed=0, topk=0)
+    with pytest.raises(heartmula_rt.UserError, match="topk"):
+        list(stream)
+
+
+def gen(tiny_ckpt: Path, out: str, *extra: str) -> int:
+    args = ["gen", "--model-path", str(tiny_ckpt), "--tags", TAGS, "--lyrics", LYRICS]
+    return cli.main([*args, "--max-seconds", "1", "--seed", "1", "-o", out, *extra])
+
+
+def test_cli_stream_writes_the_same_file(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    assert gen(tiny_ckpt, str(tmp_path / "plain.wav")) == 0
+    assert gen(tiny_ckpt, str(tmp_path / "song.wav"), "--stream") == 0
+    assert "first audio after" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.wav", "song.wav"]  # renamed
+    assert (tmp_path / "song.wav").read_bytes() == (tmp_path / "plain.wav").read_bytes()
+
+
+def test_cli_streams_wav_to_stdout(tiny_ckpt: Path, tmp_path: Path, capsysbinary) -> None:
+    assert gen(tiny_ckpt, str(tmp_path / "plain.wav")) == 0
+    capsysbinary.readouterr()
+    assert gen(tiny_ckpt, "-") == 0
+    out = capsysbinary.readouterr().out  # the WAV and nothing else
+    assert out[44:] == (tmp_path / "plain.wav").read_bytes()[44:]
+
+
+def test_cli_stream_needs_wav(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    assert gen(tiny_ckpt, str(tmp_path / "song.flac"), "--stream") == 2
+    assert "--stream writes WAV" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
