@@ -303,20 +303,19 @@ def load_codec_config(codec_dir: Path) -> CodecConfig:
 def load_codec(
     codec_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ):
-    """HeartCodec of one folder (SPEC §5), as (model, config); `dtype` applies to the DiT."""
-    from .codec import HeartCodec
+    """HeartCodec of one folder (SPEC §5), as (model, config); `dtype` applies to the DiT
+    blocks, `codec.FLOAT32_PARTS` load in float32 (`HeartCodec.set_precision` casts them)."""
+    from .codec import FLOAT32_PARTS, HeartCodec
 
     config = load_codec_config(codec_dir)
     with torch.device("meta"):
         model = HeartCodec(config)
-    # The scalar decoder computes in float32 whatever `dtype` is (its input is rounded to
-    # multiples of 1/9, so it amplifies small errors): keep its weights exact.
     load_into(
         model,
         shard_files(codec_dir),
         device=device,
         dtype=dtype,
-        float32_prefixes=("scalar_model.",),
+        float32_prefixes=tuple(f"{part}." for part in FLOAT32_PARTS),
     )
     return model.eval(), config
 

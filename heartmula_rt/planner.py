@@ -178,7 +178,8 @@ def lm_sizes(
 def codec_sizes(config: CodecConfig, dtype: torch.dtype) -> CodecSizes:
     with torch.device("meta"):
         codec = HeartCodec(config).to(dtype)
-    codec.scalar_model.float()  # as checkpoint.load_codec: the conv decoder stays float32
+    for part in codec.float32_parts():  # as checkpoint.load_codec
+        part.float()
     est = codec.flow_matching.estimator
     stages = (est.transformer_blocks, est.transformer_blocks_2)
     frames = LATENTS_PER_CODE * WINDOW

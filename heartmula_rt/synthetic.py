@@ -76,7 +76,8 @@ def synthetic_models(
     with torch.device("meta"):
         lm = HeartMuLa(lm_config).to(dtype)
         codec = HeartCodec(codec_config).to(codec_dtype)
-    codec.scalar_model.float()  # as checkpoint.load_codec: the conv decoder stays float32
+    for part in codec.float32_parts():  # as checkpoint.load_codec
+        part.float()
     # Seeds as make_checkpoint's: the LM gets `seed`, the codec `seed + 1`.
     for i, module in enumerate((lm, codec)):
         module.to_empty(device=device).requires_grad_(False).eval()

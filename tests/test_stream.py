@@ -87,68 +87,56 @@ def test_pipeline_stream_equals_generate_on_eos(pipe: Pipeline) -> None:
     assert np.array_equal(np.concatenate(pieces, axis=1), expected.numpy())
 
 
+def _stream_and_compare(
+    pipe: Pipeline, on_frame, *, codec_seed: int, max_frames: int, seed: int
+) -> SongStream:
+    """A SongStream of the tiny pipeline, every frame of `max_frames` made (no EOS stop), whose
+    pieces must equal the non-streamed decode of its frames; `on_frame(n, stream)` is called
+    from the worker. Returns the finished stream."""
+    holder: list[SongStream] = []
+    holder.append(
+        SongStream(
+            pipe.engine,
+            pipe.codec,
+            pipe.prompt(TAGS, LYRICS),
+            num_steps=STEPS,
+            generator=torch.Generator().manual_seed(codec_seed),
+            on_frame=lambda n: on_frame(n, holder[0]),
+            max_frames=max_frames,
+            seed=seed,
+            stop_at_eos=False,
+        )
+    )
+    stream = holder[0]
+    pieces = list(stream)
+    expected = pipe.codec.detokenize(
+        stream.frames, num_steps=STEPS, generator=torch.Generator().manual_seed(codec_seed)
+    )
+    assert np.array_equal(np.concatenate(pieces, axis=1), expected.numpy())
+    return stream
+
+
 def test_song_stream_over_two_windows(pipe: Pipeline) -> None:
     """Random weights end early on EOS; without stopping there, 381 frames make two windows,
     the first decoded while the LM still runs, and the EOS ids among them are stray ids."""
-    prompt = pipe.prompt(TAGS, LYRICS)
-    holder: list[SongStream] = []
     audio_before_last_frame = []
 
-    def on_frame(n: int) -> None:
+    def on_frame(n: int, stream: SongStream) -> None:
         if n == 381:
-            audio_before_last_frame.append(holder[0].first_audio_s is not None)
+            audio_before_last_frame.append(stream.first_audio_s is not None)
 
-    holder.append(
-        SongStream(
-            pipe.engine,
-            pipe.codec,
-            prompt,
-            num_steps=STEPS,
-            generator=torch.Generator().manual_seed(4),
-            on_frame=on_frame,
-            max_frames=380,
-            seed=5,
-            stop_at_eos=False,
-        )
-    )
-    stream = holder[0]
-    pieces = list(stream)
+    stream = _stream_and_compare(pipe, on_frame, codec_seed=4, max_frames=380, seed=5)
     assert stream.frames.shape[1] == 381
     assert audio_before_last_frame == [True]  # window 0 was out before the LM had finished
-    expected = pipe.codec.detokenize(
-        stream.frames, num_steps=STEPS, generator=torch.Generator().manual_seed(4)
-    )
-    assert np.array_equal(np.concatenate(pieces, axis=1), expected.numpy())
 
 
 def test_stop_ends_the_song_where_the_lm_stopped(pipe: Pipeline) -> None:
-    prompt = pipe.prompt(TAGS, LYRICS)
-    holder: list[SongStream] = []
-
-    def on_frame(n: int) -> None:
+    def on_frame(n: int, stream: SongStream) -> None:
         if n == 20:
-            holder[0].stop()
+            stream.stop()
 
-    holder.append(
-        SongStream(
-            pipe.engine,
-            pipe.codec,
-            prompt,
-            num_steps=STEPS,
-            generator=torch.Generator().manual_seed(6),
-            on_frame=on_frame,
-            max_frames=400,
-            seed=0,
-            stop_at_eos=False,
-        )
-    )
-    stream = holder[0]
-    pieces = list(stream)
+    stream = _stream_and_compare(pipe, on_frame, codec_seed=6, max_frames=400, seed=0)
     assert stream.interrupted and 20 <= stream.frames.shape[1] <= 22
-    expected = pipe.codec.detokenize(
-        stream.frames, num_steps=STEPS, generator=torch.Generator().manual_seed(6)
-    )
-    assert np.array_equal(np.concatenate(pieces, axis=1), expected.numpy())
 
 
 def test_worker_errors_reach_the_consumer(pipe: Pipeline) -> None:

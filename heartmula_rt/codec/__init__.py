@@ -41,6 +41,17 @@ def check_codec_dtype(name: str) -> str:
     return name
 
 
+# Cheap (once per window or per ODE step) but their rounding goes straight into the conditioning,
+# the ODE state or the audio: float32 in `mixed`. The scalar decoder's input is rounded to
+# multiples of 1/9, so it amplifies small errors.
+FLOAT32_PARTS = (
+    "flow_matching.vq_embed",
+    "flow_matching.cond_feature_emb",
+    "flow_matching.estimator.proj_out",
+    "scalar_model",
+)
+
+
 def default_codec_dtype(device: torch.device) -> str:
     """`mixed` on a GPU (bfloat16 tensor cores), `float32` on the CPU (no fast bfloat16)."""
     return "mixed" if device.type == "cuda" else "float32"
@@ -54,21 +65,22 @@ class HeartCodec(nn.Module):
         self.scalar_model = ScalarModel(config)
 
     def set_precision(self, name: str) -> HeartCodec:
-        """Cast the weights in place for the codec dtype `name` (one of CODEC_DTYPES).
+        """Cast the weights in place for the codec dtype `name` (one of CODEC_DTYPES): the DiT
+        blocks to the mode's first dtype, `FLOAT32_PARTS` to its second.
 
-        Load the weights at the narrowest dtype the mode uses (bfloat16 for `mixed`), so a
-        checkpoint's tensors are converted once on the host; the float32 parts then hold the
-        bfloat16 values exactly and only their arithmetic is wider.
+        Load the DiT at the blocks' dtype, so its tensors are converted once on the host;
+        `checkpoint.load_codec` loads `FLOAT32_PARTS` in float32, so in `mixed` they keep the
+        checkpoint's values exactly.
         """
         blocks, rest = CODEC_DTYPES[check_codec_dtype(name)]
-        flow = self.flow_matching
-        flow.estimator.to(blocks)
-        # Per window or per step and cheap, but their rounding goes straight into the
-        # conditioning or the ODE state: worth ~1 dB of SNR on the tiny fixture.
-        for module in (flow.vq_embed, flow.cond_feature_emb, flow.estimator.proj_out):
-            module.to(rest)
-        self.scalar_model.to(rest)
+        self.flow_matching.estimator.to(blocks)
+        for part in self.float32_parts():
+            part.to(rest)
         return self
+
+    def float32_parts(self) -> list[nn.Module]:
+        """The modules of `FLOAT32_PARTS`."""
+        return [self.get_submodule(name) for name in FLOAT32_PARTS]
 
     def use_fast_path(self, name: str | None, *, compile_backend: str = "inductor") -> None:
         """Replay the estimator as a CUDA graph (`graph`), compiled first (`compile`), or not
