@@ -68,7 +68,7 @@ for part in "$@"; do
     tests)
         HEARTMULA_RT_SHARED=.shared python3 -m pytest -q tests/test_fused_sampler.py \
             tests/test_engine.py tests/test_quant_fast.py tests/test_stream.py \
-            tests/test_codec_mixed.py
+            tests/test_codec_mixed.py tests/test_offload.py
         ;;
     vram-a) bench --engines graph --vram 24G,16G,12G,8G --max-seconds "$MAX_SECONDS" \
         --repeats 1 --warmup 0 ;;

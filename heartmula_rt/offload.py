@@ -132,3 +132,33 @@ class OffloadedLayers(nn.Module):
             # The slot modules view `flats`: point them at nothing, so the buffers are freed.
             for template in self._templates:
                 template.to_empty(device="meta")
+
+
+class HostCopy:
+    """A module's tensors mirrored once in host memory (pinned when `device` is a GPU), so that
+    it can leave the device and come back between songs cheaply.
+
+    Inference never changes a weight: `evict()` only points the module at the host mirror (no
+    device-to-host copy; the device tensors are freed), and `restore()` copies the mirror to
+    `device` (pinned, so asynchronous and at full bus speed). State-dict keys under `exclude`
+    (e.g. text embeddings a plan keeps on the host) are left where they are.
+    """
+
+    def __init__(
+        self, module: nn.Module, device: torch.device, exclude: tuple[str, ...] = ()
+    ) -> None:
+        self.module, self.device = module, torch.device(device)
+        pin = self.device.type == "cuda"
+        # Always a copy: even of host tensors (pinned, or for the CPU tests, separate).
+        self.host = {
+            key: t.detach().to("cpu", copy=True).pin_memory() if pin else t.to("cpu", copy=True)
+            for key, t in module.state_dict().items()
+            if not key.startswith(exclude)
+        }
+
+    def evict(self) -> None:
+        self.module.load_state_dict(self.host, strict=False, assign=True)
+
+    def restore(self) -> None:
+        on_device = {k: t.to(self.device, non_blocking=True) for k, t in self.host.items()}
+        self.module.load_state_dict(on_device, strict=False, assign=True)

@@ -35,7 +35,7 @@ from .config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
 from .engine import CAPACITY_STEP
 from .errors import UserError
 from .lm import HeartMuLa
-from .offload import OffloadedLayers
+from .offload import HostCopy, OffloadedLayers
 from .quant import quantize_model
 from .quant.fast import use_fast_kernels
 from .synthetic import CODEC_FOR_LM
@@ -447,22 +447,36 @@ def codec_turn(
 ) -> Iterator[None]:
     """Make room for the codec as planned around one decode, and restore the LM after it.
 
-    `release_lm_cache` frees the engine's KV cache and graphs (`engine.release`)."""
+    `release_lm_cache` frees the engine's KV cache and graphs (`engine.release`). Moves between
+    host and GPU go through each model's `HostCopy`, made at its first turn: the LM's weights
+    leave the GPU without a copy back, and each return is one pinned host-to-device copy.
+    """
     device = lm.device
     if plan.lm_during_codec != "kept":
         release_lm_cache()
     if plan.lm_during_codec == "released":
-        lm.to("cpu")  # offloaded layers stay pinned; their ring is allocated per pass
+        exclude = () if plan.text_embeddings_on_gpu else ("text_embeddings.",)
+        _host_copy(lm, device, exclude).evict()  # offloaded layers stay pinned as they are
     if plan.codec_placement != "resident":
-        codec.to(device)
+        _host_copy(codec, device).restore()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # what the LM left cached goes back for the codec
     try:
         yield
     finally:
         if plan.codec_placement != "resident":
-            codec.to("cpu")
+            _host_copy(codec, device).evict()
         if plan.lm_during_codec == "released":
-            _move_except_text(lm, plan, device)
+            _host_copy(lm, device).restore()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# Each placed model's host mirror, made at its first codec turn and dropped with the model.
+_HOST_COPIES: weakref.WeakKeyDictionary[nn.Module, HostCopy] = weakref.WeakKeyDictionary()
+
+
+def _host_copy(module: nn.Module, device: torch.device, exclude: tuple[str, ...] = ()) -> HostCopy:
+    if module not in _HOST_COPIES:
+        _HOST_COPIES[module] = HostCopy(module, device, exclude)
+    return _HOST_COPIES[module]

@@ -13,7 +13,7 @@ from torch import nn
 
 from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR, load_codec, load_lm
 from heartmula_rt.engine import PlainEngine
-from heartmula_rt.offload import OffloadedLayers
+from heartmula_rt.offload import HostCopy, OffloadedLayers
 from heartmula_rt.planner import MemoryPlan, codec_turn, place_codec, place_lm
 from heartmula_rt.prompt import Prompt
 from heartmula_rt.synthetic import synthetic_gen_config
@@ -125,3 +125,32 @@ def test_planned_codec_decodes_the_same_audio(tiny_ckpt: Path) -> None:
     with codec_turn(resident, lm, plain, lambda: released.append(True)):
         again = plain.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
     assert released == [True] and torch.equal(again, expected)
+
+
+def test_host_copy_evicts_to_its_mirror_and_restores_equal_tensors() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Embedding(4, 8))
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    copy = HostCopy(model, CPU, exclude=("1.",))  # the embedding stays as it is
+    embedding = model[1].weight
+    copy.evict()
+    assert model[0].weight.data_ptr() == copy.host["0.weight"].data_ptr()
+    assert model[1].weight is embedding and "1.weight" not in copy.host
+    copy.restore()  # on the CPU the mirror itself: restoring copies only to another device
+    assert isinstance(model[0].weight, nn.Parameter)
+    for key, t in model.state_dict().items():
+        assert torch.equal(t, before[key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_copy_frees_the_gpu_and_comes_back_pinned() -> None:
+    gpu = torch.device("cuda")
+    model = nn.Linear(1024, 1024).to(gpu)
+    x = torch.randn(2, 1024, device=gpu)
+    expected = model(x)
+    copy = HostCopy(model, gpu)
+    assert all(t.is_pinned() for t in copy.host.values())
+    held = torch.cuda.memory_allocated(gpu)
+    copy.evict()
+    assert torch.cuda.memory_allocated(gpu) <= held - 1024 * 1024 * 4
+    copy.restore()
+    assert model.weight.is_cuda and torch.equal(model(x), expected)
