@@ -174,6 +174,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
         quant=args.quant,
         vram=args.vram,
         max_seconds=args.max_seconds,
+        stream=args.stream or to_stdout,
     )
     if pipe.plan is not None:
         print(format_plan(pipe.plan), file=sys.stderr)

@@ -203,11 +203,7 @@ class Pipeline:
         """As `generate`, but an iterator of float32 [2, n] numpy pieces that come while the
         LM runs (heartmula_rt/stream.py); concatenated they equal `generate`'s waveform for the
         same seed, bit for bit."""
-        if self.plan is not None:
-            raise UserError(
-                "streaming needs the LM and the codec on the GPU together; "
-                "it does not work with a --vram plan yet"
-            )
+        check_streamable(self.plan)
         check_seed(seed)
         prompt = self.prompt(tags, lyrics)
         max_frames = max_frames_for(max_seconds)
@@ -237,6 +233,7 @@ def load_pipeline(
     quant: str = "none",
     vram: str | None = None,
     max_seconds: float = 240,
+    stream: bool = False,
 ) -> Pipeline:
     """Load a checkpoint folder in the official layout (SPEC §1).
 
@@ -250,7 +247,8 @@ def load_pipeline(
 
     `vram` ("12G") is a GPU memory budget: the planner (`planner.plan_memory`, for songs of up
     to `max_seconds`) then chooses the quantization and what lives on the GPU, the models load
-    on the host and move as planned, and `Pipeline.plan` holds the plan.
+    on the host and move as planned, and `Pipeline.plan` holds the plan. `stream=True` says
+    the pipeline will stream (`Pipeline.stream`): a plan that cannot is refused before loading.
     """
     root = Path(model_path)
     device = parse_device(device)
@@ -264,6 +262,8 @@ def load_pipeline(
     plan = None
     if vram is not None:
         plan = _plan_for(root, vram, device, quant, max_seconds, lm_dtype, codec_dtype)
+        if stream:
+            check_streamable(plan)
         quant, load_device = plan.quant, torch.device("cpu")
     else:
         load_device = device
@@ -304,6 +304,16 @@ def load_pipeline(
         sample_rate=codec_config.sample_rate,
         plan=plan,
     )
+
+
+def check_streamable(plan: MemoryPlan | None) -> None:
+    """Streaming decodes while the LM runs: a plan must keep both models on the GPU."""
+    if plan is not None and not plan.codec_beside_lm:
+        raise UserError(
+            f"the --vram {plan.budget_bytes / 2**30:g}G plan takes turns between the LM and the "
+            "codec on the GPU, so it cannot stream: use a budget whose plan keeps the codec on "
+            "the GPU throughout (see `heartmula-rt plan`), or do not stream"
+        )
 
 
 def _plan_for(

@@ -232,6 +232,11 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.predicted_peak_bytes <= self.budget_bytes
 
+    @property
+    def codec_beside_lm(self) -> bool:
+        """Whether the codec can decode while the LM runs (streaming): both stay on the GPU."""
+        return self.codec_placement == "resident" and self.lm_during_codec == "kept"
+
 
 def _phases(plan: MemoryPlan, lm: LMSizes, codec: CodecSizes) -> MemoryPlan:
     """The plan with both phases' bytes filled in."""

@@ -13,7 +13,9 @@ from torch import nn
 
 from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR, load_codec, load_lm
 from heartmula_rt.engine import PlainEngine
+from heartmula_rt.errors import UserError
 from heartmula_rt.offload import HostCopy, OffloadedLayers
+from heartmula_rt.pipeline import check_streamable
 from heartmula_rt.planner import MemoryPlan, codec_turn, place_codec, place_lm
 from heartmula_rt.prompt import Prompt
 from heartmula_rt.synthetic import synthetic_gen_config
@@ -125,6 +127,15 @@ def test_planned_codec_decodes_the_same_audio(tiny_ckpt: Path) -> None:
     with codec_turn(resident, lm, plain, lambda: released.append(True)):
         again = plain.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
     assert released == [True] and torch.equal(again, expected)
+
+
+def test_only_plans_that_keep_both_models_on_the_gpu_stream() -> None:
+    plan = frugal_plan(4, 0)
+    with pytest.raises(UserError, match="cannot stream") as e:
+        check_streamable(plan)
+    assert "\n" not in str(e.value)
+    check_streamable(replace(plan, codec_placement="resident", lm_during_codec="kept"))
+    check_streamable(None)  # no plan: everything on the device
 
 
 def test_host_copy_evicts_to_its_mirror_and_restores_equal_tensors() -> None:
