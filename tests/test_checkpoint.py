@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from heartmula_rt import checkpoint
 from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR, load_codec, load_lm
-from heartmula_rt.codec import HeartCodec
+from heartmula_rt.codec import FLOAT32_PARTS, HeartCodec
 from heartmula_rt.config import FLAVORS, CodecConfig, LMConfig
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
@@ -146,9 +146,11 @@ def test_converts_to_target_dtype(fixtures_dir: Path) -> None:
     root = fixtures_dir / "tiny-public" / "ckpt"
     lm, _ = load_lm(root / LM_DIR, dtype=torch.bfloat16)
     codec, _ = load_codec(root / CODEC_DIR, dtype=torch.bfloat16)
+    float32 = tuple(f"{part}." for part in FLOAT32_PARTS)
+    assert any(name.startswith(float32) for name in codec.state_dict())
     for name, t in [*lm.state_dict().items(), *codec.state_dict().items()]:
-        # the scalar decoder computes in float32 and keeps float32 weights
-        want = torch.float32 if name.startswith("scalar_model.") else torch.bfloat16
+        # the codec's float32 parts (scalar decoder, conditioning, ...) load in float32
+        want = torch.float32 if name.startswith(float32) else torch.bfloat16
         assert t.dtype == want, name
         assert t.device.type == "cpu", name
 
