@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import itertools
 import json
 import math
 import platform
@@ -51,6 +50,7 @@ from .planner import (
     GiB,
     codec_turn,
     format_plan,
+    module_bytes,
     parse_vram,
     place_codec,
     place_lm,
@@ -112,12 +112,6 @@ def measure_copy_gbps(device: torch.device, repeats: int = 10, copies: int = 4) 
         if i >= 2:
             times.append(time.perf_counter() - start)
     return 2 * nbytes * copies / statistics.median(times) / 1e9
-
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (a quantized module's packed weights too)."""
-    tensors = itertools.chain(module.parameters(), module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _bytes(weight: nn.Module | Tensor) -> int:
@@ -411,6 +405,12 @@ def plot_results(files: list[Path], png: Path) -> None:
         raise UserError(f"cannot write {png} ({e.strerror})") from None
 
 
+def _synthetic_prompt(args: argparse.Namespace) -> Prompt:
+    """Random ids of `--prompt-len` (DEFAULT_PROMPT_LEN) in the `--synthetic` preset's vocab."""
+    length = DEFAULT_PROMPT_LEN if args.prompt_len is None else args.prompt_len
+    return synthetic_prompt(length, LM_PRESETS[args.synthetic]["text_vocab_size"])
+
+
 def _load(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype, quant: str
 ) -> tuple[Models, Prompt, str]:
@@ -433,8 +433,7 @@ def _load(
         models = Models(pipe.lm, pipe.lm_config, pipe.codec, pipe.codec_config, pipe.gen_config)
         return models, pipe.prompt(SAMPLE_TAGS, SAMPLE_LYRICS), str(args.model_path)
     preset = args.synthetic
-    length = DEFAULT_PROMPT_LEN if args.prompt_len is None else args.prompt_len
-    prompt = synthetic_prompt(length, LM_PRESETS[preset]["text_vocab_size"])
+    prompt = _synthetic_prompt(args)
     # The same seed for every mode: each quantizes the same random weights.
     models = synthetic_models(preset, device, dtype)
     use_fast_kernels(quantize_model(models.lm, quant), dtype)
@@ -474,12 +473,16 @@ class LMTiming:
 
 
 def _time_lm(
-    engine: Engine, prompt: Prompt, device: torch.device, *, warmup: int, repeats: int, **kw: Any
+    engine: Engine, prompt: Prompt, device: torch.device, args: argparse.Namespace, max_frames: int
 ) -> tuple[Tensor, list[float], list[float]]:
-    """The last run's frames and each counted run's prefill and decode seconds."""
+    """The last run's frames and each counted run's prefill and decode seconds: `--warmup`
+    runs, then `--repeats` counted ones, with the command's sampling settings."""
+    warmup, repeats = args.warmup, args.repeats
     prefill_s, decode_s = [], []
     for i in range(warmup + repeats):
-        frames, prefill, decode = timed_generate(engine, prompt, device, **kw)
+        frames, prefill, decode = timed_generate(
+            engine, prompt, device, **_sampling(args, max_frames)
+        )
         what = "warm-up" if i < warmup else f"run {i - warmup + 1}/{repeats}"
         fps = (frames.shape[1] - 1) / decode
         print(f"{engine.name} {what}: {fps:.2f} frames/s", file=sys.stderr)
@@ -671,14 +674,7 @@ def _bench_quant_mode(
     timings: dict[str, LMTiming] = {}
     for name, engine in engines.items():
         _reset_peak(device)
-        frames, prefill_s, decode_s = _time_lm(
-            engine,
-            prompt,
-            device,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            **_sampling(args, max_frames),
-        )
+        frames, prefill_s, decode_s = _time_lm(engine, prompt, device, args, max_frames)
         peak = _peak_vram_gib(device)
         greedy = (None, None)
         if reference is not None:
@@ -785,18 +781,10 @@ def _bench_budgets(
         try:
             place_lm(models.lm, plan, device)
             place_codec(models.codec, plan, device)
-            length = DEFAULT_PROMPT_LEN if args.prompt_len is None else args.prompt_len
-            prompt = synthetic_prompt(length, LM_PRESETS[args.synthetic]["text_vocab_size"])
+            prompt = _synthetic_prompt(args)
             engine = make_engine(engine_name, models.lm, models.gen_config)
             _reset_peak(device)
-            frames, prefill_s, decode_s = _time_lm(
-                engine,
-                prompt,
-                device,
-                warmup=args.warmup,
-                repeats=args.repeats,
-                **_sampling(args, max_frames),
-            )
+            frames, prefill_s, decode_s = _time_lm(engine, prompt, device, args, max_frames)
             with codec_turn(plan, models.lm, models.codec, engine.release):
                 codec_s = time_codec(
                     models, frames, device, seed=args.seed, repeats=args.codec_repeats

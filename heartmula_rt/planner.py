@@ -2,7 +2,7 @@
 in host memory, where the codec lives, and the predicted peak, decided before any weight loads.
 
 Every size is exact, not estimated: the LM (quantized as planned) and the codec are built on the
-meta device and their bytes counted (`bench.module_bytes`); the KV cache is allocated on meta as
+meta device and their bytes counted (`module_bytes`); the KV cache is allocated on meta as
 the static engine would; activations are the peak of live tensor bytes while one prompt step
 and one codec window run on meta (`LiveBytes`). What the meta device cannot see is named below.
 
@@ -16,6 +16,7 @@ backbone layers streamed (offload.py) only as the last resort.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 import weakref
@@ -29,6 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .checkpoint import CODEC_DIR, LM_DIR, load_codec_config, load_lm_config
 from .codec import HeartCodec
 from .codec.detokenize import LATENTS_PER_CODE, WINDOW
 from .config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
@@ -107,10 +109,9 @@ class LiveBytes(TorchDispatchMode):
 
 
 def module_bytes(module: nn.Module) -> int:
-    # bench's count; imported here because bench imports the pipeline, which imports this file
-    from .bench import module_bytes
-
-    return module_bytes(module)
+    """Bytes of a module's parameters and buffers (a quantized module's packed weights too)."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _activation_peak(run: Callable[[], object]) -> int:
@@ -365,8 +366,6 @@ def preset_configs(lm_preset: str = "3B") -> tuple[LMConfig, CodecConfig]:
 
 def checkpoint_configs(root: Path) -> tuple[LMConfig, CodecConfig]:
     """A checkpoint folder's configs, from config.json and the safetensors headers only."""
-    from .checkpoint import CODEC_DIR, LM_DIR, load_codec_config, load_lm_config
-
     return load_lm_config(Path(root) / LM_DIR), load_codec_config(Path(root) / CODEC_DIR)
 
 

@@ -27,12 +27,12 @@ from heartmula_rt.quant import (
 from heartmula_rt.quant.formats import NF4_CODEBOOK
 from torch import nn
 
-from heartmula_rt.bench import module_bytes
 from heartmula_rt.checkpoint import load_gen_config
 from heartmula_rt.config import LM_PRESETS, GenConfig, LMConfig
 from heartmula_rt.decode import generate_frames
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.planner import module_bytes
 from heartmula_rt.synthetic import synthetic_models, synthetic_prompt
 
 FORMATS = {"int8": Int8Linear, "nf4": NF4Linear, "int4": Int4Linear}
