@@ -39,14 +39,17 @@ class Int8TritonLinear(Int8Linear):
 
     @classmethod
     def from_int8(cls, ref: Int8Linear) -> Int8TritonLinear:
-        return cls(ref.weight, ref.scale)
+        # Imported here, not with this file: it needs triton, which CPU builds of torch lack.
+        from heartmula_rt.kernels import int8_matmul  # registers heartmula_rt::int8_weight_matmul
+
+        module = cls(ref.weight, ref.scale)
+        module.max_rows = int8_matmul.MAX_ROWS
+        return module
 
     def forward(self, x: Tensor) -> Tensor:
-        from heartmula_rt.kernels.int8_matmul import MAX_ROWS, int8_weight_matmul
-
-        if x.numel() > MAX_ROWS * x.shape[-1]:  # prefill: once per song, the plain path
+        if x.numel() > self.max_rows * x.shape[-1]:  # prefill: once per song, the plain path
             return super().forward(x)
-        return int8_weight_matmul(x, self.weight, self.scale)
+        return torch.ops.heartmula_rt.int8_weight_matmul(x, self.weight, self.scale)
 
 
 def bnb_available() -> bool:
