@@ -71,10 +71,11 @@ def test_sampler_plain(benchmark, logits: torch.Tensor) -> None:
 
 
 def test_sampler_fused(benchmark, logits: torch.Tensor) -> None:
-    fused_sample = pytest.importorskip("heartmula_rt.kernels.sampling").fused_sample
-    ints = torch.tensor([0, 0, 50], dtype=torch.int64, device=DEVICE)  # seed, counter, topk
-    floats = torch.tensor([1.5, 1.0], dtype=torch.float32, device=DEVICE)  # cfg, temperature
-    timed(benchmark, lambda: fused_sample(logits, ints, floats, True), calls=100)
+    sampling = pytest.importorskip("heartmula_rt.kernels.sampling")
+    ints, floats = sampling.new_state(
+        seed=0, topk=50, cfg_scale=1.5, temperature=1.0, device=DEVICE
+    )
+    timed(benchmark, lambda: sampling.fused_sample(logits, ints, floats, True), calls=100)
 
 
 @torch.inference_mode()

@@ -100,17 +100,21 @@ class DeviceSampler:
     """
 
     def __init__(self, device: torch.device) -> None:
-        from .kernels.sampling import fused_sample  # needs triton: imported only when used
+        from .kernels import sampling  # needs triton: imported only when used
 
-        self._sample = fused_sample
-        self.ints = torch.zeros(3, dtype=torch.int64, device=device)  # seed, counter, topk
-        self.floats = torch.zeros(2, dtype=torch.float32, device=device)  # cfg scale, temperature
+        self._sample, self._new_state = sampling.fused_sample, sampling.new_state
+        self.ints, self.floats = self._new_state(
+            seed=0, topk=1, cfg_scale=1.0, temperature=1.0, device=device
+        )
         self.batch = 1
 
     def configure(self, *, topk: int, temperature: float, cfg_scale: float, seed: int) -> None:
         self.batch = cfg_batch(cfg_scale)
-        self.ints.copy_(torch.tensor([seed, 0, topk]))
-        self.floats.copy_(torch.tensor([cfg_scale, temperature]))
+        ints, floats = self._new_state(
+            seed=seed, topk=topk, cfg_scale=cfg_scale, temperature=temperature, device="cpu"
+        )
+        self.ints.copy_(ints)
+        self.floats.copy_(floats)
 
     def __call__(self, logits: Tensor) -> Tensor:
         """Raw logits [batch, V] → the sampled token [1, 1]."""

@@ -71,6 +71,15 @@ def _int8_matmul_kernel(
     )
 
 
+def _launch(rows, weight, scale, y) -> tuple[object, tuple, dict]:
+    """(grid, args, meta-parameters) of one launch for rows [M, K]: shared by the op and the
+    ahead-of-time compile test (`kernels/aot.py`), which passes tensor stand-ins."""
+    (m, k), n = rows.shape, weight.shape[0]
+    args = (rows, weight, scale, y, m, n, k, rows.stride()[0], weight.stride()[0], y.stride()[0])
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    return grid, args, {"BLOCK_M": triton.next_power_of_2(m)}
+
+
 @torch.library.custom_op("heartmula_rt::int8_weight_matmul", mutates_args=())
 def int8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] (at most MAX_ROWS rows in all) · int8 weight [N, K]ᵀ · float32 scale [N] →
@@ -82,22 +91,33 @@ def int8_weight_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if m > MAX_ROWS:
         raise ValueError(f"int8_weight_matmul takes at most {MAX_ROWS} rows, not {m}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _int8_matmul_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        rows,
-        weight,
-        scale,
-        y,
-        m,
-        n,
-        k,
-        rows.stride(0),
-        weight.stride(0),
-        y.stride(0),
-        BLOCK_M=triton.next_power_of_2(m),
-    )
+    grid, args, meta = _launch(rows, weight, scale, y)
+    _int8_matmul_kernel[grid](*args, **meta)
     return y.view(*x.shape[:-1], n)
 
 
 @int8_weight_matmul.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# The 3B model's decode matmuls (N, K): q, k/v, o, w1/w3, w2, and codebook 0's head; the tiny
+# fixture's come from its config the same way, but these shapes cover every specialisation.
+_AOT_SHAPES = ((3072, 3072), (1024, 3072), (8192, 3072), (3072, 8192), (8197, 3072), (24, 16))
+
+
+def aot_launches() -> list[tuple[str, object, tuple, dict]]:
+    """Every launch shape decode uses, for the ahead-of-time compile test: 1, 2 or 4 rows
+    (MAX_ROWS), bf16 / float16 / float32 activations, the 3B model's matrix shapes."""
+    from triton.runtime.jit import MockTensor
+
+    launches = []
+    for n, k in _AOT_SHAPES:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for m in (1, 2, MAX_ROWS):
+                rows, y = MockTensor(dtype, [m, k]), MockTensor(dtype, [m, n])
+                weight, scale = MockTensor(torch.int8, [n, k]), MockTensor(torch.float32, [n])
+                _, args, meta = _launch(rows, weight, scale, y)
+                what = f"{m} rows, N {n}, K {k}, {str(dtype)[6:]}"
+                launches.append((what, _int8_matmul_kernel, args, meta))
+    return launches

@@ -14,9 +14,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _state(seed: int, topk: int, cfg_scale: float = 1.5, temperature: float = 1.0):
-    ints = torch.tensor([seed, 0, topk], dtype=torch.int64, device=DEVICE)
-    floats = torch.tensor([cfg_scale, temperature], dtype=torch.float32, device=DEVICE)
-    return ints, floats
+    return sampling.new_state(
+        seed=seed, topk=topk, cfg_scale=cfg_scale, temperature=temperature, device=DEVICE
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -114,3 +114,29 @@ def test_compiles_without_graph_breaks() -> None:
     ints[1] = 0
     eager = torch.cat([sampling.fused_sample(logits, ints, floats, True) for _ in range(2)])
     assert torch.equal(compiled, eager)
+
+
+def _chunked(logits: torch.Tensor, ints, floats, cfg: bool, block: int) -> torch.Tensor:
+    """The kernel launched as on a GPU (one program per row), reading rows `block` at a time."""
+    n_out = logits.shape[0] // 2 if cfg else logits.shape[0]
+    out = torch.empty(n_out, 1, dtype=torch.int64, device=logits.device)
+    grid, args, meta = sampling._launch(logits, ints, floats, out, cfg, interpreted=False)
+    meta.update(BLOCK=block, ONE_CHUNK=block >= logits.shape[1])
+    sampling._fused_sample_kernel[grid](*args, **meta)
+    return out
+
+
+@pytest.mark.parametrize(("topk", "cfg"), [(1, True), (5, False), (50, True)])
+def test_chunked_rows_draw_what_one_tile_draws(topk: int, cfg: bool) -> None:
+    """GPU launches read each row in chunks, one program per row; the tokens must not depend on
+    the layout, and the counter must advance once per call whatever the number of programs."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(6 if cfg else 3, 150, generator=g).to(DEVICE)
+    logits[:, 130] = logits[:, 20] = logits.max() + 1  # a tie for the maximum across chunks
+    for seed in range(2):
+        ints, floats = _state(seed, topk, temperature=0.8)
+        whole = sampling.fused_sample(logits, ints, floats, cfg)
+        ints2, _ = _state(seed, topk, temperature=0.8)
+        chunked = _chunked(logits, ints2, floats, cfg, block=64)
+        assert torch.equal(chunked, whole)
+        assert torch.equal(ints2, ints) and int(ints2[1]) == 1 and int(ints2[3]) == 0
