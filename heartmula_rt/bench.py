@@ -48,12 +48,10 @@ from .pipeline import (
 from .planner import (
     CUDA_CONTEXT_BYTES,
     GiB,
-    codec_turn,
+    Placement,
     format_plan,
     module_bytes,
     parse_vram,
-    place_codec,
-    place_lm,
     plan_memory,
     preset_configs,
 )
@@ -778,14 +776,15 @@ def _bench_budgets(
         models.codec.to("cpu")
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT_BYTES) / total, device)
+        placement = Placement(plan, device)
         try:
-            place_lm(models.lm, plan, device)
-            place_codec(models.codec, plan, device)
+            placement.place_lm(models.lm)
+            placement.place_codec(models.codec)
             prompt = _synthetic_prompt(args)
             engine = make_engine(engine_name, models.lm, models.gen_config)
             _reset_peak(device)
             frames, prefill_s, decode_s = _time_lm(engine, prompt, device, args, max_frames)
-            with codec_turn(plan, models.lm, models.codec, engine.release):
+            with placement.codec_turn(models.lm, models.codec, engine.release):
                 codec_s = time_codec(
                     models, frames, device, seed=args.seed, repeats=args.codec_repeats
                 )
@@ -816,6 +815,6 @@ def _bench_budgets(
         path = write_results(out_dir, f"vram-{budget / GiB:g}G", result)
         print(format_table([run]))
         print(f"wrote {path}")
-        del models, engine, timing, frames
+        del models, placement, engine, timing, frames  # this budget's models leave the GPU
         torch.cuda.empty_cache()
     return 0

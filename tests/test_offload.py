@@ -4,6 +4,8 @@ tiny checkpoint giving the same frames and audio as the unplanned models."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from heartmula_rt.engine import PlainEngine
 from heartmula_rt.errors import UserError
 from heartmula_rt.offload import HostCopy, OffloadedLayers
 from heartmula_rt.pipeline import check_streamable
-from heartmula_rt.planner import MemoryPlan, codec_turn, place_codec, place_lm
+from heartmula_rt.planner import MemoryPlan, Placement
 from heartmula_rt.prompt import Prompt
 from heartmula_rt.synthetic import synthetic_gen_config
 
@@ -103,7 +105,7 @@ def test_planned_lm_makes_the_same_frames(tiny_ckpt: Path, offloaded: int) -> No
     plain, _ = load_lm(tiny_ckpt / LM_DIR)
     gen_config = synthetic_gen_config(load_codec(tiny_ckpt / CODEC_DIR)[1])
     planned, config = load_lm(tiny_ckpt / LM_DIR)
-    place_lm(planned, frugal_plan(config.backbone.num_layers, offloaded), CPU)
+    Placement(frugal_plan(config.backbone.num_layers, offloaded), CPU).place_lm(planned)
     assert isinstance(planned.backbone.layers, OffloadedLayers)
     assert torch.equal(greedy_frames(planned, gen_config), greedy_frames(plain, gen_config))
 
@@ -113,20 +115,35 @@ def test_planned_codec_decodes_the_same_audio(tiny_ckpt: Path) -> None:
     plain, _ = load_codec(tiny_ckpt / CODEC_DIR)
     expected = plain.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
     lm, config = load_lm(tiny_ckpt / LM_DIR)
-    plan = frugal_plan(config.backbone.num_layers, 1)
-    place_lm(lm, plan, CPU)
+    placement = Placement(frugal_plan(config.backbone.num_layers, 1), CPU)
+    placement.place_lm(lm)
     codec, _ = load_codec(tiny_ckpt / CODEC_DIR)
-    place_codec(codec, plan, CPU)
+    placement.place_codec(codec)
     released = []
-    with codec_turn(plan, lm, codec, lambda: released.append(True)):
+    with placement.codec_turn(lm, codec, lambda: released.append(True)):
         wav = codec.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
     assert released == [True]
     assert torch.equal(wav, expected)
     # The resident layout decodes the same way, and leaves the LM's cache alone.
-    resident = replace(plan, codec_placement="resident", lm_during_codec="kept")
-    with codec_turn(resident, lm, plain, lambda: released.append(True)):
+    resident = replace(placement.plan, codec_placement="resident", lm_during_codec="kept")
+    with Placement(resident, CPU).codec_turn(lm, plain, lambda: released.append(True)):
         again = plain.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
     assert released == [True] and torch.equal(again, expected)
+
+
+def test_placed_models_go_with_their_placement(tiny_ckpt: Path) -> None:
+    lm, config = load_lm(tiny_ckpt / LM_DIR)
+    codec, _ = load_codec(tiny_ckpt / CODEC_DIR)
+    plan = replace(frugal_plan(config.backbone.num_layers, 0), codec_placement="after_lm")
+    placement = Placement(plan, CPU)  # what a Pipeline holds
+    placement.place_lm(lm)
+    placement.place_codec(codec)
+    with placement.codec_turn(lm, codec, lambda: None):  # makes both host mirrors
+        pass
+    models = weakref.ref(lm), weakref.ref(codec)
+    del lm, codec, placement
+    gc.collect()
+    assert [m() for m in models] == [None, None]
 
 
 def test_only_plans_that_keep_both_models_on_the_gpu_stream() -> None:
