@@ -103,8 +103,9 @@ class DeviceSampler:
         from .kernels.sampling import fused_sample  # needs triton: imported only when used
 
         self._sample = fused_sample
-        self.ints = torch.zeros(3, dtype=torch.int64, device=device)  # seed, counter, topk
-        self.floats = torch.zeros(2, dtype=torch.float32, device=device)  # cfg scale, temperature
+        with torch.inference_mode(False):  # kept across songs: see StaticState
+            self.ints = torch.zeros(3, dtype=torch.int64, device=device)  # seed, counter, topk
+            self.floats = torch.zeros(2, dtype=torch.float32, device=device)  # cfg, temperature
         self.batch = 1
 
     def configure(self, *, topk: int, temperature: float, cfg_scale: float, seed: int) -> None:
@@ -118,8 +119,14 @@ class DeviceSampler:
 
 
 class StaticState:
-    """The device tensors one frame step reads and writes, allocated once per capacity."""
+    """The device tensors one frame step reads and writes, allocated once per capacity.
 
+    They outlive the song that made them, so they (and the cache views) are made as normal
+    tensors even under a caller's torch.inference_mode(): inference tensors could not be
+    updated in place by a later song run without it.
+    """
+
+    @torch.inference_mode(False)
     def __init__(self, model: HeartMuLa, batch: int, capacity: int) -> None:
         device = model.device
         n = model.config.audio_num_codebooks
@@ -136,7 +143,8 @@ class StaticState:
         """The caches' first `batch` rows, the same view objects every time (graphs and compiled
         code see the same inputs song after song)."""
         if batch not in self._views:
-            self._views[batch] = self.cache.narrow(batch)
+            with torch.inference_mode(False):
+                self._views[batch] = self.cache.narrow(batch)
         return self._views[batch]
 
     def frames(self, count: int) -> Tensor:

@@ -120,7 +120,9 @@ class SongStream:
 
     def _run(self, *args: Any) -> None:
         try:
-            with torch.inference_mode():
+            # Not inference_mode: the static engine's state outlives the song, and inference
+            # tensors could not be updated by a later song outside that mode.
+            with torch.no_grad():
                 self._generate(*args)
         except BaseException as e:  # handed to the consumer, raised there
             self._queue.put(e)

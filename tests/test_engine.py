@@ -120,6 +120,23 @@ def test_ctrl_c_keeps_the_frames_made(lm: HeartMuLa, gen: GenConfig, tokenizer: 
     assert torch.equal(made, full[:, :9])
 
 
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
+def test_static_engine_serves_calls_in_and_out_of_inference_mode(
+    first: str, tiny_ckpt: Path, gen: GenConfig, tokenizer: Tokenizer
+) -> None:
+    # A fresh LM: its lazily built RoPE tables come from the first call's mode too.
+    lm = load_lm(tiny_ckpt / LM_DIR, device=DEVICE)[0]
+    prompt = build_prompt(tokenizer, gen, "pop", "[Chorus]\nla\n")
+    kwargs = {"max_frames": 12, "topk": 1, "cfg_scale": 1.5}
+    expected = PlainEngine(lm, gen).generate_frames(prompt, **kwargs)
+    engine = StaticEngine(lm, gen, graphs=False)
+    modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+    other = "no_grad" if first == "inference_mode" else "inference_mode"
+    for mode in (first, other, first):  # the state made in the first mode serves both
+        with modes[mode]():
+            assert torch.equal(engine.generate_frames(prompt, **kwargs), expected), mode
+
+
 def test_compiled_step_equals_the_plain_loop(
     lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, fixtures_dir: Path
 ) -> None:

@@ -110,7 +110,7 @@ class HeartCodec(nn.Module):
         chunk: int = DECODE_CHUNK,
     ) -> WindowDecoder:
         """An incremental decoder: `push(codes)` as they come, then `finish()` (see
-        WindowDecoder). Call its methods under torch.inference_mode()."""
+        WindowDecoder). Call its methods under torch.no_grad() or torch.inference_mode()."""
         return WindowDecoder(
             self.flow_matching,
             self.scalar_model,

@@ -67,7 +67,8 @@ class GraphedEstimator:
 
     def _capture(self, inp: torch.Tensor, t: torch.Tensor) -> None:
         self._graph = None  # drop an old graph (and its memory pool) first
-        self._inp, self._t = inp.clone(), t.clone()
+        with torch.inference_mode(False):  # refilled in and out of inference mode
+            self._inp, self._t = inp.clone(), t.clone()
         # Warm-up on a side stream: compilation, kernel choice and workspaces happen outside
         # the capture, where they are not allowed.
         side = torch.cuda.Stream(inp.device)
