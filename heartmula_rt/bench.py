@@ -33,7 +33,14 @@ from .codec.detokenize import WINDOW
 from .codec.scalar import DECODE_CHUNK, largest_activation_bytes
 from .config import LM_PRESETS
 from .decode import cfg_batch, check_length, check_sampling
-from .engine import ENGINES, Engine, check_engine, default_engine, make_engine
+from .engine import (
+    ENGINES,
+    Engine,
+    check_engine,
+    check_engine_over_streaming,
+    default_engine,
+    make_engine,
+)
 from .errors import UserError
 from .lm import HeartMuLa
 from .pipeline import (
@@ -757,8 +764,9 @@ def _bench_budgets(
     engine_name = parse_engines(args.engines, device)[0]
     lm_config, codec_config = preset_configs(args.synthetic)
     total = torch.cuda.get_device_properties(device).total_memory
-    for budget in budgets:
-        plan = plan_memory(
+    # Every budget's plan first: one that cannot run is refused before any model is made.
+    plans = [
+        plan_memory(
             budget,
             lm_config,
             codec_config,
@@ -767,6 +775,11 @@ def _bench_budgets(
             lm_dtype=dtype,
             codec_dtype=CODEC_DTYPES[codec_mode][0],
         )
+        for budget in budgets
+    ]
+    for plan in plans:
+        check_engine_over_streaming(engine_name, plan.offloaded_lm_layers)
+    for budget, plan in zip(budgets, plans, strict=True):
         print(format_plan(plan), file=sys.stderr)
         # Made and quantized on the GPU (fast), then placed from host memory as planned.
         models = synthetic_models(args.synthetic, device, dtype)

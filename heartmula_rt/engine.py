@@ -35,6 +35,7 @@ from .decode import (
 )
 from .errors import UserError
 from .lm import HeartMuLa, LMCache
+from .offload import OffloadedLayers
 from .prompt import Prompt
 
 ENGINES = ("plain", "graph", "compile")
@@ -178,6 +179,10 @@ class StaticEngine:
         capacity_step: int = CAPACITY_STEP,
     ) -> None:
         self.name = "compile" if compile else "graph"
+        layers = model.backbone.layers
+        check_engine_over_streaming(
+            self.name, len(layers.host) if isinstance(layers, OffloadedLayers) else 0
+        )
         self.model, self.gen_config = model, gen_config
         self.device = model.device
         self.bucket, self.sync_every, self.capacity_step = bucket, sync_every, capacity_step
@@ -324,6 +329,18 @@ def check_engine(name: str, device: torch.device) -> None:
         raise UserError(f"the {name} engine needs a CUDA GPU; use the plain engine on the CPU")
     if name != "plain" and importlib.util.find_spec("triton") is None:
         raise UserError(f"the {name} engine needs triton (pip install triton)")
+
+
+def check_engine_over_streaming(name: str, streamed_layers: int) -> None:
+    """Refuse the compile engine over backbone layers streamed from host memory: Dynamo cannot
+    trace the stream (`offload.OffloadedLayers`, a generator with side-stream copies and
+    `load_state_dict(assign=True)`), while the graph engine's CUDA graphs replay its copies."""
+    if name == "compile" and streamed_layers:
+        raise UserError(
+            f"the compile engine cannot run over the {streamed_layers} backbone layers this "
+            "--vram plan streams from host memory; use --engine graph, whose CUDA graphs "
+            "replay the streamed copies"
+        )
 
 
 def default_engine(device: torch.device) -> str:

@@ -16,7 +16,13 @@ from .checkpoint import CODEC_DIR, LM_DIR
 from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype, default_codec_dtype
 from .config import CodecConfig, GenConfig, LMConfig
 from .decode import check_length
-from .engine import Engine, check_engine, default_engine, make_engine
+from .engine import (
+    Engine,
+    check_engine,
+    check_engine_over_streaming,
+    default_engine,
+    make_engine,
+)
 from .errors import UserError
 from .lm import HeartMuLa
 from .planner import MemoryPlan, Placement, checkpoint_configs, parse_vram, plan_memory
@@ -260,6 +266,7 @@ def load_pipeline(
     plan = None
     if vram is not None:
         plan = _plan_for(root, vram, device, quant, max_seconds, lm_dtype, codec_dtype)
+        check_engine_over_streaming(engine, plan.offloaded_lm_layers)
         if stream:
             check_streamable(plan)
         quant, load_device = plan.quant, torch.device("cpu")

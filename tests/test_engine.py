@@ -21,6 +21,7 @@ from heartmula_rt.decode import GenerationInterrupted
 from heartmula_rt.engine import PlainEngine, StaticEngine, make_engine
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.offload import OffloadedLayers
 from heartmula_rt.prompt import Prompt, build_prompt
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
@@ -150,6 +151,21 @@ def test_compiled_step_equals_the_plain_loop(
     )
     plain = PlainEngine(lm, gen)
     assert torch.equal(_run(engine, prompt, c), _run(plain, prompt, c))
+
+
+def test_compile_engine_refuses_streamed_layers(
+    tiny_ckpt: Path, gen: GenConfig, tokenizer: Tokenizer
+) -> None:
+    lm = load_lm(tiny_ckpt / LM_DIR, device=DEVICE)[0]
+    lm.backbone.layers = OffloadedLayers(lm.backbone.layers, DEVICE, resident=1)
+    with pytest.raises(UserError, match="use --engine graph") as refused:
+        StaticEngine(lm, gen, compile=True, compile_backend="aot_eager", graphs=False)
+    assert "\n" not in str(refused.value)
+    # The graph engine's step runs over them, making the plain loop's frames.
+    prompt = build_prompt(tokenizer, gen, "pop", "[Chorus]\nla\n")
+    kwargs = {"max_frames": 12, "topk": 1, "cfg_scale": 1.5}
+    frames = StaticEngine(lm, gen, graphs=False).generate_frames(prompt, **kwargs)
+    assert torch.equal(frames, PlainEngine(lm, gen).generate_frames(prompt, **kwargs))
 
 
 def test_engine_choice(tiny_lm: HeartMuLa, gen: GenConfig) -> None:  # tiny_lm: on the CPU

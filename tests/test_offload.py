@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from heartmula_rt import pipeline
 from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR, load_codec, load_lm
-from heartmula_rt.engine import PlainEngine
+from heartmula_rt.engine import PlainEngine, check_engine_over_streaming
 from heartmula_rt.errors import UserError
 from heartmula_rt.offload import HostCopy, OffloadedLayers
 from heartmula_rt.pipeline import check_streamable
@@ -153,6 +154,26 @@ def test_only_plans_that_keep_both_models_on_the_gpu_stream() -> None:
     assert "\n" not in str(e.value)
     check_streamable(replace(plan, codec_placement="resident", lm_during_codec="kept"))
     check_streamable(None)  # no plan: everything on the device
+
+
+def test_compile_engine_over_streamed_layers_is_refused_before_loading(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_engine_over_streaming("graph", 5)
+    check_engine_over_streaming("compile", 0)
+    with pytest.raises(UserError, match="use --engine graph") as refused:
+        check_engine_over_streaming("compile", 5)
+    assert "\n" not in str(refused.value)
+
+    # load_pipeline's --vram path needs a GPU: stand in for it with a plan that streams layers.
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the engine was checked against the plan")
+
+    monkeypatch.setattr(pipeline, "check_engine", lambda name, device: None)
+    monkeypatch.setattr(pipeline, "_plan_for", lambda *args: frugal_plan(4, 1))
+    monkeypatch.setattr(pipeline.checkpoint, "load_lm", no_loading)
+    with pytest.raises(UserError, match="use --engine graph"):
+        pipeline.load_pipeline(tiny_ckpt, engine="compile", vram="4G")
 
 
 def test_host_copy_evicts_to_its_mirror_and_restores_equal_tensors() -> None:
