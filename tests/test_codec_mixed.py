@@ -124,3 +124,18 @@ def test_a_codec_copies_with_its_fast_path_bound_to_the_copy(tiny_ckpt: Path) ->
         out = fast_copy(inp, t)
         assert torch.equal(out, copied.flow_matching.estimator(inp, t))
         assert not torch.allclose(out, codec.flow_matching.estimator(inp, t))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_codec_with_a_captured_graph_copies_on_the_gpu(tiny_ckpt: Path, codes) -> None:
+    codec = load_codec(tiny_ckpt / CODEC_DIR, device=torch.device("cuda"))[0]
+    codec.use_fast_path("graph")
+
+    def decode(c: HeartCodec) -> torch.Tensor:
+        return c.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(0))
+
+    expected = decode(codec)  # captures the estimator's graph
+    copied = copy.deepcopy(codec)
+    torch.testing.assert_close(decode(copied), expected, rtol=1e-5, atol=1e-5)
+    graphs = [c.flow_matching.fast_estimator._graph for c in (codec, copied)]
+    assert graphs[0] is not graphs[1]  # the copy captured its own
