@@ -37,6 +37,7 @@ from .errors import UserError
 from .lm import HeartMuLa, LMCache
 from .offload import OffloadedLayers
 from .prompt import Prompt
+from .side_stream import SideStream
 
 ENGINES = ("plain", "graph", "compile")
 BUCKET = 256  # backbone positions per attention bucket: one graph per bucket
@@ -195,6 +196,7 @@ class StaticEngine:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._warm: set[tuple[int, int]] = set()  # keys run once outside capture
         self._pool = None
+        self._side_stream = SideStream()  # every shape's first frame runs on it
 
     # -- the step -------------------------------------------------------------------------
 
@@ -220,7 +222,7 @@ class StaticEngine:
             # First frame of this shape runs for real on a side stream (compiling, choosing
             # kernels, allocating workspaces: nothing of that may happen inside a capture).
             self._warm.add(key)
-            side = torch.cuda.Stream(self.device)
+            side = self._side_stream.get(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 self._step_fn(state, cache, kv_len)

@@ -198,3 +198,19 @@ def test_gpu_engines_equal_the_reference_and_reuse_graphs(
     prompt = build_prompt(tokenizer, gen, "jazz", "hello")
     runs = [engine.generate_frames(prompt, max_frames=20, seed=s) for s in (3, 3)]
     assert torch.equal(runs[0], runs[1])
+
+
+@cuda
+def test_one_side_stream_per_engine(
+    lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, streams_made: list[str]
+) -> None:
+    # Each (batch, bucket)'s first frame runs on a side stream; torch keeps a cuBLAS workspace
+    # per stream that ran a matmul, so all of them must share one.
+    engine = StaticEngine(lm, gen, bucket=16)
+    short = build_prompt(tokenizer, gen, "jazz", "hello")
+    long = build_prompt(tokenizer, gen, "piano,happy", "[Verse]\n" + "la la la\n" * 12)
+    for prompt, cfg_scale in ((short, 1.5), (long, 1.5), (short, 1.0)):  # new buckets each time
+        engine.generate_frames(
+            prompt, max_frames=40, cfg_scale=cfg_scale, seed=0, stop_at_eos=False
+        )
+    assert streams_made == ["heartmula_rt.side_stream"]

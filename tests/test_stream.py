@@ -99,6 +99,17 @@ def test_gpu_pipeline_streams_and_generates_in_any_order(tiny_ckpt: Path) -> Non
     assert np.array_equal(gpu.generate(TAGS, LYRICS, **kwargs).numpy(), expected)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_songs_reuse_the_codec_stream(tiny_ckpt: Path, streams_made: list[str]) -> None:
+    gpu = heartmula_rt.load_pipeline(tiny_ckpt, device="cuda", dtype="float32")
+    kwargs = {"max_seconds": 8, "seed": 2, "num_steps": STEPS}
+    list(gpu.stream(TAGS, LYRICS, **kwargs))
+    first_song = list(streams_made)
+    assert first_song.count("heartmula_rt.side_stream") == 2  # the engine's and the codec's
+    list(gpu.stream(TAGS, LYRICS, **kwargs))
+    assert streams_made == first_song  # the second song made none
+
+
 def test_pipeline_stream_equals_generate_on_eos(pipe: Pipeline) -> None:
     kwargs = {"max_seconds": 8, "seed": 2, "num_steps": STEPS}
     stream = pipe.stream(TAGS, LYRICS, **kwargs)
