@@ -33,7 +33,14 @@ from .codec.detokenize import WINDOW
 from .codec.scalar import DECODE_CHUNK, largest_activation_bytes
 from .config import LM_PRESETS
 from .decode import cfg_batch, check_length, check_sampling
-from .engine import ENGINES, Engine, check_engine, default_engine, make_engine
+from .engine import (
+    ENGINES,
+    Engine,
+    check_engine,
+    check_engine_over_streaming,
+    default_engine,
+    make_engine,
+)
 from .errors import UserError
 from .lm import HeartMuLa
 from .pipeline import (
@@ -48,12 +55,10 @@ from .pipeline import (
 from .planner import (
     CUDA_CONTEXT_BYTES,
     GiB,
-    codec_turn,
+    Placement,
     format_plan,
     module_bytes,
     parse_vram,
-    place_codec,
-    place_lm,
     plan_memory,
     preset_configs,
 )
@@ -759,8 +764,9 @@ def _bench_budgets(
     engine_name = parse_engines(args.engines, device)[0]
     lm_config, codec_config = preset_configs(args.synthetic)
     total = torch.cuda.get_device_properties(device).total_memory
-    for budget in budgets:
-        plan = plan_memory(
+    # Every budget's plan first: one that cannot run is refused before any model is made.
+    plans = [
+        plan_memory(
             budget,
             lm_config,
             codec_config,
@@ -769,6 +775,11 @@ def _bench_budgets(
             lm_dtype=dtype,
             codec_dtype=CODEC_DTYPES[codec_mode][0],
         )
+        for budget in budgets
+    ]
+    for plan in plans:
+        check_engine_over_streaming(engine_name, plan.offloaded_lm_layers)
+    for budget, plan in zip(budgets, plans, strict=True):
         print(format_plan(plan), file=sys.stderr)
         # Made and quantized on the GPU (fast), then placed from host memory as planned.
         models = synthetic_models(args.synthetic, device, dtype)
@@ -778,14 +789,15 @@ def _bench_budgets(
         models.codec.to("cpu")
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT_BYTES) / total, device)
+        placement = Placement(plan, device)
         try:
-            place_lm(models.lm, plan, device)
-            place_codec(models.codec, plan, device)
+            placement.place_lm(models.lm)
+            placement.place_codec(models.codec)
             prompt = _synthetic_prompt(args)
             engine = make_engine(engine_name, models.lm, models.gen_config)
             _reset_peak(device)
             frames, prefill_s, decode_s = _time_lm(engine, prompt, device, args, max_frames)
-            with codec_turn(plan, models.lm, models.codec, engine.release):
+            with placement.codec_turn(models.lm, models.codec, engine.release):
                 codec_s = time_codec(
                     models, frames, device, seed=args.seed, repeats=args.codec_repeats
                 )
@@ -816,6 +828,6 @@ def _bench_budgets(
         path = write_results(out_dir, f"vram-{budget / GiB:g}G", result)
         print(format_table([run]))
         print(f"wrote {path}")
-        del models, engine, timing, frames
+        del models, placement, engine, timing, frames  # this budget's models leave the GPU
         torch.cuda.empty_cache()
     return 0

@@ -35,7 +35,9 @@ from .decode import (
 )
 from .errors import UserError
 from .lm import HeartMuLa, LMCache
+from .offload import OffloadedLayers
 from .prompt import Prompt
+from .side_stream import SideStream
 
 ENGINES = ("plain", "graph", "compile")
 BUCKET = 256  # backbone positions per attention bucket: one graph per bucket
@@ -103,9 +105,10 @@ class DeviceSampler:
         from .kernels import sampling  # needs triton: imported only when used
 
         self._sample, self._new_state = sampling.fused_sample, sampling.new_state
-        self.ints, self.floats = self._new_state(
-            seed=0, topk=1, cfg_scale=1.0, temperature=1.0, device=device
-        )
+        with torch.inference_mode(False):  # kept across songs: see StaticState
+            self.ints, self.floats = self._new_state(
+                seed=0, topk=1, cfg_scale=1.0, temperature=1.0, device=device
+            )
         self.batch = 1
 
     def configure(self, *, topk: int, temperature: float, cfg_scale: float, seed: int) -> None:
@@ -122,8 +125,14 @@ class DeviceSampler:
 
 
 class StaticState:
-    """The device tensors one frame step reads and writes, allocated once per capacity."""
+    """The device tensors one frame step reads and writes, allocated once per capacity.
 
+    They outlive the song that made them, so they (and the cache views) are made as normal
+    tensors even under a caller's torch.inference_mode(): inference tensors could not be
+    updated in place by a later song run without it.
+    """
+
+    @torch.inference_mode(False)
     def __init__(self, model: HeartMuLa, batch: int, capacity: int) -> None:
         device = model.device
         n = model.config.audio_num_codebooks
@@ -140,7 +149,8 @@ class StaticState:
         """The caches' first `batch` rows, the same view objects every time (graphs and compiled
         code see the same inputs song after song)."""
         if batch not in self._views:
-            self._views[batch] = self.cache.narrow(batch)
+            with torch.inference_mode(False):
+                self._views[batch] = self.cache.narrow(batch)
         return self._views[batch]
 
     def frames(self, count: int) -> Tensor:
@@ -174,6 +184,10 @@ class StaticEngine:
         capacity_step: int = CAPACITY_STEP,
     ) -> None:
         self.name = "compile" if compile else "graph"
+        layers = model.backbone.layers
+        check_engine_over_streaming(
+            self.name, len(layers.host) if isinstance(layers, OffloadedLayers) else 0
+        )
         self.model, self.gen_config = model, gen_config
         self.device = model.device
         self.bucket, self.sync_every, self.capacity_step = bucket, sync_every, capacity_step
@@ -186,6 +200,7 @@ class StaticEngine:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._warm: set[tuple[int, int]] = set()  # keys run once outside capture
         self._pool = None
+        self._side_stream = SideStream()  # every shape's first frame runs on it
 
     # -- the step -------------------------------------------------------------------------
 
@@ -211,7 +226,7 @@ class StaticEngine:
             # First frame of this shape runs for real on a side stream (compiling, choosing
             # kernels, allocating workspaces: nothing of that may happen inside a capture).
             self._warm.add(key)
-            side = torch.cuda.Stream(self.device)
+            side = self._side_stream.get(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 self._step_fn(state, cache, kv_len)
@@ -320,6 +335,18 @@ def check_engine(name: str, device: torch.device) -> None:
         raise UserError(f"the {name} engine needs a CUDA GPU; use the plain engine on the CPU")
     if name != "plain" and importlib.util.find_spec("triton") is None:
         raise UserError(f"the {name} engine needs triton (pip install triton)")
+
+
+def check_engine_over_streaming(name: str, streamed_layers: int) -> None:
+    """Refuse the compile engine over backbone layers streamed from host memory: Dynamo cannot
+    trace the stream (`offload.OffloadedLayers`, a generator with side-stream copies and
+    `load_state_dict(assign=True)`), while the graph engine's CUDA graphs replay its copies."""
+    if name == "compile" and streamed_layers:
+        raise UserError(
+            f"the compile engine cannot run over the {streamed_layers} backbone layers this "
+            "--vram plan streams from host memory; use --engine graph, whose CUDA graphs "
+            "replay the streamed copies"
+        )
 
 
 def default_engine(device: torch.device) -> str:

@@ -64,9 +64,11 @@ class RotaryEmbedding:
     def tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin: float32 [max_seq_len, head_dim // 2] on `device`, built once per device."""
         if self._cos is None or self._cos.device != device:
-            positions = torch.arange(self.max_seq_len, dtype=torch.float32)
-            angles = torch.outer(positions, self._inv_freq())
-            self._cos, self._sin = angles.cos().to(device), angles.sin().to(device)
+            # Normal tensors even if first built under inference mode: they are kept.
+            with torch.inference_mode(False):
+                positions = torch.arange(self.max_seq_len, dtype=torch.float32)
+                angles = torch.outer(positions, self._inv_freq())
+                self._cos, self._sin = angles.cos().to(device), angles.sin().to(device)
         return self._cos, self._sin
 
 

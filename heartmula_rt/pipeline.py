@@ -16,18 +16,16 @@ from .checkpoint import CODEC_DIR, LM_DIR
 from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype, default_codec_dtype
 from .config import CodecConfig, GenConfig, LMConfig
 from .decode import check_length
-from .engine import Engine, check_engine, default_engine, make_engine
+from .engine import (
+    Engine,
+    check_engine,
+    check_engine_over_streaming,
+    default_engine,
+    make_engine,
+)
 from .errors import UserError
 from .lm import HeartMuLa
-from .planner import (
-    MemoryPlan,
-    checkpoint_configs,
-    codec_turn,
-    parse_vram,
-    place_codec,
-    place_lm,
-    plan_memory,
-)
+from .planner import MemoryPlan, Placement, checkpoint_configs, parse_vram, plan_memory
 from .prompt import Prompt, build_prompt, read_text
 from .quant import check_mode
 from .quant.cache import load_quantized_lm
@@ -92,7 +90,12 @@ class Pipeline:
     device: torch.device
     engine: Engine
     sample_rate: int = 48000
-    plan: MemoryPlan | None = None  # the `vram=` memory plan this pipeline was loaded with
+    placement: Placement | None = None  # the `vram=` plan applied, with the models' host mirrors
+
+    @property
+    def plan(self) -> MemoryPlan | None:
+        """The `vram=` memory plan this pipeline was loaded with."""
+        return None if self.placement is None else self.placement.plan
 
     def prompt(self, tags: str, lyrics: str) -> Prompt:
         """Tags and lyrics (text or file paths) as prompt rows (SPEC §2)."""
@@ -150,8 +153,8 @@ class Pipeline:
         """
         turn = (
             contextlib.nullcontext()
-            if self.plan is None
-            else codec_turn(self.plan, self.lm, self.codec, self.engine.release)
+            if self.placement is None
+            else self.placement.codec_turn(self.lm, self.codec, self.engine.release)
         )
         with turn:
             return self.codec.detokenize(
@@ -247,8 +250,9 @@ def load_pipeline(
 
     `vram` ("12G") is a GPU memory budget: the planner (`planner.plan_memory`, for songs of up
     to `max_seconds`) then chooses the quantization and what lives on the GPU, the models load
-    on the host and move as planned, and `Pipeline.plan` holds the plan. `stream=True` says
-    the pipeline will stream (`Pipeline.stream`): a plan that cannot is refused before loading.
+    on the host and move as planned (`Pipeline.placement`), and `Pipeline.plan` holds the
+    plan. `stream=True` says the pipeline will stream (`Pipeline.stream`): a plan that cannot
+    is refused before loading.
     """
     root = Path(model_path)
     device = parse_device(device)
@@ -262,6 +266,7 @@ def load_pipeline(
     plan = None
     if vram is not None:
         plan = _plan_for(root, vram, device, quant, max_seconds, lm_dtype, codec_dtype)
+        check_engine_over_streaming(engine, plan.offloaded_lm_layers)
         if stream:
             check_streamable(plan)
         quant, load_device = plan.quant, torch.device("cpu")
@@ -284,9 +289,11 @@ def load_pipeline(
     codec.set_precision(codec_mode)
     if plan is None and device.type == "cuda":
         codec.use_fast_path("graph")
+    placement = None
     if plan is not None:
-        place_lm(lm, plan, device)
-        place_codec(codec, plan, device)
+        placement = Placement(plan, device)
+        placement.place_lm(lm)
+        placement.place_codec(codec)
     if lm_config.audio_vocab_size <= codec_config.codebook_size:
         raise UserError(
             f"LM audio vocabulary {lm_config.audio_vocab_size} does not fit codec codebook "
@@ -302,7 +309,7 @@ def load_pipeline(
         device=device,
         engine=make_engine(engine, lm, gen_config),
         sample_rate=codec_config.sample_rate,
-        plan=plan,
+        placement=placement,
     )
 
 

@@ -3,10 +3,11 @@
 One worker thread runs the LM and, from its `on_codes` callback, feeds each batch of new codes to
 the codec's `WindowDecoder` (interleaving): a window is decoded as soon as its codes are certain
 and the audio up to the next crossfade comes out. On a GPU the codec runs on a second CUDA
-stream and its audio is copied back asynchronously, so the LM's next frames run on the GPU
-beside it; the host collects finished pieces at the next callback. The consumer (a file writer,
-a player) reads float32 [2, n] numpy pieces from `SongStream`, whose concatenation is bit for
-bit the non-streamed song of the same seed: the same decoder does the same work in both.
+stream (its own, reused by every song) and its audio is copied back asynchronously, so the LM's
+next frames run on the GPU beside it; the host collects finished pieces at the next callback.
+The consumer (a file writer, a player) reads float32 [2, n] numpy pieces from `SongStream`, whose
+concatenation is bit for bit the non-streamed song of the same seed: the same decoder does the
+same work in both.
 
 All GPU work stays on the worker thread, so CUDA graph captures never see another thread's
 launches; the consumer thread only touches numpy arrays.
@@ -120,7 +121,9 @@ class SongStream:
 
     def _run(self, *args: Any) -> None:
         try:
-            with torch.inference_mode():
+            # Not inference_mode: the static engine's state outlives the song, and inference
+            # tensors could not be updated by a later song outside that mode.
+            with torch.no_grad():
                 self._generate(*args)
         except BaseException as e:  # handed to the consumer, raised there
             self._queue.put(e)
@@ -139,7 +142,7 @@ class SongStream:
         generate: dict[str, Any],
     ) -> None:
         device = codec.flow_matching.cond_feature_emb.weight.device
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        side = codec.side_stream.get(device) if device.type == "cuda" else None
 
         def on_side() -> contextlib.AbstractContextManager:
             """Every codec tensor is made and used on the side stream, never across streams."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,20 @@ def tiny_ckpt(fixtures_dir: Path) -> Path:
 def tiny_lm(tiny_ckpt: Path) -> HeartMuLa:
     """The tiny-public LM in float32 on the CPU, loaded once."""
     return load_lm(tiny_ckpt / LM_DIR)[0]
+
+
+@pytest.fixture
+def streams_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the heartmula_rt module that makes each new torch.cuda.Stream (torch's own
+    streams, and the objects `current_stream()` wraps, are not counted)."""
+    made: list[str] = []
+
+    class Counted(torch.cuda.Stream):
+        def __new__(cls, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("heartmula_rt"):
+                made.append(caller)
+            return super().__new__(cls, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Counted)
+    return made

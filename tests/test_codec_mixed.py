@@ -3,6 +3,7 @@ against the plain float32 path on the tiny fixture."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from heartmula_rt.checkpoint import CODEC_DIR, load_codec
 from heartmula_rt.codec import CODEC_DTYPES, HeartCodec
+from heartmula_rt.codec.graphed import GraphedEstimator
 from heartmula_rt.codec.scalar import largest_activation_bytes
 from heartmula_rt.config import CODEC_PRESETS
 from heartmula_rt.errors import UserError
@@ -95,3 +97,45 @@ def test_compiled_estimator_equals_plain(tiny_ckpt: Path, codes) -> None:
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="CUDA"):
         codec.use_fast_path("graph")
+
+
+class Uncopyable:
+    """Stands in for a captured torch.cuda.CUDAGraph, which refuses to be copied."""
+
+    def __reduce_ex__(self, protocol: int):
+        raise TypeError("cannot pickle 'CUDAGraph' object")
+
+
+def test_a_codec_copies_with_its_fast_path_bound_to_the_copy(tiny_ckpt: Path) -> None:
+    codec = load_codec(tiny_ckpt / CODEC_DIR)[0]
+    fast = GraphedEstimator(codec.flow_matching.estimator, graphs=False)
+    fast._graph, fast._key = Uncopyable(), ("as if captured",)
+    codec.flow_matching.fast_estimator = fast
+    copied = copy.deepcopy(codec)  # what bench does to make the bfloat16 variants
+    fast_copy = copied.flow_matching.fast_estimator
+    assert fast_copy is not fast and fast_copy._graph is None and fast_copy._key is None
+    with torch.no_grad():
+        for p in copied.flow_matching.estimator.proj_out.parameters():
+            p.mul_(2)
+    g = torch.Generator().manual_seed(0)
+    inp = torch.randn(2, 16, codec.config.in_channels, generator=g)
+    t = torch.full((2,), 0.3)
+    with torch.inference_mode():
+        out = fast_copy(inp, t)
+        assert torch.equal(out, copied.flow_matching.estimator(inp, t))
+        assert not torch.allclose(out, codec.flow_matching.estimator(inp, t))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_codec_with_a_captured_graph_copies_on_the_gpu(tiny_ckpt: Path, codes) -> None:
+    codec = load_codec(tiny_ckpt / CODEC_DIR, device=torch.device("cuda"))[0]
+    codec.use_fast_path("graph")
+
+    def decode(c: HeartCodec) -> torch.Tensor:
+        return c.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(0))
+
+    expected = decode(codec)  # captures the estimator's graph
+    copied = copy.deepcopy(codec)
+    torch.testing.assert_close(decode(copied), expected, rtol=1e-5, atol=1e-5)
+    graphs = [c.flow_matching.fast_estimator._graph for c in (codec, copied)]
+    assert graphs[0] is not graphs[1]  # the copy captured its own

@@ -21,6 +21,7 @@ from heartmula_rt.decode import GenerationInterrupted
 from heartmula_rt.engine import PlainEngine, StaticEngine, make_engine
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.offload import OffloadedLayers
 from heartmula_rt.prompt import Prompt, build_prompt
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
@@ -120,6 +121,23 @@ def test_ctrl_c_keeps_the_frames_made(lm: HeartMuLa, gen: GenConfig, tokenizer: 
     assert torch.equal(made, full[:, :9])
 
 
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
+def test_static_engine_serves_calls_in_and_out_of_inference_mode(
+    first: str, tiny_ckpt: Path, gen: GenConfig, tokenizer: Tokenizer
+) -> None:
+    # A fresh LM: its lazily built RoPE tables come from the first call's mode too.
+    lm = load_lm(tiny_ckpt / LM_DIR, device=DEVICE)[0]
+    prompt = build_prompt(tokenizer, gen, "pop", "[Chorus]\nla\n")
+    kwargs = {"max_frames": 12, "topk": 1, "cfg_scale": 1.5}
+    expected = PlainEngine(lm, gen).generate_frames(prompt, **kwargs)
+    engine = StaticEngine(lm, gen, graphs=False)
+    modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+    other = "no_grad" if first == "inference_mode" else "inference_mode"
+    for mode in (first, other, first):  # the state made in the first mode serves both
+        with modes[mode]():
+            assert torch.equal(engine.generate_frames(prompt, **kwargs), expected), mode
+
+
 def test_compiled_step_equals_the_plain_loop(
     lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, fixtures_dir: Path
 ) -> None:
@@ -133,6 +151,21 @@ def test_compiled_step_equals_the_plain_loop(
     )
     plain = PlainEngine(lm, gen)
     assert torch.equal(_run(engine, prompt, c), _run(plain, prompt, c))
+
+
+def test_compile_engine_refuses_streamed_layers(
+    tiny_ckpt: Path, gen: GenConfig, tokenizer: Tokenizer
+) -> None:
+    lm = load_lm(tiny_ckpt / LM_DIR, device=DEVICE)[0]
+    lm.backbone.layers = OffloadedLayers(lm.backbone.layers, DEVICE, resident=1)
+    with pytest.raises(UserError, match="use --engine graph") as refused:
+        StaticEngine(lm, gen, compile=True, compile_backend="aot_eager", graphs=False)
+    assert "\n" not in str(refused.value)
+    # The graph engine's step runs over them, making the plain loop's frames.
+    prompt = build_prompt(tokenizer, gen, "pop", "[Chorus]\nla\n")
+    kwargs = {"max_frames": 12, "topk": 1, "cfg_scale": 1.5}
+    frames = StaticEngine(lm, gen, graphs=False).generate_frames(prompt, **kwargs)
+    assert torch.equal(frames, PlainEngine(lm, gen).generate_frames(prompt, **kwargs))
 
 
 def test_engine_choice(tiny_lm: HeartMuLa, gen: GenConfig) -> None:  # tiny_lm: on the CPU
@@ -165,3 +198,19 @@ def test_gpu_engines_equal_the_reference_and_reuse_graphs(
     prompt = build_prompt(tokenizer, gen, "jazz", "hello")
     runs = [engine.generate_frames(prompt, max_frames=20, seed=s) for s in (3, 3)]
     assert torch.equal(runs[0], runs[1])
+
+
+@cuda
+def test_one_side_stream_per_engine(
+    lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, streams_made: list[str]
+) -> None:
+    # Each (batch, bucket)'s first frame runs on a side stream; torch keeps a cuBLAS workspace
+    # per stream that ran a matmul, so all of them must share one.
+    engine = StaticEngine(lm, gen, bucket=16)
+    short = build_prompt(tokenizer, gen, "jazz", "hello")
+    long = build_prompt(tokenizer, gen, "piano,happy", "[Verse]\n" + "la la la\n" * 12)
+    for prompt, cfg_scale in ((short, 1.5), (long, 1.5), (short, 1.0)):  # new buckets each time
+        engine.generate_frames(
+            prompt, max_frames=40, cfg_scale=cfg_scale, seed=0, stop_at_eos=False
+        )
+    assert streams_made == ["heartmula_rt.side_stream"]

@@ -4,6 +4,8 @@ tiny checkpoint giving the same frames and audio as the unplanned models."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
+from heartmula_rt import pipeline
 from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR, load_codec, load_lm
-from heartmula_rt.engine import PlainEngine
+from heartmula_rt.engine import PlainEngine, check_engine_over_streaming
 from heartmula_rt.errors import UserError
 from heartmula_rt.offload import HostCopy, OffloadedLayers
 from heartmula_rt.pipeline import check_streamable
-from heartmula_rt.planner import MemoryPlan, codec_turn, place_codec, place_lm
+from heartmula_rt.planner import MemoryPlan, Placement
 from heartmula_rt.prompt import Prompt
 from heartmula_rt.synthetic import synthetic_gen_config
 
@@ -103,7 +106,7 @@ def test_planned_lm_makes_the_same_frames(tiny_ckpt: Path, offloaded: int) -> No
     plain, _ = load_lm(tiny_ckpt / LM_DIR)
     gen_config = synthetic_gen_config(load_codec(tiny_ckpt / CODEC_DIR)[1])
     planned, config = load_lm(tiny_ckpt / LM_DIR)
-    place_lm(planned, frugal_plan(config.backbone.num_layers, offloaded), CPU)
+    Placement(frugal_plan(config.backbone.num_layers, offloaded), CPU).place_lm(planned)
     assert isinstance(planned.backbone.layers, OffloadedLayers)
     assert torch.equal(greedy_frames(planned, gen_config), greedy_frames(plain, gen_config))
 
@@ -113,20 +116,35 @@ def test_planned_codec_decodes_the_same_audio(tiny_ckpt: Path) -> None:
     plain, _ = load_codec(tiny_ckpt / CODEC_DIR)
     expected = plain.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
     lm, config = load_lm(tiny_ckpt / LM_DIR)
-    plan = frugal_plan(config.backbone.num_layers, 1)
-    place_lm(lm, plan, CPU)
+    placement = Placement(frugal_plan(config.backbone.num_layers, 1), CPU)
+    placement.place_lm(lm)
     codec, _ = load_codec(tiny_ckpt / CODEC_DIR)
-    place_codec(codec, plan, CPU)
+    placement.place_codec(codec)
     released = []
-    with codec_turn(plan, lm, codec, lambda: released.append(True)):
+    with placement.codec_turn(lm, codec, lambda: released.append(True)):
         wav = codec.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
     assert released == [True]
     assert torch.equal(wav, expected)
     # The resident layout decodes the same way, and leaves the LM's cache alone.
-    resident = replace(plan, codec_placement="resident", lm_during_codec="kept")
-    with codec_turn(resident, lm, plain, lambda: released.append(True)):
+    resident = replace(placement.plan, codec_placement="resident", lm_during_codec="kept")
+    with Placement(resident, CPU).codec_turn(lm, plain, lambda: released.append(True)):
         again = plain.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
     assert released == [True] and torch.equal(again, expected)
+
+
+def test_placed_models_go_with_their_placement(tiny_ckpt: Path) -> None:
+    lm, config = load_lm(tiny_ckpt / LM_DIR)
+    codec, _ = load_codec(tiny_ckpt / CODEC_DIR)
+    plan = replace(frugal_plan(config.backbone.num_layers, 0), codec_placement="after_lm")
+    placement = Placement(plan, CPU)  # what a Pipeline holds
+    placement.place_lm(lm)
+    placement.place_codec(codec)
+    with placement.codec_turn(lm, codec, lambda: None):  # makes both host mirrors
+        pass
+    models = weakref.ref(lm), weakref.ref(codec)
+    del lm, codec, placement
+    gc.collect()
+    assert [m() for m in models] == [None, None]
 
 
 def test_only_plans_that_keep_both_models_on_the_gpu_stream() -> None:
@@ -136,6 +154,26 @@ def test_only_plans_that_keep_both_models_on_the_gpu_stream() -> None:
     assert "\n" not in str(e.value)
     check_streamable(replace(plan, codec_placement="resident", lm_during_codec="kept"))
     check_streamable(None)  # no plan: everything on the device
+
+
+def test_compile_engine_over_streamed_layers_is_refused_before_loading(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_engine_over_streaming("graph", 5)
+    check_engine_over_streaming("compile", 0)
+    with pytest.raises(UserError, match="use --engine graph") as refused:
+        check_engine_over_streaming("compile", 5)
+    assert "\n" not in str(refused.value)
+
+    # load_pipeline's --vram path needs a GPU: stand in for it with a plan that streams layers.
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the engine was checked against the plan")
+
+    monkeypatch.setattr(pipeline, "check_engine", lambda name, device: None)
+    monkeypatch.setattr(pipeline, "_plan_for", lambda *args: frugal_plan(4, 1))
+    monkeypatch.setattr(pipeline.checkpoint, "load_lm", no_loading)
+    with pytest.raises(UserError, match="use --engine graph"):
+        pipeline.load_pipeline(tiny_ckpt, engine="compile", vram="4G")
 
 
 def test_host_copy_evicts_to_its_mirror_and_restores_equal_tensors() -> None:

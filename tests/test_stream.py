@@ -76,6 +76,40 @@ def test_on_codes_hands_over_every_frame_once(pipe: Pipeline, static: bool) -> N
     assert handed.shape[1] == frames.shape[1] or static
 
 
+def test_static_engine_makes_plain_calls_after_a_stream(pipe: Pipeline) -> None:
+    pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
+    engine = StaticEngine(pipe.lm, pipe.gen_config, graphs=False)
+    prompt = pipe.prompt(TAGS, LYRICS)
+    kwargs = {"max_frames": 10, "topk": 1, "stop_at_eos": False}
+    g = torch.Generator().manual_seed(0)
+    stream = SongStream(engine, pipe.codec, prompt, num_steps=STEPS, generator=g, **kwargs)
+    list(stream)  # the engine's state is made in the stream's worker
+    assert torch.equal(engine.generate_frames(prompt, **kwargs), stream.frames)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_pipeline_streams_and_generates_in_any_order(tiny_ckpt: Path) -> None:
+    # The graph engine and the codec's CUDA graph: their state kept across songs serves both
+    # generate (inference mode in the codec) and the stream's worker (no_grad).
+    gpu = heartmula_rt.load_pipeline(tiny_ckpt, device="cuda", dtype="float32")
+    kwargs = {"max_seconds": 8, "seed": 2, "num_steps": STEPS}
+    expected = gpu.generate(TAGS, LYRICS, **kwargs).numpy()
+    for _ in range(2):
+        assert np.array_equal(np.concatenate(list(gpu.stream(TAGS, LYRICS, **kwargs)), 1), expected)
+    assert np.array_equal(gpu.generate(TAGS, LYRICS, **kwargs).numpy(), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_songs_reuse_the_codec_stream(tiny_ckpt: Path, streams_made: list[str]) -> None:
+    gpu = heartmula_rt.load_pipeline(tiny_ckpt, device="cuda", dtype="float32")
+    kwargs = {"max_seconds": 8, "seed": 2, "num_steps": STEPS}
+    list(gpu.stream(TAGS, LYRICS, **kwargs))
+    first_song = list(streams_made)
+    assert first_song.count("heartmula_rt.side_stream") == 2  # the engine's and the codec's
+    list(gpu.stream(TAGS, LYRICS, **kwargs))
+    assert streams_made == first_song  # the second song made none
+
+
 def test_pipeline_stream_equals_generate_on_eos(pipe: Pipeline) -> None:
     kwargs = {"max_seconds": 8, "seed": 2, "num_steps": STEPS}
     stream = pipe.stream(TAGS, LYRICS, **kwargs)

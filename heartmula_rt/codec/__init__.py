@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import CodecConfig
 from ..errors import UserError
+from ..side_stream import SideStream
 from . import detokenize as _windows
 from .detokenize import WindowDecoder, sanitize_codes
 from .dit import FlowMatching
@@ -63,6 +64,8 @@ class HeartCodec(nn.Module):
         self.config = config
         self.flow_matching = FlowMatching(config)
         self.scalar_model = ScalarModel(config)
+        # Where it decodes beside the LM (stream.py), reused by every song.
+        self.side_stream = SideStream()
 
     def set_precision(self, name: str) -> HeartCodec:
         """Cast the weights in place for the codec dtype `name` (one of CODEC_DTYPES): the DiT
@@ -110,7 +113,7 @@ class HeartCodec(nn.Module):
         chunk: int = DECODE_CHUNK,
     ) -> WindowDecoder:
         """An incremental decoder: `push(codes)` as they come, then `finish()` (see
-        WindowDecoder). Call its methods under torch.inference_mode()."""
+        WindowDecoder). Call its methods under torch.no_grad() or torch.inference_mode()."""
         return WindowDecoder(
             self.flow_matching,
             self.scalar_model,

@@ -10,6 +10,8 @@ estimator directly: that is how the tests check this path without a GPU.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .dit import Estimator
@@ -28,6 +30,8 @@ class GraphedEstimator:
         compile_backend: str = "inductor",
         graphs: bool = True,
     ) -> None:
+        self.estimator = estimator
+        self.compile, self.compile_backend = compile, compile_backend
         self.fn = estimator
         if compile:
             self.fn = torch.compile(
@@ -37,6 +41,17 @@ class GraphedEstimator:
         self._key: tuple | None = None  # (shape, dtype, device) the graph was captured for
         self._graph: torch.cuda.CUDAGraph | None = None
         self._inp = self._t = self._out = None
+
+    def __deepcopy__(self, memo: dict) -> GraphedEstimator:
+        """A copied codec's fast path: bound to the copied estimator and captured anew at its
+        first call (a CUDA graph cannot be copied, and the original's computes with the
+        original's weights)."""
+        return GraphedEstimator(
+            copy.deepcopy(self.estimator, memo),
+            compile=self.compile,
+            compile_backend=self.compile_backend,
+            graphs=self.graphs,
+        )
 
     def __call__(self, inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not self.graphs:
@@ -52,7 +67,8 @@ class GraphedEstimator:
 
     def _capture(self, inp: torch.Tensor, t: torch.Tensor) -> None:
         self._graph = None  # drop an old graph (and its memory pool) first
-        self._inp, self._t = inp.clone(), t.clone()
+        with torch.inference_mode(False):  # refilled in and out of inference mode
+            self._inp, self._t = inp.clone(), t.clone()
         # Warm-up on a side stream: compilation, kernel choice and workspaces happen outside
         # the capture, where they are not allowed.
         side = torch.cuda.Stream(inp.device)
