@@ -35,6 +35,7 @@ from .config import LM_PRESETS
 from .decode import cfg_batch, check_length, check_sampling
 from .engine import ENGINES, Engine, check_engine, default_engine, make_engine
 from .errors import UserError
+from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .pipeline import (
     FRAME_MS,
@@ -438,6 +439,7 @@ def _load(
     models = synthetic_models(preset, device, dtype)
     use_fast_kernels(quantize_model(models.lm, quant), dtype)
     if device.type == "cuda":
+        use_fused_layers(models.lm)
         torch.cuda.empty_cache()  # the unquantized weights' blocks: not this run's peak
     return models, prompt, f"synthetic {preset}"
 

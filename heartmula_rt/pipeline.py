@@ -18,6 +18,7 @@ from .config import CodecConfig, GenConfig, LMConfig
 from .decode import check_length
 from .engine import Engine, check_engine, default_engine, make_engine
 from .errors import UserError
+from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .planner import (
     MemoryPlan,
@@ -243,7 +244,8 @@ def load_pipeline(
     `engine` is one of `engine.ENGINES` (default: `default_engine(device)`). `quant` is one of
     `quant.QUANT_MODES`: the LM is then quantized while it loads, tensor by tensor, so its
     unquantized weights never sit in memory whole, cached for the next load (`quant.cache`),
-    and run by the fast kernels the device has (`quant.fast`).
+    and run by the fast kernels the device has (`quant.fast`). On a GPU the LM's norms, RoPE
+    and SiLU·mul are the fused twins of `heartmula_rt.fused`.
 
     `vram` ("12G") is a GPU memory budget: the planner (`planner.plan_memory`, for songs of up
     to `max_seconds`) then chooses the quantization and what lives on the GPU, the models load
@@ -283,6 +285,7 @@ def load_pipeline(
     )
     codec.set_precision(codec_mode)
     if plan is None and device.type == "cuda":
+        use_fused_layers(lm)
         codec.use_fast_path("graph")
     if plan is not None:
         place_lm(lm, plan, device)

@@ -14,6 +14,7 @@ import argparse
 import torch
 
 from heartmula_rt.config import LM_PRESETS
+from heartmula_rt.fused import use_fused_layers
 from heartmula_rt.launches import count_frame_launches, meta_lm, report
 
 
@@ -25,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=0, help="list each part's N most launched ops")
     args = parser.parse_args(argv)
     model = meta_lm(args.preset, getattr(torch, args.dtype))
-    print(f"{args.preset}, {args.dtype}, {'no CFG' if args.no_cfg else 'CFG'}")
+    setting = f"{args.preset}, {args.dtype}, {'no CFG' if args.no_cfg else 'CFG'}"
+    print(f"{setting}, plain layers:")
+    print(report(count_frame_launches(model, cfg=not args.no_cfg), args.top))
+    use_fused_layers(model)
+    print(f"{setting}, fused layers (heartmula_rt.fused):")
     print(report(count_frame_launches(model, cfg=not args.no_cfg), args.top))
     return 0
 
