@@ -42,6 +42,7 @@ from .engine import (
     make_engine,
 )
 from .errors import UserError
+from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .pipeline import (
     FRAME_MS,
@@ -443,6 +444,7 @@ def _load(
     models = synthetic_models(preset, device, dtype)
     use_fast_kernels(quantize_model(models.lm, quant), dtype)
     if device.type == "cuda":
+        use_fused_layers(models.lm)
         torch.cuda.empty_cache()  # the unquantized weights' blocks: not this run's peak
     return models, prompt, f"synthetic {preset}"
 

@@ -120,6 +120,38 @@ class KVCache:
         return KVCache(self.k[:batch], self.v[:batch])
 
 
+class Rope(nn.Module):
+    """RoPE on one layer's queries and keys, q [B, T, H, D] and k [B, T, H_kv, D], by the
+    angles of their positions, cos/sin [T, D/2]: `apply_rope` as a parameterless module, so its
+    fused twin (`kernels.fused_layers`) can be swapped in."""
+
+    def forward(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]: broadcast over heads
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def attention_mask(
+    start: int | Tensor, t: int, kv_len: int | None, *, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
+    """The additive mask (0 where attended, -inf where not) of `t` new positions at `start`
+    over the cached ones, in the activations' dtype, or None when every cached key is attended.
+
+    Made once per forward for all layers: SDPA would turn a boolean mask into this in every
+    layer. A device-held `start` (one position) reads `kv_len` positions, those past it masked:
+    [1, 1, 1, kv_len]; an int `start` with several positions (prefill) is causal: [t, start + t].
+    """
+    if isinstance(start, Tensor):
+        attended = (torch.arange(kv_len, device=device) <= start).view(1, 1, 1, kv_len)
+    elif t > 1:
+        q_pos = torch.arange(start, start + t, device=device)
+        attended = torch.arange(start + t, device=device)[None, :] <= q_pos[:, None]
+    else:
+        return None
+    return torch.zeros(attended.shape, dtype=dtype, device=device).masked_fill_(
+        ~attended, -math.inf
+    )
+
+
 class Attention(nn.Module):
     def __init__(self, f: LlamaFlavor) -> None:
         super().__init__()
@@ -128,6 +160,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(f.embed_dim, f.num_kv_heads * f.head_dim, bias=False)
         self.v_proj = nn.Linear(f.embed_dim, f.num_kv_heads * f.head_dim, bias=False)
         self.output_proj = nn.Linear(f.num_heads * f.head_dim, f.embed_dim, bias=False)
+        self.rope = Rope()
 
     def forward(
         self,
@@ -136,23 +169,23 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         cache: KVCache,
-        kv_len: int | None = None,
+        kv_len: int | None,
+        mask: Tensor | None,
     ) -> Tensor:
+        """`mask` is `attention_mask(start, T, kv_len, ...)`."""
         b, t, _ = x.shape
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]: broadcast over heads
-        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = self.rope(
+            self.q_proj(x).view(b, t, self.num_heads, self.head_dim),
+            self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim),
+            cos,
+            sin,
+        )
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-        mask = None
         if isinstance(start, Tensor):  # one position held on the device (static decode)
             k, v = cache.write_at(start, k, v, kv_len)
-            mask = (torch.arange(kv_len, device=x.device) <= start).view(1, 1, 1, kv_len)
         else:
             k, v = cache.update(start, k, v)
-            if t > 1:  # several new positions (prefill): causal by absolute position
-                q_pos = torch.arange(start, start + t, device=x.device)
-                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= q_pos[:, None]
         # GQA: query head j reads kv head j // g, g = num_heads / num_kv_heads.
         if t == 1:
             # Decode: each kv head's g query heads become g query rows over that head, so SDPA
@@ -165,15 +198,23 @@ class Attention(nn.Module):
         return self.output_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
+class SiluMul(nn.Module):
+    """`silu(gate) · up`, the SwiGLU product, as a module so its fused twin can be swapped in."""
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.silu_mul = SiluMul()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.silu_mul(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -191,9 +232,10 @@ class TransformerBlock(nn.Module):
         cos: Tensor,
         sin: Tensor,
         cache: KVCache,
-        kv_len: int | None = None,
+        kv_len: int | None,
+        mask: Tensor | None,
     ) -> Tensor:
-        h = x + self.attn(self.sa_norm(x), start, cos, sin, cache, kv_len)
+        h = x + self.attn(self.sa_norm(x), start, cos, sin, cache, kv_len, mask)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -227,8 +269,9 @@ class Transformer(nn.Module):
             cos, sin = cos[start.view(1)], sin[start.view(1)]
         else:
             cos, sin = cos[start : start + x.shape[1]], sin[start : start + x.shape[1]]
+        mask = attention_mask(start, x.shape[1], kv_len, dtype=x.dtype, device=x.device)
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x = layer(x, start, cos, sin, layer_cache, kv_len)
+            x = layer(x, start, cos, sin, layer_cache, kv_len, mask)
         return self.norm(x)
 
 

@@ -24,6 +24,7 @@ from .engine import (
     make_engine,
 )
 from .errors import UserError
+from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .planner import MemoryPlan, Placement, checkpoint_configs, parse_vram, plan_memory
 from .prompt import Prompt, build_prompt, read_text
@@ -246,7 +247,8 @@ def load_pipeline(
     `engine` is one of `engine.ENGINES` (default: `default_engine(device)`). `quant` is one of
     `quant.QUANT_MODES`: the LM is then quantized while it loads, tensor by tensor, so its
     unquantized weights never sit in memory whole, cached for the next load (`quant.cache`),
-    and run by the fast kernels the device has (`quant.fast`).
+    and run by the fast kernels the device has (`quant.fast`). On a GPU the LM's norms, RoPE
+    and SiLU·mul are the fused twins of `heartmula_rt.fused`.
 
     `vram` ("12G") is a GPU memory budget: the planner (`planner.plan_memory`, for songs of up
     to `max_seconds`) then chooses the quantization and what lives on the GPU, the models load
@@ -288,6 +290,7 @@ def load_pipeline(
     )
     codec.set_precision(codec_mode)
     if plan is None and device.type == "cuda":
+        use_fused_layers(lm)
         codec.use_fast_path("graph")
     placement = None
     if plan is not None:

@@ -36,6 +36,7 @@ from .codec.detokenize import LATENTS_PER_CODE, WINDOW
 from .config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
 from .engine import CAPACITY_STEP
 from .errors import UserError
+from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .offload import HostCopy, OffloadedLayers
 from .quant import quantize_model
@@ -426,8 +427,12 @@ class Placement:
     def place_lm(self, lm: HeartMuLa) -> None:
         """Move a host-loaded LM onto the device as planned: offloaded backbone layers wrapped
         in a ring, text embeddings left in host memory if planned so, and the quantized linears
-        that now sit on the GPU swapped for their fast kernels (`quant.fast`)."""
+        that now sit on the GPU swapped for their fast kernels (`quant.fast`); on a GPU the
+        fused layers (`heartmula_rt.fused`) are swapped in first, while every layer is a
+        submodule."""
         plan = self.plan
+        if self.device.type == "cuda":
+            use_fused_layers(lm)
         n, k = plan.num_backbone_layers, plan.offloaded_lm_layers
         if k and not isinstance(lm.backbone.layers, OffloadedLayers):
             lm.backbone.layers = OffloadedLayers(

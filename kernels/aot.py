@@ -6,7 +6,7 @@ kernel of `kernels/` compiles for the GPUs our users have (the interpreter the C
 under accepts code a real compile refuses), and how benchmarks/README.md's table of registers
 and spills is made:
 
-    python -m heartmula_rt.kernels.aot          # a markdown table of registers and spills
+    python -m heartmula_rt.kernels.aot [MODULE ...]   # a markdown table of registers and spills
     python -m heartmula_rt.kernels.aot --json   # one JSON object per compile (the CI test),
                                                 # then the table on stderr
 
@@ -60,11 +60,11 @@ def kernel_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name != "aot")
 
 
-def launches() -> list[tuple[str, object, tuple, dict]]:
-    """Every (description, jitted function, args, meta) of `kernels/`; an autotuned kernel is
-    listed once per config, the config's meta-parameters merged into the launch's."""
+def launches(modules: tuple[str, ...] = ()) -> list[tuple[str, object, tuple, dict]]:
+    """Every (description, jitted function, args, meta) of `kernels/` (or of `modules`); an
+    autotuned kernel is listed once per config, its meta-parameters merged into the launch's."""
     out = []
-    for name in kernel_modules():
+    for name in modules or kernel_modules():
         module = importlib.import_module(f"heartmula_rt.kernels.{name}")
         for what, kernel, args, meta in module.aot_launches():
             configs = getattr(kernel, "configs", None)
@@ -115,12 +115,12 @@ def resources(cubin: bytes) -> tuple[int, int, int]:
     return int(usage["REG"]), local, int(usage.get("SHARED", 0))
 
 
-def _compile(task: tuple[int, int, tuple[str, ...]]) -> Compiled:
-    """Compile launch number `index` of `launches()` for one target (a worker's unit)."""
+def _compile(task: tuple[tuple[str, ...], int, int, tuple[str, ...]]) -> Compiled:
+    """Compile launch number `index` of `launches(modules)` for one target (a worker's unit)."""
     import triton
 
-    index, cc, served = task
-    _, kernel, args, meta = launches()[index]
+    modules, index, cc, served = task
+    _, kernel, args, meta = launches(modules)[index]
     source, target, options = _prepare(kernel, args, meta, cc)
     start = time.perf_counter()
     compiled = triton.compile(source, target=target, options=options)
@@ -132,20 +132,22 @@ def _compile(task: tuple[int, int, tuple[str, ...]]) -> Compiled:
 
 
 def compile_all(
-    capabilities: tuple[int, ...] = tuple(TARGETS), workers: int | None = None
+    modules: tuple[str, ...] = (),
+    capabilities: tuple[int, ...] = tuple(TARGETS),
+    workers: int | None = None,
 ) -> Iterator[Compiled]:
-    """Compile every distinct launch of `kernels/` for every target, with its resource report,
-    on `workers` processes (default: one per core). Launches that specialise the same way
-    compile once. Yields the results as they finish."""
+    """Compile every distinct launch of `kernels/` (or of `modules`) for every target, with its
+    resource report, on `workers` processes (default: one per core). Launches that specialise
+    the same way compile once. Yields the results as they finish."""
     served: dict[tuple, list[str]] = {}  # compile key → the launches it serves
     first: dict[tuple, tuple[int, int]] = {}
-    for index, (what, kernel, args, meta) in enumerate(launches()):
+    for index, (what, kernel, args, meta) in enumerate(launches(modules)):
         for cc in capabilities:
             source, _, options = _prepare(kernel, args, meta, cc)
             key = (source.hash(), cc, repr(sorted(options.items())))
             first.setdefault(key, (index, cc))
             served.setdefault(key, []).append(what)
-    tasks = [(*first[key], tuple(served[key])) for key in first]
+    tasks = [(modules, *first[key], tuple(served[key])) for key in first]
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds threads
     with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=context) as pool:
         yield from pool.map(_compile, tasks)
@@ -179,8 +181,9 @@ def markdown(results: list[Compiled]) -> str:
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    modules = tuple(a for a in sys.argv[1:] if not a.startswith("--"))
     results = []
-    for c in compile_all():
+    for c in compile_all(modules):
         results.append(c)
         if "--json" in sys.argv[1:]:
             print(json.dumps(asdict(c)), flush=True)
