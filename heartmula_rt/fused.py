@@ -3,7 +3,7 @@
 Each twin computes its plain module's function with one launch of a Triton kernel
 (`kernels.fused_layers`, torch custom ops) instead of one per eager op; `use_fused_layers(model)`
 swaps them in, and is called where an LM lands on a GPU (`load_pipeline`, `bench`,
-`planner.place_lm`). They serve the `plain` and `graph` engines; under torch.compile (the
+`planner.Placement.place_lm`). They serve the `plain` and `graph` engines; under torch.compile (the
 `compile` engine) each twin runs its plain forward instead: a custom op is opaque to inductor,
 which fuses the plain ops itself and, unlike the twins, with their neighbours (the residual
 add before a norm, the casts around a matmul).

@@ -112,10 +112,15 @@ def _fused_sample_kernel(
             hi_lanes = tl.maximum(hi_lanes, tl.where(valid, key, _INT32_MIN))
         lo = tl.min(lo_lanes, axis=1).to(tl.int64)
         hi = tl.max(hi_lanes, axis=1).to(tl.int64) + 1
+        if ONE_CHUNK:  # the whole row is one chunk: its keys stay at hand for every halving
+            row_valid = row_ok & (lanes < vocab)
+            row_offsets = rows[:, None] * row_stride + lanes
+            row_x = _guided(logits_ptr, row_offsets, uncond, row_valid, scale, temperature, CFG)
+            row_key = _order_key(row_x)
         for _halving in range(32):
             mid = lo + (hi - lo) // 2  # in [lo, hi): an int32
-            if ONE_CHUNK:  # the row's keys are still at hand
-                counts = (valid & (key >= mid.to(tl.int32)[:, None])).to(tl.int32)
+            if ONE_CHUNK:
+                counts = (row_valid & (row_key >= mid.to(tl.int32)[:, None])).to(tl.int32)
             else:
                 counts = tl.zeros((ROWS, BLOCK), tl.int32)
                 for start in range(0, vocab, BLOCK):
