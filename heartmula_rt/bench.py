@@ -46,10 +46,11 @@ from .pipeline import (
     parse_dtype,
 )
 from .planner import (
-    CUDA_CONTEXT_BYTES,
     GiB,
     codec_turn,
+    cuda_context_bytes,
     format_plan,
+    measure_overheads,
     module_bytes,
     parse_vram,
     place_codec,
@@ -59,7 +60,7 @@ from .planner import (
 )
 from .prompt import Prompt
 from .quant import check_mode, quantize_model
-from .quant.fast import use_fast_kernels
+from .quant.fast import check_fast_path, use_fast_kernels
 from .stream import SongStream
 from .synthetic import Models, synthetic_models, synthetic_prompt
 
@@ -614,6 +615,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = parse_dtype(dtype_name)
     codec_mode = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))
     quant_modes = parse_quant_modes(args.quant)
+    for mode in quant_modes:
+        check_fast_path(mode, device)
     engine_names = parse_engines(args.engines, device)
     check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
     check_seed(args.seed)
@@ -759,6 +762,7 @@ def _bench_budgets(
     engine_name = parse_engines(args.engines, device)[0]
     lm_config, codec_config = preset_configs(args.synthetic)
     total = torch.cuda.get_device_properties(device).total_memory
+    overheads = measure_overheads(device)
     for budget in budgets:
         plan = plan_memory(
             budget,
@@ -768,6 +772,7 @@ def _bench_budgets(
             batch=cfg_batch(args.cfg_scale),
             lm_dtype=dtype,
             codec_dtype=CODEC_DTYPES[codec_mode][0],
+            overheads=overheads,
         )
         print(format_plan(plan), file=sys.stderr)
         # Made and quantized on the GPU (fast), then placed from host memory as planned.
@@ -777,7 +782,8 @@ def _bench_budgets(
         models.lm.to("cpu")
         models.codec.to("cpu")
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT_BYTES) / total, device)
+        context = plan.overheads.cuda_context
+        torch.cuda.set_per_process_memory_fraction((budget - context) / total, device)
         try:
             place_lm(models.lm, plan, device)
             place_codec(models.codec, plan, device)
@@ -789,8 +795,10 @@ def _bench_budgets(
                 codec_s = time_codec(
                     models, frames, device, seed=args.seed, repeats=args.codec_repeats
                 )
-            # Both phases' peak, plus the CUDA context the allocator does not see.
-            peak = _peak_vram_gib(device) + CUDA_CONTEXT_BYTES / GiB
+            # Both phases' peak, plus the CUDA context the allocator does not see, read again
+            # now: kernels loaded since the probe count, as the plan's headroom assumes.
+            context_after = cuda_context_bytes(device)
+            peak = _peak_vram_gib(device) + context_after / GiB
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         settings = _settings(
@@ -812,6 +820,9 @@ def _bench_budgets(
         )
         run["plan"] = format_plan(plan)
         run["predicted_peak_gib"] = plan.predicted_peak_bytes / GiB
+        run["headroom_gib"] = plan.headroom_bytes / GiB
+        run["overheads"] = dataclasses.asdict(plan.overheads)
+        run["cuda_context_after_gib"] = context_after / GiB
         result = _result(device, f"synthetic {args.synthetic}", [run])
         path = write_results(out_dir, f"vram-{budget / GiB:g}G", result)
         print(format_table([run]))
