@@ -17,8 +17,9 @@ setup(
         "heartmula_rt.quant": "quant",
     },
     install_requires=[
-        # Any recent torch: a pinned CPU wheel installed first (see README) satisfies this as is.
-        "torch>=2.3",
+        # 2.5: torch.library.custom_op (2.4), SDPA's enable_gqa and tinygemm's uint8 int4
+        # packing (2.5). A pinned CPU wheel installed first (see README) satisfies this as is.
+        "torch>=2.5",
         "numpy",
         "safetensors>=0.4",
         "tokenizers>=0.15",

@@ -54,10 +54,11 @@ from .pipeline import (
     parse_dtype,
 )
 from .planner import (
-    CUDA_CONTEXT_BYTES,
     GiB,
     Placement,
+    cuda_context_bytes,
     format_plan,
+    measure_overheads,
     module_bytes,
     parse_vram,
     plan_memory,
@@ -65,7 +66,7 @@ from .planner import (
 )
 from .prompt import Prompt
 from .quant import check_mode, quantize_model
-from .quant.fast import use_fast_kernels
+from .quant.fast import check_fast_path, use_fast_kernels
 from .stream import SongStream
 from .synthetic import Models, synthetic_models, synthetic_prompt
 
@@ -621,6 +622,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = parse_dtype(dtype_name)
     codec_mode = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))
     quant_modes = parse_quant_modes(args.quant)
+    for mode in quant_modes:
+        check_fast_path(mode, device)
     engine_names = parse_engines(args.engines, device)
     check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
     check_seed(args.seed)
@@ -766,6 +769,7 @@ def _bench_budgets(
     engine_name = parse_engines(args.engines, device)[0]
     lm_config, codec_config = preset_configs(args.synthetic)
     total = torch.cuda.get_device_properties(device).total_memory
+    overheads = measure_overheads(device)
     # Every budget's plan first: one that cannot run is refused before any model is made.
     plans = [
         plan_memory(
@@ -776,6 +780,7 @@ def _bench_budgets(
             batch=cfg_batch(args.cfg_scale),
             lm_dtype=dtype,
             codec_dtype=CODEC_DTYPES[codec_mode][0],
+            overheads=overheads,
         )
         for budget in budgets
     ]
@@ -790,7 +795,8 @@ def _bench_budgets(
         models.lm.to("cpu")
         models.codec.to("cpu")
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction((budget - CUDA_CONTEXT_BYTES) / total, device)
+        context = plan.overheads.cuda_context
+        torch.cuda.set_per_process_memory_fraction((budget - context) / total, device)
         placement = Placement(plan, device)
         try:
             placement.place_lm(models.lm)
@@ -803,8 +809,10 @@ def _bench_budgets(
                 codec_s = time_codec(
                     models, frames, device, seed=args.seed, repeats=args.codec_repeats
                 )
-            # Both phases' peak, plus the CUDA context the allocator does not see.
-            peak = _peak_vram_gib(device) + CUDA_CONTEXT_BYTES / GiB
+            # Both phases' peak, plus the CUDA context the allocator does not see, read again
+            # now: kernels loaded since the probe count, as the plan's headroom assumes.
+            context_after = cuda_context_bytes(device)
+            peak = _peak_vram_gib(device) + context_after / GiB
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         settings = _settings(
@@ -826,6 +834,9 @@ def _bench_budgets(
         )
         run["plan"] = format_plan(plan)
         run["predicted_peak_gib"] = plan.predicted_peak_bytes / GiB
+        run["headroom_gib"] = plan.headroom_bytes / GiB
+        run["overheads"] = dataclasses.asdict(plan.overheads)
+        run["cuda_context_after_gib"] = context_after / GiB
         result = _result(device, f"synthetic {args.synthetic}", [run])
         path = write_results(out_dir, f"vram-{budget / GiB:g}G", result)
         print(format_table([run]))

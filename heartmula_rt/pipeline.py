@@ -26,10 +26,18 @@ from .engine import (
 from .errors import UserError
 from .fused import use_fused_layers
 from .lm import HeartMuLa
-from .planner import MemoryPlan, Placement, checkpoint_configs, parse_vram, plan_memory
+from .planner import (
+    MemoryPlan,
+    Placement,
+    checkpoint_configs,
+    measure_overheads,
+    parse_vram,
+    plan_memory,
+)
 from .prompt import Prompt, build_prompt, read_text
 from .quant import check_mode
 from .quant.cache import load_quantized_lm
+from .quant.fast import check_fast_path
 from .stream import SongStream
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -264,6 +272,7 @@ def load_pipeline(
     engine = default_engine(device) if engine is None else engine
     check_engine(engine, device)
     check_mode(quant)
+    check_fast_path(quant, device)
     checkpoint.check_model_path(root)
     plan = None
     if vram is not None:
@@ -341,11 +350,13 @@ def _plan_for(
     if quant != "none":
         raise UserError("--vram chooses the quantization itself: leave out --quant")
     lm_config, codec_config = checkpoint_configs(root)
+    budget = parse_vram(vram)
     return plan_memory(
-        parse_vram(vram),
+        budget,
         lm_config,
         codec_config,
         max_frames=max_frames_for(max_seconds),
         lm_dtype=lm_dtype,
         codec_dtype=codec_dtype,
+        overheads=measure_overheads(device),
     )

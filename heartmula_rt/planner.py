@@ -2,9 +2,12 @@
 in host memory, where the codec lives, and the predicted peak, decided before any weight loads.
 
 Every size is exact, not estimated: the LM (quantized as planned) and the codec are built on the
-meta device and their bytes counted (`module_bytes`); the KV cache is allocated on meta as
-the static engine would; activations are the peak of live tensor bytes while one prompt step
-and one codec window run on meta (`LiveBytes`). What the meta device cannot see is named below.
+meta device and their bytes counted (`module_bytes`); the KV cache is allocated on meta as the
+static engine would; activations are the peak of live tensor bytes while one prompt step, one
+decode frame (what the graph engine's private pool keeps) and one codec window run on meta
+(`LiveBytes`). What the meta device cannot see is `DeviceOverheads`: the CUDA context and the
+libraries' workspaces, measured on the GPU at load (`measure_overheads`) or, without one,
+documented figures. Every plan keeps `headroom_bytes` of the budget free beyond its peak.
 
 A song has two phases: the LM decoding frames (its weights, KV cache, step workspace), then the
 codec decoding windows (its weights and one window's activations). The plan is the fastest
@@ -26,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -40,14 +44,11 @@ from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .offload import HostCopy, OffloadedLayers
 from .quant import quantize_model
-from .quant.fast import use_fast_kernels
+from .quant.fast import bnb_available, use_fast_kernels
 from .synthetic import CODEC_FOR_LM
 
 GiB = 2**30
-# The CUDA context, cuBLAS/cuDNN handles and loaded kernel images: device memory that torch's
-# caching allocator never sees, so `max_memory_reserved` leaves it out. About 0.5 GiB on an H100
-# with torch 2.x (lazy module loading); measured with nvidia-smi against an idle process.
-CUDA_CONTEXT_BYTES = GiB // 2
+MiB = 2**20
 # Reserved exceeds allocated: the caching allocator rounds blocks up and cannot always split a
 # cached segment for a new size. 5% covers both for our few large, long-lived tensors.
 ALLOCATOR_SLACK = 0.05
@@ -55,6 +56,14 @@ ALLOCATOR_SLACK = 0.05
 PROMPT_TOKENS = 1024
 # Ring slots of every offloaded layer stack: one layer computing while the next one copies in.
 OFFLOAD_SLOTS = 2
+# Kept free on top of every predicted peak, for what no figure here counts: kernel images that
+# load lazily after the probe (each module on its first launch: Triton's, attention's, the
+# codec's convolutions; tens of MiB each on an H100), fragmentation beyond ALLOCATOR_SLACK, and
+# other processes that start on the GPU. A share of the budget, since fragmentation grows with
+# what is allocated, but at least 256 MiB, which covers one more workspace of the largest kind
+# below (Triton's autotune buffer, cuDNN's) if a second one is ever alive at once.
+HEADROOM_FRACTION = 0.05
+HEADROOM_MIN_BYTES = 256 * MiB
 # Budgets the README's table lists; 24G and more all give the everything-resident plan.
 TABLE_BUDGETS_GIB = (4, 6, 8, 12, 16, 24)
 
@@ -73,6 +82,128 @@ def parse_vram(text: str) -> int:
     if value <= 0:
         raise UserError(f"--vram {text!r} must be more than zero")
     return int(value)
+
+
+def headroom_bytes(budget_bytes: int) -> int:
+    """What a plan for `budget_bytes` leaves free beyond its predicted peak."""
+    return max(math.ceil(budget_bytes * HEADROOM_FRACTION), HEADROOM_MIN_BYTES)
+
+
+@dataclass(frozen=True)
+class DeviceOverheads:
+    """Device memory that no model tensor accounts for. The context lies outside torch's caching
+    allocator (not in `memory_reserved`); the workspaces are allocated through it."""
+
+    cuda_context: int  # context, cuBLAS/cuDNN handles, loaded kernel images
+    cublas_workspace: int  # per stream a matmul ran on; torch keeps it for the process's life
+    matmul_streams: int
+    cudnn_workspace: int  # one convolution's, during the call (the codec's scalar decoder)
+    triton_autotune: int  # Triton's L2-flush buffer while tuning (the int8 kernel, LM phase)
+    measured: bool  # probed on the GPU, or the documented figures
+
+    @property
+    def cublas_workspaces(self) -> int:
+        return self.cublas_workspace * self.matmul_streams
+
+    def lm_phase(self, quant: str) -> int:
+        """Workspaces alive beside the LM's tensors: int8's kernel is the autotuned one."""
+        return self.cublas_workspaces + (self.triton_autotune if quant == "int8" else 0)
+
+    def codec_phase(self) -> int:
+        """Workspaces alive beside the codec's tensors (the cuBLAS ones are never freed)."""
+        return self.cublas_workspaces + self.cudnn_workspace
+
+
+# The figures planned with where no GPU is measured (`heartmula-rt plan`, tests), each the
+# largest it is on the GPUs we target.
+DEFAULT_OVERHEADS = DeviceOverheads(
+    # nvidia-smi against torch's own reserved bytes, an H100 with torch 2.x and lazy module
+    # loading, after the first matmul and convolution: about 0.5 GiB.
+    cuda_context=GiB // 2,
+    # torch's cuBLAS workspace per (handle, stream): 32 MiB on Hopper and Blackwell, 8 MiB and
+    # 128 KiB elsewhere (CUBLAS_WORKSPACE_CONFIG's default); the larger.
+    cublas_workspace=32 * MiB,
+    # The main stream, the graph engine's side stream for first frames (engine.py), and the
+    # codec's own stream while streaming (stream.py); offload's copy stream runs no matmul.
+    matmul_streams=3,
+    # Not measured yet: cuDNN chooses an algorithm per shape and allocates its workspace during
+    # the call. As large as the scalar decoder's largest chunk activation (217.5 MiB), rounded
+    # up: no algorithm torch picks by heuristics for these 1-D convolutions should need more
+    # scratch than the data it convolves. `bench --vram` checks it against the measured peak.
+    cudnn_workspace=256 * MiB,
+    # triton.testing's benchmarker zeroes a 256 MiB buffer, allocated through torch, between
+    # timed runs while `@triton.autotune` tunes a new shape (Triton 3.x).
+    triton_autotune=256 * MiB,
+    measured=False,
+)
+
+
+@dataclass(frozen=True)
+class OverheadReadings:
+    """What `measure_overheads` reads on the GPU after the first matmul and convolution."""
+
+    total: int  # torch.cuda.mem_get_info
+    free: int  # the same, at the same moment as `reserved`
+    reserved: int  # torch.cuda.memory_reserved
+    workspace: int  # allocated growth of one matmul on a stream without a workspace yet
+    triton_autotune: int  # bytes of Triton's benchmark buffer, 0 without triton
+
+
+def overheads_from(readings: OverheadReadings) -> DeviceOverheads:
+    """Overheads from GPU readings; the figures nothing cheap can measure stay the defaults."""
+    return replace(
+        DEFAULT_OVERHEADS,
+        cuda_context=_unreserved(readings.total, readings.free, readings.reserved),
+        cublas_workspace=readings.workspace,
+        triton_autotune=readings.triton_autotune,
+        measured=True,
+    )
+
+
+def _unreserved(total: int, free: int, reserved: int) -> int:
+    # Everything used on the device that torch did not reserve: the context, and memory of
+    # other processes, which this one cannot have either.
+    return total - free - reserved
+
+
+def cuda_context_bytes(device: torch.device) -> int:
+    """The CUDA context's bytes on `device` now (kernel images load as they are first used)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return _unreserved(total, free, torch.cuda.memory_reserved(device))
+
+
+def read_overheads(device: torch.device) -> OverheadReadings:
+    """The readings behind `measure_overheads` (a CUDA device; well under a second)."""
+    with torch.cuda.device(device):
+        a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+        bias, out = torch.zeros(64, device=device, dtype=a.dtype), torch.empty_like(a)
+        torch.mm(a, a, out=out)  # the cuBLAS handle
+        signal = torch.ones(1, 1, 64, device=device)
+        F.conv1d(signal, torch.ones(1, 1, 3, device=device))  # the cuDNN handle
+        # Drop every stream's workspace, so the next matmul (and addmm, which may take
+        # cuBLASLt's) allocates the main stream's afresh: its allocated growth is one stream's.
+        torch.cuda.synchronize(device)
+        torch._C._cuda_clearCublasWorkspaces()
+        before = torch.cuda.memory_allocated(device)
+        torch.mm(a, a, out=out)
+        torch.addmm(bias, a, a, out=out)
+        workspace = torch.cuda.memory_allocated(device) - before
+        try:
+            from triton.runtime import driver
+        except ImportError:
+            autotune = 0
+        else:
+            autotune = driver.active.get_empty_cache_for_benchmark().nbytes
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # the probe's own blocks
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+    return OverheadReadings(total, free, reserved, workspace, autotune)
+
+
+def measure_overheads(device: torch.device) -> DeviceOverheads:
+    """`DeviceOverheads` measured on a CUDA device: run once before a plan is made there."""
+    return overheads_from(read_overheads(device))
 
 
 class LiveBytes(TorchDispatchMode):
@@ -132,6 +263,7 @@ class LMSizes:
     num_backbone_layers: int
     kv_cache: int  # the static engine's caches for the planned song
     workspace: int  # the activation peak of the prompt step (the largest step)
+    frame_workspace: int  # a decode frame's at a full cache: the graph engine's pool keeps it
 
 
 @dataclass(frozen=True)
@@ -166,6 +298,16 @@ def lm_sizes(
         token = torch.zeros(batch, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
         lm.decoder_step(token + last[:, None], 0, cache, 1)
 
+    def frame_step() -> None:
+        """One frame's backbone step reading every cached position, then its first decoder
+        step (the widest; sampling's few [batch, vocab] rows are below both). On meta, SDPA
+        takes its math path (float32 copies of K and V) and quantized linears their plain one,
+        so this bounds the GPU's fused kernels from above."""
+        frame = torch.zeros(batch, config.audio_num_codebooks, dtype=torch.long, device="meta")
+        last, _ = lm.backbone_step(lm.embed_frame(frame), positions - 1, cache)
+        token = torch.zeros(batch, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
+        lm.decoder_step(token + last[:, None], 0, cache, 1)
+
     return LMSizes(
         weights=module_bytes(lm),
         text_embeddings=module_bytes(lm.text_embeddings),
@@ -173,6 +315,7 @@ def lm_sizes(
         num_backbone_layers=config.backbone.num_layers,
         kv_cache=kv,
         workspace=_activation_peak(prompt_step),
+        frame_workspace=_activation_peak(frame_step),
     )
 
 
@@ -221,23 +364,41 @@ class MemoryPlan:
     kv_positions: int
     kv_batch: int
     kv_bytes: int
-    lm_phase_bytes: int  # allocated by torch while the LM makes frames
-    codec_phase_bytes: int  # allocated by torch while the codec decodes
+    lm_phase_bytes: int  # model tensors allocated by torch while the LM makes frames
+    codec_phase_bytes: int  # model tensors allocated by torch while the codec decodes
+    overheads: DeviceOverheads = DEFAULT_OVERHEADS  # the context and workspaces planned with
+
+    @property
+    def lm_phase_peak(self) -> int:
+        """Reserved by torch while the LM makes frames: its tensors with the allocator's
+        slack, and the workspaces beside them."""
+        return _with_slack(self.lm_phase_bytes) + self.overheads.lm_phase(self.quant)
+
+    @property
+    def codec_phase_peak(self) -> int:
+        return _with_slack(self.codec_phase_bytes) + self.overheads.codec_phase()
 
     @property
     def predicted_peak_bytes(self) -> int:
-        """What nvidia-smi would show at the worst moment: the larger phase with the
-        allocator's slack, plus the CUDA context."""
-        allocated = max(self.lm_phase_bytes, self.codec_phase_bytes)
-        return CUDA_CONTEXT_BYTES + math.ceil(allocated * (1 + ALLOCATOR_SLACK))
+        """What nvidia-smi would show at the worst moment: the larger phase, plus the CUDA
+        context."""
+        return self.overheads.cuda_context + max(self.lm_phase_peak, self.codec_phase_peak)
+
+    @property
+    def headroom_bytes(self) -> int:
+        return headroom_bytes(self.budget_bytes)
 
     def fits(self) -> bool:
-        return self.predicted_peak_bytes <= self.budget_bytes
+        return self.predicted_peak_bytes + self.headroom_bytes <= self.budget_bytes
 
     @property
     def codec_beside_lm(self) -> bool:
         """Whether the codec can decode while the LM runs (streaming): both stay on the GPU."""
         return self.codec_placement == "resident" and self.lm_during_codec == "kept"
+
+
+def _with_slack(allocated: int) -> int:
+    return math.ceil(allocated * (1 + ALLOCATOR_SLACK))
 
 
 def _phases(plan: MemoryPlan, lm: LMSizes, codec: CodecSizes) -> MemoryPlan:
@@ -247,7 +408,8 @@ def _phases(plan: MemoryPlan, lm: LMSizes, codec: CodecSizes) -> MemoryPlan:
     if not plan.text_embeddings_on_gpu:
         lm_weights -= lm.text_embeddings
     lm_ring = min(OFFLOAD_SLOTS, k) * lm.backbone_layer
-    lm_running = lm_weights + lm.kv_cache + lm.workspace + lm_ring
+    # The graph pool stays between songs, so the next prompt step runs beside it.
+    lm_running = lm_weights + lm.kv_cache + lm.frame_workspace + lm.workspace + lm_ring
     lm_phase = lm_running + (codec.weights if plan.codec_placement == "resident" else 0)
     lm_left = {"kept": lm_running, "cache_freed": lm_weights, "released": 0}[plan.lm_during_codec]
     if plan.codec_placement == "offload":
@@ -275,8 +437,11 @@ _CODEC_OFFLOAD_LAYOUTS = ((False, "offload", "cache_freed"), (False, "offload", 
 
 
 def _quant_order(config: LMConfig, dtype: torch.dtype, batch: int, positions: int) -> list[str]:
-    """none, int8, int4, then nf4 only where it is smaller than int4."""
+    """none, int8, int4, then nf4 only where it is smaller than int4 and bitsandbytes, its
+    only fast path on a GPU, is installed."""
     order = ["none", "int8", "int4"]
+    if not bnb_available():
+        return order
     nf4, int4 = (lm_sizes(config, dtype, q, batch, positions).weights for q in ("nf4", "int4"))
     return order + ["nf4"] * (nf4 < int4)
 
@@ -290,6 +455,7 @@ def candidate_plans(
     batch: int,
     lm_dtype: torch.dtype,
     codec_dtype: torch.dtype,
+    overheads: DeviceOverheads = DEFAULT_OVERHEADS,
 ) -> Iterator[MemoryPlan]:
     """Every plan the planner considers, fastest first (the last is the most frugal)."""
     positions = kv_positions(lm_config, max_frames)
@@ -305,6 +471,7 @@ def candidate_plans(
         "num_backbone_layers": lm_config.backbone.num_layers,
         "lm_phase_bytes": 0,
         "codec_phase_bytes": 0,
+        "overheads": overheads,
     }
 
     def plan(quant: str, layout: tuple[bool, str, str], offloaded: int = 0) -> MemoryPlan:
@@ -339,8 +506,11 @@ def plan_memory(
     batch: int = 2,
     lm_dtype: torch.dtype = torch.bfloat16,
     codec_dtype: torch.dtype = torch.float32,
+    overheads: DeviceOverheads = DEFAULT_OVERHEADS,
 ) -> MemoryPlan:
-    """The fastest plan that fits `budget_bytes`; UserError naming the minimum if none does."""
+    """The fastest plan that fits `budget_bytes` with its headroom (`overheads`: measured on
+    the GPU where there is one, `measure_overheads`); UserError naming the minimum if none
+    does."""
     last = None
     for last in candidate_plans(
         lm_config,
@@ -350,14 +520,21 @@ def plan_memory(
         batch=batch,
         lm_dtype=lm_dtype,
         codec_dtype=codec_dtype,
+        overheads=overheads,
     ):
         if last.fits():
             return last
-    need = last.predicted_peak_bytes
+    need = math.ceil(_minimum_budget(last) / GiB * 100) / 100  # as printed, and enough
     raise UserError(
-        f"--vram {budget_bytes / GiB:.2f} GiB is below the minimum of {need / GiB:.2f} GiB "
+        f"--vram {budget_bytes / GiB:.2f} GiB is below the minimum of {need:.2f} GiB "
         f"for this model and songs of {max_frames} frames"
     )
+
+
+def _minimum_budget(plan: MemoryPlan) -> int:
+    """The smallest budget `plan` fits with its headroom (which grows with the budget)."""
+    peak = plan.predicted_peak_bytes
+    return max(peak + HEADROOM_MIN_BYTES, math.ceil(peak / (1 - HEADROOM_FRACTION)))
 
 
 def preset_configs(lm_preset: str = "3B") -> tuple[LMConfig, CodecConfig]:
@@ -372,6 +549,10 @@ def checkpoint_configs(root: Path) -> tuple[LMConfig, CodecConfig]:
 
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.0f} MiB"
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -394,6 +575,9 @@ def format_plan(plan: MemoryPlan) -> str:
         "cache_freed": "weights kept, KV cache freed",
         "released": "moved to host memory",
     }[plan.lm_during_codec]
+    o = plan.overheads
+    lm_extra = "" if plan.quant != "int8" else f", Triton autotune {_mib(o.triton_autotune)}"
+    source = "measured on this GPU" if o.measured else "default figures, no GPU measured"
     return "\n".join(
         [
             f"memory plan for --vram {plan.budget_bytes / GiB:g}G "
@@ -402,9 +586,18 @@ def format_plan(plan: MemoryPlan) -> str:
             f"  KV cache: {plan.kv_positions} positions, {_gib(plan.kv_bytes)}",
             f"  codec: {str(plan.codec_dtype).removeprefix('torch.')} DiT, {codec}; "
             f"LM during codec decode: {during}",
-            f"  predicted peak: {_gib(plan.predicted_peak_bytes)} (LM phase "
-            f"{_gib(plan.lm_phase_bytes)}, codec phase {_gib(plan.codec_phase_bytes)}, "
-            f"+{ALLOCATOR_SLACK:.0%} allocator slack, +{_gib(CUDA_CONTEXT_BYTES)} CUDA context)",
+            f"  overheads ({source}): CUDA context {_gib(o.cuda_context)}; cuBLAS workspaces "
+            f"{o.matmul_streams} streams × {_mib(o.cublas_workspace)}; cuDNN workspace "
+            f"{_mib(o.cudnn_workspace)} (codec phase); Triton autotune "
+            f"{_mib(o.triton_autotune)} (int8 LM phase)",
+            f"  LM phase: {_gib(plan.lm_phase_peak)} (tensors {_gib(plan.lm_phase_bytes)} "
+            f"+{ALLOCATOR_SLACK:.0%} allocator slack, cuBLAS workspaces{lm_extra})",
+            f"  codec phase: {_gib(plan.codec_phase_peak)} (tensors "
+            f"{_gib(plan.codec_phase_bytes)} +{ALLOCATOR_SLACK:.0%} allocator slack, cuBLAS "
+            "and cuDNN workspaces)",
+            f"  predicted peak: {_gib(plan.predicted_peak_bytes)} (the larger phase + the CUDA "
+            f"context); headroom kept free: {_gib(plan.headroom_bytes)} "
+            f"(max({HEADROOM_FRACTION:.0%} of the budget, {_mib(HEADROOM_MIN_BYTES)}))",
         ]
     )
 

@@ -7,10 +7,12 @@ time. The modules here compute the same product from the same stored values with
 - int8 → `Int8TritonLinear`: our Triton kernel (`kernels.int8_matmul`) for decode-sized inputs.
   Same buffers as `Int8Linear`, so nothing is converted.
 - nf4 → `NF4BnbLinear`: bitsandbytes' 4-bit matmul; the codes are re-packed into its layout
-  (first weight in the high nibble) and the block scales widened to float32, exactly.
+  (first weight in the high nibble) and the block scales widened to float32, exactly. Without
+  bitsandbytes NF4 is refused on a GPU (`check_fast_path`) rather than run dequantizing.
 - int4 → `Int4TinyGemmLinear`: the tinygemm kernel behind torchao's int4 weight-only mode,
   called straight from aten (`_weight_int4pack_mm`, CPU twin `_weight_int4pack_mm_for_cpu`);
-  `Int4Linear` already stores tinygemm's scale and midpoint zero.
+  `Int4Linear` already stores tinygemm's scale and midpoint zero. These are private aten ops:
+  `tinygemm_op` checks the installed torch has them.
 
 `use_fast_kernels(model)` swaps in whichever of these the model's device and dtype allow. The
 stored formats stay the cache's layout: swap after saving.
@@ -18,17 +20,25 @@ stored formats stay the cache's layout: swap after saving.
 
 from __future__ import annotations
 
-import logging
+import re
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from heartmula_rt.errors import UserError
+
 from .formats import INT4_MID, Int4Linear, Int8Linear, NF4Linear, QuantLinear, unpack4
 
-log = logging.getLogger(__name__)
-
+# The torch release each tinygemm op first has in the form called here: CUDA's packing takes
+# two codes per uint8 from 2.5 on; the CPU twins were split off in 2.6.
+TINYGEMM_OPS_SINCE = {
+    "_convert_weight_to_int4pack": (2, 5),
+    "_weight_int4pack_mm": (2, 5),
+    "_convert_weight_to_int4pack_for_cpu": (2, 6),
+    "_weight_int4pack_mm_for_cpu": (2, 6),
+}
 TINYGEMM_INNER_K_TILES = (8, 4, 2)  # the kernel's packings, widest first
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 TINYGEMM_ROWS = 16  # out_features of a packed weight: CUDA packs rows by 8, the CPU by 16
@@ -62,6 +72,16 @@ def bnb_available() -> bool:
     return True
 
 
+def check_fast_path(mode: str, device: torch.device) -> None:
+    """Refuse a quantization `device` cannot run at speed: NF4 on a GPU needs bitsandbytes
+    (the plain path would dequantize a full weight copy for every matmul)."""
+    if mode == "nf4" and device.type == "cuda" and not bnb_available():
+        raise UserError(
+            "--quant nf4 on a GPU needs bitsandbytes (pip install 'heartmula-rt[nf4]'); "
+            "or use --quant int4, the same size with no extra dependency"
+        )
+
+
 class NF4BnbLinear(QuantLinear):
     """NF4 through bitsandbytes: codes uint8 [out · in / 2, 1] in its packing, absmax float32
     [out · in / block] (one block never spans two rows, so the blocks are the stored ones)."""
@@ -86,6 +106,24 @@ class NF4BnbLinear(QuantLinear):
         return torch.ops.bitsandbytes.gemm_4bit(
             x, self.packed, shape, self.absmax, self.block, "nf4"
         )
+
+
+def _torch_release() -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
+
+
+def tinygemm_op(name: str) -> torch._ops.OpOverloadPacket:
+    """The private aten op `name` (a `TINYGEMM_OPS_SINCE` key), or a UserError naming the
+    torch it needs when the installed one is older or lacks it."""
+    since = TINYGEMM_OPS_SINCE[name]
+    op = getattr(torch.ops.aten, name, None)
+    if op is None or _torch_release() < since:
+        raise UserError(
+            f"--quant int4 runs tinygemm (aten.{name}), which needs torch "
+            f"{since[0]}.{since[1]} or newer; this is torch {torch.__version__}"
+        )
+    return op
 
 
 def tinygemm_inner_k_tiles(in_features: int) -> int | None:
@@ -119,12 +157,13 @@ class Int4TinyGemmLinear(QuantLinear):
         scale_zero = torch.stack([ref.scale, ref.zero], dim=-1)  # [out, groups, 2]
         scale_zero = F.pad(scale_zero, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()
         tiles = tinygemm_inner_k_tiles(ref.in_features)
+        suffix = "" if codes.is_cuda else "_for_cpu"
+        tinygemm_op("_weight_int4pack_mm" + suffix)  # checked here, before any forward
+        convert = tinygemm_op("_convert_weight_to_int4pack" + suffix)
         if codes.is_cuda:  # the CUDA packing takes two codes per byte, the first high
-            packed = torch.ops.aten._convert_weight_to_int4pack(
-                codes[:, 0::2] << 4 | codes[:, 1::2], tiles
-            )
+            packed = convert(codes[:, 0::2] << 4 | codes[:, 1::2], tiles)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), tiles)
+            packed = convert(codes.int(), tiles)
         return cls(packed, scale_zero.to(torch.bfloat16), ref.in_features, out)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -144,7 +183,8 @@ def fast_module(module: QuantLinear, device: torch.device, dtype: torch.dtype) -
         return module  # the fast kernels are GPU kernels (their tests run them on the CPU)
     if type(module) is Int8Linear:
         return Int8TritonLinear.from_int8(module)
-    if type(module) is NF4Linear and bnb_available():
+    if type(module) is NF4Linear:
+        check_fast_path("nf4", device)
         return NF4BnbLinear.from_nf4(module)
     if (
         type(module) is Int4Linear
@@ -165,9 +205,4 @@ def use_fast_kernels(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
             if fast is not module:
                 model.set_submodule(name, fast)
             kinds[type(fast).__name__] += 1
-    if kinds[NF4Linear.__name__] and next(model.buffers()).is_cuda:
-        log.warning(
-            "bitsandbytes is not installed: NF4 weights are dequantized for every matmul (slow); "
-            "pip install bitsandbytes, or use --quant int4"
-        )
     return dict(kinds)

@@ -4,23 +4,30 @@ refuses. What a plan really uses on a GPU is measured by `heartmula-rt bench --v
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from heartmula_rt import cli
+from heartmula_rt import cli, planner
 from heartmula_rt.errors import UserError
 from heartmula_rt.planner import (
-    CUDA_CONTEXT_BYTES,
+    DEFAULT_OVERHEADS,
+    HEADROOM_MIN_BYTES,
     TABLE_BUDGETS_GIB,
     GiB,
     LiveBytes,
+    MiB,
+    OverheadReadings,
     candidate_plans,
     codec_sizes,
     kv_positions,
     lm_sizes,
+    measure_overheads,
+    overheads_from,
     parse_vram,
     plan_memory,
     preset_configs,
@@ -29,6 +36,8 @@ from heartmula_rt.planner import (
 LM_CONFIG, CODEC_CONFIG = preset_configs("3B")
 FRAMES_240S = 3000  # 240 s at 12.5 frames per second
 BF16 = torch.bfloat16
+# 4G is below the minimum once the context, workspaces and headroom are all counted.
+PLANNED_GIB = tuple(g for g in TABLE_BUDGETS_GIB if g > 4)
 
 
 def stored_elements(fixtures_dir: Path, name: str) -> dict[str, int]:
@@ -41,8 +50,15 @@ def stored_elements(fixtures_dir: Path, name: str) -> dict[str, int]:
     }
 
 
-def plan(gib: float):
-    return plan_memory(int(gib * GiB), LM_CONFIG, CODEC_CONFIG, max_frames=FRAMES_240S)
+def plan(gib: float, **kw):
+    return plan_memory(int(gib * GiB), LM_CONFIG, CODEC_CONFIG, max_frames=FRAMES_240S, **kw)
+
+
+def minimum_gib(**kw) -> float:
+    """The minimum budget the planner names when a plan is asked for below it."""
+    with pytest.raises(UserError) as below:
+        plan(0.5, **kw)
+    return float(re.search(r"minimum of (\d+\.\d+) GiB", str(below.value))[1])
 
 
 def test_lm_sizes_match_the_official_checkpoint(fixtures_dir: Path) -> None:
@@ -95,12 +111,95 @@ def test_kv_positions_round_up_to_the_engine_step() -> None:
     assert kv_positions(LM_CONFIG, 7000) == 8192  # capped at the context
 
 
-@pytest.mark.parametrize("gib", TABLE_BUDGETS_GIB)
+@pytest.mark.parametrize("gib", PLANNED_GIB)
 def test_every_table_budget_has_a_plan_within_it(gib: int) -> None:
     p = plan(gib)
-    assert p.predicted_peak_bytes <= gib * GiB
-    assert p.predicted_peak_bytes > CUDA_CONTEXT_BYTES + p.kv_bytes
+    assert p.predicted_peak_bytes + p.headroom_bytes <= gib * GiB
+    assert p.predicted_peak_bytes > p.overheads.cuda_context + p.kv_bytes
     assert p.kv_positions == 4096
+    assert p.overheads == DEFAULT_OVERHEADS  # no GPU measured
+
+
+def test_every_plan_keeps_the_headroom_free() -> None:
+    # A plan is chosen only with max(5% of the budget, 256 MiB) left beyond its peak.
+    for gib in PLANNED_GIB:
+        p = plan(gib)
+        assert p.headroom_bytes == max(math.ceil(0.05 * gib * GiB), HEADROOM_MIN_BYTES)
+        skipped = list(
+            candidate_plans(
+                LM_CONFIG, CODEC_CONFIG, budget_bytes=gib * GiB, max_frames=FRAMES_240S,
+                batch=2, lm_dtype=BF16, codec_dtype=torch.float32,
+            )
+        )  # fmt: skip
+        for c in skipped[: skipped.index(p)]:
+            assert c.predicted_peak_bytes + c.headroom_bytes > gib * GiB
+    # A budget of exactly a plan's peak gets a more frugal plan, one that leaves the headroom.
+    roomy = plan(8)
+    tight = plan_memory(roomy.predicted_peak_bytes, LM_CONFIG, CODEC_CONFIG, max_frames=FRAMES_240S)
+    assert tight.predicted_peak_bytes + tight.headroom_bytes <= roomy.predicted_peak_bytes
+
+
+def test_overheads_are_in_the_predicted_peak() -> None:
+    # Every overhead moves the peak of the phase it belongs to by exactly its bytes.
+    p = plan(8)
+    assert p.quant == "int8"
+    more = {
+        "cuda_context": 100 * MiB,
+        "cublas_workspace": 10 * MiB,
+        "triton_autotune": 50 * MiB,
+        "cudnn_workspace": 70 * MiB,
+    }
+    for field, extra in more.items():
+        o = dataclasses.replace(p.overheads, **{field: getattr(p.overheads, field) + extra})
+        q = dataclasses.replace(p, overheads=o)
+        lm = {"cuda_context": 0, "cublas_workspace": 3 * extra, "triton_autotune": extra}
+        codec = {"cuda_context": 0, "cublas_workspace": 3 * extra, "cudnn_workspace": extra}
+        assert q.lm_phase_peak - p.lm_phase_peak == lm.get(field, 0)
+        assert q.codec_phase_peak - p.codec_phase_peak == codec.get(field, 0)
+    # The Triton autotune buffer is only int8's (the autotuned kernel).
+    int4 = dataclasses.replace(p, quant="int4")
+    assert p.lm_phase_peak - int4.lm_phase_peak == p.overheads.triton_autotune
+
+
+def test_the_graph_pool_is_counted_in_the_lm_phase() -> None:
+    sizes = lm_sizes(LM_CONFIG, BF16, "none", 2, 4096)
+    # One frame's activations are smaller than the prompt step's, but not nothing: at a full
+    # cache attention reads 4096 positions of every layer.
+    assert 0 < sizes.frame_workspace < sizes.workspace
+    assert sizes.frame_workspace > 2 * 8 * 4096 * 128 * 2  # one layer's K, batch 2, bf16
+    p = plan(24)
+    assert p.lm_phase_bytes == (
+        sizes.weights + sizes.kv_cache + sizes.workspace + sizes.frame_workspace
+        + codec_sizes(CODEC_CONFIG, torch.float32).weights
+    )  # fmt: skip
+
+
+def test_overheads_from_gpu_readings() -> None:
+    readings = OverheadReadings(
+        total=80 * GiB, free=70 * GiB, reserved=9 * GiB, workspace=32 * MiB, triton_autotune=0
+    )
+    o = overheads_from(readings)
+    assert o.measured and not DEFAULT_OVERHEADS.measured
+    assert o.cuda_context == GiB  # used, less what torch reserved
+    assert o.cublas_workspace == 32 * MiB and o.triton_autotune == 0
+    assert o.cudnn_workspace == DEFAULT_OVERHEADS.cudnn_workspace  # not measured
+    assert o.matmul_streams == DEFAULT_OVERHEADS.matmul_streams
+    # A larger measured context costs the plan exactly its difference.
+    default, measured = plan(12), plan(12, overheads=o)
+    diff = o.cuda_context - DEFAULT_OVERHEADS.cuda_context
+    assert measured.predicted_peak_bytes - default.predicted_peak_bytes == diff
+    assert "measured on this GPU" in planner.format_plan(measured)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures a CUDA GPU")
+def test_measure_overheads_on_the_gpu() -> None:
+    o = measure_overheads(torch.device("cuda"))
+    assert o.measured
+    assert 64 * MiB < o.cuda_context < 4 * GiB
+    # torch's cuBLAS workspace: 8 MiB and 128 KiB, or 32 MiB on Hopper and Blackwell, maybe
+    # with cuBLASLt's beside it.
+    assert 4 * MiB <= o.cublas_workspace <= 2 * DEFAULT_OVERHEADS.cublas_workspace
+    assert o.triton_autotune in (0, 256 * MiB)
 
 
 def test_roomy_budget_keeps_everything_on_the_gpu_unquantized() -> None:
@@ -112,7 +211,7 @@ def test_roomy_budget_keeps_everything_on_the_gpu_unquantized() -> None:
 
 def test_smaller_budgets_never_get_faster_plans() -> None:
     order = {}
-    for gib in TABLE_BUDGETS_GIB:
+    for gib in PLANNED_GIB:
         chosen = plan(gib)
         ranks = list(
             candidate_plans(
@@ -123,18 +222,47 @@ def test_smaller_budgets_never_get_faster_plans() -> None:
         order[gib] = ranks.index(chosen)
         # Nothing faster fits: every earlier candidate is over the budget.
         assert all(not c.fits() for c in ranks[: order[gib]])
-    ranks = [order[g] for g in TABLE_BUDGETS_GIB]
+    ranks = [order[g] for g in PLANNED_GIB]
     assert ranks == sorted(ranks, reverse=True)
 
 
 def test_lm_layers_are_offloaded_only_when_nothing_else_fits() -> None:
-    for gib in TABLE_BUDGETS_GIB:
+    lowest = minimum_gib()
+    for gib in (lowest, *PLANNED_GIB):
         p = plan(gib)
         if p.offloaded_lm_layers:
             assert p.quant == "int4"  # the smallest LM first
             assert p.codec_placement == "offload" and p.lm_during_codec == "released"
-    assert plan(4).offloaded_lm_layers > 0
+    assert plan(lowest).offloaded_lm_layers > 0
     assert plan(6).offloaded_lm_layers == 0
+
+
+def test_the_minimum_named_is_the_smallest_budget_with_a_plan() -> None:
+    lowest = minimum_gib()
+    assert 4 < lowest < 6  # with every overhead and the headroom counted
+    assert plan(lowest).fits()
+    with pytest.raises(UserError, match="below the minimum"):
+        plan(lowest - 0.01)
+    with pytest.raises(UserError, match="below the minimum"):
+        plan(4)
+
+
+def test_nf4_is_never_planned_without_bitsandbytes(monkeypatch) -> None:
+    # Make nf4 the smallest LM, so only bitsandbytes' absence keeps it out of the plans.
+    real = planner.lm_sizes
+
+    def sizes(config, dtype, quant, batch, positions):
+        s = real(config, dtype, quant, batch, positions)
+        return dataclasses.replace(s, weights=s.weights // 2) if quant == "nf4" else s
+
+    monkeypatch.setattr(planner, "lm_sizes", sizes)
+    monkeypatch.setattr(planner, "bnb_available", lambda: True)
+    assert "nf4" in planner._quant_order(LM_CONFIG, BF16, 2, 4096)
+    monkeypatch.setattr(planner, "bnb_available", lambda: False)
+    assert "nf4" not in planner._quant_order(LM_CONFIG, BF16, 2, 4096)
+    assert all(c.quant != "nf4" for c in candidate_plans(
+        LM_CONFIG, CODEC_CONFIG, budget_bytes=4 * GiB, max_frames=FRAMES_240S, batch=2,
+        lm_dtype=BF16, codec_dtype=torch.float32))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -163,7 +291,12 @@ def test_cli_refuses_bad_vram_in_one_line(vram: str, capsys) -> None:
 
 
 def test_cli_plan_prints_the_plan(capsys) -> None:
-    # 6 GiB cannot hold the 7.3 GiB bf16 LM: it must be quantized, and int8 (4.2 GiB) fits.
-    assert cli.main(["plan", "--vram", "6G", "--max-seconds", "240"]) == 0
+    # 8 GiB cannot hold the 7.3 GiB bf16 LM with its cache: it must be quantized, and int8
+    # (4.2 GiB) fits; no GPU is measured, so the plan says its figures are the defaults.
+    assert cli.main(["plan", "--vram", "8G", "--max-seconds", "240"]) == 0
     out = capsys.readouterr().out
     assert "quantization int8" in out and "predicted peak" in out
+    for overhead in ("CUDA context 0.50 GiB", "3 streams × 32 MiB", "cuDNN workspace 256 MiB"):
+        assert overhead in out
+    assert "Triton autotune 256 MiB" in out and "default figures" in out
+    assert "headroom kept free: 0.40 GiB" in out  # 5% of 8 GiB

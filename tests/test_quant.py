@@ -249,3 +249,34 @@ def test_cli_quant_option(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as stop:  # argparse's one-line error
         cli.main([*args, "--quant", "int3", "-o", str(out)])
     assert stop.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def _pretend_a_gpu(monkeypatch, module) -> None:
+    """`module`'s device parsing says cuda, and bitsandbytes is missing."""
+    from heartmula_rt.quant import fast
+
+    monkeypatch.setattr(module, "parse_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(fast, "bnb_available", lambda: False)
+
+
+def test_nf4_on_a_gpu_without_bitsandbytes_is_refused_before_loading(
+    monkeypatch, tmp_path: Path
+) -> None:
+    import heartmula_rt
+    from heartmula_rt import pipeline
+
+    _pretend_a_gpu(monkeypatch, pipeline)
+    # A folder that does not exist: the refusal comes before anything is read.
+    with pytest.raises(UserError, match=r"needs bitsandbytes.*heartmula-rt\[nf4\].*int4"):
+        heartmula_rt.load_pipeline(tmp_path / "missing", device="cuda", engine="plain", quant="nf4")
+
+
+def test_bench_refuses_nf4_on_a_gpu_without_bitsandbytes(monkeypatch, tmp_path, capsys) -> None:
+    from heartmula_rt import bench, cli
+
+    _pretend_a_gpu(monkeypatch, bench)
+    args = ["bench", "--engines", "plain", "--quant", "int8,nf4", "--out-dir", str(tmp_path)]
+    assert cli.main(args) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs bitsandbytes" in err
+    assert not list(tmp_path.iterdir())  # nothing was benchmarked

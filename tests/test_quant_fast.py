@@ -9,11 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from heartmula_rt.quant import fast as quant_fast
 from heartmula_rt.quant import quantize_model
 from heartmula_rt.quant.fast import (
     Int4TinyGemmLinear,
     Int8TritonLinear,
     NF4BnbLinear,
+    bnb_available,
+    check_fast_path,
     fast_module,
     use_fast_kernels,
 )
@@ -22,11 +25,15 @@ from heartmula_rt.quant.formats import Int4Linear, Int8Linear, NF4Linear, QuantL
 from heartmula_rt.checkpoint import LM_DIR, load_gen_config, load_lm
 from heartmula_rt.config import GenConfig
 from heartmula_rt.engine import PlainEngine, StaticEngine
+from heartmula_rt.errors import UserError
 from heartmula_rt.prompt import Prompt
 from heartmula_rt.synthetic import synthetic_prompt
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = torch.device("cuda")  # as a target: which twin fast_module picks for a GPU
+needs_bnb = pytest.mark.skipif(
+    not bnb_available(), reason="NF4's fast path is bitsandbytes: pip install 'heartmula-rt[nf4]'"
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +80,7 @@ def test_int8_prefill_sized_inputs_take_the_plain_path() -> None:
     assert torch.equal(Int8TritonLinear.from_int8(ref)(x), ref(x))
 
 
+@needs_bnb
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [(1,), (2,), (3, 5)])
 def test_nf4_bitsandbytes_equals_the_plain_forward(rows, dtype) -> None:
@@ -110,7 +118,7 @@ def test_int4_groups_tinygemm_lacks_keep_the_plain_path() -> None:
     [
         ("int8", torch.bfloat16, Int8TritonLinear),
         ("int8", torch.float32, Int8TritonLinear),
-        ("nf4", torch.bfloat16, NF4BnbLinear),
+        pytest.param("nf4", torch.bfloat16, NF4BnbLinear, marks=needs_bnb),
         ("int4", torch.bfloat16, Int4TinyGemmLinear),
         ("int4", torch.float32, Int4Linear),  # tinygemm computes in bf16 only
     ],
@@ -123,6 +131,43 @@ def test_fast_twins_are_chosen_for_the_gpu_only(mode, dtype, expected) -> None:
     assert fast_module(ref, torch.device("cpu"), dtype) is ref
 
 
+def test_nf4_without_bitsandbytes_is_refused_on_the_gpu_only(monkeypatch) -> None:
+    """The plain NF4 path on a GPU would dequantize every weight per matmul: one sentence."""
+    monkeypatch.setattr(quant_fast, "bnb_available", lambda: False)
+    with pytest.raises(UserError, match=r"needs bitsandbytes.*heartmula-rt\[nf4\].*int4"):
+        check_fast_path("nf4", GPU)
+    ref = NF4Linear.from_weight(_weight(64, 256))
+    with pytest.raises(UserError, match="needs bitsandbytes"):
+        fast_module(ref, GPU, torch.bfloat16)
+    check_fast_path("nf4", torch.device("cpu"))  # the plain path is the CPU's anyway
+    assert fast_module(ref, torch.device("cpu"), torch.bfloat16) is ref
+    for mode in ("none", "int8", "int4"):
+        check_fast_path(mode, GPU)
+
+
+@pytest.mark.parametrize(
+    ("device", "ops"),
+    [
+        ("cpu", ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")),
+        pytest.param(
+            "cuda",
+            ("_convert_weight_to_int4pack", "_weight_int4pack_mm"),
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's ops"),
+        ),
+    ],
+)
+def test_int4_on_a_torch_without_tinygemm_is_one_clear_error(monkeypatch, device, ops) -> None:
+    ref = Int4Linear.from_weight(_weight(64, 256)).to(device)
+    for op in ops:  # a torch build that lacks the op
+        with monkeypatch.context() as m:
+            m.setattr(torch.ops.aten, op, None, raising=False)
+            with pytest.raises(UserError, match=rf"aten\.{op}.*needs torch 2\.\d or newer"):
+                Int4TinyGemmLinear.from_int4(ref)
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu124")  # too old for the uint8 packing
+    with pytest.raises(UserError, match=r"needs torch 2\.[56] or newer; this is torch 2\.4\.1"):
+        Int4TinyGemmLinear.from_int4(ref)
+
+
 def test_use_fast_kernels_keeps_the_plain_modules_on_the_cpu(tiny_ckpt) -> None:
     model = quantize_model(load_lm(tiny_ckpt / LM_DIR)[0], "int4")
     kinds = use_fast_kernels(model, torch.float32)
@@ -133,7 +178,7 @@ def test_use_fast_kernels_keeps_the_plain_modules_on_the_cpu(tiny_ckpt) -> None:
     ("mode", "dtype", "frames", "compile"),
     [
         ("int8", torch.float32, 3, False),  # few frames: the interpreted kernel is slow
-        ("nf4", torch.float32, 6, False),
+        pytest.param("nf4", torch.float32, 6, False, marks=needs_bnb),
         ("int4", torch.bfloat16, 6, True),  # tinygemm computes in bf16 only
     ],
 )
