@@ -177,7 +177,7 @@ class StaticEngine:
         gen_config: GenConfig,
         *,
         compile: bool = False,
-        compile_backend: str = "inductor",
+        compile_backend: str | Callable = "inductor",
         graphs: bool = True,
         bucket: int = BUCKET,
         sync_every: int = SYNC_EVERY,

@@ -19,6 +19,7 @@ noise next to a 4-bit step (1/15 of a group's range).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,6 +54,13 @@ NF4_CODEBOOK = (
     0.7229568362236023,
     1.0,
 )
+
+
+@functools.cache
+def nf4_codebook(device: torch.device) -> Tensor:
+    """NF4_CODEBOOK as float32 on `device`, made once: built per call it would copy host data
+    in every forward, which a CUDA graph capture cannot hold (tests/test_capture_safety.py)."""
+    return torch.tensor(NF4_CODEBOOK, device=device)
 
 
 def block_size(in_features: int, block: int) -> int:
@@ -141,14 +149,13 @@ class NF4Linear(QuantLinear):
         absmax = w.abs().amax(dim=-1).to(BLOCK_DTYPE)
         x = w / absmax.float().clamp_min(1e-30)[..., None]
         # Nearest codebook value: bucketize against the midpoints needs no [..., 16] temporary.
-        book = torch.tensor(NF4_CODEBOOK, device=w.device)
+        book = nf4_codebook(w.device)
         codes = torch.bucketize(x, (book[1:] + book[:-1]) / 2)
         return cls(pack4(codes.view(out, n)), absmax)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         out, blocks = self.absmax.shape
-        book = torch.tensor(NF4_CODEBOOK, device=self.packed.device)
-        w = book[unpack4(self.packed).long()].view(out, blocks, -1)
+        w = nf4_codebook(self.packed.device)[unpack4(self.packed).long()].view(out, blocks, -1)
         return (w * self.absmax.float()[..., None]).view(out, -1).to(dtype)
 
 

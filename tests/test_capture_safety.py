@@ -1,0 +1,176 @@
+"""What a CUDA graph capture cannot contain, checked without a GPU.
+
+A capture records kernels without running them, so a captured step must never wait for the
+device (`.item()`, `bool(t)`, a copy to the host), copy host data in (`torch.tensor(list)`,
+which also syncs), or allocate a tensor whose size depends on values (`nonzero`, boolean
+masks). `capture_guard` fails on each of these. The steps the engines capture run under it at
+full size on the meta device, after one warm call outside it, as the engines warm every shape
+before capturing it: the LM's frame step (`StaticEngine._step`; bf16, with and without CFG, and
+with each quantized format) and the codec's estimator over one guided window
+(`codec/graphed.py`). Meta tensors hold no data, so anything that reads a value also fails
+there. Not visible here: CUDA API calls such as `torch.cuda.synchronize()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from heartmula_rt.quant import quantize_model
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from heartmula_rt.codec import HeartCodec
+from heartmula_rt.codec.detokenize import LATENTS_PER_CODE, WINDOW
+from heartmula_rt.config import CODEC_PRESETS, LM_PRESETS, GenConfig, LMConfig
+from heartmula_rt.engine import StaticEngine
+from heartmula_rt.lm import HeartMuLa
+
+pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
+
+aten = torch.ops.aten
+CAPACITY = 1024  # one cache capacity step
+KV_LEN = 256  # the first bucket's end
+
+
+class CaptureUnsafe(AssertionError):
+    """Something ran that a CUDA graph capture cannot hold."""
+
+
+# Tensors made from host data: a host-to-device copy (and a sync) on every call.
+_FROM_HOST = {
+    torch.tensor,
+    torch.as_tensor,
+    torch.asarray,
+    torch.from_numpy,
+    torch.frombuffer,
+    Tensor.new_tensor,
+}
+_BOOL_DTYPES = (torch.bool, torch.uint8)  # index masks: the result's size is their count
+
+
+class _NoHostData(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _FROM_HOST:
+            raise CaptureUnsafe(f"{func.__name__} copies host data to the device")
+        return func(*args, **(kwargs or {}))
+
+
+class _NoSyncNoDynamicShapes(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        if torch.Tag.data_dependent_output in func.tags or func is aten.is_nonzero.default:
+            raise CaptureUnsafe(f"{func} reads a tensor's value on the host (a sync)")
+        if torch.Tag.dynamic_output_shape in func.tags and not _index_by_integers(func, args):
+            raise CaptureUnsafe(f"{func} allocates a result whose size depends on values")
+        if any(t.device.type == "cpu" for t in tensors) or _device(kwargs) == "cpu":
+            raise CaptureUnsafe(f"{func} touches host memory (a copy to or from the device)")
+        return func(*args, **kwargs)
+
+
+def _index_by_integers(func, args) -> bool:
+    """Indexing by integer tensors: its result's size is the indices', not their values'."""
+    if func not in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
+        return False
+    return all(i is None or i.dtype not in _BOOL_DTYPES for i in args[1])
+
+
+def _device(kwargs: dict) -> str | None:
+    device = kwargs.get("device")
+    return None if device is None else torch.device(device).type
+
+
+@contextlib.contextmanager
+def capture_guard() -> Iterator[None]:
+    """Raise CaptureUnsafe at the first thing inside that a CUDA graph capture cannot hold."""
+    with torch.no_grad(), _NoHostData(), _NoSyncNoDynamicShapes():
+        yield
+
+
+def _meta_lm(quant: str = "none") -> HeartMuLa:
+    with torch.device("meta"):
+        lm = HeartMuLa(LMConfig.from_dict(LM_PRESETS["3B"])).to(torch.bfloat16)
+    return quantize_model(lm, quant)
+
+
+def _frame_step(lm: HeartMuLa, cfg_scale: float) -> Callable[[], None]:
+    """One frame of the static engine on meta, warmed once outside the guard."""
+    engine = StaticEngine(lm, GenConfig(), graphs=False)
+    engine.sampler.configure(topk=50, temperature=1.0, cfg_scale=cfg_scale, seed=0)
+    batch = engine.sampler.batch
+    state = engine._reserve(batch, CAPACITY)
+    cache = state.cache_for(batch)
+
+    def step() -> None:
+        engine._step(state, cache, KV_LEN)
+
+    with torch.no_grad():
+        step()  # the engine's uncaptured first frame of a shape (RoPE tables built here)
+    return step
+
+
+@pytest.fixture(scope="module")
+def lm() -> HeartMuLa:
+    return _meta_lm()
+
+
+@pytest.mark.parametrize("cfg_scale", [1.5, 1.0])
+def test_frame_step_is_capture_safe(lm: HeartMuLa, cfg_scale: float) -> None:
+    step = _frame_step(lm, cfg_scale)
+    with capture_guard():
+        step()
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4", "int4"])
+def test_quantized_frame_step_is_capture_safe(quant: str) -> None:
+    step = _frame_step(_meta_lm(quant), 1.5)
+    with capture_guard():
+        step()
+
+
+def test_codec_estimator_is_capture_safe() -> None:
+    config = CODEC_PRESETS["full"]
+    with torch.device("meta"):
+        codec = HeartCodec(config)
+    estimator = codec.set_precision("mixed").flow_matching.estimator  # the GPU default
+    # The window graphed.py captures: [uncond; cond] × 744 latent frames × [x | ic | mu].
+    inp = torch.zeros(2, LATENTS_PER_CODE * WINDOW, config.in_channels, device="meta")
+    t = torch.zeros(2, device="meta")
+    with torch.no_grad():
+        estimator(inp, t)
+    with capture_guard():
+        v = estimator(inp, t)
+    assert v.shape == (2, LATENTS_PER_CODE * WINDOW, config.out_channels)
+
+
+INJECTIONS = {
+    "item": lambda t: t.item(),
+    "int": lambda t: int(t),
+    "bool": lambda t: bool(t),
+    "cpu": lambda t: t.cpu(),
+    "tolist": lambda t: t.tolist(),
+    "torch.tensor": lambda t: torch.tensor([1, 2], device=t.device),
+    "nonzero": lambda t: t.nonzero(),
+    "boolean mask": lambda t: t[t > 0],
+}
+
+
+@pytest.mark.parametrize("name", INJECTIONS)
+def test_the_guard_fires_on_what_a_capture_cannot_hold(
+    lm: HeartMuLa, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = _frame_step(lm, 1.5)
+    backbone_step = lm.backbone_step
+
+    def with_injection(rows: Tensor, start: Tensor, *args, **kwargs):
+        INJECTIONS[name](start)  # start: the device-held position
+        return backbone_step(rows, start, *args, **kwargs)
+
+    monkeypatch.setattr(lm, "backbone_step", with_injection)
+    with pytest.raises(CaptureUnsafe), capture_guard():
+        step()
