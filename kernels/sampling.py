@@ -180,7 +180,9 @@ def _launch(
     else:
         rows, block = 1, min(triton.next_power_of_2(vocab), MAX_BLOCK)
     args = (logits, logits.stride()[0], out, state_ints, state_floats, vocab, n_out)
-    meta = {"CFG": cfg, "ROWS": rows, "BLOCK": block, "ONE_CHUNK": block >= vocab}
+    # A row's keys are kept for every halving when they fit: a whole 2048-entry row spilled.
+    one_chunk = block >= vocab and (interpreted or block < MAX_BLOCK)
+    meta = {"CFG": cfg, "ROWS": rows, "BLOCK": block, "ONE_CHUNK": one_chunk}
     meta["num_warps"] = 8 if block >= MAX_BLOCK else 4
     return (triton.cdiv(n_out, rows),), args, meta
 

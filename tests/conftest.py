@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import LM_DIR, load_lm
+from heartmula_rt.checkpoint import LM_DIR, load_gen_config, load_lm
+from heartmula_rt.config import GenConfig
 from heartmula_rt.lm import HeartMuLa
 
 # Without a GPU, Triton kernels run on the CPU through Triton's interpreter; it must be chosen
@@ -72,3 +74,15 @@ def streams_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(torch.cuda, "Stream", Counted)
     return made
+
+
+@pytest.fixture(scope="session")
+def gen(tiny_ckpt: Path) -> GenConfig:
+    """The tiny-public checkpoint's gen_config.json."""
+    return load_gen_config(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_ckpt: Path) -> Tokenizer:
+    """The tiny-public tokenizer (its post-processor adds BOS)."""
+    return Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))

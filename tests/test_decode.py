@@ -8,17 +8,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import load_gen_config, load_lm
+from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.config import GenConfig
 from heartmula_rt.decode import GenerationInterrupted, Sampler, generate_frames, prefill
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import Prompt, build_prompt
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_ckpt: Path) -> GenConfig:
-    return load_gen_config(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import LM_DIR, load_gen_config, load_lm
+from heartmula_rt.checkpoint import LM_DIR, load_lm
 from heartmula_rt.config import GenConfig
 from heartmula_rt.decode import GenerationInterrupted
 from heartmula_rt.engine import PlainEngine, StaticEngine, make_engine
@@ -32,16 +32,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def lm(tiny_ckpt: Path) -> HeartMuLa:
     """The tiny-public LM in float32 where the sampler kernel runs."""
     return load_lm(tiny_ckpt / LM_DIR, device=DEVICE)[0]
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_ckpt: Path) -> GenConfig:
-    return load_gen_config(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_ckpt: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))
 
 
 def _cases(fixtures_dir: Path) -> dict[str, dict]:

@@ -19,7 +19,6 @@ from tokenizers import Tokenizer
 from torch._inductor.compile_fx import compile_fx
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-from heartmula_rt.checkpoint import load_gen_config
 from heartmula_rt.config import GenConfig
 from heartmula_rt.engine import PlainEngine, StaticEngine
 from heartmula_rt.lm import HeartMuLa
@@ -50,11 +49,6 @@ class CountingInductor:
 class Compiled:
     engine: StaticEngine
     backend: CountingInductor
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_ckpt: Path) -> GenConfig:
-    return load_gen_config(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")

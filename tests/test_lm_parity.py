@@ -24,11 +24,6 @@ def _mula_cases(fixtures_dir: Path) -> list[dict]:
 CASE_FILES = ["mula_cfg15.safetensors", "mula_nocfg.safetensors", "mula_eos.safetensors"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_ckpt: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))
-
-
 @pytest.fixture(params=CASE_FILES)
 def case(request, fixtures_dir: Path) -> tuple[dict, dict]:
     by_file = {c["file"]: c for c in _mula_cases(fixtures_dir)}

@@ -75,7 +75,7 @@ def test_refuses_layers_of_different_shapes() -> None:
 
 
 def frugal_plan(num_layers: int, offloaded: int) -> MemoryPlan:
-    """The most frugal layout (what the smallest budgets get), on the CPU: every placement code path runs."""
+    """The most frugal layout (the smallest budgets'), on the CPU: every placement path runs."""
     return MemoryPlan(
         budget_bytes=0,
         max_frames=0,

@@ -16,12 +16,6 @@ GEN = GenConfig(text_bos_id=0, text_eos_id=1, audio_eos_id=1025, empty_id=0)
 BOS, EOS = GEN.text_bos_id, GEN.text_eos_id
 
 
-@pytest.fixture(scope="module")
-def tokenizer(fixtures_dir: Path) -> Tokenizer:
-    """The fixture tokenizer: its post-processor adds BOS."""
-    return Tokenizer.from_file(str(fixtures_dir / "tiny-public/ckpt/tokenizer.json"))
-
-
 def _plain(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 

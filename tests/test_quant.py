@@ -27,7 +27,6 @@ from heartmula_rt.quant import (
 from heartmula_rt.quant.formats import NF4_CODEBOOK
 from torch import nn
 
-from heartmula_rt.checkpoint import load_gen_config
 from heartmula_rt.config import LM_PRESETS, GenConfig, LMConfig
 from heartmula_rt.decode import generate_frames
 from heartmula_rt.errors import UserError
@@ -135,11 +134,6 @@ def test_audio_head_matches_the_plain_head(mode: str) -> None:
 
 
 # -- models -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_ckpt: Path) -> GenConfig:
-    return load_gen_config(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")

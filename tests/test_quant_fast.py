@@ -22,8 +22,7 @@ from heartmula_rt.quant.fast import (
 )
 from heartmula_rt.quant.formats import Int4Linear, Int8Linear, NF4Linear, QuantLinear
 
-from heartmula_rt.checkpoint import LM_DIR, load_gen_config, load_lm
-from heartmula_rt.config import GenConfig
+from heartmula_rt.checkpoint import LM_DIR, load_lm
 from heartmula_rt.engine import PlainEngine, StaticEngine
 from heartmula_rt.errors import UserError
 from heartmula_rt.prompt import Prompt
@@ -34,11 +33,6 @@ GPU = torch.device("cuda")  # as a target: which twin fast_module picks for a GP
 needs_bnb = pytest.mark.skipif(
     not bnb_available(), reason="NF4's fast path is bitsandbytes: pip install 'heartmula-rt[nf4]'"
 )
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_ckpt) -> GenConfig:
-    return load_gen_config(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")
