@@ -14,6 +14,7 @@ import copy
 
 import torch
 
+from ..side_stream import SideStream
 from .dit import Estimator
 
 FAST_PATHS = ("graph", "compile")
@@ -38,6 +39,7 @@ class GraphedEstimator:
                 estimator, fullgraph=True, dynamic=False, backend=compile_backend
             )
         self.graphs = graphs
+        self._side_stream = SideStream()  # each capture's warm-up runs on it
         self._key: tuple | None = None  # (shape, dtype, device) the graph was captured for
         self._graph: torch.cuda.CUDAGraph | None = None
         self._inp = self._t = self._out = None
@@ -71,7 +73,7 @@ class GraphedEstimator:
             self._inp, self._t = inp.clone(), t.clone()
         # Warm-up on a side stream: compilation, kernel choice and workspaces happen outside
         # the capture, where they are not allowed.
-        side = torch.cuda.Stream(inp.device)
+        side = self._side_stream.get(inp.device)
         side.wait_stream(torch.cuda.current_stream(inp.device))
         with torch.cuda.stream(side):
             for _ in range(2):
