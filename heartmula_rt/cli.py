@@ -268,8 +268,8 @@ def _add_model_options(
     takes several quantization modes, `quant_list`)."""
     p.add_argument(
         "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cpu, cuda or cuda:N (default: cuda if available)",
+        default="auto",
+        help="auto (the default: cuda if torch sees a GPU, else cpu), cpu, cuda or cuda:N",
     )
     p.add_argument(
         "--dtype",

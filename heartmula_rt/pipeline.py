@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,17 +56,20 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def parse_device(name: str | torch.device) -> torch.device:
+    """`auto` (the default everywhere): the first CUDA GPU if torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s)")
     elif device.type != "cpu":
-        raise UserError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -88,7 +92,12 @@ def max_frames_for(max_seconds: float) -> int:
 
 @dataclass
 class Pipeline:
-    """A loaded HeartMuLa LM and HeartCodec, ready to turn tags and lyrics into audio."""
+    """A loaded HeartMuLa LM and HeartCodec, ready to turn tags and lyrics into audio.
+
+    Safe to share between threads: each call that runs a model holds `lock` (a song's stream
+    holds it from its first frame to its last piece, `generate` for the LM and the codec), so
+    calls from several threads run one at a time, in turn, each as it would alone.
+    """
 
     lm: HeartMuLa
     lm_config: LMConfig
@@ -100,6 +109,7 @@ class Pipeline:
     engine: Engine
     sample_rate: int = 48000
     placement: Placement | None = None  # the `vram=` plan applied, with the models' host mirrors
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def plan(self) -> MemoryPlan | None:
@@ -137,15 +147,17 @@ class Pipeline:
         draw their random numbers differently; greedy decoding, topk=1, agrees across them).
         """
         check_seed(seed)
-        return self.engine.generate_frames(
-            self.prompt(tags, lyrics),
-            max_frames=max_frames,
-            topk=topk,
-            temperature=temperature,
-            cfg_scale=cfg_scale,
-            seed=seed,
-            on_frame=on_frame,
-        )
+        prompt = self.prompt(tags, lyrics)
+        with self.lock:
+            return self.engine.generate_frames(
+                prompt,
+                max_frames=max_frames,
+                topk=topk,
+                temperature=temperature,
+                cfg_scale=cfg_scale,
+                seed=seed,
+                on_frame=on_frame,
+            )
 
     def decode_frames(
         self,
@@ -165,7 +177,7 @@ class Pipeline:
             if self.placement is None
             else self.placement.codec_turn(self.lm, self.codec, self.engine.release)
         )
-        with turn:
+        with self.lock, turn:
             return self.codec.detokenize(
                 frames,
                 num_steps=num_steps,
@@ -187,17 +199,19 @@ class Pipeline:
         guidance_scale: float = 1.25,
     ) -> torch.Tensor:
         """Tags and lyrics → float32 stereo waveform [2, N] at 48 kHz."""
-        frames = self.generate_frames(
-            tags,
-            lyrics,
-            max_frames=max_frames_for(max_seconds),
-            topk=topk,
-            temperature=temperature,
-            cfg_scale=cfg_scale,
-            seed=seed,
-        )
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        return self.decode_frames(frames, num_steps, guidance_scale, generator)
+        max_frames = max_frames_for(max_seconds)
+        with self.lock:  # the song's LM and codec in one turn
+            frames = self.generate_frames(
+                tags,
+                lyrics,
+                max_frames=max_frames,
+                topk=topk,
+                temperature=temperature,
+                cfg_scale=cfg_scale,
+                seed=seed,
+            )
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            return self.decode_frames(frames, num_steps, guidance_scale, generator)
 
     def stream(
         self,
@@ -228,6 +242,7 @@ class Pipeline:
             guidance_scale=guidance_scale,
             generator=None if seed is None else torch.Generator().manual_seed(seed),
             on_frame=on_frame,
+            lock=self.lock,
             max_frames=max_frames,
             topk=topk,
             temperature=temperature,
@@ -238,8 +253,8 @@ class Pipeline:
 
 def load_pipeline(
     model_path: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
     codec_dtype: str | None = None,
     engine: str | None = None,
     quant: str = "none",
@@ -249,7 +264,9 @@ def load_pipeline(
 ) -> Pipeline:
     """Load a checkpoint folder in the official layout (SPEC §1).
 
-    `dtype` is the LM's weight dtype; `codec_dtype` one of `codec.CODEC_DTYPES` (default:
+    `device` is `auto` (a CUDA GPU if torch sees one, else the CPU; as `heartmula-rt gen`),
+    `cpu`, `cuda` or `cuda:N`. `dtype` is the LM's weight dtype (default: `default_dtype`,
+    bfloat16 on a GPU, float32 on the CPU); `codec_dtype` one of `codec.CODEC_DTYPES` (default:
     `mixed` on a GPU, `float32` on the CPU); both load tensor by tensor. On a GPU (without a
     `vram` plan, which moves the codec) the codec's estimator is replayed as a CUDA graph.
     `engine` is one of `engine.ENGINES` (default: `default_engine(device)`). `quant` is one of
@@ -266,7 +283,7 @@ def load_pipeline(
     """
     root = Path(model_path)
     device = parse_device(device)
-    lm_dtype = parse_dtype(dtype)
+    lm_dtype = parse_dtype(dtype or default_dtype(device))
     codec_mode = check_codec_dtype(codec_dtype or default_codec_dtype(device))
     codec_dtype = CODEC_DTYPES[codec_mode][0]  # the DiT blocks': what the weights load as
     engine = default_engine(device) if engine is None else engine

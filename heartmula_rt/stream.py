@@ -19,6 +19,7 @@ import contextlib
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -62,14 +63,56 @@ class _Readback:
             self.put(host.numpy())
 
 
+class _Song:
+    """What the worker thread shares with its `SongStream`: the queue, the flags, the results.
+
+    The thread holds this, never the `SongStream`, so a stream nobody holds any more is garbage
+    collected (and closed) while its worker runs.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()  # pieces, then _END or the worker's exception
+        self.stop = threading.Event()  # end the LM at its next frame
+        self.closed = threading.Event()  # and skip the codec's remaining work
+        self.frames: torch.Tensor | None = None
+        self.interrupted = False
+        self.first_audio_s: float | None = None
+        self.start = time.perf_counter()
+
+    def put(self, piece: np.ndarray) -> None:
+        if self.first_audio_s is None:
+            self.first_audio_s = time.perf_counter() - self.start
+        self.queue.put(piece)
+
+
+def _finish(song: _Song, thread: threading.Thread, *, close: bool) -> None:
+    """Stop (or close) the song and wait for its worker, unless called from the worker itself."""
+    song.stop.set()
+    if close:
+        song.closed.set()
+    if thread is not threading.current_thread():
+        thread.join()
+    if close:  # nothing more will be read: drop what the worker left
+        with song.queue.mutex:
+            song.queue.queue.clear()
+
+
 class SongStream:
     """Iterate to get a song's audio as float32 [2, n] numpy pieces while it is generated.
 
     After the last piece, `frames` holds the codes [8, T], `interrupted` whether `stop()` cut
-    the song short and `first_audio_s` the seconds from the start to the first piece. `stop()`
-    ends the LM at its next frame; the frames made so far are decoded to the end as a song of
-    that length, so the stream stays a prefix-exact, properly ended song. An error in the
-    worker is raised from the iteration.
+    the song short and `first_audio_s` the seconds from the start to the first piece. An error
+    in the worker is raised from the iteration.
+
+    `stop()` ends the LM at its next frame and waits while the frames made so far are decoded to
+    the end, as a song of that length: the pieces still to be read keep the stream a
+    prefix-exact, properly ended song. `close()` (also on leaving a `with` block, when the stream
+    is garbage collected, and at interpreter exit) ends it at once: the LM stops, the codec's
+    remaining work is skipped, unread pieces are dropped and the iteration ends. Both return
+    with the worker thread finished, so nothing is left running.
+
+    With a `lock` (the pipeline's), the worker holds it from the song's first frame to its last
+    piece: songs of one pipeline run one at a time.
     """
 
     def __init__(
@@ -82,22 +125,45 @@ class SongStream:
         guidance_scale: float = 1.25,
         generator: torch.Generator | None = None,
         on_frame: Callable[[int], None] | None = None,
+        lock: threading.RLock | None = None,
         **generate: Any,
     ) -> None:
         """`generate` holds `generate_frames`' keyword arguments (max_frames, topk, ...)."""
-        self.frames: torch.Tensor | None = None
-        self.interrupted = False
-        self.first_audio_s: float | None = None
-        self._queue: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
+        self._song = song = _Song()
         self._ended = False
-        self._start = time.perf_counter()
-        args = (engine, codec, prompt, num_steps, guidance_scale, generator, on_frame, generate)
-        self._thread = threading.Thread(target=self._run, args=args, daemon=True)
+        work = (song, lock, engine, codec, prompt, num_steps, guidance_scale, generator, on_frame)
+        self._thread = threading.Thread(
+            target=_run, args=(*work, generate), name="heartmula-rt song", daemon=True
+        )
         self._thread.start()
+        # Runs close() once: on close(), on garbage collection, or at interpreter exit (daemon
+        # threads still running inside torch when the interpreter ends abort the process).
+        self._finalizer = weakref.finalize(self, _finish, song, self._thread, close=True)
+
+    @property
+    def frames(self) -> torch.Tensor | None:
+        return self._song.frames
+
+    @property
+    def interrupted(self) -> bool:
+        return self._song.interrupted
+
+    @property
+    def first_audio_s(self) -> float | None:
+        return self._song.first_audio_s
 
     def stop(self) -> None:
-        self._stop.set()
+        _finish(self._song, self._thread, close=False)
+
+    def close(self) -> None:
+        self._ended = True
+        self._finalizer()
+
+    def __enter__(self) -> SongStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
@@ -105,7 +171,7 @@ class SongStream:
     def __next__(self) -> np.ndarray:
         if self._ended:
             raise StopIteration
-        item = self._queue.get()
+        item = self._song.queue.get()
         if item is _END or isinstance(item, BaseException):
             self._ended = True
             self._thread.join()
@@ -114,70 +180,83 @@ class SongStream:
             raise item
         return item
 
-    def _put(self, piece: np.ndarray) -> None:
-        if self.first_audio_s is None:
-            self.first_audio_s = time.perf_counter() - self._start
-        self._queue.put(piece)
 
-    def _run(self, *args: Any) -> None:
-        try:
+def _run(song: _Song, lock: threading.RLock | None, engine: Engine, *work: Any) -> None:
+    held = lock is None or _acquire(lock, song.stop)
+    try:
+        if held:
             # Not inference_mode: the static engine's state outlives the song, and inference
             # tensors could not be updated by a later song outside that mode.
             with torch.no_grad():
-                self._generate(*args)
-        except BaseException as e:  # handed to the consumer, raised there
-            self._queue.put(e)
-        else:
-            self._queue.put(_END)
+                _generate(song, engine, *work)
+        else:  # stopped while another call held the pipeline
+            song.frames, song.interrupted = (
+                torch.zeros(engine.model.config.audio_num_codebooks, 0, dtype=torch.long),
+                True,
+            )
+    except BaseException as e:  # handed to the consumer, raised there
+        song.queue.put(e)
+    else:
+        song.queue.put(_END)
+    finally:
+        if held and lock is not None:
+            lock.release()
 
-    def _generate(
-        self,
-        engine: Engine,
-        codec: HeartCodec,
-        prompt: Prompt,
-        num_steps: int,
-        guidance_scale: float,
-        generator: torch.Generator | None,
-        on_frame: Callable[[int], None] | None,
-        generate: dict[str, Any],
-    ) -> None:
-        device = codec.flow_matching.cond_feature_emb.weight.device
-        side = codec.side_stream.get(device) if device.type == "cuda" else None
 
-        def on_side() -> contextlib.AbstractContextManager:
-            """Every codec tensor is made and used on the side stream, never across streams."""
-            return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+def _acquire(lock: threading.RLock, stop: threading.Event) -> bool:
+    """Wait for `lock` until `stop` is set; whether it is held."""
+    while not lock.acquire(timeout=0.05):
+        if stop.is_set():
+            return False
+    return True
 
+
+def _generate(
+    song: _Song,
+    engine: Engine,
+    codec: HeartCodec,
+    prompt: Prompt,
+    num_steps: int,
+    guidance_scale: float,
+    generator: torch.Generator | None,
+    on_frame: Callable[[int], None] | None,
+    generate: dict[str, Any],
+) -> None:
+    device = codec.flow_matching.cond_feature_emb.weight.device
+    side = codec.side_stream.get(device) if device.type == "cuda" else None
+
+    def on_side() -> contextlib.AbstractContextManager:
+        """Every codec tensor is made and used on the side stream, never across streams."""
+        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
+    with on_side():
+        decoder = codec.window_decoder(
+            num_steps=num_steps, guidance_scale=guidance_scale, generator=generator
+        )
+    readback = _Readback(device, song.put)
+    received = 0
+
+    def decode(pieces: Callable[[], list[torch.Tensor]]) -> None:
+        if side is not None:  # the codes were written on the LM's stream
+            side.wait_stream(torch.cuda.current_stream(device))
         with on_side():
-            decoder = codec.window_decoder(
-                num_steps=num_steps, guidance_scale=guidance_scale, generator=generator
-            )
-        readback = _Readback(device, self._put)
-        received = 0
+            readback.add(pieces())
 
-        def decode(pieces: Callable[[], list[torch.Tensor]]) -> None:
-            if side is not None:  # the codes were written on the LM's stream
-                side.wait_stream(torch.cuda.current_stream(device))
-            with on_side():
-                readback.add(pieces())
+    def on_codes(new: torch.Tensor) -> None:
+        nonlocal received
+        if song.stop.is_set():
+            raise KeyboardInterrupt  # the engines' own early stop: they keep the frames
+        received += new.shape[1]
+        decode(lambda: decoder.push(new))
 
-        def on_codes(new: torch.Tensor) -> None:
-            nonlocal received
-            if self._stop.is_set():
-                raise KeyboardInterrupt  # the engines' own early stop: they keep the frames
-            received += new.shape[1]
-            decode(lambda: decoder.push(new))
-
-        try:
-            frames = engine.generate_frames(
-                prompt, on_frame=on_frame, on_codes=on_codes, **generate
-            )
-        except GenerationInterrupted as stopped:
-            frames, self.interrupted = stopped.frames, True
-        self.frames = frames
-        if frames.shape[1] == 0:
-            return  # stopped before the first frame: no song
-        if frames.shape[1] > received:
-            decode(lambda: decoder.push(frames[:, received:]))
-        decode(decoder.finish)
-        readback.flush(wait=True)
+    try:
+        frames = engine.generate_frames(prompt, on_frame=on_frame, on_codes=on_codes, **generate)
+    except GenerationInterrupted as stopped:
+        frames, song.interrupted = stopped.frames, True
+    song.frames = frames
+    if frames.shape[1] == 0 or song.closed.is_set():
+        return  # stopped before the first frame (no song), or closed (nobody listens)
+    if frames.shape[1] > received:
+        decode(lambda: decoder.push(frames[:, received:]))
+    decode(decoder.finish)
+    readback.flush(wait=True)

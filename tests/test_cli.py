@@ -22,7 +22,7 @@ SAMPLES_PER_FRAME = 3840  # 48 kHz / 12.5 frames per second
 @pytest.fixture(scope="module")
 def expected_frames(tiny_ckpt: Path) -> int:
     """How many frames the CLI's settings give, asked of the Python API."""
-    pipe = heartmula_rt.load_pipeline(tiny_ckpt)
+    pipe = heartmula_rt.load_pipeline(tiny_ckpt, device="cpu")
     frames = pipe.generate_frames("piano,happy", "[verse]\nla la la\n", max_frames=25, seed=7)
     return frames.shape[1]
 

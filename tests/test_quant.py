@@ -225,7 +225,7 @@ def test_static_engine_runs_a_quantized_model(
 def test_pipeline_loads_quantized_and_generates(mode: str, tiny_ckpt: Path) -> None:
     import heartmula_rt
 
-    pipe = heartmula_rt.load_pipeline(tiny_ckpt, quant=mode)
+    pipe = heartmula_rt.load_pipeline(tiny_ckpt, device="cpu", quant=mode)
     cls = {"int8": Int8Linear, "int4": Int4Linear}[mode]
     assert isinstance(pipe.lm.backbone.layers[0].attn.q_proj, cls)
     assert isinstance(pipe.lm.audio_head, QuantizedAudioHead)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ TAGS, LYRICS = "piano", "la la"
 
 @pytest.fixture(scope="module")
 def pipe(tiny_ckpt: Path) -> Pipeline:
-    return heartmula_rt.load_pipeline(tiny_ckpt)
+    return heartmula_rt.load_pipeline(tiny_ckpt, device="cpu")
 
 
 def random_codes(num_codes: int, seed: int) -> torch.Tensor:
@@ -204,3 +206,81 @@ def test_cli_stream_needs_wav(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
     assert gen(tiny_ckpt, str(tmp_path / "song.flac"), "--stream") == 2
     assert "--stream writes WAV" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+# A stream's whole life in a fresh interpreter, which must exit 0 (a worker thread still inside
+# torch when the interpreter ends aborts it: "terminate called without an active exception").
+LIFE_PRELUDE = """
+import gc, sys, threading
+import heartmula_rt
+from heartmula_rt.stream import SongStream
+
+pipe = heartmula_rt.load_pipeline(sys.argv[1], device="cpu")
+
+def long_stream():  # every frame of a long song: the worker is busy for a while
+    return SongStream(
+        pipe.engine, pipe.codec, pipe.prompt("piano", "la la"), num_steps=1,
+        lock=pipe.lock, max_frames=1000, stop_at_eos=False,
+    )
+
+def no_worker_left():
+    gc.collect()
+    assert threading.enumerate() == [threading.main_thread()], threading.enumerate()
+"""
+
+LIVES = {
+    "exit-without-iterating": "s = pipe.stream('piano', 'la la', max_seconds=60, seed=0)",
+    "exit-after-break": "s = long_stream()\nfor piece in s:\n    break",
+    "stop-then-exit": """
+s = long_stream()
+next(s)
+s.stop()
+no_worker_left()  # stop() returns with the worker done: the rest is queued
+assert s.interrupted and s.frames.shape[1] < 1001
+assert sum(p.shape[1] for p in s) > 0  # the song to the frame where the LM stopped
+""",
+    "stop-before-the-first-frame": """
+s = long_stream()
+s.stop()
+no_worker_left()
+assert s.interrupted
+""",
+    "close": """
+s = long_stream()
+next(s)
+s.close()
+no_worker_left()
+assert list(s) == []  # unread pieces dropped, the iteration over
+s.close()  # again: nothing to do
+""",
+    "context-manager": """
+with long_stream() as s:
+    next(s)
+no_worker_left()
+""",
+    "garbage-collected": """
+for piece in long_stream():
+    break  # nothing holds the stream now
+no_worker_left()
+s = long_stream()
+del s
+no_worker_left()
+""",
+    "waiting-for-the-pipeline": """
+s = long_stream()
+waiting = long_stream()  # its worker waits for the first song's lock
+waiting.close()
+s.close()
+no_worker_left()
+""",
+}
+
+
+@pytest.mark.parametrize("life", list(LIVES))
+def test_stream_closes_at_any_point(tiny_ckpt: Path, life: str) -> None:
+    code = LIFE_PRELUDE + LIVES[life]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_ckpt)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr

@@ -40,7 +40,7 @@ def test_tiny_sharded_checkpoint_generates(tmp_path: Path) -> None:
     assert "flow_matching.vq_embed.layers.7._codebook.embed_avg" in codec_keys
     assert "scalar_model.decoder.6.conv.weight" in codec_keys
 
-    pipe = heartmula_rt.load_pipeline(root)
+    pipe = heartmula_rt.load_pipeline(root, device="cpu")
     frames = pipe.generate_frames("rock", "la la", max_frames=10, seed=1)
     assert frames.shape[0] == 8 and 1 <= frames.shape[1] <= 11
     wav = pipe.decode_frames(frames, generator=torch.Generator().manual_seed(0))
@@ -53,7 +53,7 @@ def test_bf16_checkpoint_loads(tmp_path: Path) -> None:
     assert json.loads((root / LM_DIR / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(root / LM_DIR / "model.safetensors"), "pt") as h:
         assert h.get_tensor("audio_head").dtype == torch.bfloat16
-    pipe = heartmula_rt.load_pipeline(root, dtype="float32")
+    pipe = heartmula_rt.load_pipeline(root, device="cpu", dtype="float32")
     assert pipe.lm.audio_head.dtype == torch.float32
 
 
