@@ -2,7 +2,8 @@
 in host memory, where the codec lives, and the predicted peak, decided before any weight loads.
 
 Every size is exact, not estimated: the LM (quantized as planned) and the codec are built on the
-meta device and their bytes counted (`module_bytes`); the KV cache is allocated on meta as the
+meta device, two layers of each stack (`TRACED_LAYERS`), and their bytes counted (`module_bytes`,
+the other layers as many more of the first); the KV cache is allocated on meta as the
 static engine would; activations are the peak of live tensor bytes while one prompt step, one
 decode frame (what the graph engine's private pool keeps) and one codec window run on meta
 (`LiveBytes`). What the meta device cannot see is `DeviceOverheads`: the CUDA context and the
@@ -37,14 +38,14 @@ from torch.utils._pytree import tree_flatten
 from .checkpoint import CODEC_DIR, LM_DIR, load_codec_config, load_lm_config
 from .codec import HeartCodec
 from .codec.detokenize import LATENTS_PER_CODE, WINDOW
-from .config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
+from .config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LlamaFlavor, LMConfig
 from .engine import CAPACITY_STEP
 from .errors import UserError
 from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .offload import HostCopy, OffloadedLayers
 from .quant import quantize_model
-from .quant.fast import bnb_available, use_fast_kernels
+from .quant.fast import bnb_installed, use_fast_kernels
 from .synthetic import CODEC_FOR_LM
 
 GiB = 2**30
@@ -69,6 +70,12 @@ TABLE_BUDGETS_GIB = (4, 6, 8, 12, 16, 24)
 
 CODEC_PLACEMENTS = ("resident", "after_lm", "offload")
 LM_DURING_CODEC = ("kept", "cache_freed", "released")
+# Layers of each stack (the LM's backbone and depth decoder, each DiT stage) that the size counts
+# build and trace on meta; the others are counted by arithmetic. The layers of a stack are one
+# module at one shape, so their bytes and KV caches repeat, and so do their live bytes from the
+# second layer on: the first one's input is the stack's input, which the caller holds until the
+# stack returns, and every later one's input is the layer before's output, alive beside it.
+TRACED_LAYERS = 2
 
 
 def parse_vram(text: str) -> int:
@@ -275,6 +282,11 @@ class CodecSizes:
     scalar_activations: int  # the scalar decoder over a window
 
 
+def _traced_flavor(flavor: LlamaFlavor) -> LlamaFlavor:
+    """`flavor` with only the layers the size counts trace (`TRACED_LAYERS`)."""
+    return replace(flavor, num_layers=min(flavor.num_layers, TRACED_LAYERS))
+
+
 def kv_positions(config: LMConfig, max_frames: int) -> int:
     """Cache positions of the static engine for a PROMPT_TOKENS prompt and `max_frames` frames
     (rounded up to its CAPACITY_STEP, at most the context)."""
@@ -286,11 +298,22 @@ def kv_positions(config: LMConfig, max_frames: int) -> int:
 def lm_sizes(
     config: LMConfig, dtype: torch.dtype, quant: str, batch: int, positions: int
 ) -> LMSizes:
+    traced = replace(
+        config, backbone=_traced_flavor(config.backbone), decoder=_traced_flavor(config.decoder)
+    )
     with torch.device("meta"):
-        lm = HeartMuLa(config).to(dtype)
+        lm = HeartMuLa(traced).to(dtype)
     quantize_model(lm, quant)
     cache = lm.new_cache(batch, positions)
-    kv = sum(t.nbytes for c in cache.backbone + cache.decoder for t in (c.k, c.v))
+    # Each stack's bytes and KV cache as built, and its layers left out, counted as its first.
+    weights, kv = module_bytes(lm), 0
+    for stack, caches, flavor in (
+        (lm.backbone, cache.backbone, config.backbone),
+        (lm.decoder, cache.decoder, config.decoder),
+    ):
+        left_out = flavor.num_layers - len(stack.layers)
+        weights += left_out * module_bytes(stack.layers[0])
+        kv += (len(caches) + left_out) * (caches[0].k.nbytes + caches[0].v.nbytes)
 
     def prompt_step() -> None:
         ids = torch.zeros(min(PROMPT_TOKENS, positions), dtype=torch.long, device="meta")
@@ -309,7 +332,7 @@ def lm_sizes(
         lm.decoder_step(token + last[:, None], 0, cache, 1)
 
     return LMSizes(
-        weights=module_bytes(lm),
+        weights=weights,
         text_embeddings=module_bytes(lm.text_embeddings),
         backbone_layer=module_bytes(lm.backbone.layers[0]),
         num_backbone_layers=config.backbone.num_layers,
@@ -321,12 +344,16 @@ def lm_sizes(
 
 @functools.lru_cache(maxsize=8)
 def codec_sizes(config: CodecConfig, dtype: torch.dtype) -> CodecSizes:
+    blocks = (config.num_layers, config.num_layers_2)  # of each DiT stage
+    built = [min(n, TRACED_LAYERS) for n in blocks]
     with torch.device("meta"):
-        codec = HeartCodec(config).to(dtype)
+        codec = HeartCodec(replace(config, num_layers=built[0], num_layers_2=built[1]))
+        codec.to(dtype)
     for part in codec.float32_parts():  # as checkpoint.load_codec
         part.float()
     est = codec.flow_matching.estimator
-    stages = (est.transformer_blocks, est.transformer_blocks_2)
+    block_bytes = [module_bytes(s[0]) for s in (est.transformer_blocks, est.transformer_blocks_2)]
+    stages = list(zip(blocks, built, block_bytes, strict=True))
     frames = LATENTS_PER_CODE * WINDOW
     latents = torch.zeros(1, frames, config.out_channels, device="meta")
     mu = torch.zeros(1, frames, config.dim, dtype=dtype, device="meta")
@@ -339,9 +366,9 @@ def codec_sizes(config: CodecConfig, dtype: torch.dtype) -> CodecSizes:
         codec.scalar_model(torch.zeros(streams, config.latent_hidden_dim, frames, device="meta"))
 
     return CodecSizes(
-        weights=module_bytes(codec),
-        dit_blocks=sum(module_bytes(s) for s in stages),
-        dit_ring=sum(min(OFFLOAD_SLOTS, len(s)) * module_bytes(s[0]) for s in stages),
+        weights=module_bytes(codec) + sum((n - k) * b for n, k, b in stages),
+        dit_blocks=sum(n * b for n, _, b in stages),
+        dit_ring=sum(min(OFFLOAD_SLOTS, n) * b for n, _, b in stages),
         dit_activations=_activation_peak(ode_step),
         scalar_activations=_activation_peak(scalar),
     )
@@ -436,14 +463,15 @@ _CHEAP_LAYOUTS = (
 _CODEC_OFFLOAD_LAYOUTS = ((False, "offload", "cache_freed"), (False, "offload", "released"))
 
 
-def _quant_order(config: LMConfig, dtype: torch.dtype, batch: int, positions: int) -> list[str]:
+def _quant_order(config: LMConfig, dtype: torch.dtype, batch: int, positions: int) -> Iterator[str]:
     """none, int8, int4, then nf4 only where it is smaller than int4 and bitsandbytes, its
-    only fast path on a GPU, is installed."""
-    order = ["none", "int8", "int4"]
-    if not bnb_available():
-        return order
-    nf4, int4 = (lm_sizes(config, dtype, q, batch, positions).weights for q in ("nf4", "int4"))
-    return order + ["nf4"] * (nf4 < int4)
+    only fast path on a GPU, is installed. Lazily: the sizes of int4 and nf4 are counted only
+    once a plan gets past int4, which most budgets never do."""
+    yield from ("none", "int8", "int4")
+    if bnb_installed():
+        nf4, int4 = (lm_sizes(config, dtype, q, batch, positions).weights for q in ("nf4", "int4"))
+        if nf4 < int4:
+            yield "nf4"
 
 
 def candidate_plans(
@@ -459,7 +487,6 @@ def candidate_plans(
 ) -> Iterator[MemoryPlan]:
     """Every plan the planner considers, fastest first (the last is the most frugal)."""
     positions = kv_positions(lm_config, max_frames)
-    quants = _quant_order(lm_config, lm_dtype, batch, positions)
     codec = codec_sizes(codec_config, codec_dtype)
     base = {
         "budget_bytes": budget_bytes,
@@ -489,10 +516,13 @@ def candidate_plans(
         return _phases(bare, lm, codec)
 
     for layouts in (_CHEAP_LAYOUTS, _CODEC_OFFLOAD_LAYOUTS):
-        for quant in quants:
+        for quant in _quant_order(lm_config, lm_dtype, batch, positions):
             for layout in layouts:
                 yield plan(quant, layout)
-    smallest = min(quants, key=lambda q: lm_sizes(lm_config, lm_dtype, q, batch, positions).weights)
+    smallest = min(
+        _quant_order(lm_config, lm_dtype, batch, positions),
+        key=lambda q: lm_sizes(lm_config, lm_dtype, q, batch, positions).weights,
+    )
     for offloaded in range(1, lm_config.backbone.num_layers + 1):
         yield plan(smallest, _CODEC_OFFLOAD_LAYOUTS[-1], offloaded)
 

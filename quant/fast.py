@@ -20,6 +20,7 @@ stored formats stay the cache's layout: swap after saving.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections import Counter
 
@@ -60,6 +61,12 @@ class Int8TritonLinear(Int8Linear):
         if x.numel() > self.max_rows * x.shape[-1]:  # prefill: once per song, the plain path
             return super().forward(x)
         return torch.ops.heartmula_rt.int8_weight_matmul(x, self.weight, self.scale)
+
+
+def bnb_installed() -> bool:
+    """Whether bitsandbytes is installed, found without importing it (the import takes seconds):
+    all a plan needs to know. `bnb_available` imports it, before NF4 runs."""
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def bnb_available() -> bool:

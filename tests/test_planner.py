@@ -4,15 +4,19 @@ refuses. What a plan really uses on a GPU is measured by `heartmula-rt bench --v
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from heartmula_rt import cli, planner
+from heartmula_rt import cli, lm, planner
+from heartmula_rt.codec import dit
 from heartmula_rt.errors import UserError
 from heartmula_rt.planner import (
     DEFAULT_OVERHEADS,
@@ -23,6 +27,7 @@ from heartmula_rt.planner import (
     MiB,
     OverheadReadings,
     candidate_plans,
+    checkpoint_configs,
     codec_sizes,
     kv_positions,
     lm_sizes,
@@ -91,6 +96,78 @@ def test_codec_sizes_match_the_official_checkpoint(fixtures_dir: Path) -> None:
     # The scalar decoder's last conv runs on 2 streams × 64 channels × 744 latents × 960 × 2
     # samples in float32: at least the input and output of that conv are alive at once.
     assert sizes.scalar_activations >= 2 * 4 * 2 * 64 * 744 * 960 * 2
+
+
+def tiny_configs(tiny_ckpt: Path, layers: int):
+    """The tiny checkpoint's configs with `layers` layers in every stack (LM and DiT)."""
+    lm_config, codec_config = checkpoint_configs(tiny_ckpt)
+    return (
+        dataclasses.replace(
+            lm_config,
+            backbone=dataclasses.replace(lm_config.backbone, num_layers=layers),
+            decoder=dataclasses.replace(lm_config.decoder, num_layers=layers),
+        ),
+        dataclasses.replace(codec_config, num_layers=layers, num_layers_2=layers),
+    )
+
+
+def counted(forward, calls: collections.Counter, name: str):
+    """`forward` counting its calls in `calls[name]`."""
+
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+def test_a_plan_traces_the_same_layers_however_deep_the_model(tiny_ckpt, monkeypatch) -> None:
+    # Tracing every layer of every quantization made `heartmula-rt plan` take seconds.
+    traced = collections.Counter()
+    for block in (lm.TransformerBlock, dit.Block):
+        monkeypatch.setattr(block, "forward", counted(block.forward, traced, block.__name__))
+    per_depth = {}
+    for layers in (2, 7):
+        lm_sizes.cache_clear()
+        codec_sizes.cache_clear()
+        traced.clear()
+        with pytest.raises(UserError, match="below the minimum"):  # every candidate considered
+            plan_memory(GiB // 4, *tiny_configs(tiny_ckpt, layers), max_frames=100)
+        per_depth[layers] = dict(traced)
+    assert per_depth[7] == per_depth[2]
+    assert set(per_depth[2]) == {"TransformerBlock", "Block"}
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_layers_counted_not_traced_give_the_sizes_of_tracing_them(
+    tiny_ckpt, monkeypatch, quant: str
+) -> None:
+    lm_config, codec_config = tiny_configs(tiny_ckpt, 5)
+    dtype = torch.bfloat16
+    counted_sizes = (
+        lm_sizes.__wrapped__(lm_config, dtype, quant, 2, 256),
+        codec_sizes.__wrapped__(codec_config, dtype),
+    )
+    monkeypatch.setattr(planner, "TRACED_LAYERS", 5)  # every layer built and traced
+    assert counted_sizes == (
+        lm_sizes.__wrapped__(lm_config, dtype, quant, 2, 256),
+        codec_sizes.__wrapped__(codec_config, dtype),
+    )
+
+
+def test_plan_does_not_import_bitsandbytes(tiny_ckpt) -> None:
+    # Importing it takes seconds; a plan needs to know only that it is installed. A budget
+    # below the minimum makes the planner consider every quantization, nf4's too.
+    code = (
+        "import sys; from heartmula_rt import cli; "
+        "rc = cli.main(['plan', '--vram', '0.25G', '--model-path', sys.argv[1]]); "
+        "print(rc, 'bitsandbytes' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_ckpt)], capture_output=True, text=True, check=True
+    )
+    assert "below the minimum" in done.stderr
+    assert done.stdout.split() == [str(cli.EXIT_USER_ERROR), "False"]
 
 
 def test_live_bytes_counts_what_is_alive_at_once() -> None:
@@ -256,9 +333,9 @@ def test_nf4_is_never_planned_without_bitsandbytes(monkeypatch) -> None:
         return dataclasses.replace(s, weights=s.weights // 2) if quant == "nf4" else s
 
     monkeypatch.setattr(planner, "lm_sizes", sizes)
-    monkeypatch.setattr(planner, "bnb_available", lambda: True)
+    monkeypatch.setattr(planner, "bnb_installed", lambda: True)
     assert "nf4" in planner._quant_order(LM_CONFIG, BF16, 2, 4096)
-    monkeypatch.setattr(planner, "bnb_available", lambda: False)
+    monkeypatch.setattr(planner, "bnb_installed", lambda: False)
     assert "nf4" not in planner._quant_order(LM_CONFIG, BF16, 2, 4096)
     assert all(c.quant != "nf4" for c in candidate_plans(
         LM_CONFIG, CODEC_CONFIG, budget_bytes=4 * GiB, max_frames=FRAMES_240S, batch=2,
