@@ -143,7 +143,25 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     raise UserError(
                         f"{path} is damaged or truncated: cannot read {key!r} ({e})"
                     ) from None
+                if tensor.is_floating_point():
+                    _check_finite(path, key, tensor)
                 yield key, tensor
+
+
+def _check_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN or Inf weights: an overwritten block of a file still reads as valid safetensors
+    and would give a different song. Checked in the file's dtype, as read. The test is one sum
+    (a single pass, ~30x faster on the CPU than `isfinite(t).all()`): NaN and Inf always make it
+    non-finite, so a finite sum clears the tensor; a non-finite one, which finite values can also
+    give by overflowing, is counted exactly."""
+    if torch.isfinite(tensor.sum()):
+        return
+    bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+    if bad:
+        raise UserError(
+            f"{path}: tensor {key!r} holds {bad} non-finite values (NaN or Inf); "
+            "the file is corrupted, download it again"
+        )
 
 
 def _fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -211,7 +229,8 @@ def load_into(
 
     The file headers are checked against the model first, so a bad checkpoint fails in seconds,
     not after gigabytes were read: every parameter and persistent buffer must be there with its
-    exact shape, and any other key that is not a known unused one is an error. Floating tensors
+    exact shape, and any other key that is not a known unused one is an error. Each floating
+    tensor must hold only finite values (checked as read, before any folding). Floating tensors
     become `dtype` (float32 under `float32_prefixes`), converted on the host before they move to
     `device`. `place(key, host_tensor)`, if given, may take a tensor over (returning True), e.g.
     to quantize it on its way to the device; the others are assigned as they are.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,19 @@ def gen(tiny_ckpt: Path) -> GenConfig:
 def tokenizer(tiny_ckpt: Path) -> Tokenizer:
     """The tiny-public tokenizer (its post-processor adds BOS)."""
     return Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def overwrite_tensor_data() -> Callable[[Path, str, bytes], None]:
+    """`overwrite(path, key, data)` writes `data` over the start of tensor `key`'s bytes in a
+    safetensors file, in place, as a bad disk or download would: the header stays valid."""
+
+    def overwrite(path: Path, key: str, data: bytes) -> None:
+        with path.open("r+b") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))  # little-endian u64, then JSON
+            start, end = json.loads(f.read(header_len))[key]["data_offsets"]
+            assert len(data) <= end - start, f"{key} holds only {end - start} bytes"
+            f.seek(8 + header_len + start)
+            f.write(data)
+
+    return overwrite

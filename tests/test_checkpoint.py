@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from heartmula_rt import checkpoint
+from heartmula_rt import checkpoint, load_pipeline
 from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR, load_codec, load_lm
 from heartmula_rt.codec import FLOAT32_PARTS, HeartCodec
 from heartmula_rt.config import FLAVORS, CodecConfig, LMConfig
@@ -234,6 +234,87 @@ def test_bad_checkpoint_fails_before_any_tensor_is_read(ckpt: Path, monkeypatch)
     monkeypatch.setattr(checkpoint, "_iter_tensors", no_reading)
     with pytest.raises(UserError, match="lacks tensor 'decoder.norm.scale'"):
         load_lm(ckpt / LM_DIR)
+
+
+NAN_F32 = b"\xff" * 4  # what 0xFF bytes read as, in float32 and bfloat16 alike
+POS_INF_F32 = b"\x00\x00\x80\x7f"
+NEG_INF_BF16 = b"\x80\xff"
+
+
+@pytest.mark.parametrize(
+    ("folder", "key", "data", "count"),
+    [
+        (LM_DIR, "audio_head", NAN_F32 * 1000, 1000),
+        (LM_DIR, "backbone.layers.1.attn.q_proj.weight", POS_INF_F32, 1),
+        # a weight-norm half: refused as stored, not only once folded
+        (CODEC_DIR, "scalar_model.decoder.0.parametrizations.weight.original1", POS_INF_F32 * 3, 3),
+        (CODEC_DIR, "flow_matching.estimator.transformer_blocks.0.mlp.gate.weight", NAN_F32, 1),
+    ],
+)
+def test_non_finite_tensor_names_tensor_and_file(
+    ckpt: Path, overwrite_tensor_data, folder: str, key: str, data: bytes, count: int
+) -> None:
+    path = ckpt / folder / "model.safetensors"
+    overwrite_tensor_data(path, key, data)
+    load = load_lm if folder == LM_DIR else load_codec
+    with pytest.raises(UserError) as e:
+        load(ckpt / folder)
+    assert str(e.value) == (
+        f"{path}: tensor {key!r} holds {count} non-finite values (NaN or Inf); "
+        "the file is corrupted, download it again"
+    )
+
+
+def test_non_finite_in_bf16_shard(ckpt: Path, overwrite_tensor_data) -> None:
+    """Checked in the stored dtype, and the message names the shard that holds the tensor."""
+    lm_dir = ckpt / LM_DIR
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(lm_dir / "model.safetensors").items()}
+    (lm_dir / "model.safetensors").unlink()
+    shards = {
+        "model-00001-of-00002.safetensors": {k: v for k, v in tensors.items() if k != "audio_head"},
+        "model-00002-of-00002.safetensors": {"audio_head": tensors["audio_head"]},
+    }
+    weight_map = {}
+    for name, part in shards.items():
+        save_file(part, lm_dir / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (lm_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shard = lm_dir / "model-00002-of-00002.safetensors"
+    overwrite_tensor_data(shard, "audio_head", NEG_INF_BF16 * 5)
+    with pytest.raises(UserError, match=rf"^{shard}: tensor 'audio_head' holds 5 non-finite"):
+        load_lm(lm_dir, dtype=torch.bfloat16)
+
+
+def test_non_finite_count_ignores_an_overflowing_sum(ckpt: Path, overwrite_tensor_data) -> None:
+    """Finite float16 values whose sum overflows load; beside one NaN, only the NaN counts."""
+    path = ckpt / LM_DIR / "model.safetensors"
+
+    def huge_float16_scale(t):
+        t["decoder.norm.scale"] = torch.full((64,), 60000.0, dtype=torch.float16)
+        return t
+
+    rewrite(path, huge_float16_scale)
+    assert torch.all(load_lm(ckpt / LM_DIR)[0].decoder.norm.scale == 60000.0)
+    overwrite_tensor_data(path, "decoder.norm.scale", b"\xff\xff")  # a float16 NaN
+    with pytest.raises(UserError, match="'decoder.norm.scale' holds 1 non-finite value"):
+        load_lm(ckpt / LM_DIR)
+
+
+@pytest.mark.parametrize(
+    ("folder", "key", "quant"),
+    [
+        (LM_DIR, "audio_head", "none"),
+        (LM_DIR, "audio_head", "int8"),  # quantized while it loads: checked before quantizing
+        (CODEC_DIR, "flow_matching.estimator.proj_out.ffn_2.weight", "none"),
+    ],
+)
+def test_non_finite_refused_by_load_pipeline(
+    ckpt: Path, overwrite_tensor_data, folder: str, key: str, quant: str
+) -> None:
+    path = ckpt / folder / "model.safetensors"
+    overwrite_tensor_data(path, key, NAN_F32 * 1000)
+    with pytest.raises(UserError, match=rf"^{path}: tensor {key!r} holds 1000 non-finite"):
+        load_pipeline(ckpt, quant=quant)
 
 
 def test_lonely_weight_norm_half(ckpt: Path) -> None:

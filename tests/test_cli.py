@@ -208,13 +208,30 @@ def test_bad_input(case: str, tiny_ckpt: Path, fixtures_dir: Path, tmp_path: Pat
     out.parent.mkdir()
     # argparse lets a later option win: the bad value overrides the good one in gen_args
     code = exit_code(gen_args(tiny_ckpt, out) + make_args(tmp_path, fixtures_dir))
-    err = capfd.readouterr().err
+    assert_refused(code, capfd.readouterr().err, message, out)
+
+
+def assert_refused(code: int, err: str, message: str, out: Path) -> None:
+    """Exit 2, one error line holding `message` and ending stderr, no traceback, no output."""
     assert code == 2
     errors = [line for line in err.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], err
     assert err.strip().splitlines()[-1] == errors[0]
     assert "Traceback" not in err
     assert list(out.parent.iterdir()) == []
+
+
+def test_non_finite_weights_refused(
+    fixtures_dir: Path, tmp_path: Path, overwrite_tensor_data, capfd
+) -> None:
+    root = bad_model(tmp_path, fixtures_dir, lambda r: None)
+    shard = root / LM_DIR / "model.safetensors"
+    overwrite_tensor_data(shard, "audio_head", b"\xff" * 4000)  # 1000 float32 NaNs
+    out = tmp_path / "out" / "song.wav"
+    out.parent.mkdir()
+    code = exit_code(gen_args(root, out))
+    message = f"{shard}: tensor 'audio_head' holds 1000 non-finite values (NaN or Inf)"
+    assert_refused(code, capfd.readouterr().err, message, out)
 
 
 @pytest.mark.parametrize(
