@@ -51,7 +51,9 @@ def check_output_path(path: Path) -> Path:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserError(f"output path {path} is not writable ({e.strerror})") from None
+        raise UserError(
+            f"cannot write {path}: its folder {folder} takes no new files ({e.strerror})"
+        ) from None
     return path
 
 

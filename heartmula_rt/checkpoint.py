@@ -79,6 +79,8 @@ def tokenizer_path(root: Path) -> Path:
 def check_model_path(root: Path) -> None:
     """Fail early, naming what is missing, before anything heavy happens."""
     root = Path(root)
+    if root.is_file():
+        raise UserError(f"model path {root} is a file; give the checkpoint folder that holds it")
     if not root.is_dir():
         raise UserError(f"model folder {root} does not exist")
     tokenizer_path(root)

@@ -1,7 +1,8 @@
 """`heartmula-rt`: a thin command line over the Python API.
 
 Every user mistake is one line on stderr and exit code 2; nothing heavy is loaded before the
-inputs and the output path have been checked.
+inputs and the output path have been checked. stdout carries only a command's product (the
+audio of `-o -`, a plan, a bench table, the version); every message goes to stderr.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import select
 import sys
 import time
 from pathlib import Path
@@ -16,10 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import __version__, checkpoint
 from .audio import WavStream, check_output_path, partial_path, write_audio
 from .bench import DEFAULT_PROMPT_LEN, cmd_bench
 from .codec import CODEC_DTYPES, check_codec_dtype, default_codec_dtype
+from .codec.detokenize import sanitize_codes
+from .codes import codes_path, load_codes, save_codes
 from .config import LM_PRESETS
 from .decode import GenerationInterrupted, cfg_batch, check_sampling
 from .engine import ENGINES, check_engine, default_engine
@@ -40,6 +44,7 @@ from .quant import QUANT_MODES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a Unix tool killed by it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,8 +63,43 @@ def _resolve_model_path(path: Path | None) -> Path:
     return root
 
 
+def _note_stray_ids(frames: torch.Tensor, codebook_size: int) -> None:
+    """Once per song: the codec replaces LM ids past its codebook (SPEC §5.1)."""
+    n_stray = sanitize_codes(frames, codebook_size, frames.shape[0])[1]
+    if n_stray:
+        print(
+            f"note: replaced {n_stray} codec ids ≥ {codebook_size} by a neighbouring frame's",
+            file=sys.stderr,
+        )
+
+
+def _decode_keeping_codes(
+    pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int
+) -> float | None:
+    """As `_decode_and_write`, with the frames saved first (codes.py) and kept if the codec
+    stage is interrupted (then None, said on stderr) or fails, so the LM's work survives;
+    removed once `out` is written."""
+    kept = codes_path(out)
+    save_codes(kept, frames, seed)
+    try:
+        seconds = _decode_and_write(pipe, frames, out, seed)
+    except BaseException as e:
+        how = f"`heartmula-rt decode {kept} -o {out}` makes the song from them"
+        what = f"the LM's {frames.shape[1]} frames are kept in {kept}"
+        if isinstance(e, KeyboardInterrupt):
+            print(f"interrupted during the codec: {what}; {how}", file=sys.stderr)
+            return None
+        if isinstance(e, UserError):
+            raise UserError(f"{e}; {what}") from None
+        print(f"heartmula-rt: {what}; {how}", file=sys.stderr)
+        raise
+    kept.unlink()
+    return seconds
+
+
 def _decode_and_write(pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int) -> float:
     """Frames → waveform → file; returns the audio length in seconds."""
+    _note_stray_ids(frames, pipe.codec_config.codebook_size)
     bar = tqdm(total=None, desc="codec", unit="window", leave=False, file=sys.stderr)
 
     def on_window(done: int, total: int) -> None:
@@ -76,6 +116,17 @@ def _decode_and_write(pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int
     if clipped:
         print(f"note: {clipped} samples were outside [-1, 1] and were clipped", file=sys.stderr)
     return wav.shape[-1] / pipe.sample_rate
+
+
+def _reader_gone(sink) -> bool:
+    """Whether the pipe `sink` writes into has lost its reader: a pipe with room may accept a
+    whole song before its reader goes (`| head -c 1000`), so no write ever fails."""
+    try:
+        poll = select.poll()
+        poll.register(sink.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # not a file descriptor (a test's capture)
+        return False
 
 
 def _stream_and_write(pipe: Pipeline, out: Path | None, **song) -> int:
@@ -99,7 +150,7 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, **song) -> int:
             try:
                 wav.write(piece)
             except BrokenPipeError:
-                ended = "the program reading stdout closed it"
+                ended = "broken pipe: the program reading stdout closed it"
                 stream.stop()
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no more output
                 break
@@ -123,20 +174,25 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, **song) -> int:
         print(f"note: {wav.clipped} samples were outside [-1, 1] and were clipped", file=sys.stderr)
     if ended is None and stream.interrupted:
         ended = "interrupted"
+    if ended is None and out is None and _reader_gone(sys.stdout):
+        ended = "broken pipe: the program reading stdout closed it"
     if ended is not None and wav.data_bytes == 0 and out is not None:
         Path(target).unlink()
         print(f"{ended} before the first audio: nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
     if ended is not None:
         print(f"{ended}: wrote {target} ({wav.seconds:.1f} s of audio, partial)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_BROKEN_PIPE if ended.startswith("broken pipe") else EXIT_INTERRUPTED
     if out is not None:
         os.replace(target, out)
+    if stream.frames is not None:
+        _note_stray_ids(stream.frames, pipe.codec_config.codebook_size)
     wall = time.perf_counter() - start
     print(
         f"wrote {out or 'stdout'}: {wav.seconds:.1f} s of audio in {wall:.1f} s "
-        f"(first audio after {stream.first_audio_s:.2f} s)",
-        file=sys.stdout if out is not None else sys.stderr,
+        f"(RTF {wall / max(wav.seconds, 1e-9):.3f}; first audio after "
+        f"{stream.first_audio_s:.2f} s)",
+        file=sys.stderr,
     )
     return 0
 
@@ -159,11 +215,6 @@ def cmd_gen(args: argparse.Namespace) -> int:
     check_engine(engine, device)
     root = _resolve_model_path(args.model_path)
 
-    print(
-        f"loading {root} on {device} (LM {dtype_name}, quantization {args.quant}, "
-        f"codec {codec_dtype}, {engine} engine)",
-        file=sys.stderr,
-    )
     loading = time.perf_counter()
     pipe = load_pipeline(
         root,
@@ -176,10 +227,16 @@ def cmd_gen(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
         stream=args.stream or to_stdout,
     )
-    if pipe.plan is not None:
-        print(format_plan(pipe.plan), file=sys.stderr)
     pipe.check_request(tags, lyrics, max_frames)
     start = time.perf_counter()
+    # After the last check, so that an error is the only line a failed run prints.
+    print(
+        f"loaded {root} on {device} in {start - loading:.1f} s (LM {dtype_name}, quantization "
+        f"{args.quant}, codec {codec_dtype}, {engine} engine)",
+        file=sys.stderr,
+    )
+    if pipe.plan is not None:
+        print(format_plan(pipe.plan), file=sys.stderr)
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     print(f"seed {seed}", file=sys.stderr)
     if args.stream or to_stdout:
@@ -216,19 +273,34 @@ def cmd_gen(args: argparse.Namespace) -> int:
         print(
             f"interrupted: decoding the {stop.frames.shape[-1]} frames made so far", file=sys.stderr
         )
-        seconds = _decode_and_write(pipe, stop.frames, partial, seed)
+        seconds = _decode_keeping_codes(pipe, stop.frames, partial, seed)
+        if seconds is None:
+            return EXIT_INTERRUPTED
         print(f"wrote {partial} ({seconds:.1f} s of audio, partial)", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.total = bar.n  # ended on EOS before the frame budget: show it as complete
     bar.close()
 
-    seconds = _decode_and_write(pipe, frames, out, seed)
+    seconds = _decode_keeping_codes(pipe, frames, out, seed)
+    if seconds is None:
+        return EXIT_INTERRUPTED
     wall = time.perf_counter() - start
     rtf = wall / max(seconds, 1e-9)
-    print(
-        f"wrote {out}: {seconds:.1f} s of audio in {wall:.1f} s (RTF {rtf:.3f}; "
-        f"loading took {start - loading:.1f} s)"
-    )
+    print(f"wrote {out}: {seconds:.1f} s of audio in {wall:.1f} s (RTF {rtf:.3f})", file=sys.stderr)
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    out = check_output_path(args.output)
+    frames, seed = load_codes(args.codes)
+    device = parse_device(args.device)
+    codec_dtype = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))
+    root = _resolve_model_path(args.model_path)
+    # The LM is loaded too (a codec-only pipeline comes with the request redesign, #14).
+    pipe = load_pipeline(root, device=device, codec_dtype=codec_dtype, engine="plain")
+    seconds = _decode_and_write(pipe, frames, out, seed)
+    args.codes.unlink()  # its song is written
+    print(f"wrote {out}: {seconds:.1f} s of audio from {args.codes}", file=sys.stderr)
     return 0
 
 
@@ -357,6 +429,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="heartmula-rt", description="Fast HeartMuLa music generation.")
+    parser.add_argument("--version", action="version", version=f"heartmula-rt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("gen", help="make a song from tags and lyrics")
@@ -429,6 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--codec-dtype", choices=list(CODEC_DTYPES), default="mixed", help="codec (mixed)"
     )
     plan.set_defaults(func=cmd_plan)
+
+    dec = sub.add_parser(
+        "decode", help="finish a song from the codes file an interrupted gen kept (.codes.npz)"
+    )
+    dec.add_argument("codes", type=Path, help="the <stem>.codes.npz file gen kept")
+    dec.add_argument("--model-path", type=Path, default=None, help="checkpoint folder (as for gen)")
+    dec.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    dec.add_argument("--codec-dtype", choices=list(CODEC_DTYPES), default=None, help="as for gen")
+    dec.add_argument("-o", "--output", type=Path, required=True, help="output audio file")
+    dec.set_defaults(func=cmd_decode)
 
     dl = sub.add_parser("download", help="fetch the official weights from the Hugging Face hub")
     dl.add_argument(

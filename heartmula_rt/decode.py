@@ -120,9 +120,16 @@ def check_length(model: HeartMuLa, prompt: Prompt, max_frames: int) -> None:
         raise UserError(f"the number of frames must be 0 or more, not {max_frames}")
     limit = model.config.backbone.max_seq_len
     if len(prompt) + max_frames + 1 > limit:
+        fits = limit - len(prompt) - 1  # frames that fit after this prompt (80 ms each)
+        longest = (
+            f"with this prompt the longest that fits is {fits} frames ({fits * 0.08:g} s, "
+            "--max-seconds / max_seconds)"
+            if fits > 0
+            else "shorten the lyrics"
+        )
         raise UserError(
             f"the prompt ({len(prompt)} tokens) plus {max_frames} frames is too long for the "
-            f"model's context of {limit}; shorten the lyrics or the requested length"
+            f"model's context of {limit}; {longest}"
         )
 
 

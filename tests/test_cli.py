@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
+import torch
 import tqdm
 
 import heartmula_rt
 from heartmula_rt import cli
 from heartmula_rt.checkpoint import LM_DIR
+from heartmula_rt.codes import save_codes
 
 SAMPLES_PER_FRAME = 3840  # 48 kHz / 12.5 frames per second
 
@@ -57,13 +61,13 @@ def test_gen_writes_each_format(
     tiny_ckpt: Path, expected_frames: int, tmp_path: Path, ext: str, capsys
 ) -> None:
     out = tmp_path / f"song{ext}"
-    code, stdout, _ = run(gen_args(tiny_ckpt, out), capsys)
-    assert code == 0
+    code, stdout, err = run(gen_args(tiny_ckpt, out), capsys)
+    assert code == 0 and stdout == ""  # stdout carries a command's product only
     info = sf.info(str(out))
     assert info.channels == 2 and info.samplerate == 48000
     data, _ = sf.read(str(out))
     assert data.shape == (expected_frames * SAMPLES_PER_FRAME, 2)
-    assert "RTF" in stdout.strip().splitlines()[-1]
+    assert "RTF" in err.strip().splitlines()[-1]
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
 
 
@@ -104,6 +108,82 @@ def test_ctrl_c_writes_partial(tiny_ckpt: Path, tmp_path: Path, capsys, monkeypa
     assert "partial" in err
 
 
+def test_ctrl_c_in_the_codec_keeps_the_frames(
+    tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The LM's work survives a Ctrl-C in the codec stage; `decode` finishes the song."""
+    whole = tmp_path / "whole.wav"
+    assert run(gen_args(tiny_ckpt, whole), capsys)[0] == 0
+    real_update = tqdm.tqdm.update
+
+    def update(self, n=1):
+        if self.desc == "codec":
+            raise KeyboardInterrupt
+        return real_update(self, n)
+
+    out = tmp_path / "song.wav"
+    with monkeypatch.context() as m:
+        m.setattr(tqdm.tqdm, "update", update)
+        code, _, err = run(gen_args(tiny_ckpt, out), capsys)
+    kept = tmp_path / "song.codes.npz"
+    assert code == 130 and not out.exists() and kept.is_file()
+    assert f"frames are kept in {kept}" in err and "heartmula-rt decode" in err
+    code, _, err = run(
+        ["decode", str(kept), "--model-path", str(tiny_ckpt), "-o", str(out)], capsys
+    )
+    assert code == 0, err
+    assert out.read_bytes() == whole.read_bytes() and not kept.exists()
+
+
+def test_a_failed_codec_keeps_the_frames(tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise heartmula_rt.UserError("could not write song.wav (No space left on device)")
+
+    monkeypatch.setattr(cli, "write_audio", disk_full)
+    code, _, err = run(gen_args(tiny_ckpt, tmp_path / "song.wav"), capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("heartmula-rt: error: could not write song.wav")
+    assert last.endswith(f"frames are kept in {tmp_path / 'song.codes.npz'}")
+    assert (tmp_path / "song.codes.npz").is_file() and not (tmp_path / "song.wav").exists()
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"heartmula-rt {heartmula_rt.__version__}"
+
+
+def test_stray_codec_ids_noted_once_per_song(tiny_ckpt: Path, tmp_path: Path, capsys, caplog):
+    """The library says it at debug level only; the CLI once per song (here `decode`'s)."""
+    pipe = heartmula_rt.load_pipeline(tiny_ckpt, device="cpu")
+    codes = torch.randint(0, 1024, (8, 30), generator=torch.Generator().manual_seed(0))
+    codes[3, 5] = codes[6, 7] = 1025
+    with caplog.at_level(logging.INFO):
+        pipe.decode_frames(codes, num_steps=1)
+    assert not caplog.records
+    save_codes(tmp_path / "song.codes.npz", codes, seed=0)
+    args = ["decode", str(tmp_path / "song.codes.npz"), "--model-path", str(tiny_ckpt)]
+    code, _, err = run([*args, "-o", str(tmp_path / "song.wav")], capsys)
+    assert code == 0 and err.count("replaced 2 codec ids ≥ 1024") == 1
+
+
+def test_broken_pipe_is_an_error(tiny_ckpt: Path) -> None:
+    """`-o -` into a pipe whose reader has gone: said, and exit 141 as a Unix tool would."""
+    exe = shutil.which("heartmula-rt", path=os.path.dirname(sys.executable))
+    closed = subprocess.Popen(
+        [sys.executable, "-c", "import os, time; os.close(0); time.sleep(600)"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        args = gen_args(tiny_ckpt, Path("-"))
+        proc = subprocess.run([exe, *args], stdout=closed.stdin, stderr=subprocess.PIPE, text=True)
+    finally:
+        closed.kill()
+    assert proc.returncode == 141, proc.stderr
+    assert "broken pipe" in proc.stderr.strip().splitlines()[-1]
+
+
 # --- bad input: one line on stderr, exit 2, no traceback, no output file -----------------------
 
 
@@ -121,6 +201,10 @@ def not_utf8(tmp_path: Path) -> str:
 
 BAD_INPUTS = {
     "missing model folder": (lambda t, f: ["--model-path", str(t / "nope")], "does not exist"),
+    "model path is a file": (
+        lambda t, f: ["--model-path", str(f / "tiny-public" / "ckpt" / "tokenizer.json")],
+        "tokenizer.json is a file; give the checkpoint folder",
+    ),
     "missing LM file": (
         lambda t, f: [
             "--model-path",
@@ -211,6 +295,21 @@ def test_bad_input(case: str, tiny_ckpt: Path, fixtures_dir: Path, tmp_path: Pat
     assert_refused(code, capfd.readouterr().err, message, out)
 
 
+def test_error_after_loading_is_the_only_line(tiny_ckpt: Path, tmp_path: Path, capfd) -> None:
+    """The default 240 s does not fit the fixture's context: refused once the LM is loaded,
+    with the longest length that fits, as the one line of stderr."""
+    args = gen_args(tiny_ckpt, tmp_path / "song.wav")
+    del args[args.index("--max-seconds") : args.index("--max-seconds") + 2]
+    assert exit_code(args) == 2
+    (line,) = capfd.readouterr().err.strip().splitlines()
+    longest = re.search(r"the longest that fits is (\d+) frames \(([\d.]+) s", line)
+    assert longest, line
+    frames, seconds = int(longest[1]), float(longest[2])
+    assert seconds == frames * 0.08
+    assert exit_code([*args, "--max-seconds", str(seconds)]) == 0  # and it does fit
+    assert exit_code([*args, "--max-seconds", str(seconds + 0.08)]) == 2
+
+
 def assert_refused(code: int, err: str, message: str, out: Path) -> None:
     """Exit 2, one error line holding `message` and ending stderr, no traceback, no output."""
     assert code == 2
@@ -252,7 +351,7 @@ def test_bad_output_path_checked_before_loading(tmp_path: Path, name: str, messa
 def test_unwritable_output(tmp_path: Path, capfd) -> None:
     # /proc refuses new files even to root, which os.access alone would not tell
     code = exit_code(gen_args(tmp_path / "no-model", Path("/proc/song.wav")))
-    assert code == 2 and "not writable" in capfd.readouterr().err
+    assert code == 2 and "its folder /proc takes no new files" in capfd.readouterr().err
 
 
 def test_download_offline_says_how(tmp_path: Path, monkeypatch, capfd) -> None:

@@ -234,7 +234,7 @@ class WindowDecoder:
         cfg = self.config
         fixed, n_stray = sanitize_codes(self.codes, cfg.codebook_size, cfg.num_quantizers)
         if n_stray:
-            log.warning(
+            log.debug(  # the CLI says it once per song (cli.note_stray_ids)
                 "replaced %d codec ids ≥ %d by a neighbouring frame's", n_stray, cfg.codebook_size
             )
         num_codes = fixed.shape[1]
