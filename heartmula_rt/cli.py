@@ -140,7 +140,15 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, **song) -> int:
         sink = sys.stdout.buffer if out is None else open(target, "wb")  # noqa: SIM115
     except OSError as e:
         raise UserError(f"could not write {target} ({e.strerror})") from None
-    wav = WavStream(sink, pipe.sample_rate)
+    try:
+        wav = WavStream(sink, pipe.sample_rate)  # a pipe gets the header now
+    except BrokenPipeError:
+        bar.close()
+        print(
+            "broken pipe: the program reading stdout closed it before the song began",
+            file=sys.stderr,
+        )
+        return EXIT_BROKEN_PIPE
     stream = pipe.stream(**song, on_frame=lambda n: bar.update(n - bar.n))
     ended = None  # why the song stopped early, if it did
     try:
