@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,17 @@ def check_seed(seed: int | None) -> None:
         raise UserError(f"seed must be an integer in [0, 2**63), not {seed}")
 
 
+def resolve_threads(threads: int | None = None) -> int:
+    """The CPU threads torch's ops get: `threads`, or by default the cores this process may
+    run on (its affinity mask, which containers and `taskset` narrow), at most torch's own
+    count in the calling thread (an OMP_NUM_THREADS or `torch.set_num_threads` is kept)."""
+    if threads is None:
+        return min(len(os.sched_getaffinity(0)), torch.get_num_threads())
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"threads must be a whole number of at least 1, not {threads!r}")
+    return threads
+
+
 def max_frames_for(max_seconds: float) -> int:
     """The reference's frame budget: max_audio_length_ms // 80."""
     if not 0 < max_seconds < math.inf:
@@ -100,6 +112,7 @@ class Pipeline:
     engine: Engine
     sample_rate: int = 48000
     placement: Placement | None = None  # the `vram=` plan applied, with the models' host mirrors
+    threads: int = 1  # torch's CPU threads, set in every thread that runs this pipeline's work
 
     @property
     def plan(self) -> MemoryPlan | None:
@@ -137,6 +150,7 @@ class Pipeline:
         draw their random numbers differently; greedy decoding, topk=1, agrees across them).
         """
         check_seed(seed)
+        torch.set_num_threads(self.threads)  # per thread: the caller's may differ from load's
         return self.engine.generate_frames(
             self.prompt(tags, lyrics),
             max_frames=max_frames,
@@ -165,6 +179,7 @@ class Pipeline:
             if self.placement is None
             else self.placement.codec_turn(self.lm, self.codec, self.engine.release)
         )
+        torch.set_num_threads(self.threads)
         with turn:
             return self.codec.detokenize(
                 frames,
@@ -233,6 +248,7 @@ class Pipeline:
             temperature=temperature,
             cfg_scale=cfg_scale,
             seed=seed,
+            threads=self.threads,
         )
 
 
@@ -246,6 +262,7 @@ def load_pipeline(
     vram: str | None = None,
     max_seconds: float = 240,
     stream: bool = False,
+    threads: int | None = None,
 ) -> Pipeline:
     """Load a checkpoint folder in the official layout (SPEC §1).
 
@@ -263,7 +280,13 @@ def load_pipeline(
     on the host and move as planned (`Pipeline.placement`), and `Pipeline.plan` holds the
     plan. `stream=True` says the pipeline will stream (`Pipeline.stream`): a plan that cannot
     is refused before loading.
+
+    `threads` is the number of CPU threads torch's ops use (default: `resolve_threads`, the
+    cores the process may run on); the pipeline sets it in every thread it runs in, the
+    stream's worker included, since torch's count is kept per thread.
     """
+    threads = resolve_threads(threads)
+    torch.set_num_threads(threads)  # loading converts tensors on the CPU too
     root = Path(model_path)
     device = parse_device(device)
     lm_dtype = parse_dtype(dtype)
@@ -322,6 +345,7 @@ def load_pipeline(
         engine=make_engine(engine, lm, gen_config),
         sample_rate=codec_config.sample_rate,
         placement=placement,
+        threads=threads,
     )
 
 

@@ -82,9 +82,12 @@ class SongStream:
         guidance_scale: float = 1.25,
         generator: torch.Generator | None = None,
         on_frame: Callable[[int], None] | None = None,
+        threads: int | None = None,
         **generate: Any,
     ) -> None:
-        """`generate` holds `generate_frames`' keyword arguments (max_frames, topk, ...)."""
+        """`generate` holds `generate_frames`' keyword arguments (max_frames, topk, ...);
+        `threads` is torch's CPU thread count in the worker (None: torch's default for a new
+        thread, the count last set in any thread)."""
         self.frames: torch.Tensor | None = None
         self.interrupted = False
         self.first_audio_s: float | None = None
@@ -92,6 +95,7 @@ class SongStream:
         self._stop = threading.Event()
         self._ended = False
         self._start = time.perf_counter()
+        self._threads = threads
         args = (engine, codec, prompt, num_steps, guidance_scale, generator, on_frame, generate)
         self._thread = threading.Thread(target=self._run, args=args, daemon=True)
         self._thread.start()
@@ -120,6 +124,8 @@ class SongStream:
         self._queue.put(piece)
 
     def _run(self, *args: Any) -> None:
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)  # torch keeps the count per thread
         try:
             # Not inference_mode: the static engine's state outlives the song, and inference
             # tensors could not be updated by a later song outside that mode.
