@@ -1,5 +1,5 @@
 """CPU threads on the tiny fixture: `decode_frames`, `generate` and a streamed song with 1, 2 and
-the default number of threads (heartmula_rt's OMP_WAIT_POLICY=PASSIVE), and torch's default
+the default number of threads (heartmula_rt's OMP_WAIT_POLICY=PASSIVE), and torch's own
 count under libgomp's own wait policy (spin, then sleep: what ran before), on an idle machine
 and beside a busy process.
 
@@ -32,13 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO.parent / "shared" / "fixtures" / "tiny-public" / "ckpt"
 TAGS, LYRICS = "piano,happy", "[verse]\nla la la\n"
-# name: (threads= of load_pipeline, wait policy). "spin" is libgomp's own default (torch loaded
-# before heartmula_rt, OMP_WAIT_POLICY unset): what every run got before heartmula_rt chose.
+# name: (threads= of load_pipeline, 0 for torch's own count; wait policy). "spin" is libgomp's
+# own default (torch loaded first, OMP_WAIT_POLICY unset): what ran before heartmula_rt chose.
 SETTINGS = {
     "1": (1, "default"),
     "2": (2, "default"),
     "default": (None, "default"),
-    "torch-spin": (None, "spin"),
+    "torch-spin": (0, "spin"),
 }
 PATHS = ["decode_frames", "generate", "stream"]
 
@@ -59,6 +59,8 @@ def child(args: argparse.Namespace) -> None:
 
     import heartmula_rt  # noqa: PLC0415
 
+    if threads == 0:  # torch's own count
+        threads = torch.get_num_threads()
     pipe = heartmula_rt.load_pipeline(args.model_path, threads=threads)
     song = {"max_seconds": args.max_frames * 0.08, "seed": 0}
     frames = pipe.generate_frames(TAGS, LYRICS, max_frames=args.max_frames, seed=0)

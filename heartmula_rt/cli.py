@@ -293,7 +293,7 @@ def _add_model_options(
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for torch's ops (default: the cores this process may run on)",
+        help="CPU threads for torch's ops (default: the cores this process may use, less one)",
     )
 
 

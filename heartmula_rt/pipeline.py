@@ -81,11 +81,14 @@ def check_seed(seed: int | None) -> None:
 
 
 def resolve_threads(threads: int | None = None) -> int:
-    """The CPU threads torch's ops get: `threads`, or by default the cores this process may
-    run on (its affinity mask, which containers and `taskset` narrow), at most torch's own
-    count in the calling thread (an OMP_NUM_THREADS or `torch.set_num_threads` is kept)."""
+    """The CPU threads torch's ops get: `threads`, or by default one fewer than the cores this
+    process may run on (its affinity mask, which containers and `taskset` narrow), at least 1
+    and at most torch's own count in the calling thread (OMP_NUM_THREADS or
+    `torch.set_num_threads` is kept). Every op of a team of threads ends at a barrier, and one
+    core taken by another process makes every barrier wait for the scheduler (a one-window
+    decode: 1.4 s on 1 thread, up to 25 s on 2 of 2 cores); a core left free avoids that."""
     if threads is None:
-        return min(len(os.sched_getaffinity(0)), torch.get_num_threads())
+        return max(1, min(len(os.sched_getaffinity(0)) - 1, torch.get_num_threads()))
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UserError(f"threads must be a whole number of at least 1, not {threads!r}")
     return threads
@@ -282,7 +285,7 @@ def load_pipeline(
     is refused before loading.
 
     `threads` is the number of CPU threads torch's ops use (default: `resolve_threads`, the
-    cores the process may run on); the pipeline sets it in every thread it runs in, the
+    cores the process may run on less one); the pipeline sets it in every thread it runs in, the
     stream's worker included, since torch's count is kept per thread.
     """
     threads = resolve_threads(threads)
