@@ -7,6 +7,14 @@ wav = pipe.generate("piano,happy", "[verse]\\n...", max_seconds=60, seed=1)  # [
 
 __version__ = "0.1.0"  # before the imports: submodules read it while the package loads
 
+import os
+
+# torch's OpenMP runtime (libgomp) reads this once, as torch loads. Its default has idle workers
+# spin for milliseconds at every op's end, which stalls every op when another process holds a
+# core (decoding one tiny window took 25 s instead of 1.3; benchmarks/README.md). Passive
+# workers sleep at once; a value the user set is kept, and it is too late once torch is loaded.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .decode import GenerationInterrupted
 from .errors import UserError
 from .pipeline import Pipeline, load_pipeline

@@ -52,6 +52,7 @@ from .pipeline import (
     max_frames_for,
     parse_device,
     parse_dtype,
+    resolve_threads,
 )
 from .planner import (
     GiB,
@@ -242,6 +243,7 @@ def time_stream(
         codec,
         prompt,
         generator=torch.Generator().manual_seed(seed),
+        threads=torch.get_num_threads(),  # the worker runs with the caller's count
         seed=seed,
         stop_at_eos=False,
         **kw,
@@ -436,6 +438,7 @@ def _load(
             codec_dtype="float32",
             engine="plain",
             quant=quant,
+            threads=torch.get_num_threads(),
         )
         models = Models(pipe.lm, pipe.lm_config, pipe.codec, pipe.codec_config, pipe.gen_config)
         return models, pipe.prompt(SAMPLE_TAGS, SAMPLE_LYRICS), str(args.model_path)
@@ -578,6 +581,7 @@ def _result(device: torch.device, model_name: str, runs: list[dict[str, Any]]) -
         "triton": _triton_version(),
         "commit": _commit(),
         "command": shlex.join(sys.argv),
+        "threads": torch.get_num_threads(),
         "model": model_name,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "runs": runs,
@@ -618,6 +622,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {png}")
         return 0
     device = parse_device(args.device)
+    torch.set_num_threads(resolve_threads(args.threads))
     dtype_name = args.dtype or default_dtype(device)
     dtype = parse_dtype(dtype_name)
     codec_mode = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))

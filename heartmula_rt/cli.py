@@ -37,6 +37,7 @@ from .pipeline import (
     max_frames_for,
     parse_device,
     parse_dtype,
+    resolve_threads,
 )
 from .planner import checkpoint_configs, format_plan, parse_vram, plan_memory, preset_configs
 from .prompt import check_texts, read_text
@@ -221,6 +222,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
     codec_dtype = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))
     engine = args.engine or default_engine(device)
     check_engine(engine, device)
+    threads = resolve_threads(args.threads)
     root = _resolve_model_path(args.model_path)
 
     loading = time.perf_counter()
@@ -234,13 +236,14 @@ def cmd_gen(args: argparse.Namespace) -> int:
         vram=args.vram,
         max_seconds=args.max_seconds,
         stream=args.stream or to_stdout,
+        threads=threads,
     )
     pipe.check_request(tags, lyrics, max_frames)
     start = time.perf_counter()
     # After the last check, so that an error is the only line a failed run prints.
     print(
         f"loaded {root} on {device} in {start - loading:.1f} s (LM {dtype_name}, quantization "
-        f"{args.quant}, codec {codec_dtype}, {engine} engine)",
+        f"{args.quant}, codec {codec_dtype}, {engine} engine, {threads} CPU threads)",
         file=sys.stderr,
     )
     if pipe.plan is not None:
@@ -365,6 +368,12 @@ def _add_model_options(
         quant_help += "; several, comma-separated, are measured side by side (none,int8,int4)"
     p.add_argument(
         "--quant", choices=None if quant_list else QUANT_MODES, default="none", help=quant_help
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch's ops (default: the cores this process may use, less one)",
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,20 @@ def check_seed(seed: int | None) -> None:
         raise UserError(f"seed must be an integer in [0, 2**63), not {seed}")
 
 
+def resolve_threads(threads: int | None = None) -> int:
+    """The CPU threads torch's ops get: `threads`, or by default one fewer than the cores this
+    process may run on (its affinity mask, which containers and `taskset` narrow), at least 1
+    and at most torch's own count in the calling thread (OMP_NUM_THREADS or
+    `torch.set_num_threads` is kept). Every op of a team of threads ends at a barrier, and one
+    core taken by another process makes every barrier wait for the scheduler (a one-window
+    decode: 1.4 s on 1 thread, up to 25 s on 2 of 2 cores); a core left free avoids that."""
+    if threads is None:
+        return max(1, min(len(os.sched_getaffinity(0)) - 1, torch.get_num_threads()))
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"threads must be a whole number of at least 1, not {threads!r}")
+    return threads
+
+
 def max_frames_for(max_seconds: float) -> int:
     """The reference's frame budget: max_audio_length_ms // 80."""
     if not 0 < max_seconds < math.inf:
@@ -110,6 +125,7 @@ class Pipeline:
     sample_rate: int = 48000
     placement: Placement | None = None  # the `vram=` plan applied, with the models' host mirrors
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    threads: int = 1  # torch's CPU threads, set in every thread that runs this pipeline's work
 
     @property
     def plan(self) -> MemoryPlan | None:
@@ -149,6 +165,7 @@ class Pipeline:
         check_seed(seed)
         prompt = self.prompt(tags, lyrics)
         with self.lock:
+            torch.set_num_threads(self.threads)  # per thread: the caller's may differ from load's
             return self.engine.generate_frames(
                 prompt,
                 max_frames=max_frames,
@@ -178,6 +195,7 @@ class Pipeline:
             else self.placement.codec_turn(self.lm, self.codec, self.engine.release)
         )
         with self.lock, turn:
+            torch.set_num_threads(self.threads)
             return self.codec.detokenize(
                 frames,
                 num_steps=num_steps,
@@ -248,6 +266,7 @@ class Pipeline:
             temperature=temperature,
             cfg_scale=cfg_scale,
             seed=seed,
+            threads=self.threads,
         )
 
 
@@ -261,6 +280,7 @@ def load_pipeline(
     vram: str | None = None,
     max_seconds: float = 240,
     stream: bool = False,
+    threads: int | None = None,
 ) -> Pipeline:
     """Load a checkpoint folder in the official layout (SPEC §1).
 
@@ -280,7 +300,13 @@ def load_pipeline(
     on the host and move as planned (`Pipeline.placement`), and `Pipeline.plan` holds the
     plan. `stream=True` says the pipeline will stream (`Pipeline.stream`): a plan that cannot
     is refused before loading.
+
+    `threads` is the number of CPU threads torch's ops use (default: `resolve_threads`, the
+    cores the process may run on less one); the pipeline sets it in every thread it runs in, the
+    stream's worker included, since torch's count is kept per thread.
     """
+    threads = resolve_threads(threads)
+    torch.set_num_threads(threads)  # loading converts tensors on the CPU too
     root = Path(model_path)
     device = parse_device(device)
     lm_dtype = parse_dtype(dtype or default_dtype(device))
@@ -339,6 +365,7 @@ def load_pipeline(
         engine=make_engine(engine, lm, gen_config),
         sample_rate=codec_config.sample_rate,
         placement=placement,
+        threads=threads,
     )
 
 

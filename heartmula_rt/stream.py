@@ -126,12 +126,26 @@ class SongStream:
         generator: torch.Generator | None = None,
         on_frame: Callable[[int], None] | None = None,
         lock: threading.RLock | None = None,
+        threads: int | None = None,
         **generate: Any,
     ) -> None:
-        """`generate` holds `generate_frames`' keyword arguments (max_frames, topk, ...)."""
+        """`generate` holds `generate_frames`' keyword arguments (max_frames, topk, ...);
+        `threads` is torch's CPU thread count in the worker (None: torch's default for a new
+        thread, the count last set in any thread)."""
         self._song = song = _Song()
         self._ended = False
-        work = (song, lock, engine, codec, prompt, num_steps, guidance_scale, generator, on_frame)
+        work = (
+            song,
+            lock,
+            threads,
+            engine,
+            codec,
+            prompt,
+            num_steps,
+            guidance_scale,
+            generator,
+            on_frame,
+        )
         self._thread = threading.Thread(
             target=_run, args=(*work, generate), name="heartmula-rt song", daemon=True
         )
@@ -181,7 +195,11 @@ class SongStream:
         return item
 
 
-def _run(song: _Song, lock: threading.RLock | None, engine: Engine, *work: Any) -> None:
+def _run(
+    song: _Song, lock: threading.RLock | None, threads: int | None, engine: Engine, *work: Any
+) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)  # torch keeps the count per thread
     held = lock is None or _acquire(lock, song.stop)
     try:
         if held:

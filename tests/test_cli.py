@@ -275,6 +275,10 @@ BAD_INPUTS = {
     "non-numeric topk": (lambda t, f: ["--topk", "many"], "invalid int"),
     "unknown dtype": (lambda t, f: ["--dtype", "float8"], "invalid choice"),
     "unknown device": (lambda t, f: ["--device", "tpu"], "device"),
+    "zero threads": (
+        lambda t, f: ["--threads", "0"],
+        "threads must be a whole number of at least 1",
+    ),
 }
 
 
