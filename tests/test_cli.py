@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ import heartmula_rt
 from heartmula_rt import cli
 from heartmula_rt.checkpoint import LM_DIR
 from heartmula_rt.codes import save_codes
+from heartmula_rt.pipeline import default_dtype, parse_device
 
 SAMPLES_PER_FRAME = 3840  # 48 kHz / 12.5 frames per second
 
@@ -364,3 +366,13 @@ def test_download_offline_says_how(tmp_path: Path, monkeypatch, capfd) -> None:
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "could not download HeartMuLa/HeartMuLaGen" in err[0] and "hf download" in err[0]
+
+
+def test_one_device_default_for_the_api_and_the_cli() -> None:
+    """`auto` everywhere: a GPU user calling load_pipeline(path) gets the GPU, as gen does."""
+    api = inspect.signature(heartmula_rt.load_pipeline).parameters["device"].default
+    for command in (["gen", "-o", "x.wav"], ["decode", "x.codes.npz", "-o", "x.wav"]):
+        assert cli.build_parser().parse_args(command).device == api == "auto"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert parse_device("auto").type == expected
+    assert default_dtype(parse_device("auto")) == ("bfloat16" if expected == "cuda" else "float32")
