@@ -66,7 +66,7 @@ def child(args: argparse.Namespace) -> None:
     frames = pipe.generate_frames(TAGS, LYRICS, max_frames=args.max_frames, seed=0)
 
     def decode_frames() -> np.ndarray:
-        return pipe.decode_frames(frames, generator=torch.Generator().manual_seed(0)).numpy()
+        return pipe.decode_frames(frames, seed=0).numpy()
 
     def generate() -> np.ndarray:
         return pipe.generate(TAGS, LYRICS, **song).numpy()

@@ -21,6 +21,7 @@ from heartmula_rt.codec.detokenize import WINDOW
 from heartmula_rt.decode import Sampler, decode_one_frame, prefill
 from heartmula_rt.engine import make_engine
 from heartmula_rt.prompt import Prompt
+from heartmula_rt.request import SamplingParams
 from heartmula_rt.sampling import cfg_mix, sample_topk
 from heartmula_rt.synthetic import Models, synthetic_models, synthetic_prompt
 
@@ -82,7 +83,7 @@ def test_sampler_fused(benchmark, logits: torch.Tensor) -> None:
 def test_decode_frame_plain(benchmark, models: Models, prompt: Prompt) -> None:
     """`decode.decode_one_frame` alone, always at the first position after the prompt."""
     sampler = Sampler(generator=torch.Generator(DEVICE).manual_seed(0))
-    cache = models.lm.new_cache(sampler.batch, len(prompt) + 1)
+    cache = models.lm.new_cache(sampler.cfg_rows, len(prompt) + 1)
     frame, _ = prefill(models.lm, prompt, cache, sampler)
     timed(
         benchmark,
@@ -99,7 +100,9 @@ def test_song_frames(benchmark, models: Models, prompt: Prompt, engine: str) -> 
     eng = make_engine(engine, models.lm, models.gen_config)
     benchmark.extra_info["frames"] = SONG_FRAMES
     benchmark.pedantic(
-        lambda: eng.generate_frames(prompt, max_frames=SONG_FRAMES, seed=0, stop_at_eos=False),
+        lambda: eng.generate_frames(
+            prompt, SamplingParams(max_frames=SONG_FRAMES, seed=0, stop_at_eos=False)
+        ),
         rounds=5,
         warmup_rounds=1,
     )

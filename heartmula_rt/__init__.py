@@ -1,8 +1,9 @@
 """heartmula-rt: a lean, fast runtime for the HeartMuLa music model and its HeartCodec decoder.
 
 import heartmula_rt
-pipe = heartmula_rt.load_pipeline(model_path, device="cuda", dtype="bfloat16")
-wav = pipe.generate("piano,happy", "[verse]\\n...", max_seconds=60, seed=1)  # [2, N] @ 48 kHz
+pipe = heartmula_rt.load_pipeline(model_path)  # the GPU if there is one
+song = heartmula_rt.SongRequest.of("piano,happy", "[verse]\\n...", max_seconds=60, seed=1)
+wav = pipe.generate(song)  # float32 [2, N] at 48 kHz
 """
 
 __version__ = "0.1.0"  # before the imports: submodules read it while the package loads
@@ -17,6 +18,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .decode import GenerationInterrupted
 from .errors import UserError
-from .pipeline import Pipeline, load_pipeline
+from .pipeline import Pipeline, PipelineConfig, load_pipeline
+from .request import CodecParams, SamplingParams, SongRequest
 
-__all__ = ["GenerationInterrupted", "Pipeline", "UserError", "load_pipeline"]
+__all__ = [
+    "CodecParams",
+    "GenerationInterrupted",
+    "Pipeline",
+    "PipelineConfig",
+    "SamplingParams",
+    "SongRequest",
+    "UserError",
+    "load_pipeline",
+]

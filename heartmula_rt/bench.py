@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype, default_codec_dtype
+from .codec import HeartCodec
 from .codec.detokenize import WINDOW
 from .codec.scalar import DECODE_CHUNK, largest_activation_bytes
-from .config import LM_PRESETS
-from .decode import cfg_batch, check_length, check_sampling
+from .decode import check_length
 from .engine import (
     ENGINES,
     Engine,
@@ -42,34 +41,14 @@ from .engine import (
     make_engine,
 )
 from .errors import UserError
-from .fused import use_fused_layers
 from .lm import HeartMuLa
-from .pipeline import (
-    FRAME_MS,
-    check_seed,
-    default_dtype,
-    load_pipeline,
-    max_frames_for,
-    parse_device,
-    parse_dtype,
-    resolve_threads,
-)
-from .planner import (
-    GiB,
-    Placement,
-    cuda_context_bytes,
-    format_plan,
-    measure_overheads,
-    module_bytes,
-    parse_vram,
-    plan_memory,
-    preset_configs,
-)
+from .pipeline import Pipeline, PipelineConfig, load_pipeline, plan_for, prepare_codec
+from .planner import GiB, cuda_context_bytes, format_plan, module_bytes, parse_vram
 from .prompt import Prompt
-from .quant import check_mode, quantize_model
-from .quant.fast import check_fast_path, use_fast_kernels
+from .quant import check_mode
+from .request import FRAME_MS, SamplingParams, SongRequest
 from .stream import SongStream
-from .synthetic import Models, synthetic_models, synthetic_prompt
+from .synthetic import synthetic_prompt
 
 # The prompt of runs on a real checkpoint: the tags and lyrics of a typical short song.
 SAMPLE_TAGS = "pop,piano,female vocals,happy,wedding,romantic"
@@ -129,7 +108,7 @@ def _bytes(weight: nn.Module | Tensor) -> int:
     return weight.numel() * weight.element_size()
 
 
-def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, batch: int) -> int:
+def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, rows: int) -> int:
     """Bytes one decode frame must read, with `kv_positions` backbone positions cached.
 
     The backbone reads each weight once (of the audio embeddings only a frame's n rows; the text
@@ -149,7 +128,7 @@ def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, batch: int) -> int:
     )
     # Keys and values, in the activations' dtype; the decoder's step i reads i + 1 positions.
     decoder_positions = sum(i + 1 for i in range(1, n))
-    kv_per_position = 2 * batch * model.text_embeddings.weight.element_size()
+    kv_per_position = 2 * rows * model.text_embeddings.weight.element_size()
     kv = kv_per_position * (
         bb.num_layers * bb.num_kv_heads * bb.head_dim * kv_positions
         + dec.num_layers * dec.num_kv_heads * dec.head_dim * decoder_positions
@@ -158,7 +137,7 @@ def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, batch: int) -> int:
 
 
 def timed_generate(
-    engine: Engine, prompt: Prompt, device: torch.device, **kwargs: Any
+    engine: Engine, prompt: Prompt, sampling: SamplingParams, device: torch.device
 ) -> tuple[Tensor, float, float]:
     """(frames, prefill seconds, decode seconds) of one song; prefill ends at on_frame(1)."""
     prefill_end = math.nan
@@ -171,32 +150,31 @@ def timed_generate(
 
     _sync(device)
     start = time.perf_counter()
-    frames = engine.generate_frames(prompt, on_frame=on_frame, stop_at_eos=False, **kwargs)
+    frames = engine.generate_frames(prompt, sampling, on_frame=on_frame)
     _sync(device)
     return frames, prefill_end - start, time.perf_counter() - prefill_end
 
 
 def time_codec(
-    models: Models, frames: Tensor, device: torch.device, *, seed: int, repeats: int
+    codec: HeartCodec, frames: Tensor, device: torch.device, *, seed: int, repeats: int
 ) -> list[float]:
     """Seconds to decode `frames` as the pipeline does, after one warm-up window."""
-    models.codec.detokenize(frames[:, :WINDOW], generator=torch.Generator().manual_seed(seed))
+    codec.detokenize(frames[:, :WINDOW], generator=torch.Generator().manual_seed(seed))
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        models.codec.detokenize(frames, generator=torch.Generator().manual_seed(seed))
+        codec.detokenize(frames, generator=torch.Generator().manual_seed(seed))
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
 
 
 def codec_variant(base: HeartCodec, mode: str, device: torch.device) -> HeartCodec:
-    """The float32 `base` at codec dtype `mode` (a copy unless float32), with the pipeline's
-    fast path (the estimator as a CUDA graph on a GPU)."""
-    codec = base if mode == "float32" else copy.deepcopy(base).set_precision(mode)
-    codec.use_fast_path("graph" if device.type == "cuda" else None)
-    return codec
+    """The float32 `base` at codec dtype `mode` (a copy unless float32), prepared as a loaded
+    pipeline prepares its codec (`pipeline.prepare_codec`)."""
+    codec = base if mode == "float32" else copy.deepcopy(base)
+    return prepare_codec(codec, mode, device)
 
 
 def snr_db(x: Tensor, reference: Tensor) -> float:
@@ -204,17 +182,15 @@ def snr_db(x: Tensor, reference: Tensor) -> float:
 
 
 def bench_codec_dtypes(
-    models: Models, frames: Tensor, device: torch.device, *, seed: int, repeats: int
+    codec32: HeartCodec, frames: Tensor, device: torch.device, *, seed: int, repeats: int
 ) -> dict[str, dict[str, Any]]:
     """Per codec dtype: decode time of `frames`, peak memory, and the waveform's SNR against
     float32's (same weights: the bfloat16 variants are made from the float32 codec)."""
     results, reference = {}, None
     for mode in ("float32", "mixed", "bfloat16"):
-        codec = codec_variant(models.codec, mode, device)
+        codec = codec_variant(codec32, mode, device)
         _reset_peak(device)
-        times = time_codec(
-            dataclasses.replace(models, codec=codec), frames, device, seed=seed, repeats=repeats
-        )
+        times = time_codec(codec, frames, device, seed=seed, repeats=repeats)
         peak = _peak_vram_gib(device)
         wav = codec.detokenize(frames, generator=torch.Generator().manual_seed(seed))
         reference = wav if reference is None else reference
@@ -232,7 +208,11 @@ def bench_codec_dtypes(
 
 
 def time_stream(
-    engine: Engine, codec: HeartCodec, prompt: Prompt, device: torch.device, *, seed: int, **kw
+    engine: Engine,
+    codec: HeartCodec,
+    prompt: Prompt,
+    sampling: SamplingParams,
+    device: torch.device,
 ) -> tuple[float, float]:
     """(seconds to the first audio, seconds to the last) of one streamed song, every frame of
     the budget made (`stop_at_eos=False`, as the LM timings)."""
@@ -242,11 +222,9 @@ def time_stream(
         engine,
         codec,
         prompt,
-        generator=torch.Generator().manual_seed(seed),
+        sampling,
+        generator=torch.Generator().manual_seed(sampling.seed),
         threads=torch.get_num_threads(),  # the worker runs with the caller's count
-        seed=seed,
-        stop_at_eos=False,
-        **kw,
     )
     for _ in stream:
         pass
@@ -270,16 +248,11 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def parse_engines(value: str | None, device: torch.device) -> list[str]:
-    """A comma list of engine names, each checked against `device`; by default the plain engine
-    and the device's default one."""
+    """A comma list of engine names (checked by `BenchConfig`); by default the plain engine and
+    the device's default one."""
     if value is None:
         value = ",".join(dict.fromkeys(("plain", default_engine(device))))
-    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-    if not names:
-        raise UserError(f"--engines names no engine; use a comma list of {', '.join(ENGINES)}")
-    for name in names:
-        check_engine(name, device)
-    return names
+    return list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
 
 
 def _device_name(device: torch.device) -> str:
@@ -414,54 +387,112 @@ def plot_results(files: list[Path], png: Path) -> None:
         raise UserError(f"cannot write {png} ({e.strerror})") from None
 
 
-def _synthetic_prompt(args: argparse.Namespace) -> Prompt:
-    """Random ids of `--prompt-len` (DEFAULT_PROMPT_LEN) in the `--synthetic` preset's vocab."""
-    length = DEFAULT_PROMPT_LEN if args.prompt_len is None else args.prompt_len
-    return synthetic_prompt(length, LM_PRESETS[args.synthetic]["text_vocab_size"])
+@dataclass(frozen=True)
+class BenchConfig:
+    """One `heartmula-rt bench` invocation, checked when made: what it loads (`pipeline`, the
+    same config `load_pipeline` takes; one pipeline per quantization mode or budget), what it
+    runs, and where the results go."""
 
+    pipeline: PipelineConfig  # quant and vram set per mode or budget
+    engines: tuple[str, ...]
+    quant_modes: tuple[str, ...] = ("none",)
+    vram_budgets: tuple[str, ...] = ()  # one pipeline planned per budget, one file each
+    sampling: SamplingParams = SamplingParams(seed=0, stop_at_eos=False)
+    prompt_len: int | None = None  # synthetic models: random prompt ids (DEFAULT_PROMPT_LEN)
+    repeats: int = 3
+    warmup: int = 1
+    codec_repeats: int = 1
+    codec: bool = True
+    greedy_frames: int = 0
+    out_dir: Path = Path("benchmarks/results")
+    name: str | None = None
 
-def _load(
-    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, quant: str
-) -> tuple[Models, Prompt, str]:
-    """(models, prompt, model description): a checkpoint's, or random ones of a preset size;
-    the codec in float32, the other codec dtypes are made from it (`codec_variant`)."""
-    if args.model_path is not None:
-        if args.prompt_len is not None:
+    def __post_init__(self) -> None:
+        for flag, value, least in (
+            ("--repeats", self.repeats, 1),
+            ("--warmup", self.warmup, 0),
+            ("--codec-repeats", self.codec_repeats, 1),
+            ("--greedy-frames", self.greedy_frames, 0),
+        ):
+            if value < least:
+                raise UserError(f"{flag} must be at least {least}, not {value}")
+        if self.sampling.max_frames < 1:
+            raise UserError(f"--max-seconds must allow one frame ({FRAME_MS / 1000} s) at least")
+        if self.sampling.seed is None:
+            raise UserError("a benchmark needs a seed: every run samples the same way")
+        if not self.engines:
+            raise UserError(f"--engines names no engine; use a comma list of {', '.join(ENGINES)}")
+        for name in self.engines:
+            check_engine(name, self.pipeline.torch_device)
+        for mode in self.quant_modes:
+            replace(self.pipeline, quant=mode)  # each mode's pipeline checked now
+        if self.pipeline.model_path is not None and self.prompt_len is not None:
             raise UserError(
                 "--prompt-len is for --synthetic models; a checkpoint's prompt is fixed"
             )
-        # The pipeline's own engine goes unused (each benchmarked one is made here): plain is free.
-        pipe = load_pipeline(
-            args.model_path,
-            device=device,
-            dtype=dtype,
-            codec_dtype="float32",
-            engine="plain",
-            quant=quant,
-            threads=torch.get_num_threads(),
-        )
-        models = Models(pipe.lm, pipe.lm_config, pipe.codec, pipe.codec_config, pipe.gen_config)
-        return models, pipe.prompt(SAMPLE_TAGS, SAMPLE_LYRICS), str(args.model_path)
-    preset = args.synthetic
-    prompt = _synthetic_prompt(args)
-    # The same seed for every mode: each quantizes the same random weights.
-    models = synthetic_models(preset, device, dtype)
-    use_fast_kernels(quantize_model(models.lm, quant), dtype)
-    if device.type == "cuda":
-        use_fused_layers(models.lm)
-        torch.cuda.empty_cache()  # the unquantized weights' blocks: not this run's peak
-    return models, prompt, f"synthetic {preset}"
+        if self.prompt_len is not None and self.prompt_len < 1:
+            raise UserError(f"the prompt length must be at least 1, not {self.prompt_len}")
+        if self.vram_budgets:
+            if self.quant_modes != ("none",):
+                raise UserError("--vram plans the quantization itself: leave out --quant")
+            if self.pipeline.torch_device.type != "cuda":
+                raise UserError("--vram budgets GPU memory: bench it on a CUDA device")
+            for budget in self.vram_budgets:
+                parse_vram(budget)
+
+    def for_quant(self, quant: str) -> PipelineConfig:
+        """The pipeline of one quantization mode; its engine the first one benchmarked."""
+        return replace(self.pipeline, quant=quant, engine=self.engines[0])
+
+    def for_budget(self, budget: str) -> PipelineConfig:
+        """The pipeline of one budget, planned for songs as long as the benchmark's."""
+        # Half a frame more, so that rounding cannot lose one (max_frames_for rounds down).
+        seconds = (self.sampling.max_frames + 0.5) * FRAME_MS / 1000
+        return replace(self.pipeline, vram=budget, engine=self.engines[0], max_seconds=seconds)
 
 
-def _check_counts(args: argparse.Namespace) -> None:
-    for flag, value, least in (
-        ("--repeats", args.repeats, 1),
-        ("--warmup", args.warmup, 0),
-        ("--codec-repeats", args.codec_repeats, 1),
-        ("--greedy-frames", args.greedy_frames, 0),
-    ):
-        if value < least:
-            raise UserError(f"{flag} must be at least {least}, not {value}")
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    """`heartmula-rt bench`'s arguments as a `BenchConfig` (every input checked here)."""
+    given = args.model_path
+    source = {"synthetic": args.synthetic} if given is None else {"model_path": given}
+    pipeline = PipelineConfig(
+        **source,
+        device=args.device,
+        dtype=args.dtype,
+        codec_dtype=args.codec_dtype,
+        threads=args.threads,
+    )
+    settings = {
+        k: getattr(args, k)
+        for k in ("max_seconds", "topk", "temperature", "cfg_scale")
+        if getattr(args, k) is not None
+    }
+    # Text only to carry the settings: the benchmark's prompt is made below, not from it.
+    request = SongRequest.of("bench", **settings, seed=args.seed, stop_at_eos=False)
+    return BenchConfig(
+        pipeline=pipeline,
+        engines=tuple(parse_engines(args.engines, pipeline.torch_device)),
+        quant_modes=tuple(parse_quant_modes(args.quant)),
+        vram_budgets=tuple(b.strip() for b in (args.vram or "").split(",") if b.strip()),
+        sampling=request.sampling,
+        prompt_len=args.prompt_len,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        codec_repeats=args.codec_repeats,
+        codec=not args.no_codec,
+        greedy_frames=args.greedy_frames,
+        out_dir=args.out_dir,
+        name=args.name,
+    )
+
+
+def bench_prompt(pipe: Pipeline, config: BenchConfig) -> Prompt:
+    """Random ids of `prompt_len` (DEFAULT_PROMPT_LEN) for synthetic models; for a checkpoint
+    the prompt of a built-in short song."""
+    if pipe.config.synthetic is not None:
+        length = DEFAULT_PROMPT_LEN if config.prompt_len is None else config.prompt_len
+        return synthetic_prompt(length, pipe.lm_config.text_vocab_size)
+    return pipe.prompt(SongRequest(SAMPLE_TAGS, SAMPLE_LYRICS, config.sampling))
 
 
 def _results_dir(path: Path) -> Path:
@@ -484,34 +515,25 @@ class LMTiming:
 
 
 def _time_lm(
-    engine: Engine, prompt: Prompt, device: torch.device, args: argparse.Namespace, max_frames: int
+    engine: Engine, prompt: Prompt, device: torch.device, config: BenchConfig
 ) -> tuple[Tensor, list[float], list[float]]:
-    """The last run's frames and each counted run's prefill and decode seconds: `--warmup`
-    runs, then `--repeats` counted ones, with the command's sampling settings."""
-    warmup, repeats = args.warmup, args.repeats
+    """The last run's frames and each counted run's prefill and decode seconds: `warmup`
+    runs, then `repeats` counted ones, with the benchmark's sampling settings."""
     prefill_s, decode_s = [], []
-    for i in range(warmup + repeats):
-        frames, prefill, decode = timed_generate(
-            engine, prompt, device, **_sampling(args, max_frames)
-        )
-        what = "warm-up" if i < warmup else f"run {i - warmup + 1}/{repeats}"
+    for i in range(config.warmup + config.repeats):
+        frames, prefill, decode = timed_generate(engine, prompt, config.sampling, device)
+        what = "warm-up" if i < config.warmup else f"run {i - config.warmup + 1}/{config.repeats}"
         fps = (frames.shape[1] - 1) / decode
         print(f"{engine.name} {what}: {fps:.2f} frames/s", file=sys.stderr)
-        if i >= warmup:
+        if i >= config.warmup:
             prefill_s.append(prefill)
             decode_s.append(decode)
     return frames, prefill_s, decode_s
 
 
-def _greedy(engine: Engine, prompt: Prompt, args: argparse.Namespace) -> Tensor:
-    return engine.generate_frames(
-        prompt,
-        max_frames=args.greedy_frames,
-        topk=1,
-        cfg_scale=args.cfg_scale,
-        seed=args.seed,
-        stop_at_eos=False,
-    )
+def _greedy(engine: Engine, prompt: Prompt, config: BenchConfig) -> Tensor:
+    greedy = replace(config.sampling, max_frames=config.greedy_frames, topk=1)
+    return engine.generate_frames(prompt, greedy)
 
 
 def _record(
@@ -588,28 +610,19 @@ def _result(device: torch.device, model_name: str, runs: list[dict[str, Any]]) -
     }
 
 
-def _settings(args: argparse.Namespace, quant: str, dtype: str, codec: str, prompt_len: int):
+def _settings(config: BenchConfig, pipe: PipelineConfig, quant: str, prompt_len: int):
     """The settings every run of a file records (benchmarks/README.md)."""
+    sampling = config.sampling
     return {
         "quant": quant,
-        "dtype": dtype,
-        "codec_dtype": codec,
-        "batch": cfg_batch(args.cfg_scale),
-        "cfg_scale": args.cfg_scale,
-        "topk": args.topk,
-        "temperature": args.temperature,
-        "max_seconds": args.max_seconds,
+        "dtype": pipe.dtype,
+        "codec_dtype": pipe.codec_dtype,
+        "cfg_rows": sampling.cfg_rows,
+        "cfg_scale": sampling.cfg_scale,
+        "topk": sampling.topk,
+        "temperature": sampling.temperature,
+        "max_seconds": sampling.max_frames * FRAME_MS / 1000,
         "prompt_len": prompt_len,
-    }
-
-
-def _sampling(args: argparse.Namespace, max_frames: int) -> dict[str, Any]:
-    return {
-        "max_frames": max_frames,
-        "topk": args.topk,
-        "temperature": args.temperature,
-        "cfg_scale": args.cfg_scale,
-        "seed": args.seed,
     }
 
 
@@ -621,57 +634,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot_results(files, png)
         print(f"wrote {png}")
         return 0
-    device = parse_device(args.device)
-    torch.set_num_threads(resolve_threads(args.threads))
-    dtype_name = args.dtype or default_dtype(device)
-    dtype = parse_dtype(dtype_name)
-    codec_mode = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))
-    quant_modes = parse_quant_modes(args.quant)
-    for mode in quant_modes:
-        check_fast_path(mode, device)
-    engine_names = parse_engines(args.engines, device)
-    check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
-    check_seed(args.seed)
-    max_frames = max_frames_for(args.max_seconds)
-    if max_frames < 1:
-        raise UserError(f"--max-seconds must allow one frame ({FRAME_MS / 1000} s) at least")
-    _check_counts(args)
-    out_dir = _results_dir(args.out_dir)
+    return run_bench(bench_config(args))
 
-    if args.vram is not None:
-        if quant_modes != ["none"]:
-            raise UserError("--vram plans the quantization itself: leave out --quant")
-        return _bench_budgets(args, device, dtype, codec_mode, max_frames, out_dir)
+
+def run_bench(config: BenchConfig) -> int:
+    """Every run `config` asks for, one results file per quantization sweep or budget."""
+    out_dir = _results_dir(config.out_dir)
+    torch.set_num_threads(config.pipeline.threads)
+    if config.vram_budgets:
+        return _bench_budgets(config, out_dir)
+    device = config.pipeline.torch_device
     runs, codec_dtypes, model_name = [], None, ""
-    for i, quant in enumerate(quant_modes):
-        models, prompt, model_name = _load(args, device, dtype, quant)
-        settings = _settings(args, quant, dtype_name, codec_mode, len(prompt))
-        mode_runs, codec = _bench_quant_mode(
-            args, models, prompt, device, engine_names, max_frames, settings, first=i == 0
-        )
+    for i, quant in enumerate(config.quant_modes):
+        # The codec in float32: the other codec dtypes are made from it (`codec_variant`).
+        pipe = load_pipeline(replace(config.for_quant(quant), codec_dtype="float32"))
+        model_name = _model_name(pipe)
+        prompt = bench_prompt(pipe, config)
+        settings = _settings(config, config.pipeline, quant, len(prompt))
+        mode_runs, codec = _bench_quant_mode(config, pipe, prompt, settings, first=i == 0)
         runs += mode_runs
         codec_dtypes = codec_dtypes or codec
-        del models
+        del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = _result(device, model_name, runs)
     result["codec"] = codec_dtypes
     default_name = (
-        f"synthetic-{args.synthetic}" if args.model_path is None else args.model_path.name
+        f"synthetic-{config.pipeline.synthetic}"
+        if config.pipeline.model_path is None
+        else config.pipeline.model_path.name
     )
-    path = write_results(out_dir, args.name or default_name, result)
+    path = write_results(out_dir, config.name or default_name, result)
     print(format_table(runs))
     print(f"wrote {path}")
     return 0
 
 
+def _model_name(pipe: Pipeline) -> str:
+    c = pipe.config
+    return f"synthetic {c.synthetic}" if c.model_path is None else str(c.model_path)
+
+
 def _bench_quant_mode(
-    args: argparse.Namespace,
-    models: Models,
+    config: BenchConfig,
+    pipe: Pipeline,
     prompt: Prompt,
-    device: torch.device,
-    engine_names: list[str],
-    max_frames: int,
     settings: dict[str, Any],
     *,
     first: bool,
@@ -679,46 +686,48 @@ def _bench_quant_mode(
     """One quantization mode's runs (one per engine), and, for the first mode only, the codec
     measurements (the codec does not depend on the LM's quantization): its per-dtype results
     and each engine's streamed song."""
-    check_length(models.lm, prompt, max(max_frames, args.greedy_frames))
-    engines = {name: make_engine(name, models.lm, models.gen_config) for name in engine_names}
+    device, sampling = pipe.device, config.sampling
+    check_length(pipe.lm, prompt, max(sampling.max_frames, config.greedy_frames))
+    engines = {pipe.engine.name: pipe.engine}  # the first one: the pipeline's own
+    for name in config.engines[1:]:
+        engines[name] = make_engine(name, pipe.lm, pipe.gen_config)
     reference = None
-    if args.greedy_frames:
-        plain = engines.get("plain") or make_engine("plain", models.lm, models.gen_config)
-        reference = _greedy(plain, prompt, args)
+    if config.greedy_frames:
+        plain = engines.get("plain") or make_engine("plain", pipe.lm, pipe.gen_config)
+        reference = _greedy(plain, prompt, config)
 
     timings: dict[str, LMTiming] = {}
     for name, engine in engines.items():
         _reset_peak(device)
-        frames, prefill_s, decode_s = _time_lm(engine, prompt, device, args, max_frames)
+        frames, prefill_s, decode_s = _time_lm(engine, prompt, device, config)
         peak = _peak_vram_gib(device)
         greedy = (None, None)
         if reference is not None:
-            greedy = greedy_agreement(_greedy(engine, prompt, args), reference)
+            greedy = greedy_agreement(_greedy(engine, prompt, config), reference)
         timings[name] = LMTiming(frames, prefill_s, decode_s, peak, greedy)
 
     codec_s, codec_peak, codec_dtypes, streams = [], None, None, {}
-    if first and not args.no_codec:
+    if first and config.codec:
         frames = next(iter(timings.values())).frames
         codec_dtypes = bench_codec_dtypes(
-            models, frames, device, seed=args.seed, repeats=args.codec_repeats
+            pipe.codec, frames, device, seed=sampling.seed, repeats=config.codec_repeats
         )
-        codec_mode = settings["codec_dtype"]
+        codec_mode = config.pipeline.codec_dtype
         codec_s = codec_dtypes[codec_mode]["raw_codec_s"]
         codec_peak = codec_dtypes[codec_mode]["peak_vram_gib"]
-        codec = codec_variant(models.codec, codec_mode, device)
+        codec = codec_variant(pipe.codec, codec_mode, device)
         # Only the warm-up window (graph capture), as a loaded pipeline has done it once.
-        time_codec(dataclasses.replace(models, codec=codec), frames, device, seed=0, repeats=0)
+        time_codec(codec, frames, device, seed=0, repeats=0)
         for name, engine in engines.items():
-            sampling = _sampling(args, max_frames)
-            streams[name] = time_stream(engine, codec, prompt, device, **sampling)
+            streams[name] = time_stream(engine, codec, prompt, sampling, device)
             print(f"{name} streamed: first audio after {streams[name][0]:.2f} s", file=sys.stderr)
 
-    batch, p = settings["batch"], len(prompt)
+    rows, p = settings["cfg_rows"], len(prompt)
     # The exact mean over the song: bytes grow linearly with the cached positions.
     bytes_per_frame = round(
         (
-            lm_bytes_per_frame(models.lm, p + 1, batch)
-            + lm_bytes_per_frame(models.lm, p + max_frames, batch)
+            lm_bytes_per_frame(pipe.lm, p + 1, rows)
+            + lm_bytes_per_frame(pipe.lm, p + sampling.max_frames, rows)
         )
         / 2
     )
@@ -737,115 +746,85 @@ def _bench_quant_mode(
     ]
     for run in runs:
         run["ttfa_s"], run["stream_s"] = streams.get(run["engine"], (None, None))
-    return runs, None if codec_dtypes is None else _codec_result(models, codec_dtypes)
+    return runs, None if codec_dtypes is None else _codec_result(pipe, codec_dtypes)
 
 
-def _codec_result(models: Models, dtypes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _codec_result(pipe: Pipeline, dtypes: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The results file's `codec` object (benchmarks/README.md)."""
-    history, ahead = models.codec.scalar_model.context()
+    history, ahead = pipe.codec.scalar_model.context()
     chunk_frames = DECODE_CHUNK + history + ahead
     return {
         "decode_chunk": DECODE_CHUNK,
         "scalar_largest_activation_bytes": largest_activation_bytes(
-            models.codec_config, chunk_frames
+            pipe.codec_config, chunk_frames
         ),
         "scalar_largest_activation_bytes_unchunked": largest_activation_bytes(
-            models.codec_config, 2 * WINDOW
+            pipe.codec_config, 2 * WINDOW
         ),
         "dtypes": dtypes,
     }
 
 
-def _bench_budgets(
-    args: argparse.Namespace,
-    device: torch.device,
-    dtype: torch.dtype,
-    codec_mode: str,
-    max_frames: int,
-    out_dir: Path,
-) -> int:
-    """`--vram 4G,6G,...`: per budget, synthetic models placed as its plan says, the budget
-    enforced with `set_per_process_memory_fraction`, one results file (first engine only)."""
-    if device.type != "cuda":
-        raise UserError("--vram budgets GPU memory: bench it on a CUDA device")
-    if args.model_path is not None:
+def _bench_budgets(config: BenchConfig, out_dir: Path) -> int:
+    """`--vram 4G,6G,...`: per budget, the pipeline `load_pipeline` makes for it (its models
+    placed as the plan says) with the budget enforced from before it loads
+    (`set_per_process_memory_fraction`), one results file (first engine only)."""
+    if config.pipeline.model_path is not None:
         raise UserError("--vram plans synthetic models: leave out --model-path")
-    budgets = [parse_vram(b) for b in args.vram.split(",") if b.strip()]
-    engine_name = parse_engines(args.engines, device)[0]
-    lm_config, codec_config = preset_configs(args.synthetic)
+    device = config.pipeline.torch_device
     total = torch.cuda.get_device_properties(device).total_memory
-    overheads = measure_overheads(device)
     # Every budget's plan first: one that cannot run is refused before any model is made.
-    plans = [
-        plan_memory(
-            budget,
-            lm_config,
-            codec_config,
-            max_frames=max_frames,
-            batch=cfg_batch(args.cfg_scale),
-            lm_dtype=dtype,
-            codec_dtype=CODEC_DTYPES[codec_mode][0],
-            overheads=overheads,
-        )
-        for budget in budgets
-    ]
+    plans = [plan_for(config.for_budget(b)) for b in config.vram_budgets]
     for plan in plans:
-        check_engine_over_streaming(engine_name, plan.offloaded_lm_layers)
-    for budget, plan in zip(budgets, plans, strict=True):
+        check_engine_over_streaming(config.engines[0], plan.offloaded_lm_layers)
+    sampling = config.sampling
+    for budget, plan in zip(config.vram_budgets, plans, strict=True):
         print(format_plan(plan), file=sys.stderr)
-        # Made and quantized on the GPU (fast), then placed from host memory as planned.
-        models = synthetic_models(args.synthetic, device, dtype)
-        models.codec.set_precision(codec_mode)
-        quantize_model(models.lm, plan.quant)
-        models.lm.to("cpu")
-        models.codec.to("cpu")
-        torch.cuda.empty_cache()
-        context = plan.overheads.cuda_context
-        torch.cuda.set_per_process_memory_fraction((budget - context) / total, device)
-        placement = Placement(plan, device)
+        context = cuda_context_bytes(device)
+        torch.cuda.set_per_process_memory_fraction((plan.budget_bytes - context) / total, device)
         try:
-            placement.place_lm(models.lm)
-            placement.place_codec(models.codec)
-            prompt = _synthetic_prompt(args)
-            engine = make_engine(engine_name, models.lm, models.gen_config)
+            pipe = load_pipeline(config.for_budget(budget))
+            prompt = bench_prompt(pipe, config)
             _reset_peak(device)
-            frames, prefill_s, decode_s = _time_lm(engine, prompt, device, args, max_frames)
-            with placement.codec_turn(models.lm, models.codec, engine.release):
-                codec_s = time_codec(
-                    models, frames, device, seed=args.seed, repeats=args.codec_repeats
-                )
+            frames, prefill_s, decode_s = _time_lm(pipe.engine, prompt, device, config)
+            codec_s = []
+            for _ in range(config.codec_repeats):
+                _sync(device)
+                start = time.perf_counter()
+                pipe.decode_frames(frames, seed=sampling.seed)
+                _sync(device)
+                codec_s.append(time.perf_counter() - start)
             # Both phases' peak, plus the CUDA context the allocator does not see, read again
             # now: kernels loaded since the probe count, as the plan's headroom assumes.
             context_after = cuda_context_bytes(device)
             peak = _peak_vram_gib(device) + context_after / GiB
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-        settings = _settings(
-            args, plan.quant, str(dtype).removeprefix("torch."), codec_mode, len(prompt)
-        )
+        plan = pipe.plan
+        settings = _settings(config, pipe.config, plan.quant, len(prompt))
         bytes_per_frame = lm_bytes_per_frame(
-            models.lm, len(prompt) + max_frames // 2, settings["batch"]
+            pipe.lm, len(prompt) + sampling.max_frames // 2, settings["cfg_rows"]
         )
         timing = LMTiming(frames, prefill_s, decode_s, peak, (None, None))
         run = _record(
-            engine_name,
+            config.engines[0],
             timing,
             settings,
             bytes_per_frame=bytes_per_frame,
             copy_gbps=measure_copy_gbps(device),
             codec_s=codec_s,
             codec_peak=None,
-            vram_budget_gib=budget / GiB,
+            vram_budget_gib=plan.budget_bytes / GiB,
         )
         run["plan"] = format_plan(plan)
         run["predicted_peak_gib"] = plan.predicted_peak_bytes / GiB
         run["headroom_gib"] = plan.headroom_bytes / GiB
         run["overheads"] = dataclasses.asdict(plan.overheads)
         run["cuda_context_after_gib"] = context_after / GiB
-        result = _result(device, f"synthetic {args.synthetic}", [run])
-        path = write_results(out_dir, f"vram-{budget / GiB:g}G", result)
+        result = _result(device, _model_name(pipe), [run])
+        path = write_results(out_dir, f"vram-{plan.budget_bytes / GiB:g}G", result)
         print(format_table([run]))
         print(f"wrote {path}")
-        del models, placement, engine, timing, frames  # this budget's models leave the GPU
+        del pipe, timing, frames  # this budget's models leave the GPU
         torch.cuda.empty_cache()
     return 0

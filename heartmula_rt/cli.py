@@ -21,27 +21,17 @@ from tqdm import tqdm
 from . import __version__, checkpoint
 from .audio import WavStream, check_output_path, partial_path, write_audio
 from .bench import DEFAULT_PROMPT_LEN, cmd_bench
-from .codec import CODEC_DTYPES, check_codec_dtype, default_codec_dtype
+from .codec import CODEC_DTYPES
 from .codec.detokenize import sanitize_codes
 from .codes import codes_path, load_codes, save_codes
 from .config import LM_PRESETS
-from .decode import GenerationInterrupted, cfg_batch, check_sampling
-from .engine import ENGINES, check_engine, default_engine
+from .decode import GenerationInterrupted
+from .engine import ENGINES
 from .errors import UserError
-from .pipeline import (
-    DTYPES,
-    Pipeline,
-    check_seed,
-    default_dtype,
-    load_pipeline,
-    max_frames_for,
-    parse_device,
-    parse_dtype,
-    resolve_threads,
-)
+from .pipeline import DTYPES, Pipeline, PipelineConfig, load_pipeline, parse_dtype
 from .planner import checkpoint_configs, format_plan, parse_vram, plan_memory, preset_configs
-from .prompt import check_texts, read_text
 from .quant import QUANT_MODES
+from .request import DEFAULT_MAX_SECONDS, SamplingParams, SongRequest, max_frames_for
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -53,15 +43,60 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _resolve_model_path(path: Path | None) -> Path:
-    """The given folder, or the default cache folder, downloading the weights if it is empty."""
-    if path is not None:
-        return path
-    root = checkpoint.default_model_path()
-    if not (root / checkpoint.LM_DIR / "config.json").is_file():
+def _model_path(path: Path | None) -> Path:
+    """The given folder, or the default one (`_fetch_weights` fills it on first use)."""
+    return checkpoint.default_model_path() if path is None else path
+
+
+def _fetch_weights(root: Path, given: Path | None) -> None:
+    """Download the weights into the default folder if it is empty (a given folder never)."""
+    if given is None and not (root / checkpoint.LM_DIR / "config.json").is_file():
         print(f"no weights in {root}: downloading them (or pass --model-path)", file=sys.stderr)
         checkpoint.download(root)
-    return root
+
+
+def read_text_arg(value: str, flag: str) -> str:
+    """`--tags` / `--lyrics`: `-` reads stdin, the name of an existing file reads that file,
+    anything else is the text itself (never refused for how it looks)."""
+    if value == "-":
+        return sys.stdin.read()
+    if not os.path.isfile(value):
+        return value
+    try:
+        # utf-8-sig: a leading byte-order mark (Windows editors) is not part of the text.
+        with open(value, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} {value} is not valid UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {flag} {value} ({e.strerror})") from None
+
+
+# Song settings the command line sets, by their `SongRequest.of` names (None: not given).
+_SONG_FLAGS = ("max_seconds", "topk", "temperature", "cfg_scale", "seed")
+
+
+def song_request(args: argparse.Namespace) -> SongRequest:
+    """The song `gen`'s arguments ask for: texts read as `read_text_arg` says, settings given
+    on the command line, the request's own defaults for the rest."""
+    if args.tags == "-" and args.lyrics == "-":
+        raise UserError("only one of --tags and --lyrics can read stdin (-)")
+    settings = {k: getattr(args, k) for k in _SONG_FLAGS if getattr(args, k) is not None}
+    tags, lyrics = read_text_arg(args.tags, "--tags"), read_text_arg(args.lyrics, "--lyrics")
+    return SongRequest.of(tags, lyrics, **settings)
+
+
+def pipeline_config(args: argparse.Namespace, **fields: object) -> PipelineConfig:
+    """The `PipelineConfig` of the model options (`_add_model_options`) and `fields`."""
+    return PipelineConfig(
+        model_path=_model_path(args.model_path),
+        device=args.device,
+        dtype=args.dtype,
+        codec_dtype=args.codec_dtype,
+        quant=args.quant,
+        threads=args.threads,
+        **fields,
+    )
 
 
 def _note_stray_ids(frames: torch.Tensor, codebook_size: int) -> None:
@@ -108,9 +143,7 @@ def _decode_and_write(pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int
         bar.update(done - bar.n)
 
     try:
-        wav = pipe.decode_frames(
-            frames, generator=torch.Generator().manual_seed(seed), on_window=on_window
-        )
+        wav = pipe.decode_frames(frames, seed=seed, on_window=on_window)
     finally:
         bar.close()
     clipped = write_audio(out, wav, pipe.sample_rate)
@@ -130,11 +163,11 @@ def _reader_gone(sink) -> bool:
         return False
 
 
-def _stream_and_write(pipe: Pipeline, out: Path | None, **song) -> int:
+def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) -> int:
     """Stream the song into `out` (None: stdout) as it is made; see audio.WavStream for the
     file's life: `<stem>.partial.wav` while it grows, renamed to `out` once complete."""
     start = time.perf_counter()
-    total = max_frames_for(song["max_seconds"]) + 1
+    total = request.sampling.max_frames + 1
     bar = tqdm(total=total, desc="LM", unit="frame", file=sys.stderr)
     target = "stdout" if out is None else partial_path(out)
     try:
@@ -150,7 +183,7 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, **song) -> int:
             file=sys.stderr,
         )
         return EXIT_BROKEN_PIPE
-    stream = pipe.stream(**song, on_frame=lambda n: bar.update(n - bar.n))
+    stream = pipe.stream(request, on_frame=lambda n: bar.update(n - bar.n))
     ended = None  # why the song stopped early, if it did
     try:
         for piece in stream:
@@ -211,70 +244,36 @@ def cmd_gen(args: argparse.Namespace) -> int:
     out = None if to_stdout else check_output_path(args.output)
     if args.stream and not to_stdout and out.suffix.lower() != ".wav":
         raise UserError(f"--stream writes WAV: use a .wav output or - (stdout), not {out.name}")
-    tags, lyrics = read_text(args.tags), read_text(args.lyrics)
-    check_texts(tags, lyrics)
-    check_sampling(topk=args.topk, temperature=args.temperature, cfg_scale=args.cfg_scale)
-    max_frames = max_frames_for(args.max_seconds)
-    check_seed(args.seed)
-    device = parse_device(args.device)
-    dtype_name = args.dtype or default_dtype(device)
-    dtype = parse_dtype(dtype_name)
-    codec_dtype = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))
-    engine = args.engine or default_engine(device)
-    check_engine(engine, device)
-    threads = resolve_threads(args.threads)
-    root = _resolve_model_path(args.model_path)
+    request = song_request(args)
+    if request.sampling.seed is None:  # chosen here, so that it can be printed and kept
+        request = request.with_settings(seed=secrets.randbits(31))
+    plan_length = {} if args.max_seconds is None else {"max_seconds": args.max_seconds}
+    config = pipeline_config(
+        args, engine=args.engine, vram=args.vram, stream=args.stream or to_stdout, **plan_length
+    )
+    _fetch_weights(config.model_path, args.model_path)
 
     loading = time.perf_counter()
-    pipe = load_pipeline(
-        root,
-        device=device,
-        dtype=dtype,
-        codec_dtype=codec_dtype,
-        engine=engine,
-        quant=args.quant,
-        vram=args.vram,
-        max_seconds=args.max_seconds,
-        stream=args.stream or to_stdout,
-        threads=threads,
-    )
-    pipe.check_request(tags, lyrics, max_frames)
+    pipe = load_pipeline(config)
+    pipe.prompt(request)  # everything the song would be refused for, before the loaded line
     start = time.perf_counter()
     # After the last check, so that an error is the only line a failed run prints.
     print(
-        f"loaded {root} on {device} in {start - loading:.1f} s (LM {dtype_name}, quantization "
-        f"{args.quant}, codec {codec_dtype}, {engine} engine, {threads} CPU threads)",
+        f"loaded {config.model_path} on {config.device} in {start - loading:.1f} s (LM "
+        f"{config.dtype}, quantization {config.quant}, codec {config.codec_dtype}, "
+        f"{config.engine} engine, {config.threads} CPU threads)",
         file=sys.stderr,
     )
     if pipe.plan is not None:
         print(format_plan(pipe.plan), file=sys.stderr)
-    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    seed = request.sampling.seed
     print(f"seed {seed}", file=sys.stderr)
     if args.stream or to_stdout:
-        return _stream_and_write(
-            pipe,
-            out,
-            tags=tags,
-            lyrics=lyrics,
-            max_seconds=args.max_seconds,
-            seed=seed,
-            topk=args.topk,
-            temperature=args.temperature,
-            cfg_scale=args.cfg_scale,
-        )
+        return _stream_and_write(pipe, out, request)
 
-    bar = tqdm(total=max_frames + 1, desc="LM", unit="frame", file=sys.stderr)
+    bar = tqdm(total=request.sampling.max_frames + 1, desc="LM", unit="frame", file=sys.stderr)
     try:
-        frames = pipe.generate_frames(
-            tags,
-            lyrics,
-            max_frames=max_frames,
-            topk=args.topk,
-            temperature=args.temperature,
-            cfg_scale=args.cfg_scale,
-            seed=seed,
-            on_frame=lambda n: bar.update(n - bar.n),
-        )
+        frames = pipe.generate_frames(request, on_frame=lambda n: bar.update(n - bar.n))
     except GenerationInterrupted as stop:
         bar.close()
         if stop.frames.shape[-1] == 0:
@@ -304,11 +303,15 @@ def cmd_gen(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     out = check_output_path(args.output)
     frames, seed = load_codes(args.codes)
-    device = parse_device(args.device)
-    codec_dtype = check_codec_dtype(args.codec_dtype or default_codec_dtype(device))
-    root = _resolve_model_path(args.model_path)
-    # The LM is loaded too (a codec-only pipeline comes with the request redesign, #14).
-    pipe = load_pipeline(root, device=device, codec_dtype=codec_dtype, engine="plain")
+    config = PipelineConfig(
+        model_path=_model_path(args.model_path),
+        device=args.device,
+        codec_dtype=args.codec_dtype,
+        engine="plain",
+    )
+    _fetch_weights(config.model_path, args.model_path)
+    # The LM is loaded too: a pipeline is both models.
+    pipe = load_pipeline(config)
     seconds = _decode_and_write(pipe, frames, out, seed)
     args.codes.unlink()  # its song is written
     print(f"wrote {out}: {seconds:.1f} s of audio from {args.codes}", file=sys.stderr)
@@ -317,8 +320,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     budget = parse_vram(args.vram)
-    check_sampling(topk=1, temperature=1.0, cfg_scale=args.cfg_scale)
-    max_frames = max_frames_for(args.max_seconds)
+    sampling = SamplingParams(cfg_scale=args.cfg_scale, max_frames=max_frames_for(args.max_seconds))
     if args.model_path is None:
         lm_config, codec_config = preset_configs()
     else:
@@ -327,8 +329,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         budget,
         lm_config,
         codec_config,
-        max_frames=max_frames,
-        batch=cfg_batch(args.cfg_scale),
+        max_frames=sampling.max_frames,
+        cfg_rows=sampling.cfg_rows,
         lm_dtype=parse_dtype(args.dtype),
         codec_dtype=CODEC_DTYPES[args.codec_dtype][0],  # the DiT blocks'
     )
@@ -377,6 +379,30 @@ def _add_model_options(
     )
 
 
+def _add_song_options(p: argparse.ArgumentParser) -> None:
+    """A song's sampling settings (gen and bench): None where not given, so that the request's
+    own defaults (`SamplingParams`) apply."""
+    d = SamplingParams
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help=f"longest song (default {DEFAULT_MAX_SECONDS:g})",
+    )
+    p.add_argument(
+        "--topk", type=int, default=None, help=f"sample among the k likeliest ({d.topk})"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=None, help=f"sampling temperature ({d.temperature})"
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance ({d.cfg_scale}); ≤ 1 means none (one LM row)",
+    )
+
+
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench", help="measure LM frames/s, codec time and real-time factor of the engines"
@@ -399,10 +425,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         codec_help="the codec's precision (default: mixed on GPU, else float32)",
         quant_list=True,
     )
-    p.add_argument("--max-seconds", type=float, default=240.0, help="song length (default 240)")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="≤ 1: batch 1 (default 1.5)")
-    p.add_argument("--topk", type=int, default=50, help="(default 50)")
-    p.add_argument("--temperature", type=float, default=1.0, help="(default 1.0)")
+    _add_song_options(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed of every run (default 0)")
     p.add_argument("--repeats", type=int, default=3, help="counted LM runs per engine (3)")
     p.add_argument("--warmup", type=int, default=1, help="LM runs per engine not counted (1)")
@@ -457,17 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"checkpoint folder (default: {checkpoint.default_model_path()}, "
         "downloaded on first use)",
     )
-    gen.add_argument("--tags", default="", help="comma-separated tags, or a text file of them")
-    gen.add_argument("--lyrics", default="", help="lyrics, or a text file of them")
-    gen.add_argument("--max-seconds", type=float, default=240.0, help="longest song (default 240)")
-    gen.add_argument("--topk", type=int, default=50, help="sample among the k likeliest (50)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
     gen.add_argument(
-        "--cfg-scale",
-        type=float,
-        default=1.5,
-        help="classifier-free guidance (1.5); ≤ 1 means none",
+        "--tags",
+        default="",
+        help="comma-separated tags, a text file of them, or - to read them from stdin",
     )
+    gen.add_argument(
+        "--lyrics", default="", help="lyrics, a text file of them, or - to read them from stdin"
+    )
+    _add_song_options(gen)
     gen.add_argument("--seed", type=int, default=None, help="default: random, printed")
     gen.add_argument(
         "--engine",
@@ -506,8 +527,18 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="print the memory plan and predicted peak of a --vram budget (no weights)"
     )
     plan.add_argument("--vram", required=True, help="GPU memory budget, such as 6G or 12GiB")
-    plan.add_argument("--max-seconds", type=float, default=240.0, help="longest song (240)")
-    plan.add_argument("--cfg-scale", type=float, default=1.5, help="≤ 1 means batch 1 (1.5)")
+    plan.add_argument(
+        "--max-seconds",
+        type=float,
+        default=DEFAULT_MAX_SECONDS,
+        help=f"longest song ({DEFAULT_MAX_SECONDS:g})",
+    )
+    plan.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=SamplingParams.cfg_scale,
+        help=f"≤ 1 plans one LM row, no guidance ({SamplingParams.cfg_scale})",
+    )
     plan.add_argument(
         "--model-path",
         type=Path,

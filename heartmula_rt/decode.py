@@ -7,7 +7,6 @@ logits of its backbone step, which is what the parity tests compare. `generate_f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +17,13 @@ from .config import GenConfig
 from .errors import UserError
 from .lm import HeartMuLa, LMCache
 from .prompt import Prompt
+from .request import DEFAULT_SAMPLING, SamplingParams
 from .sampling import cfg_mix, sample_topk
+
+# What a song's maker calls as frames come: `OnFrame(n)` with the number made so far, `OnCodes(new)`
+# with the frames made since its last call ([n_codebooks, k] int64, CPU).
+OnFrame = Callable[[int], None]
+OnCodes = Callable[[Tensor], None]
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -33,30 +38,25 @@ class GenerationInterrupted(KeyboardInterrupt):
         self.frames = frames
 
 
-def cfg_batch(cfg_scale: float) -> int:
-    """Rows per step: 2 ([cond, uncond]) with guidance, i.e. a scale above 1, else 1."""
-    return 2 if cfg_scale > 1 else 1
-
-
 @dataclass(frozen=True)
 class Sampler:
-    """Sampling settings of one request. With CFG (scale > 1) rows are [cond, uncond] and the one
-    token drawn from the guided logits is fed to both."""
+    """One song's sampling (`SamplingParams`) with its random numbers. With guidance (scale
+    above 1) rows are [cond, uncond] and the one token drawn from the guided logits is fed to
+    both."""
 
-    topk: int = 50
-    temperature: float = 1.0
-    cfg_scale: float = 1.5
+    params: SamplingParams = DEFAULT_SAMPLING
     generator: torch.Generator | None = None
 
     @property
-    def batch(self) -> int:
-        return cfg_batch(self.cfg_scale)
+    def cfg_rows(self) -> int:
+        return self.params.cfg_rows
 
     def __call__(self, logits: Tensor) -> Tensor:
-        """Raw logits [batch, V] → the sampled token [1, 1]."""
-        if self.batch == 2:
-            logits = cfg_mix(logits[:1], logits[1:], self.cfg_scale)
-        return sample_topk(logits, self.topk, self.temperature, self.generator)
+        """Raw logits [rows, V] → the sampled token [1, 1]."""
+        p = self.params
+        if self.cfg_rows == 2:
+            logits = cfg_mix(logits[:1], logits[1:], p.cfg_scale)
+        return sample_topk(logits, p.topk, p.temperature, self.generator)
 
 
 def sample_frame(
@@ -68,7 +68,7 @@ def sample_frame(
 ) -> Tensor:
     """The depth decoder's expansion of one backbone step into a frame [n] (on the device).
 
-    `sampler` maps raw logits [batch, V] to the token [1, 1] fed to every row (`Sampler`, or
+    `sampler` maps raw logits [rows, V] to the token [1, 1] fed to every row (`Sampler`, or
     the engine's fused one)."""
     b = last.shape[0]
     token = sampler(c0_logits)
@@ -88,9 +88,9 @@ def sample_frame(
 def prefill(
     model: HeartMuLa, prompt: Prompt, cache: LMCache, sampler: Callable[[Tensor], Tensor]
 ) -> tuple[Tensor, Tensor]:
-    """Frame 0 from the whole prompt at positions 0..P-1: (frame [n], c0 logits [batch, V])."""
+    """Frame 0 from the whole prompt at positions 0..P-1: (frame [n], c0 logits [rows, V])."""
     ids = prompt.ids.to(model.text_embeddings.weight.device)
-    rows = model.embed_prompt(ids, prompt.slot_index, cache.batch)
+    rows = model.embed_prompt(ids, prompt.slot_index, cache.rows)
     last, logits = model.backbone_step(rows, 0, cache)
     return sample_frame(model, last, logits, cache, sampler), logits
 
@@ -99,19 +99,9 @@ def decode_one_frame(
     model: HeartMuLa, frame: Tensor, pos: int, cache: LMCache, sampler: Sampler
 ) -> tuple[Tensor, Tensor]:
     """The next frame from the previous one fed at position `pos`: (frame [n], c0 logits)."""
-    rows = model.embed_frame(frame.expand(cache.batch, -1))
+    rows = model.embed_frame(frame.expand(cache.rows, -1))
     last, logits = model.backbone_step(rows, pos, cache)
     return sample_frame(model, last, logits, cache, sampler), logits
-
-
-def check_sampling(*, topk: int, temperature: float, cfg_scale: float) -> None:
-    """Refuse sampling settings the SPEC has no meaning for (SPEC §4)."""
-    if topk < 1:
-        raise UserError(f"topk must be at least 1, not {topk}")
-    if not 0 < temperature < math.inf:
-        raise UserError(f"temperature must be a finite number above 0, not {temperature}")
-    if not 0 <= cfg_scale < math.inf:
-        raise UserError(f"cfg_scale must be a finite number of 0 or more, not {cfg_scale}")
 
 
 def check_length(model: HeartMuLa, prompt: Prompt, max_frames: int) -> None:
@@ -138,30 +128,27 @@ def generate_frames(
     model: HeartMuLa,
     prompt: Prompt,
     gen: GenConfig,
+    sampling: SamplingParams,
     *,
-    max_frames: int,
-    topk: int = 50,
-    temperature: float = 1.0,
-    cfg_scale: float = 1.5,
-    generator: torch.Generator | None = None,
-    on_frame: Callable[[int], None] | None = None,
-    stop_at_eos: bool = True,
-    on_codes: Callable[[Tensor], None] | None = None,
+    on_frame: OnFrame | None = None,
+    on_codes: OnCodes | None = None,
 ) -> Tensor:
     """Codes [n_codebooks, T] int64 on the CPU, T ≤ max_frames + 1 (frame 0 included).
 
     Stops at the first frame holding a token ≥ `gen.audio_eos_id`, which is dropped (unless
-    `stop_at_eos` is False: benchmarks on random weights run every frame); stray ids below it
-    but past the codec's codebook are returned as they are. `on_frame(n)` is called
+    `sampling.stop_at_eos` is False: benchmarks on random weights run every frame); stray ids
+    below it but past the codec's codebook are returned as they are. `on_frame(n)` is called
     with the number of frames made so far after each one, `on_codes(new)` (streaming) with
     the frames made since its last call, [n_codebooks, k] int64 on the CPU, just before
-    `on_frame`. `generator` must be on the model's
-    device. Ctrl-C raises GenerationInterrupted with the frames made so far.
+    `on_frame`. A seed draws from a generator on the model's device. Ctrl-C raises
+    GenerationInterrupted with the frames made so far.
     """
-    check_sampling(topk=topk, temperature=temperature, cfg_scale=cfg_scale)
-    check_length(model, prompt, max_frames)
-    sampler = Sampler(topk, temperature, cfg_scale, generator)
-    cache = model.new_cache(sampler.batch, len(prompt) + max_frames)
+    check_length(model, prompt, sampling.max_frames)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
+    sampler = Sampler(sampling, generator)
+    cache = model.new_cache(sampler.cfg_rows, len(prompt) + sampling.max_frames)
     frames: list[Tensor] = []
     try:
         frame, _ = prefill(model, prompt, cache, sampler)
@@ -170,10 +157,10 @@ def generate_frames(
             on_codes(frame[:, None].cpu())
         if on_frame is not None:
             on_frame(1)
-        for n in range(max_frames):
+        for n in range(sampling.max_frames):
             frame, _ = decode_one_frame(model, frame, len(prompt) + n, cache, sampler)
             # The plain path syncs here, every frame.
-            if stop_at_eos and bool((frame >= gen.audio_eos_id).any()):
+            if sampling.stop_at_eos and bool((frame >= gen.audio_eos_id).any()):
                 break
             frames.append(frame)
             if on_codes is not None:

@@ -1,6 +1,6 @@
 """Decode engines: the plain loop, and a static one-frame step replayed as a CUDA graph.
 
-Every engine has one method, `generate_frames(prompt, ...)`, with the plain loop's contract.
+Every engine has one method, `generate_frames(prompt, sampling)`, with the plain loop's contract.
 
 The static engine keeps all per-frame state in device tensors — the position, the last frame, the
 output buffer, the first-EOS index, the sampler's settings and RNG — so one frame (backbone step,
@@ -9,7 +9,7 @@ function of nothing the host must pass. Captured once as a CUDA graph it replays
 and no host synchronisation; the host reads the EOS index every `sync_every` frames and trims
 what was made after it, so the output equals the plain loop's. Attention reads the cache up to
 the end of the current `bucket` of positions (the rest masked), so one graph serves a bucket and
-graphs are kept per (batch, bucket end) and reused across songs. `compile` runs the same step
+graphs are kept per (rows, bucket end) and reused across songs. `compile` runs the same step
 through torch.compile before capturing it.
 """
 
@@ -26,9 +26,9 @@ from torch import Tensor
 from .config import GenConfig
 from .decode import (
     GenerationInterrupted,
-    cfg_batch,
+    OnCodes,
+    OnFrame,
     check_length,
-    check_sampling,
     generate_frames,
     prefill,
     sample_frame,
@@ -37,6 +37,7 @@ from .errors import UserError
 from .lm import HeartMuLa, LMCache
 from .offload import OffloadedLayers
 from .prompt import Prompt
+from .request import SamplingParams
 from .side_stream import SideStream
 
 ENGINES = ("plain", "graph", "compile")
@@ -59,15 +60,10 @@ class PlainEngine:
     def generate_frames(
         self,
         prompt: Prompt,
+        sampling: SamplingParams,
         *,
-        max_frames: int,
-        topk: int = 50,
-        temperature: float = 1.0,
-        cfg_scale: float = 1.5,
-        seed: int | None = None,
-        on_frame: Callable[[int], None] | None = None,
-        stop_at_eos: bool = True,
-        on_codes: Callable[[Tensor], None] | None = None,
+        on_frame: OnFrame | None = None,
+        on_codes: OnCodes | None = None,
     ) -> Tensor:
         """Codes [n_codebooks, T] int64 on the CPU, as `decode.generate_frames` returns them
         (every engine's contract). `on_frame(n)` gets the number of frames made so far, first
@@ -75,22 +71,8 @@ class PlainEngine:
         its last call ([n_codebooks, k] int64, CPU; together a prefix of the result, which may
         hold a few more); a seed repeats the same frames with the same engine on the same
         device."""
-        generator = None
-        if seed is not None:
-            device = self.model.device
-            generator = torch.Generator(device=device).manual_seed(seed)
         return generate_frames(
-            self.model,
-            prompt,
-            self.gen_config,
-            max_frames=max_frames,
-            topk=topk,
-            temperature=temperature,
-            cfg_scale=cfg_scale,
-            generator=generator,
-            on_frame=on_frame,
-            stop_at_eos=stop_at_eos,
-            on_codes=on_codes,
+            self.model, prompt, self.gen_config, sampling, on_frame=on_frame, on_codes=on_codes
         )
 
 
@@ -109,19 +91,24 @@ class DeviceSampler:
             self.ints, self.floats = self._new_state(
                 seed=0, topk=1, cfg_scale=1.0, temperature=1.0, device=device
             )
-        self.batch = 1
+        self.cfg_rows = 1
 
-    def configure(self, *, topk: int, temperature: float, cfg_scale: float, seed: int) -> None:
-        self.batch = cfg_batch(cfg_scale)
+    def configure(self, params: SamplingParams, seed: int) -> None:
+        """One song's settings, and `seed` (the song's, or a random one if it has none)."""
+        self.cfg_rows = params.cfg_rows
         ints, floats = self._new_state(
-            seed=seed, topk=topk, cfg_scale=cfg_scale, temperature=temperature, device="cpu"
+            seed=seed,
+            topk=params.topk,
+            cfg_scale=params.cfg_scale,
+            temperature=params.temperature,
+            device="cpu",
         )
         self.ints.copy_(ints)
         self.floats.copy_(floats)
 
     def __call__(self, logits: Tensor) -> Tensor:
-        """Raw logits [batch, V] → the sampled token [1, 1]."""
-        return self._sample(logits, self.ints, self.floats, self.batch == 2)
+        """Raw logits [rows, V] → the sampled token [1, 1]."""
+        return self._sample(logits, self.ints, self.floats, self.cfg_rows == 2)
 
 
 class StaticState:
@@ -133,25 +120,25 @@ class StaticState:
     """
 
     @torch.inference_mode(False)
-    def __init__(self, model: HeartMuLa, batch: int, capacity: int) -> None:
+    def __init__(self, model: HeartMuLa, rows: int, capacity: int) -> None:
         device = model.device
         n = model.config.audio_num_codebooks
-        self.batch, self.capacity = batch, capacity
-        self.cache = model.new_cache(batch, capacity)
+        self.rows, self.capacity = rows, capacity
+        self.cache = model.new_cache(rows, capacity)
         self.frame = torch.zeros(n, dtype=torch.int64, device=device)  # fed at `pos`
         self.pos = torch.zeros((), dtype=torch.int64, device=device)
         self.index = torch.zeros((), dtype=torch.int64, device=device)  # next row of `codes`
         self.eos_at = torch.zeros((), dtype=torch.int64, device=device)  # -1: no EOS yet
         self.codes = torch.zeros(capacity, n, dtype=torch.int64, device=device)
-        self._views = {batch: self.cache}
+        self._views = {rows: self.cache}
 
-    def cache_for(self, batch: int) -> LMCache:
-        """The caches' first `batch` rows, the same view objects every time (graphs and compiled
+    def cache_for(self, rows: int) -> LMCache:
+        """The caches' first `rows` rows, the same view objects every time (graphs and compiled
         code see the same inputs song after song)."""
-        if batch not in self._views:
+        if rows not in self._views:
             with torch.inference_mode(False):
-                self._views[batch] = self.cache.narrow(batch)
-        return self._views[batch]
+                self._views[rows] = self.cache.narrow(rows)
+        return self._views[rows]
 
     def frames(self, count: int) -> Tensor:
         """The first `count` frames made, [n_codebooks, count] int64 on the CPU."""
@@ -206,7 +193,7 @@ class StaticEngine:
 
     def _step(self, state: StaticState, cache: LMCache, kv_len: int) -> None:
         model = self.model
-        rows = model.embed_frame(state.frame.expand(cache.batch, -1))
+        rows = model.embed_frame(state.frame.expand(cache.rows, -1))
         last, logits = model.backbone_step(rows, state.pos, cache, kv_len)
         frame = sample_frame(model, last, logits, cache, self.sampler)
         state.codes.index_copy_(0, state.index.view(1), frame[None])
@@ -220,7 +207,7 @@ class StaticEngine:
         if not self._use_graphs:
             self._step_fn(state, cache, kv_len)
             return
-        key = (cache.batch, kv_len)
+        key = (cache.rows, kv_len)
         graph = self._graphs.get(key)
         if graph is None and key not in self._warm:
             # First frame of this shape runs for real on a side stream (compiling, choosing
@@ -251,18 +238,18 @@ class StaticEngine:
 
     # -- the host loop --------------------------------------------------------------------
 
-    def _reserve(self, batch: int, positions: int) -> StaticState:
-        """State for `batch` rows and `positions` cache positions, reused when it fits; a larger
+    def _reserve(self, rows: int, positions: int) -> StaticState:
+        """State for `rows` rows and `positions` cache positions, reused when it fits; a larger
         request reallocates it and drops the graphs captured over the old tensors."""
         state = self._state
-        if state is None or state.batch < batch or state.capacity < positions:
+        if state is None or state.rows < rows or state.capacity < positions:
             self._graphs.clear()
             self._warm.clear()
             self._state = state = None  # free the old caches before allocating the new ones
             limit = self.model.config.backbone.max_seq_len
             step = self.capacity_step
             capacity = min(math.ceil(positions / step) * step, limit)
-            state = self._state = StaticState(self.model, batch, capacity)
+            state = self._state = StaticState(self.model, rows, capacity)
         return state
 
     def _kv_len(self, pos: int, capacity: int) -> int:
@@ -273,23 +260,18 @@ class StaticEngine:
     def generate_frames(
         self,
         prompt: Prompt,
+        sampling: SamplingParams,
         *,
-        max_frames: int,
-        topk: int = 50,
-        temperature: float = 1.0,
-        cfg_scale: float = 1.5,
-        seed: int | None = None,
-        on_frame: Callable[[int], None] | None = None,
-        stop_at_eos: bool = True,
-        on_codes: Callable[[Tensor], None] | None = None,
+        on_frame: OnFrame | None = None,
+        on_codes: OnCodes | None = None,
     ) -> Tensor:
-        check_sampling(topk=topk, temperature=temperature, cfg_scale=cfg_scale)
-        check_length(self.model, prompt, max_frames)
-        seed = secrets.randbits(63) if seed is None else seed
-        self.sampler.configure(topk=topk, temperature=temperature, cfg_scale=cfg_scale, seed=seed)
-        batch = self.sampler.batch
-        state = self._reserve(batch, len(prompt) + max_frames)
-        cache = state.cache_for(batch)
+        check_length(self.model, prompt, sampling.max_frames)
+        seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
+        self.sampler.configure(sampling, seed)
+        max_frames, stop_at_eos = sampling.max_frames, sampling.stop_at_eos
+        rows = self.sampler.cfg_rows
+        state = self._reserve(rows, len(prompt) + max_frames)
+        cache = state.cache_for(rows)
         made = 0  # frames known to be final (read back from the device)
         try:
             frame, _ = prefill(self.model, prompt, cache, self.sampler)

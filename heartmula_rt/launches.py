@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .config import LM_PRESETS, GenConfig, LMConfig
 from .engine import StaticEngine
 from .lm import HeartMuLa
+from .request import SamplingParams
 
 aten = torch.ops.aten
 _NO_KERNEL = {
@@ -132,14 +133,14 @@ def meta_lm(preset: str = "3B", dtype: torch.dtype = torch.bfloat16) -> HeartMuL
 def count_frame_launches(
     model: HeartMuLa, gen_config: GenConfig | None = None, *, cfg: bool = True
 ) -> FrameLaunches:
-    """The kernel launches of one static-engine frame of `model` (on the meta device; batch 2
+    """The kernel launches of one static-engine frame of `model` (on the meta device; 2 rows
     with `cfg`). The step runs once first: the RoPE tables are built once per device, not per
     frame."""
     engine = StaticEngine(model, gen_config or GenConfig(), graphs=False)
-    engine.sampler.configure(topk=50, temperature=1.0, cfg_scale=1.5 if cfg else 1.0, seed=0)
-    batch = engine.sampler.batch
-    state = engine._reserve(batch, engine.capacity_step)
-    cache = state.cache_for(batch)
+    engine.sampler.configure(SamplingParams(cfg_scale=1.5 if cfg else 1.0), seed=0)
+    rows = engine.sampler.cfg_rows
+    state = engine._reserve(rows, engine.capacity_step)
+    cache = state.cache_for(rows)
     kv_len = engine._kv_len(0, state.capacity)
     launches = FrameLaunches(
         backbone_layers=len(model.backbone.layers),

@@ -3,7 +3,7 @@ decoder that expands each backbone step into the 8 codebook tokens of one audio 
 
 Both transformers are torchtune-style decoders without token embedding or output head. KV caches
 are not module state: a request allocates an `LMCache` with `HeartMuLa.new_cache` and passes it to
-every call, so one loaded model serves any batch (1 plain, 2 with CFG) and any length.
+every call, so one loaded model serves any number of rows (1 plain, 2 with CFG) and any length.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class KVCache:
     @classmethod
     def zeros(
         cls,
-        batch: int,
+        rows: int,
         max_len: int,
         num_kv_heads: int,
         head_dim: int,
@@ -93,7 +93,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> KVCache:
-        shape = (batch, num_kv_heads, max_len, head_dim)
+        shape = (rows, num_kv_heads, max_len, head_dim)
         return cls(
             torch.zeros(shape, dtype=dtype, device=device),
             torch.zeros(shape, dtype=dtype, device=device),
@@ -115,9 +115,9 @@ class KVCache:
         self.v.index_copy_(2, pos.view(1), v)
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
-    def narrow(self, batch: int) -> KVCache:
-        """A view of the first `batch` rows: one allocation serves batch 1 and batch 2."""
-        return KVCache(self.k[:batch], self.v[:batch])
+    def narrow(self, rows: int) -> KVCache:
+        """A view of the first `rows` rows: one allocation serves 1 row and 2."""
+        return KVCache(self.k[:rows], self.v[:rows])
 
 
 class Rope(nn.Module):
@@ -250,11 +250,11 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(f.head_dim, f.max_seq_len, f.rope_base, f.scale_factor)
 
     def new_cache(
-        self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device
+        self, rows: int, max_len: int, *, dtype: torch.dtype, device: torch.device
     ) -> list[KVCache]:
         f = self.flavor
         return [
-            KVCache.zeros(batch, max_len, f.num_kv_heads, f.head_dim, dtype=dtype, device=device)
+            KVCache.zeros(rows, max_len, f.num_kv_heads, f.head_dim, dtype=dtype, device=device)
             for _ in range(f.num_layers)  # not self.layers: iterating offloaded layers streams them
         ]
 
@@ -281,14 +281,14 @@ class LMCache:
 
     backbone: list[KVCache]
     decoder: list[KVCache]
-    batch: int
+    rows: int
 
-    def narrow(self, batch: int) -> LMCache:
-        """Views of the first `batch` rows of every cache."""
+    def narrow(self, rows: int) -> LMCache:
+        """Views of the first `rows` rows of every cache."""
         return LMCache(
-            backbone=[c.narrow(batch) for c in self.backbone],
-            decoder=[c.narrow(batch) for c in self.decoder],
-            batch=batch,
+            backbone=[c.narrow(rows) for c in self.backbone],
+            decoder=[c.narrow(rows) for c in self.decoder],
+            rows=rows,
         )
 
 
@@ -316,36 +316,36 @@ class HeartMuLa(nn.Module):
         for the prompt, may stay on the CPU; see planner.py)."""
         return self.audio_embeddings.weight.device
 
-    def new_cache(self, batch: int, backbone_len: int) -> LMCache:
+    def new_cache(self, rows: int, backbone_len: int) -> LMCache:
         """Caches for one request, on the device and in the dtype of the activations."""
         kw = {"dtype": self.audio_embeddings.weight.dtype, "device": self.device}
         return LMCache(
-            backbone=self.backbone.new_cache(batch, backbone_len, **kw),
-            decoder=self.decoder.new_cache(batch, self.config.audio_num_codebooks, **kw),
-            batch=batch,
+            backbone=self.backbone.new_cache(rows, backbone_len, **kw),
+            decoder=self.decoder.new_cache(rows, self.config.audio_num_codebooks, **kw),
+            rows=rows,
         )
 
-    def embed_prompt(self, ids: Tensor, slot_index: int, batch: int) -> Tensor:
-        """Prompt rows [batch, P, D] from the text column ids [P].
+    def embed_prompt(self, ids: Tensor, slot_index: int, rows: int) -> Tensor:
+        """Prompt rows [rows, P, D] from the text column ids [P].
 
         Row 0 is conditional: text embeddings with the SLOT set to `muq_linear(zeros)`, which is
-        its bias (reference-audio conditioning is not released). Row 1, when batch is 2, is the
+        its bias (reference-audio conditioning is not released). Row 1, with guidance, is the
         unconditional row: every position, SLOT included, is the unconditional text embedding.
         """
         # The text embeddings may sit on the CPU: look up there, compute on the LM's device.
         cond = self.text_embeddings(ids.to(self.text_embeddings.weight.device)).to(self.device)
         cond[slot_index] = self.muq_linear.bias
-        rows = [cond]
-        if batch == 2:
-            rows.append(self.unconditional_text_embedding.weight[0].expand_as(cond))
-        return torch.stack(rows)
+        embedded = [cond]
+        if rows == 2:
+            embedded.append(self.unconditional_text_embedding.weight[0].expand_as(cond))
+        return torch.stack(embedded)
 
     def embed_audio(self, tokens: Tensor, codebook: int) -> Tensor:
         """Embeddings of codebook `codebook`'s tokens (any shape) → [..., D]."""
         return self.audio_embeddings(tokens + codebook * self.config.audio_vocab_size)
 
     def embed_frame(self, frame: Tensor) -> Tensor:
-        """One frame row per batch row: frame [B, n] → sum of its codebook embeddings [B, 1, D]."""
+        """One frame row per cache row: frame [B, n] → sum of its codebook embeddings [B, 1, D]."""
         offsets = torch.arange(frame.shape[1], device=frame.device) * self.config.audio_vocab_size
         return self.audio_embeddings(frame + offsets).sum(dim=1, keepdim=True)
 

@@ -1,14 +1,14 @@
-"""The public pipeline: checkpoint folder → LM frames → HeartCodec → waveform."""
+"""The public pipeline: a song request → LM frames → HeartCodec → waveform."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 from . import checkpoint
 from .checkpoint import CODEC_DIR, LM_DIR
 from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype, default_codec_dtype
-from .config import CodecConfig, GenConfig, LMConfig
-from .decode import check_length
+from .config import LM_PRESETS, CodecConfig, GenConfig, LMConfig
+from .decode import OnFrame, check_length
 from .engine import (
     Engine,
     check_engine,
@@ -28,22 +28,30 @@ from .engine import (
 from .errors import UserError
 from .fused import use_fused_layers
 from .lm import HeartMuLa
+from .placement import Placement
 from .planner import (
     MemoryPlan,
-    Placement,
     checkpoint_configs,
     measure_overheads,
     parse_vram,
     plan_memory,
+    preset_configs,
 )
-from .prompt import Prompt, build_prompt, read_text
-from .quant import check_mode
+from .prompt import Prompt, build_prompt
+from .quant import check_mode, quantize_model
 from .quant.cache import load_quantized_lm
-from .quant.fast import check_fast_path
+from .quant.fast import check_fast_path, use_fast_kernels
+from .request import (
+    DEFAULT_CODEC,
+    DEFAULT_MAX_SECONDS,
+    CodecParams,
+    SongRequest,
+    max_frames_for,
+)
 from .stream import SongStream
+from .synthetic import Models, synthetic_models
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FRAME_MS = 80  # 12.5 LM frames per second
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -79,18 +87,14 @@ def default_dtype(device: torch.device) -> str:
     return "bfloat16" if device.type == "cuda" else "float32"
 
 
-def check_seed(seed: int | None) -> None:
-    if seed is not None and not 0 <= seed < 2**63:
-        raise UserError(f"seed must be an integer in [0, 2**63), not {seed}")
-
-
 def resolve_threads(threads: int | None = None) -> int:
     """The CPU threads torch's ops get: `threads`, or by default one fewer than the cores this
     process may run on (its affinity mask, which containers and `taskset` narrow), at least 1
     and at most torch's own count in the calling thread (OMP_NUM_THREADS or
     `torch.set_num_threads` is kept). Every op of a team of threads ends at a barrier, and one
     core taken by another process makes every barrier wait for the scheduler (a one-window
-    decode: 1.4 s on 1 thread, up to 25 s on 2 of 2 cores); a core left free avoids that."""
+    decode beside a busy process: 1.4 s on 1 thread, 3.6 s on 2 of 2 cores); a core left free
+    avoids that."""
     if threads is None:
         return max(1, min(len(os.sched_getaffinity(0)) - 1, torch.get_num_threads()))
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -98,16 +102,101 @@ def resolve_threads(threads: int | None = None) -> int:
     return threads
 
 
-def max_frames_for(max_seconds: float) -> int:
-    """The reference's frame budget: max_audio_length_ms // 80."""
-    if not 0 < max_seconds < math.inf:
-        raise UserError(f"max_seconds must be a positive number, not {max_seconds}")
-    return int(max_seconds * 1000) // FRAME_MS
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How to load a pipeline: where the weights come from and how the models run.
+
+    Checked when made, and every field then holds what will be used: `device` "auto" becomes
+    "cuda" or "cpu", the dtypes, engine and threads left out become the device's defaults.
+    These defaults are the only ones (`load_pipeline`, the CLI and `bench` all make one).
+    """
+
+    model_path: Path | None = None  # a checkpoint folder in the official layout (SPEC §1)
+    synthetic: str | None = None  # or: random weights of this LM_PRESETS size, made on device
+    device: str = "auto"  # auto: the first CUDA GPU if torch sees one, else the CPU
+    dtype: str | None = None  # LM weights: bfloat16 on a GPU, float32 on the CPU
+    codec_dtype: str | None = None  # codec.CODEC_DTYPES: mixed on a GPU, float32 on the CPU
+    engine: str | None = None  # engine.ENGINES: graph on a GPU, plain on the CPU
+    quant: str = "none"  # quant.QUANT_MODES
+    vram: str | None = None  # a GPU memory budget ("12G"): the planner chooses the rest
+    max_seconds: float = DEFAULT_MAX_SECONDS  # the longest song a `vram` plan makes room for
+    stream: bool = False  # the pipeline will stream: a plan that cannot is refused at load
+    threads: int | None = None  # torch's CPU threads (resolve_threads)
+
+    def __post_init__(self) -> None:
+        if (self.model_path is None) == (self.synthetic is None):
+            raise UserError(
+                "give one of a checkpoint folder (model_path) and a synthetic model size"
+            )
+        if self.synthetic is not None and self.synthetic not in LM_PRESETS:
+            raise UserError(
+                f"unknown model preset {self.synthetic!r}; use one of {', '.join(LM_PRESETS)}"
+            )
+        device = parse_device(self.device)
+        engine = default_engine(device) if self.engine is None else self.engine
+        check_engine(engine, device)
+        check_mode(self.quant)
+        check_fast_path(self.quant, device)
+        max_frames_for(self.max_seconds)
+        if self.vram is not None:
+            if device.type != "cuda":
+                raise UserError(f"--vram budgets GPU memory; the device {device} is not a CUDA GPU")
+            if self.quant != "none":
+                raise UserError("--vram chooses the quantization itself: leave out --quant")
+            parse_vram(self.vram)
+        resolved = {
+            "model_path": None if self.model_path is None else Path(self.model_path),
+            "device": str(device),
+            "dtype": _dtype_name(parse_dtype(self.dtype or default_dtype(device))),
+            "codec_dtype": check_codec_dtype(self.codec_dtype or default_codec_dtype(device)),
+            "engine": engine,
+            "threads": resolve_threads(self.threads),
+        }
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def lm_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def codec_weights_dtype(self) -> torch.dtype:
+        """What the codec's DiT blocks load as (the precision mode's first dtype)."""
+        return CODEC_DTYPES[self.codec_dtype][0]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+SongArg = SongRequest | str
+
+
+def as_request(song: SongArg, lyrics: str | None, settings: dict[str, Any]) -> SongRequest:
+    """A `SongRequest` as given, or made from tags, lyrics and settings (`SongRequest.of`)."""
+    if isinstance(song, SongRequest):
+        if lyrics is not None:
+            raise UserError("give a SongRequest or tags and lyrics, not both")
+        return song.with_settings(**settings) if settings else song
+    return SongRequest.of(song, "" if lyrics is None else lyrics, **settings)
+
+
+def codec_noise(seed: int | None) -> torch.Generator | None:
+    """The codec's noise for a song's seed: a CPU generator, so a seed means the same noise on
+    any device (None: fresh random noise)."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 @dataclass
 class Pipeline:
-    """A loaded HeartMuLa LM and HeartCodec, ready to turn tags and lyrics into audio.
+    """A loaded HeartMuLa LM and HeartCodec, ready to turn song requests into audio.
+
+    Every method that makes a song takes a `SongRequest`, or as a convenience the tags, the
+    lyrics and any of its settings by name (`pipe.generate("piano", "[verse] ...", seed=1)`).
 
     Safe to share between threads: each call that runs a model holds `lock` (a song's stream
     holds it from its first frame to its last piece, `generate` for the LM and the codec), so
@@ -120,75 +209,70 @@ class Pipeline:
     codec_config: CodecConfig
     tokenizer: Tokenizer
     gen_config: GenConfig
-    device: torch.device
+    config: PipelineConfig
     engine: Engine
-    sample_rate: int = 48000
-    placement: Placement | None = None  # the `vram=` plan applied, with the models' host mirrors
+    placement: Placement | None = None  # the `vram` plan applied, with the models' host mirrors
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
-    threads: int = 1  # torch's CPU threads, set in every thread that runs this pipeline's work
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.torch_device
+
+    @property
+    def threads(self) -> int:
+        """torch's CPU threads, set in every thread that runs this pipeline's work."""
+        return self.config.threads
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec_config.sample_rate
 
     @property
     def plan(self) -> MemoryPlan | None:
-        """The `vram=` memory plan this pipeline was loaded with."""
+        """The `vram` memory plan this pipeline was loaded with."""
         return None if self.placement is None else self.placement.plan
 
-    def prompt(self, tags: str, lyrics: str) -> Prompt:
-        """Tags and lyrics (text or file paths) as prompt rows (SPEC §2)."""
-        prompt = build_prompt(self.tokenizer, self.gen_config, read_text(tags), read_text(lyrics))
+    def prompt(self, request: SongRequest) -> Prompt:
+        """The request's prompt rows (SPEC §2), refused if they and its frames do not fit the
+        model: everything a song of this request would be refused for, before it starts."""
+        prompt = build_prompt(self.tokenizer, self.gen_config, request.tags, request.lyrics)
         if int(prompt.ids.max()) >= self.lm_config.text_vocab_size:
             raise UserError(
                 f"tokenizer.json produces id {int(prompt.ids.max())}, outside the LM's text "
                 f"vocabulary of {self.lm_config.text_vocab_size}"
             )
+        check_length(self.lm, prompt, request.sampling.max_frames)
         return prompt
-
-    def check_request(self, tags: str, lyrics: str, max_frames: int) -> None:
-        """Everything `generate_frames` would refuse about the prompt, without generating."""
-        check_length(self.lm, self.prompt(tags, lyrics), max_frames)
 
     def generate_frames(
         self,
-        tags: str,
-        lyrics: str,
-        max_frames: int = 240_000 // FRAME_MS,
-        topk: int = 50,
-        temperature: float = 1.0,
-        cfg_scale: float = 1.5,
-        seed: int | None = None,
-        on_frame: Callable[[int], None] | None = None,
+        song: SongArg,
+        lyrics: str | None = None,
+        *,
+        on_frame: OnFrame | None = None,
+        **settings: Any,
     ) -> torch.Tensor:
         """Sample audio codes: int64 [8, T] on the CPU, frame 0 included, EOS frame dropped.
 
         With a seed, sampling repeats exactly with the same engine on the same device (engines
         draw their random numbers differently; greedy decoding, topk=1, agrees across them).
         """
-        check_seed(seed)
-        prompt = self.prompt(tags, lyrics)
+        request = as_request(song, lyrics, settings)
+        prompt = self.prompt(request)
         with self.lock:
             torch.set_num_threads(self.threads)  # per thread: the caller's may differ from load's
-            return self.engine.generate_frames(
-                prompt,
-                max_frames=max_frames,
-                topk=topk,
-                temperature=temperature,
-                cfg_scale=cfg_scale,
-                seed=seed,
-                on_frame=on_frame,
-            )
+            return self.engine.generate_frames(prompt, request.sampling, on_frame=on_frame)
 
     def decode_frames(
         self,
         frames: torch.Tensor,
-        num_steps: int = 10,
-        guidance_scale: float = 1.25,
-        generator: torch.Generator | None = None,
+        params: CodecParams = DEFAULT_CODEC,
+        *,
+        seed: int | None = None,
         on_window: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """Codes [8, T] → float32 stereo waveform [2, N] at 48 kHz, on the CPU.
-
-        Codec noise is drawn from `generator` on the CPU, so a seed means the same noise on any
-        device.
-        """
+        """Codes [8, T] → float32 stereo waveform [2, N] at 48 kHz, on the CPU. A seed draws the
+        same noise on any device (`codec_noise`)."""
         turn = (
             contextlib.nullcontext()
             if self.placement is None
@@ -197,99 +281,52 @@ class Pipeline:
         with self.lock, turn:
             torch.set_num_threads(self.threads)
             return self.codec.detokenize(
-                frames,
-                num_steps=num_steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                on_window=on_window,
+                frames, params, generator=codec_noise(seed), on_window=on_window
             )
 
-    def generate(
-        self,
-        tags: str,
-        lyrics: str,
-        max_seconds: float = 240,
-        seed: int | None = None,
-        topk: int = 50,
-        temperature: float = 1.0,
-        cfg_scale: float = 1.5,
-        num_steps: int = 10,
-        guidance_scale: float = 1.25,
-    ) -> torch.Tensor:
-        """Tags and lyrics → float32 stereo waveform [2, N] at 48 kHz."""
-        max_frames = max_frames_for(max_seconds)
+    def generate(self, song: SongArg, lyrics: str | None = None, **settings: Any) -> torch.Tensor:
+        """A song → float32 stereo waveform [2, N] at 48 kHz."""
+        request = as_request(song, lyrics, settings)
         with self.lock:  # the song's LM and codec in one turn
-            frames = self.generate_frames(
-                tags,
-                lyrics,
-                max_frames=max_frames,
-                topk=topk,
-                temperature=temperature,
-                cfg_scale=cfg_scale,
-                seed=seed,
-            )
-            generator = None if seed is None else torch.Generator().manual_seed(seed)
-            return self.decode_frames(frames, num_steps, guidance_scale, generator)
+            frames = self.generate_frames(request)
+            return self.decode_frames(frames, request.codec, seed=request.sampling.seed)
 
     def stream(
         self,
-        tags: str,
-        lyrics: str,
-        max_seconds: float = 240,
-        seed: int | None = None,
-        topk: int = 50,
-        temperature: float = 1.0,
-        cfg_scale: float = 1.5,
-        num_steps: int = 10,
-        guidance_scale: float = 1.25,
-        on_frame: Callable[[int], None] | None = None,
+        song: SongArg,
+        lyrics: str | None = None,
+        *,
+        on_frame: OnFrame | None = None,
+        **settings: Any,
     ) -> SongStream:
         """As `generate`, but an iterator of float32 [2, n] numpy pieces that come while the
         LM runs (heartmula_rt/stream.py); concatenated they equal `generate`'s waveform for the
         same seed, bit for bit."""
         check_streamable(self.plan)
-        check_seed(seed)
-        prompt = self.prompt(tags, lyrics)
-        max_frames = max_frames_for(max_seconds)
-        check_length(self.lm, prompt, max_frames)
+        request = as_request(song, lyrics, settings)
         return SongStream(
             self.engine,
             self.codec,
-            prompt,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            generator=None if seed is None else torch.Generator().manual_seed(seed),
+            self.prompt(request),
+            request.sampling,
+            request.codec,
+            generator=codec_noise(request.sampling.seed),
             on_frame=on_frame,
             lock=self.lock,
-            max_frames=max_frames,
-            topk=topk,
-            temperature=temperature,
-            cfg_scale=cfg_scale,
-            seed=seed,
             threads=self.threads,
         )
 
 
-def load_pipeline(
-    model_path: str | Path,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype | None = None,
-    codec_dtype: str | None = None,
-    engine: str | None = None,
-    quant: str = "none",
-    vram: str | None = None,
-    max_seconds: float = 240,
-    stream: bool = False,
-    threads: int | None = None,
-) -> Pipeline:
-    """Load a checkpoint folder in the official layout (SPEC §1).
+def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeline:
+    """Load a checkpoint folder in the official layout (SPEC §1), or what a `PipelineConfig`
+    says (random weights of a preset size, `synthetic`, for benchmarks and tests).
 
-    `device` is `auto` (a CUDA GPU if torch sees one, else the CPU; as `heartmula-rt gen`),
-    `cpu`, `cuda` or `cuda:N`. `dtype` is the LM's weight dtype (default: `default_dtype`,
-    bfloat16 on a GPU, float32 on the CPU); `codec_dtype` one of `codec.CODEC_DTYPES` (default:
-    `mixed` on a GPU, `float32` on the CPU); both load tensor by tensor. On a GPU (without a
+    `options` are `PipelineConfig`'s fields: `device` is `auto` (a CUDA GPU if torch sees one,
+    else the CPU; as `heartmula-rt gen`), `cpu`, `cuda` or `cuda:N`. `dtype` is the LM's weight
+    dtype (bfloat16 on a GPU, float32 on the CPU); `codec_dtype` one of `codec.CODEC_DTYPES`
+    (`mixed` on a GPU, `float32` on the CPU); both load tensor by tensor. On a GPU (without a
     `vram` plan, which moves the codec) the codec's estimator is replayed as a CUDA graph.
-    `engine` is one of `engine.ENGINES` (default: `default_engine(device)`). `quant` is one of
+    `engine` is one of `engine.ENGINES` (graph on a GPU, plain on the CPU). `quant` is one of
     `quant.QUANT_MODES`: the LM is then quantized while it loads, tensor by tensor, so its
     unquantized weights never sit in memory whole, cached for the next load (`quant.cache`),
     and run by the fast kernels the device has (`quant.fast`). On a GPU the LM's norms, RoPE
@@ -305,27 +342,70 @@ def load_pipeline(
     cores the process may run on less one); the pipeline sets it in every thread it runs in, the
     stream's worker included, since torch's count is kept per thread.
     """
-    threads = resolve_threads(threads)
-    torch.set_num_threads(threads)  # loading converts tensors on the CPU too
-    root = Path(model_path)
-    device = parse_device(device)
-    lm_dtype = parse_dtype(dtype or default_dtype(device))
-    codec_mode = check_codec_dtype(codec_dtype or default_codec_dtype(device))
-    codec_dtype = CODEC_DTYPES[codec_mode][0]  # the DiT blocks': what the weights load as
-    engine = default_engine(device) if engine is None else engine
-    check_engine(engine, device)
-    check_mode(quant)
-    check_fast_path(quant, device)
-    checkpoint.check_model_path(root)
-    plan = None
-    if vram is not None:
-        plan = _plan_for(root, vram, device, quant, max_seconds, lm_dtype, codec_dtype)
-        check_engine_over_streaming(engine, plan.offloaded_lm_layers)
-        if stream:
-            check_streamable(plan)
-        quant, load_device = plan.quant, torch.device("cpu")
+    if isinstance(source, PipelineConfig):
+        if options:
+            raise UserError("give a PipelineConfig or options, not both")
+        config = source
     else:
-        load_device = device
+        config = PipelineConfig(model_path=Path(source), **options)
+    torch.set_num_threads(config.threads)  # loading converts tensors on the CPU too
+    device = config.torch_device
+    if config.model_path is not None:
+        checkpoint.check_model_path(config.model_path)
+    plan = None
+    if config.vram is not None:
+        plan = plan_for(config)
+        check_engine_over_streaming(config.engine, plan.offloaded_lm_layers)
+        if config.stream:
+            check_streamable(plan)
+    quant = config.quant if plan is None else plan.quant
+    load_device = device if plan is None else torch.device("cpu")
+    if config.model_path is None:
+        models = _synthetic(config, quant, load_device)
+    else:
+        models = _from_checkpoint(config, quant, load_device)
+    lm, codec = models.lm, models.codec
+    # A plan moves the codec between host and GPU: no graph captured over its tensors.
+    prepare_codec(codec, config.codec_dtype, device, graphs=plan is None)
+    if plan is None and device.type == "cuda":
+        use_fused_layers(lm)
+    placement = None
+    if plan is not None:
+        placement = Placement(plan, device)
+        placement.place_lm(lm)
+        placement.place_codec(codec)
+    if models.lm_config.audio_vocab_size <= models.codec_config.codebook_size:
+        raise UserError(
+            f"LM audio vocabulary {models.lm_config.audio_vocab_size} does not fit codec "
+            f"codebook {models.codec_config.codebook_size}: these checkpoints do not belong "
+            "together"
+        )
+    return Pipeline(
+        lm=lm,
+        lm_config=models.lm_config,
+        codec=codec,
+        codec_config=models.codec_config,
+        tokenizer=models.tokenizer,
+        gen_config=models.gen_config,
+        config=config,
+        engine=make_engine(config.engine, lm, models.gen_config),
+        placement=placement,
+    )
+
+
+def prepare_codec(
+    codec: HeartCodec, mode: str, device: torch.device, *, graphs: bool = True
+) -> HeartCodec:
+    """The codec at precision `mode` (`codec.CODEC_DTYPES`) with the fast path a pipeline uses
+    on `device`: its estimator replayed as a CUDA graph on a GPU, if `graphs`."""
+    codec.set_precision(mode)
+    codec.use_fast_path("graph" if graphs and device.type == "cuda" else None)
+    return codec
+
+
+def _from_checkpoint(config: PipelineConfig, quant: str, device: torch.device) -> Models:
+    """A checkpoint folder's models on `device`, the LM quantized as `quant` says."""
+    root = config.model_path
     tokenizer_file = checkpoint.tokenizer_path(root)
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -333,40 +413,33 @@ def load_pipeline(
         raise UserError(f"{tokenizer_file} is not a valid tokenizer file ({e})") from None
     gen_config = checkpoint.load_gen_config(root)
     if quant == "none":
-        lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=load_device, dtype=lm_dtype)
+        lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=device, dtype=config.lm_dtype)
     else:
-        lm = load_quantized_lm(root / LM_DIR, quant, device=load_device, dtype=lm_dtype)
+        lm = load_quantized_lm(root / LM_DIR, quant, device=device, dtype=config.lm_dtype)
         lm_config = lm.config
     codec, codec_config = checkpoint.load_codec(
-        root / CODEC_DIR, device=load_device, dtype=codec_dtype
+        root / CODEC_DIR, device=device, dtype=config.codec_weights_dtype
     )
-    codec.set_precision(codec_mode)
-    if plan is None and device.type == "cuda":
-        use_fused_layers(lm)
-        codec.use_fast_path("graph")
-    placement = None
-    if plan is not None:
-        placement = Placement(plan, device)
-        placement.place_lm(lm)
-        placement.place_codec(codec)
-    if lm_config.audio_vocab_size <= codec_config.codebook_size:
-        raise UserError(
-            f"LM audio vocabulary {lm_config.audio_vocab_size} does not fit codec codebook "
-            f"{codec_config.codebook_size}: these checkpoints do not belong together"
-        )
-    return Pipeline(
-        lm=lm,
-        lm_config=lm_config,
-        codec=codec,
-        codec_config=codec_config,
-        tokenizer=tokenizer,
-        gen_config=gen_config,
-        device=device,
-        engine=make_engine(engine, lm, gen_config),
-        sample_rate=codec_config.sample_rate,
-        placement=placement,
-        threads=threads,
+    return Models(lm, lm_config, codec, codec_config, gen_config, tokenizer)
+
+
+def _synthetic(config: PipelineConfig, quant: str, device: torch.device) -> Models:
+    """Random models of the preset size on `device` (host memory for a plan to place), their
+    numbers drawn on the pipeline's device either way (a full model never passes through host
+    memory unless the plan puts it there), the LM quantized as `quant` says."""
+    models = synthetic_models(
+        config.synthetic,
+        device,
+        config.lm_dtype,
+        codec_dtype=config.codec_weights_dtype,
+        draw_on=config.torch_device,
     )
+    quantize_model(models.lm, quant)
+    if device == config.torch_device:  # else the placement swaps them in where it puts them
+        use_fast_kernels(models.lm, config.lm_dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the unquantized weights' blocks
+    return models
 
 
 def check_streamable(plan: MemoryPlan | None) -> None:
@@ -379,28 +452,19 @@ def check_streamable(plan: MemoryPlan | None) -> None:
         )
 
 
-def _plan_for(
-    root: Path,
-    vram: str,
-    device: torch.device,
-    quant: str,
-    max_seconds: float,
-    lm_dtype: torch.dtype,
-    codec_dtype: torch.dtype,
-) -> MemoryPlan:
-    """The memory plan of `vram` for this checkpoint, from its configs and headers alone."""
-    if device.type != "cuda":
-        raise UserError(f"--vram budgets GPU memory; the device {device} is not a CUDA GPU")
-    if quant != "none":
-        raise UserError("--vram chooses the quantization itself: leave out --quant")
-    lm_config, codec_config = checkpoint_configs(root)
-    budget = parse_vram(vram)
+def plan_for(config: PipelineConfig) -> MemoryPlan:
+    """The memory plan of `config.vram` for these models, from their configs alone (a
+    checkpoint's config files and headers)."""
+    if config.model_path is None:
+        lm_config, codec_config = preset_configs(config.synthetic)
+    else:
+        lm_config, codec_config = checkpoint_configs(config.model_path)
     return plan_memory(
-        budget,
+        parse_vram(config.vram),
         lm_config,
         codec_config,
-        max_frames=max_frames_for(max_seconds),
-        lm_dtype=lm_dtype,
-        codec_dtype=codec_dtype,
-        overheads=measure_overheads(device),
+        max_frames=max_frames_for(config.max_seconds),
+        lm_dtype=config.lm_dtype,
+        codec_dtype=config.codec_weights_dtype,
+        overheads=measure_overheads(config.torch_device),
     )

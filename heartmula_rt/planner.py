@@ -25,7 +25,6 @@ import math
 import re
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,11 +40,9 @@ from .codec.detokenize import LATENTS_PER_CODE, WINDOW
 from .config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LlamaFlavor, LMConfig
 from .engine import CAPACITY_STEP
 from .errors import UserError
-from .fused import use_fused_layers
 from .lm import HeartMuLa
-from .offload import HostCopy, OffloadedLayers
 from .quant import quantize_model
-from .quant.fast import bnb_installed, use_fast_kernels
+from .quant.fast import bnb_installed
 from .synthetic import CODEC_FOR_LM
 
 GiB = 2**30
@@ -296,7 +293,7 @@ def kv_positions(config: LMConfig, max_frames: int) -> int:
 
 @functools.lru_cache(maxsize=32)
 def lm_sizes(
-    config: LMConfig, dtype: torch.dtype, quant: str, batch: int, positions: int
+    config: LMConfig, dtype: torch.dtype, quant: str, rows: int, positions: int
 ) -> LMSizes:
     traced = replace(
         config, backbone=_traced_flavor(config.backbone), decoder=_traced_flavor(config.decoder)
@@ -304,7 +301,7 @@ def lm_sizes(
     with torch.device("meta"):
         lm = HeartMuLa(traced).to(dtype)
     quantize_model(lm, quant)
-    cache = lm.new_cache(batch, positions)
+    cache = lm.new_cache(rows, positions)
     # Each stack's bytes and KV cache as built, and its layers left out, counted as its first.
     weights, kv = module_bytes(lm), 0
     for stack, caches, flavor in (
@@ -317,18 +314,18 @@ def lm_sizes(
 
     def prompt_step() -> None:
         ids = torch.zeros(min(PROMPT_TOKENS, positions), dtype=torch.long, device="meta")
-        last, _ = lm.backbone_step(lm.embed_prompt(ids, 0, batch), 0, cache)
-        token = torch.zeros(batch, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
+        last, _ = lm.backbone_step(lm.embed_prompt(ids, 0, rows), 0, cache)
+        token = torch.zeros(rows, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
         lm.decoder_step(token + last[:, None], 0, cache, 1)
 
     def frame_step() -> None:
         """One frame's backbone step reading every cached position, then its first decoder
-        step (the widest; sampling's few [batch, vocab] rows are below both). On meta, SDPA
+        step (the widest; sampling's few [rows, vocab] rows are below both). On meta, SDPA
         takes its math path (float32 copies of K and V) and quantized linears their plain one,
         so this bounds the GPU's fused kernels from above."""
-        frame = torch.zeros(batch, config.audio_num_codebooks, dtype=torch.long, device="meta")
+        frame = torch.zeros(rows, config.audio_num_codebooks, dtype=torch.long, device="meta")
         last, _ = lm.backbone_step(lm.embed_frame(frame), positions - 1, cache)
-        token = torch.zeros(batch, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
+        token = torch.zeros(rows, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
         lm.decoder_step(token + last[:, None], 0, cache, 1)
 
     return LMSizes(
@@ -389,7 +386,7 @@ class MemoryPlan:
     codec_placement: str  # CODEC_PLACEMENTS
     lm_during_codec: str  # LM_DURING_CODEC
     kv_positions: int
-    kv_batch: int
+    kv_rows: int
     kv_bytes: int
     lm_phase_bytes: int  # model tensors allocated by torch while the LM makes frames
     codec_phase_bytes: int  # model tensors allocated by torch while the codec decodes
@@ -463,13 +460,13 @@ _CHEAP_LAYOUTS = (
 _CODEC_OFFLOAD_LAYOUTS = ((False, "offload", "cache_freed"), (False, "offload", "released"))
 
 
-def _quant_order(config: LMConfig, dtype: torch.dtype, batch: int, positions: int) -> Iterator[str]:
+def _quant_order(config: LMConfig, dtype: torch.dtype, rows: int, positions: int) -> Iterator[str]:
     """none, int8, int4, then nf4 only where it is smaller than int4 and bitsandbytes, its
     only fast path on a GPU, is installed. Lazily: the sizes of int4 and nf4 are counted only
     once a plan gets past int4, which most budgets never do."""
     yield from ("none", "int8", "int4")
     if bnb_installed():
-        nf4, int4 = (lm_sizes(config, dtype, q, batch, positions).weights for q in ("nf4", "int4"))
+        nf4, int4 = (lm_sizes(config, dtype, q, rows, positions).weights for q in ("nf4", "int4"))
         if nf4 < int4:
             yield "nf4"
 
@@ -480,7 +477,7 @@ def candidate_plans(
     *,
     budget_bytes: int,
     max_frames: int,
-    batch: int,
+    cfg_rows: int,
     lm_dtype: torch.dtype,
     codec_dtype: torch.dtype,
     overheads: DeviceOverheads = DEFAULT_OVERHEADS,
@@ -494,7 +491,7 @@ def candidate_plans(
         "lm_dtype": lm_dtype,
         "codec_dtype": codec_dtype,
         "kv_positions": positions,
-        "kv_batch": batch,
+        "kv_rows": cfg_rows,
         "num_backbone_layers": lm_config.backbone.num_layers,
         "lm_phase_bytes": 0,
         "codec_phase_bytes": 0,
@@ -502,7 +499,7 @@ def candidate_plans(
     }
 
     def plan(quant: str, layout: tuple[bool, str, str], offloaded: int = 0) -> MemoryPlan:
-        lm = lm_sizes(lm_config, lm_dtype, quant, batch, positions)
+        lm = lm_sizes(lm_config, lm_dtype, quant, cfg_rows, positions)
         text, placement, during = layout
         bare = MemoryPlan(
             **base,
@@ -516,12 +513,12 @@ def candidate_plans(
         return _phases(bare, lm, codec)
 
     for layouts in (_CHEAP_LAYOUTS, _CODEC_OFFLOAD_LAYOUTS):
-        for quant in _quant_order(lm_config, lm_dtype, batch, positions):
+        for quant in _quant_order(lm_config, lm_dtype, cfg_rows, positions):
             for layout in layouts:
                 yield plan(quant, layout)
     smallest = min(
-        _quant_order(lm_config, lm_dtype, batch, positions),
-        key=lambda q: lm_sizes(lm_config, lm_dtype, q, batch, positions).weights,
+        _quant_order(lm_config, lm_dtype, cfg_rows, positions),
+        key=lambda q: lm_sizes(lm_config, lm_dtype, q, cfg_rows, positions).weights,
     )
     for offloaded in range(1, lm_config.backbone.num_layers + 1):
         yield plan(smallest, _CODEC_OFFLOAD_LAYOUTS[-1], offloaded)
@@ -533,7 +530,7 @@ def plan_memory(
     codec_config: CodecConfig,
     *,
     max_frames: int,
-    batch: int = 2,
+    cfg_rows: int = 2,
     lm_dtype: torch.dtype = torch.bfloat16,
     codec_dtype: torch.dtype = torch.float32,
     overheads: DeviceOverheads = DEFAULT_OVERHEADS,
@@ -547,7 +544,7 @@ def plan_memory(
         codec_config,
         budget_bytes=budget_bytes,
         max_frames=max_frames,
-        batch=batch,
+        cfg_rows=cfg_rows,
         lm_dtype=lm_dtype,
         codec_dtype=codec_dtype,
         overheads=overheads,
@@ -611,9 +608,10 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(
         [
             f"memory plan for --vram {plan.budget_bytes / GiB:g}G "
-            f"(songs of up to {plan.max_frames} frames, batch {plan.kv_batch}):",
+            f"(songs of up to {plan.max_frames} frames):",
             f"  LM: {dtype}, quantization {plan.quant}; {layers}; text embeddings {text}",
-            f"  KV cache: {plan.kv_positions} positions, {_gib(plan.kv_bytes)}",
+            f"  KV cache: {plan.kv_positions} positions × {plan.kv_rows} rows (2: guidance), "
+            f"{_gib(plan.kv_bytes)}",
             f"  codec: {str(plan.codec_dtype).removeprefix('torch.')} DiT, {codec}; "
             f"LM during codec decode: {during}",
             f"  overheads ({source}): CUDA context {_gib(o.cuda_context)}; cuBLAS workspaces "
@@ -630,91 +628,3 @@ def format_plan(plan: MemoryPlan) -> str:
             f"(max({HEADROOM_FRACTION:.0%} of the budget, {_mib(HEADROOM_MIN_BYTES)}))",
         ]
     )
-
-
-# -- applying a plan ----------------------------------------------------------------------
-
-
-class Placement:
-    """A plan applied on `device`: places the host-loaded models, and takes turns between them
-    around each codec decode.
-
-    It holds each model's `HostCopy` (the pinned host mirror made at its first turn), so the
-    mirrors live as long as their owner (the Pipeline) and go with it.
-    """
-
-    def __init__(self, plan: MemoryPlan, device: torch.device) -> None:
-        self.plan, self.device = plan, torch.device(device)
-        self._mirrors: dict[str, HostCopy] = {}  # "lm", "codec"
-
-    def place_lm(self, lm: HeartMuLa) -> None:
-        """Move a host-loaded LM onto the device as planned: offloaded backbone layers wrapped
-        in a ring, text embeddings left in host memory if planned so, and the quantized linears
-        that now sit on the GPU swapped for their fast kernels (`quant.fast`); on a GPU the
-        fused layers (`heartmula_rt.fused`) are swapped in first, while every layer is a
-        submodule."""
-        plan = self.plan
-        if self.device.type == "cuda":
-            use_fused_layers(lm)
-        n, k = plan.num_backbone_layers, plan.offloaded_lm_layers
-        if k and not isinstance(lm.backbone.layers, OffloadedLayers):
-            lm.backbone.layers = OffloadedLayers(
-                lm.backbone.layers, self.device, slots=OFFLOAD_SLOTS, resident=n - k
-            )
-        text = lm.text_embeddings
-        if not plan.text_embeddings_on_gpu:
-            lm.text_embeddings = None  # detached while the rest moves: it stays where it is
-        lm.to(self.device)
-        lm.text_embeddings = text
-        use_fast_kernels(lm, plan.lm_dtype)
-
-    def place_codec(self, codec: HeartCodec) -> None:
-        """Put a host-loaded codec where the plan keeps it between songs: on the GPU if
-        resident; with its DiT blocks wrapped in rings if offloaded (the rest moves in per
-        song)."""
-        if self.plan.codec_placement == "resident":
-            codec.to(self.device)
-        elif self.plan.codec_placement == "offload":
-            est = codec.flow_matching.estimator
-            for name in ("transformer_blocks", "transformer_blocks_2"):
-                blocks = getattr(est, name)
-                if not isinstance(blocks, OffloadedLayers):
-                    setattr(est, name, OffloadedLayers(blocks, self.device, slots=OFFLOAD_SLOTS))
-
-    @contextmanager
-    def codec_turn(
-        self, lm: HeartMuLa, codec: HeartCodec, release_lm_cache: Callable[[], None]
-    ) -> Iterator[None]:
-        """Make room for the codec as planned around one decode, and restore the LM after it.
-
-        `release_lm_cache` frees the engine's KV cache and graphs (`engine.release`). Moves
-        between host and GPU go through each model's `HostCopy`: the LM's weights leave the GPU
-        without a copy back, and each return is one pinned host-to-device copy.
-        """
-        plan, cuda = self.plan, self.device.type == "cuda"
-        if plan.lm_during_codec != "kept":
-            release_lm_cache()
-        if plan.lm_during_codec == "released":
-            exclude = () if plan.text_embeddings_on_gpu else ("text_embeddings.",)
-            self._mirror("lm", lm, exclude).evict()  # offloaded layers stay pinned as they are
-        if plan.codec_placement != "resident":
-            self._mirror("codec", codec).restore()
-        if cuda:
-            torch.cuda.empty_cache()  # what the LM left cached goes back for the codec
-        try:
-            yield
-        finally:
-            if plan.codec_placement != "resident":
-                self._mirror("codec", codec).evict()
-            if plan.lm_during_codec == "released":
-                self._mirror("lm", lm).restore()
-            if cuda:
-                torch.cuda.empty_cache()
-
-    def _mirror(self, role: str, module: nn.Module, exclude: tuple[str, ...] = ()) -> HostCopy:
-        """The host mirror of `module`, made at its first turn (again if another module now
-        plays `role`)."""
-        mirror = self._mirrors.get(role)
-        if mirror is None or mirror.module is not module:
-            mirror = self._mirrors[role] = HostCopy(module, self.device, exclude)
-        return mirror

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer
 
 from .config import GenConfig
-from .errors import UserError
+from .request import check_texts
 
 SLOT_ID = 0  # text id of the reference-audio slot row; its embedding is replaced anyway
 
@@ -25,26 +24,6 @@ class Prompt:
         return self.ids.shape[0]
 
 
-# A one-line argument ending like this is meant as a file, and a missing one is a typo, not text.
-TEXT_FILE_SUFFIXES = (".txt", ".lrc", ".md")
-
-
-def read_text(value: str) -> str:
-    """The contents of the file `value` names, if it names one; otherwise `value` itself."""
-    if not os.path.isfile(value):
-        if "\n" not in value and value.strip().lower().endswith(TEXT_FILE_SUFFIXES):
-            raise UserError(f"text file {value} does not exist")
-        return value
-    try:
-        # utf-8-sig: a leading byte-order mark (Windows editors) is not part of the text.
-        with open(value, encoding="utf-8-sig") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{value} is not valid UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"cannot read {value} ({e.strerror})") from None
-
-
 def _encode(tokenizer: Tokenizer, gen: GenConfig, text: str) -> list[int]:
     # The tokenizer's post-processor may already add BOS; add BOS/EOS only where missing.
     ids = tokenizer.encode(text).ids
@@ -55,13 +34,8 @@ def _encode(tokenizer: Tokenizer, gen: GenConfig, text: str) -> list[int]:
     return ids
 
 
-def check_texts(tags: str, lyrics: str) -> None:
-    if not tags.strip() and not lyrics.strip():
-        raise UserError("tags and lyrics are both empty; give at least one of them")
-
-
 def build_prompt(tokenizer: Tokenizer, gen: GenConfig, tags: str, lyrics: str) -> Prompt:
-    """The prompt for tags and lyrics given as text (see `read_text` for file arguments)."""
+    """The prompt for tags and lyrics (text: reading files is the CLI's business)."""
     check_texts(tags, lyrics)
     tags = tags.lower()
     if not tags.startswith("<tag>"):

@@ -22,15 +22,17 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from .codec import HeartCodec
-from .decode import GenerationInterrupted
+from .decode import GenerationInterrupted, OnFrame
 from .engine import Engine
 from .prompt import Prompt
+from .request import DEFAULT_CODEC, CodecParams, SamplingParams
 
 _END = object()  # queue marker: the song is complete
 
@@ -120,34 +122,22 @@ class SongStream:
         engine: Engine,
         codec: HeartCodec,
         prompt: Prompt,
+        sampling: SamplingParams,
+        codec_params: CodecParams = DEFAULT_CODEC,
         *,
-        num_steps: int = 10,
-        guidance_scale: float = 1.25,
         generator: torch.Generator | None = None,
-        on_frame: Callable[[int], None] | None = None,
+        on_frame: OnFrame | None = None,
         lock: threading.RLock | None = None,
         threads: int | None = None,
-        **generate: Any,
     ) -> None:
-        """`generate` holds `generate_frames`' keyword arguments (max_frames, topk, ...);
-        `threads` is torch's CPU thread count in the worker (None: torch's default for a new
-        thread, the count last set in any thread)."""
+        """`generator` draws the codec's noise (None: fresh random noise); `threads` is torch's
+        CPU thread count in the worker (None: torch's default for a new thread, the count last
+        set in any thread)."""
         self._song = song = _Song()
         self._ended = False
-        work = (
-            song,
-            lock,
-            threads,
-            engine,
-            codec,
-            prompt,
-            num_steps,
-            guidance_scale,
-            generator,
-            on_frame,
-        )
+        work = _Work(engine, codec, prompt, sampling, codec_params, generator, on_frame)
         self._thread = threading.Thread(
-            target=_run, args=(*work, generate), name="heartmula-rt song", daemon=True
+            target=_run, args=(song, lock, threads, work), name="heartmula-rt song", daemon=True
         )
         self._thread.start()
         # Runs close() once: on close(), on garbage collection, or at interpreter exit (daemon
@@ -195,9 +185,20 @@ class SongStream:
         return item
 
 
-def _run(
-    song: _Song, lock: threading.RLock | None, threads: int | None, engine: Engine, *work: Any
-) -> None:
+@dataclass(frozen=True)
+class _Work:
+    """What the worker runs: one song through one engine and one codec."""
+
+    engine: Engine
+    codec: HeartCodec
+    prompt: Prompt
+    sampling: SamplingParams
+    codec_params: CodecParams
+    generator: torch.Generator | None
+    on_frame: OnFrame | None
+
+
+def _run(song: _Song, lock: threading.RLock | None, threads: int | None, work: _Work) -> None:
     if threads is not None:
         torch.set_num_threads(threads)  # torch keeps the count per thread
     held = lock is None or _acquire(lock, song.stop)
@@ -206,10 +207,10 @@ def _run(
             # Not inference_mode: the static engine's state outlives the song, and inference
             # tensors could not be updated by a later song outside that mode.
             with torch.no_grad():
-                _generate(song, engine, *work)
+                _generate(song, work)
         else:  # stopped while another call held the pipeline
             song.frames, song.interrupted = (
-                torch.zeros(engine.model.config.audio_num_codebooks, 0, dtype=torch.long),
+                torch.zeros(work.engine.model.config.audio_num_codebooks, 0, dtype=torch.long),
                 True,
             )
     except BaseException as e:  # handed to the consumer, raised there
@@ -229,17 +230,8 @@ def _acquire(lock: threading.RLock, stop: threading.Event) -> bool:
     return True
 
 
-def _generate(
-    song: _Song,
-    engine: Engine,
-    codec: HeartCodec,
-    prompt: Prompt,
-    num_steps: int,
-    guidance_scale: float,
-    generator: torch.Generator | None,
-    on_frame: Callable[[int], None] | None,
-    generate: dict[str, Any],
-) -> None:
+def _generate(song: _Song, work: _Work) -> None:
+    codec = work.codec
     device = codec.flow_matching.cond_feature_emb.weight.device
     side = codec.side_stream.get(device) if device.type == "cuda" else None
 
@@ -248,9 +240,7 @@ def _generate(
         return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
     with on_side():
-        decoder = codec.window_decoder(
-            num_steps=num_steps, guidance_scale=guidance_scale, generator=generator
-        )
+        decoder = codec.window_decoder(work.codec_params, generator=work.generator)
     readback = _Readback(device, song.put)
     received = 0
 
@@ -268,7 +258,9 @@ def _generate(
         decode(lambda: decoder.push(new))
 
     try:
-        frames = engine.generate_frames(prompt, on_frame=on_frame, on_codes=on_codes, **generate)
+        frames = work.engine.generate_frames(
+            work.prompt, work.sampling, on_frame=work.on_frame, on_codes=on_codes
+        )
     except GenerationInterrupted as stopped:
         frames, song.interrupted = stopped.frames, True
     song.frames = frames

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import Tensor, nn
 
 from .codec import HeartCodec
@@ -17,6 +18,13 @@ from .config import CODEC_PRESETS, LM_PRESETS, CodecConfig, GenConfig, LMConfig
 from .errors import UserError
 from .lm import HeartMuLa
 from .prompt import Prompt
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+_SAMPLE_TEXT = """piano happy wedding rock energetic metal pop ballad electronic jazz
+[intro] [verse] [chorus] [bridge] [outro] the sun creeps in across the floor
+i hear the traffic outside the door every day the light returns la la la
+hello world we sing along through the night and into the morning light"""
 
 # The codec whose codebook fits each LM preset's audio vocabulary (codebook + 5 ids).
 CODEC_FOR_LM = {"tiny": "tiny", "mid": "tiny", "3B": "full", "7B": "full"}
@@ -42,23 +50,25 @@ def random_tensor(key: str, shape: tuple[int, ...], g: torch.Generator) -> Tenso
 
 
 @torch.no_grad()
-def fill_random_(module: nn.Module, seed: int) -> None:
+def fill_random_(module: nn.Module, seed: int, draw_on: torch.device | None = None) -> None:
     """Overwrite every parameter and buffer in place, in state-dict order, one tensor at a time
-    (a CPU module gets exactly the weights make_checkpoint writes for the same seed)."""
-    g = torch.Generator(next(module.parameters()).device).manual_seed(seed)
+    (a CPU module gets exactly the weights make_checkpoint writes for the same seed). The
+    numbers are drawn on `draw_on` (default: the module's device), one tensor there at a time."""
+    g = torch.Generator(draw_on or next(module.parameters()).device).manual_seed(seed)
     for key, t in module.state_dict(keep_vars=True).items():
         t.copy_(random_tensor(key, tuple(t.shape), g))
 
 
 @dataclass
 class Models:
-    """What a benchmark needs of a Pipeline: synthetic prompts need no tokenizer."""
+    """A loaded LM and codec with what goes with them: what a pipeline is built from."""
 
     lm: HeartMuLa
     lm_config: LMConfig
     codec: HeartCodec
     codec_config: CodecConfig
     gen_config: GenConfig
+    tokenizer: Tokenizer
 
 
 def synthetic_models(
@@ -67,8 +77,11 @@ def synthetic_models(
     dtype: torch.dtype,
     codec_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    draw_on: torch.device | None = None,
 ) -> Models:
-    """A random LM of `preset` (LM_PRESETS) and the codec that fits it, made on `device`."""
+    """A random LM of `preset` (LM_PRESETS) and the codec that fits it, made on `device`, their
+    random numbers drawn on `draw_on` (default `device`: a GPU draws the same numbers for a
+    model in host memory, fast, holding one tensor at a time)."""
     if preset not in LM_PRESETS:
         raise UserError(f"unknown model preset {preset!r}; use one of {', '.join(LM_PRESETS)}")
     lm_config = LMConfig.from_dict(LM_PRESETS[preset])
@@ -81,8 +94,28 @@ def synthetic_models(
     # Seeds as make_checkpoint's: the LM gets `seed`, the codec `seed + 1`.
     for i, module in enumerate((lm, codec)):
         module.to_empty(device=device).requires_grad_(False).eval()
-        fill_random_(module, seed + i)
-    return Models(lm, lm_config, codec, codec_config, synthetic_gen_config(codec_config))
+        fill_random_(module, seed + i, draw_on)
+    gen_config = synthetic_gen_config(codec_config)
+    tokenizer = make_tokenizer(lm_config.text_vocab_size)
+    return Models(lm, lm_config, codec, codec_config, gen_config, tokenizer)
+
+
+def make_tokenizer(vocab_size: int) -> Tokenizer:
+    """A small byte-level BPE, BOS 0 and EOS 1, whose post-processor adds BOS like Llama-3's."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 512),
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_SAMPLE_TEXT.splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, 0)]
+    )
+    return tok
 
 
 def synthetic_gen_config(codec_config: CodecConfig) -> GenConfig:

@@ -15,10 +15,11 @@ from heartmula_rt.config import GenConfig
 from heartmula_rt.decode import decode_one_frame, generate_frames, prefill
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import Prompt
+from heartmula_rt.request import SamplingParams
 
 
 class _Recorder:
-    """A batch-1 sampler that keeps every logits row it is given and answers greedily, or with
+    """A one-row sampler that keeps every logits row it is given and answers greedily, or with
     the `forced` tokens in order (teacher forcing)."""
 
     def __init__(self, forced: list[Tensor] | None = None) -> None:
@@ -68,12 +69,8 @@ def measure_quality(
     r = _teacher_forced(reference, prompt, frames, ref)
     q = _teacher_forced(quantized, prompt, frames, _Recorder(forced=ref.tokens))
     kl = F.kl_div(q.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="none")
-    greedy = [
-        generate_frames(
-            m, prompt, gen_config, max_frames=frames - 1, topk=1, cfg_scale=1.0, stop_at_eos=False
-        )
-        for m in (reference, quantized)
-    ]
+    greedy_params = SamplingParams(frames - 1, topk=1, cfg_scale=1.0, stop_at_eos=False)
+    greedy = [generate_frames(m, prompt, gen_config, greedy_params) for m in (reference, quantized)]
     return {
         "rel_err_c0": _rel_error(q[:, 0], r[:, 0]),
         "rel_err_decoder": _rel_error(q[:, 1:], r[:, 1:]),

@@ -7,14 +7,19 @@ import json
 import math
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from heartmula_rt import bench as bench_module
+from heartmula_rt.bench import BenchConfig, run_bench
 from heartmula_rt.checkpoint import LM_DIR, load_lm
 from heartmula_rt.cli import build_parser
 from heartmula_rt.errors import UserError
+from heartmula_rt.pipeline import Pipeline, PipelineConfig, load_pipeline
+from heartmula_rt.request import SamplingParams
 from heartmula_rt.synthetic import synthetic_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +27,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from make_checkpoint import make_checkpoint  # noqa: E402
 
 RUN_FIELDS = {
-    "name", "engine", "quant", "dtype", "codec_dtype", "batch", "cfg_scale", "topk",
+    "name", "engine", "quant", "dtype", "codec_dtype", "cfg_rows", "cfg_scale", "topk",
     "temperature", "max_seconds", "frames", "prompt_len", "prefill_ms", "lm_frames_per_s",
     "ms_per_frame", "bytes_per_frame", "achieved_gbps", "copy_gbps", "floor_ms_per_frame",
     "codec_s", "e2e_s", "e2e_rtf", "ttfa_s", "stream_s", "peak_vram_gib", "vram_budget_gib",
@@ -61,7 +66,7 @@ def tiny_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def tiny_bytes_per_frame(kv_positions: float, batch: int) -> float:
+def tiny_bytes_per_frame(kv_positions: float, rows: int) -> float:
     """LM_PRESETS["tiny"] in float32, counted by hand: backbone 2 layers of width 64 (4 heads,
     2 kv heads of 16, MLP 160), decoder 2 layers of width 64 (2 heads, 1 kv head of 32, MLP
     128), audio vocabulary 1029, 8 codebooks."""
@@ -74,7 +79,7 @@ def tiny_bytes_per_frame(kv_positions: float, batch: int) -> float:
     projection, c0_head, audio_head = 64 * 64, 64 * 1029, 7 * 64 * 1029
     weights = backbone + 8 * 64 + c0_head + 7 * (decoder + projection) + audio_head
     # k and v per row; the decoder's 7 steps read 2 + 3 + ... + 8 = 35 positions.
-    kv = 2 * batch * (2 * 2 * 16 * kv_positions + 2 * 1 * 32 * 35)
+    kv = 2 * rows * (2 * 2 * 16 * kv_positions + 2 * 1 * 32 * 35)
     return 4 * (weights + kv)
 
 
@@ -86,7 +91,7 @@ def test_results_file(tiny_results: Path, capsys) -> None:
     (run,) = result["runs"]
     assert run.keys() == RUN_FIELDS
     assert run["engine"] == "plain" and run["quant"] == "none" and run["dtype"] == "float32"
-    assert run["batch"] == 2 and run["cfg_scale"] == 1.5 and run["topk"] == 50
+    assert run["cfg_rows"] == 2 and run["cfg_scale"] == 1.5 and run["topk"] == 50
     assert run["frames"] == 25 + 1  # 2 s = 25 frames after frame 0, EOS never stops a run
     assert run["prompt_len"] == 256
     for key in POSITIVE:
@@ -103,7 +108,7 @@ def test_results_file(tiny_results: Path, capsys) -> None:
     assert 0 < largest < codec["scalar_largest_activation_bytes_unchunked"]
     assert [len(run[k]) for k in ("raw_decode_s", "raw_prefill_s", "raw_codec_s")] == [1, 1, 1]
     # The mean over the song: backbone positions 257 (first decode step) to 281 (last).
-    assert run["bytes_per_frame"] == tiny_bytes_per_frame((257 + 281) / 2, batch=2)
+    assert run["bytes_per_frame"] == tiny_bytes_per_frame((257 + 281) / 2, rows=2)
     assert run["e2e_s"] == pytest.approx(
         run["prefill_ms"] / 1000 + 25 / run["lm_frames_per_s"] + run["codec_s"]
     )
@@ -114,7 +119,7 @@ def test_quantized_run(tmp_path: Path) -> None:
     (run,) = only_result(tmp_path)["runs"]
     assert run["quant"] == "int8" and run["name"] == "plain-float32-int8"
     # int8 weights: about a quarter of float32's bytes, scales and unquantized rows aside.
-    assert run["bytes_per_frame"] < 0.4 * tiny_bytes_per_frame(257, batch=2)
+    assert run["bytes_per_frame"] < 0.4 * tiny_bytes_per_frame(257, rows=2)
 
 
 def test_quant_modes_side_by_side_in_one_file(tmp_path: Path) -> None:
@@ -135,7 +140,7 @@ def test_greedy_agreement_of_plain_with_itself(tmp_path: Path) -> None:
     assert bench(*args, "--name", "greedy") == 0
     (run,) = only_result(tmp_path)["runs"]
     assert run["greedy_agreement"] == 1.0 and run["greedy_first_mismatch"] is None
-    assert run["batch"] == 1 and run["codec_s"] is None and run["e2e_rtf"] is None
+    assert run["cfg_rows"] == 1 and run["codec_s"] is None and run["e2e_rtf"] is None
 
 
 def test_results_are_never_overwritten(tiny_results: Path, tmp_path: Path) -> None:
@@ -201,3 +206,50 @@ def test_bad_plot_inputs(tmp_path: Path, files: list[str], message: str) -> None
     with pytest.raises(UserError, match=message):
         bench("--plot", str(tmp_path / "plot.png"), *(str(tmp_path / f) for f in files))
     assert not (tmp_path / "plot.png").exists()
+
+
+def test_bench_measures_what_load_pipeline_makes(tmp_path: Path, monkeypatch) -> None:
+    """No second assembly path: each quantization mode's models are a pipeline that
+    `load_pipeline` made from a `PipelineConfig`, as the product makes them."""
+    made: list[PipelineConfig] = []
+
+    def spy(config: PipelineConfig) -> Pipeline:
+        made.append(config)
+        return load_pipeline(config)
+
+    monkeypatch.setattr(bench_module, "load_pipeline", spy)
+    assert bench(*tiny_args(tmp_path, "--no-codec", "--quant", "none,int8")) == 0
+    assert [(c.synthetic, c.device, c.quant, c.engine) for c in made] == [
+        ("tiny", "cpu", "none", "plain"),
+        ("tiny", "cpu", "int8", "plain"),
+    ]
+
+
+def test_bench_runs_from_a_config_object(tmp_path: Path) -> None:
+    config = BenchConfig(
+        pipeline=PipelineConfig(synthetic="tiny", device="cpu"),
+        engines=("plain",),
+        sampling=SamplingParams(max_frames=5, seed=1, stop_at_eos=False),
+        repeats=1,
+        warmup=0,
+        codec=False,
+        out_dir=tmp_path,
+        name="api",
+    )
+    assert run_bench(config) == 0
+    (run,) = only_result(tmp_path)["runs"]
+    assert run["frames"] == 6 and run["quant"] == "none"
+    with pytest.raises(UserError, match="--repeats must be at least 1"):
+        replace(config, repeats=0)
+    with pytest.raises(UserError, match="needs a seed"):
+        replace(config, sampling=SamplingParams(max_frames=5))
+
+
+def test_a_synthetic_pipeline_sings(tmp_path: Path) -> None:
+    """Random weights with a tokenizer: the whole product path, text to audio, no checkpoint."""
+    pipe = load_pipeline(PipelineConfig(synthetic="tiny", device="cpu"))
+    wav = pipe.generate("piano", "la la", max_seconds=0.5, seed=0, num_steps=1)
+    assert wav.shape[0] == 2 and wav.shape[1] > 0 and torch.isfinite(wav).all()
+    made = synthetic_models("tiny", torch.device("cpu"), torch.float32).lm.state_dict()
+    for key, tensor in pipe.lm.state_dict().items():
+        assert torch.equal(tensor, made[key]), key

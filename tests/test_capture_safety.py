@@ -29,6 +29,7 @@ from heartmula_rt.codec.detokenize import LATENTS_PER_CODE, WINDOW
 from heartmula_rt.config import CODEC_PRESETS, LM_PRESETS, GenConfig, LMConfig
 from heartmula_rt.engine import StaticEngine
 from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.request import SamplingParams
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
 
@@ -101,10 +102,10 @@ def _meta_lm(quant: str = "none") -> HeartMuLa:
 def _frame_step(lm: HeartMuLa, cfg_scale: float) -> Callable[[], None]:
     """One frame of the static engine on meta, warmed once outside the guard."""
     engine = StaticEngine(lm, GenConfig(), graphs=False)
-    engine.sampler.configure(topk=50, temperature=1.0, cfg_scale=cfg_scale, seed=0)
-    batch = engine.sampler.batch
-    state = engine._reserve(batch, CAPACITY)
-    cache = state.cache_for(batch)
+    engine.sampler.configure(SamplingParams(cfg_scale=cfg_scale), seed=0)
+    rows = engine.sampler.cfg_rows
+    state = engine._reserve(rows, CAPACITY)
+    cache = state.cache_for(rows)
 
     def step() -> None:
         engine._step(state, cache, KV_LEN)

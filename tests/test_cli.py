@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+import io
 import logging
 import os
 import re
@@ -18,9 +18,12 @@ import tqdm
 
 import heartmula_rt
 from heartmula_rt import cli
+from heartmula_rt.audio import write_audio
 from heartmula_rt.checkpoint import LM_DIR
 from heartmula_rt.codes import save_codes
-from heartmula_rt.pipeline import default_dtype, parse_device
+from heartmula_rt.pipeline import PipelineConfig, default_dtype, parse_device
+from heartmula_rt.prompt import build_prompt
+from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
 
 SAMPLES_PER_FRAME = 3840  # 48 kHz / 12.5 frames per second
 
@@ -162,7 +165,7 @@ def test_stray_codec_ids_noted_once_per_song(tiny_ckpt: Path, tmp_path: Path, ca
     codes = torch.randint(0, 1024, (8, 30), generator=torch.Generator().manual_seed(0))
     codes[3, 5] = codes[6, 7] = 1025
     with caplog.at_level(logging.INFO):
-        pipe.decode_frames(codes, num_steps=1)
+        pipe.decode_frames(codes, CodecParams(num_steps=1))
     assert not caplog.records
     save_codes(tmp_path / "song.codes.npz", codes, seed=0)
     args = ["decode", str(tmp_path / "song.codes.npz"), "--model-path", str(tiny_ckpt)]
@@ -270,7 +273,6 @@ BAD_INPUTS = {
     "prompt too long": (lambda t, f: ["--lyrics", "la " * 2000], "too long"),
     "too many frames": (lambda t, f: ["--max-seconds", "100"], "too long"),
     "non-UTF-8 lyrics file": (lambda t, f: ["--lyrics", not_utf8(t)], "UTF-8"),
-    "missing lyrics file": (lambda t, f: ["--lyrics", str(t / "lyrics.txt")], "does not exist"),
     "infinite length": (lambda t, f: ["--max-seconds", "inf"], "max_seconds"),
     "infinite temperature": (lambda t, f: ["--temperature", "inf"], "temperature"),
     "seed out of range": (lambda t, f: ["--seed", str(2**64)], "seed"),
@@ -370,9 +372,77 @@ def test_download_offline_says_how(tmp_path: Path, monkeypatch, capfd) -> None:
 
 def test_one_device_default_for_the_api_and_the_cli() -> None:
     """`auto` everywhere: a GPU user calling load_pipeline(path) gets the GPU, as gen does."""
-    api = inspect.signature(heartmula_rt.load_pipeline).parameters["device"].default
+    api = PipelineConfig.device  # the default load_pipeline's options take
     for command in (["gen", "-o", "x.wav"], ["decode", "x.codes.npz", "-o", "x.wav"]):
         assert cli.build_parser().parse_args(command).device == api == "auto"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert parse_device("auto").type == expected
     assert default_dtype(parse_device("auto")) == ("bfloat16" if expected == "cuda" else "float32")
+
+
+def test_song_defaults_live_in_the_request(tiny_ckpt: Path) -> None:
+    """gen leaves every song setting it is not given to `SamplingParams`; load_pipeline's
+    options to `PipelineConfig`."""
+    args = cli.build_parser().parse_args(["gen", "-o", "x.wav", "--tags", "piano"])
+    assert cli.song_request(args) == SongRequest("piano")
+    assert cli.song_request(args).sampling == SamplingParams()
+    given = cli.build_parser().parse_args(["gen", "-o", "x.wav", "--tags", "a", "--topk", "3"])
+    assert cli.song_request(given).sampling == SamplingParams(topk=3)
+    pipe = heartmula_rt.load_pipeline(tiny_ckpt)
+    assert pipe.config == PipelineConfig(model_path=tiny_ckpt)
+
+
+# --- text arguments: a file's name reads the file, anything else is the text ------------------
+
+
+def test_text_argument_from_file_stdin_or_value(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "lyrics.txt"
+    path.write_text("[Verse]\nÉté, ça va\n", encoding="utf-8")
+    assert cli.read_text_arg(str(path), "--lyrics") == "[Verse]\nÉté, ça va\n"
+    assert cli.read_text_arg("[Verse]\nplain text\n", "--lyrics") == "[Verse]\nplain text\n"
+    assert cli.read_text_arg(str(tmp_path), "--lyrics") == str(tmp_path)  # a folder: text
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffpiano".encode())
+    assert cli.read_text_arg(str(bom), "--tags") == "piano"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("[chorus]\nfrom a pipe\n"))
+    assert cli.read_text_arg("-", "--lyrics") == "[chorus]\nfrom a pipe\n"
+
+
+def test_text_argument_that_names_no_file_is_sung_as_text(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """`--lyrics lyrics.txt` with no such file used to be refused as a missing file; it is text,
+    through the CLI as through the API."""
+    for value in ("lyrics.txt", "song.LRC", str(tmp_path / "notes.md")):
+        assert cli.read_text_arg(value, "--lyrics") == value
+    out = tmp_path / "song.wav"
+    args = ["gen", "--model-path", str(tiny_ckpt), "--tags", "piano", "--lyrics", "lyrics.txt"]
+    assert cli.main([*args, "--max-seconds", "1", "--seed", "3", "-o", str(out)]) == 0
+    pipe = heartmula_rt.load_pipeline(tiny_ckpt, device="cpu")
+    wav = pipe.generate("piano", "lyrics.txt", max_seconds=1, seed=3)
+    write_audio(tmp_path / "api.wav", wav, pipe.sample_rate)
+    assert out.read_bytes() == (tmp_path / "api.wav").read_bytes()
+
+
+def test_a_file_path_given_to_the_api_is_text(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """The API never opens what a string names: lyrics that are an existing file's path are
+    sung as that path's characters, not as the file's contents."""
+    path = tmp_path / "lyrics.txt"
+    path.write_text("[verse]\nsecret contents\n")
+    pipe = heartmula_rt.load_pipeline(tiny_ckpt, device="cpu")
+    as_given = pipe.prompt(SongRequest.of("piano", str(path), max_frames=5))
+    literal = build_prompt(pipe.tokenizer, pipe.gen_config, "piano", str(path))
+    contents = build_prompt(pipe.tokenizer, pipe.gen_config, "piano", path.read_text())
+    assert torch.equal(as_given.ids, literal.ids)
+    assert not torch.equal(as_given.ids, contents.ids)
+    frames = pipe.generate_frames("piano", str(path), max_frames=5, seed=1, topk=1)
+    assert torch.equal(
+        frames,
+        pipe.generate_frames(
+            SongRequest("piano", str(path)).with_settings(max_frames=5, seed=1, topk=1)
+        ),
+    )
+
+
+def test_only_one_text_from_stdin(tiny_ckpt: Path, tmp_path: Path, capfd) -> None:
+    args = ["gen", "--model-path", str(tiny_ckpt), "--tags", "-", "--lyrics", "-"]
+    assert exit_code([*args, "-o", str(tmp_path / "x.wav")]) == 2
+    assert "only one of --tags and --lyrics can read stdin" in capfd.readouterr().err

@@ -16,6 +16,7 @@ from heartmula_rt.codec.graphed import GraphedEstimator
 from heartmula_rt.codec.scalar import largest_activation_bytes
 from heartmula_rt.config import CODEC_PRESETS
 from heartmula_rt.errors import UserError
+from heartmula_rt.request import CodecParams
 
 
 def snr_db(x: torch.Tensor, reference: torch.Tensor) -> float:
@@ -89,7 +90,7 @@ def test_compiled_estimator_equals_plain(tiny_ckpt: Path, codes) -> None:
 
     def first_window() -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
-        return next(codec.window_latents(codes, num_steps=2, generator=g))
+        return next(codec.window_latents(codes, CodecParams(num_steps=2), generator=g))
 
     plain = first_window()
     codec.use_fast_path("compile", compile_backend="aot_eager")
@@ -132,7 +133,9 @@ def test_a_codec_with_a_captured_graph_copies_on_the_gpu(tiny_ckpt: Path, codes)
     codec.use_fast_path("graph")
 
     def decode(c: HeartCodec) -> torch.Tensor:
-        return c.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(0))
+        return c.detokenize(
+            codes, CodecParams(num_steps=2), generator=torch.Generator().manual_seed(0)
+        )
 
     expected = decode(codec)  # captures the estimator's graph
     copied = copy.deepcopy(codec)

@@ -23,6 +23,7 @@ from heartmula_rt.codec.detokenize import (
 )
 from heartmula_rt.config import CodecConfig
 from heartmula_rt.errors import UserError
+from heartmula_rt.request import CodecParams
 
 # Same place as conftest's fixtures_dir, needed at collection time to parametrize over the cases.
 TINY = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "tiny-public"
@@ -56,17 +57,17 @@ def codec(fixtures_dir: Path) -> HeartCodec:
 def test_codec_matches_reference(codec: HeartCodec, fixtures_dir: Path, case: dict) -> None:
     expected = load_file(fixtures_dir / "tiny-public" / "expected" / case["file"])
     codes, seed = expected["codes"], case["noise_seed"]
-    kwargs = {"num_steps": case["num_steps"], "guidance_scale": case["guidance_scale"]}
+    params = CodecParams(case["num_steps"], case["guidance_scale"])
 
     latents = list(
-        codec.window_latents(codes, generator=torch.Generator().manual_seed(seed), **kwargs)
+        codec.window_latents(codes, params, generator=torch.Generator().manual_seed(seed))
     )
     assert len(latents) == case["windows"] == expected["latents"].shape[0]
     for got, want in zip(latents, expected["latents"], strict=True):
         assert rel_l2(got[0], want) <= 1e-5
 
     g = torch.Generator().manual_seed(seed)
-    wav = codec.detokenize(codes, generator=g, **kwargs)
+    wav = codec.detokenize(codes, params, generator=g)
     assert wav.dtype == torch.float32 and wav.device.type == "cpu"
     assert wav.shape == (2, int(expected["wav_length"]))
     assert rel_l2(wav[:, :: case["wav_stride"]], expected["wav"]) <= 1e-3
@@ -112,7 +113,9 @@ def test_tail_dropped_by_reference_is_decoded(codec: HeartCodec) -> None:
     codes = torch.randint(0, 1024, (8, num_codes), generator=torch.Generator().manual_seed(0))
     calls: list[tuple[int, int]] = []
     g = torch.Generator().manual_seed(7)
-    wav = codec.detokenize(codes, num_steps=1, generator=g, on_window=lambda *a: calls.append(a))
+    wav = codec.detokenize(
+        codes, CodecParams(num_steps=1), generator=g, on_window=lambda *a: calls.append(a)
+    )
     assert calls == [(1, 2), (2, 2)]
     assert wav.shape == (2, num_codes * 3840) and wav.shape[1] > SAMPLES_PER_WINDOW
     assert wav[:, SAMPLES_PER_WINDOW:].abs().amax() > 0  # the last 52 codes are audio, not zeros
@@ -165,7 +168,7 @@ def test_stray_ids_decode_like_their_replacement(codec: HeartCodec) -> None:
     fixed, n = sanitize_codes(stray, 1024)
     assert n == 5
     latents = [
-        next(codec.window_latents(c, num_steps=1, generator=torch.Generator().manual_seed(2)))
+        next(codec.window_latents(c, CodecParams(1), generator=torch.Generator().manual_seed(2)))
         for c in (stray, fixed)
     ]
     assert torch.equal(latents[0], latents[1])

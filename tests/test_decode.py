@@ -14,6 +14,7 @@ from heartmula_rt.decode import GenerationInterrupted, Sampler, generate_frames,
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import Prompt, build_prompt
+from heartmula_rt.request import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,7 @@ def prompt(tiny_ckpt: Path, gen: GenConfig) -> Prompt:
 
 
 def _sampled(tiny_lm: HeartMuLa, prompt: Prompt, gen: GenConfig, cfg_scale: float) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(11)
-    return generate_frames(
-        tiny_lm, prompt, gen, max_frames=12, cfg_scale=cfg_scale, generator=generator
-    )
+    return generate_frames(tiny_lm, prompt, gen, SamplingParams(12, cfg_scale=cfg_scale, seed=11))
 
 
 def test_cfg_switching_on_one_model_matches_fresh_models(
@@ -46,9 +44,11 @@ def test_cfg_below_one_is_unguided(tiny_lm: HeartMuLa, prompt: Prompt, gen: GenC
 
 
 def test_zero_frames_gives_frame_zero(tiny_lm: HeartMuLa, prompt: Prompt, gen: GenConfig) -> None:
-    frames = generate_frames(tiny_lm, prompt, gen, max_frames=0, topk=1)
+    frames = generate_frames(tiny_lm, prompt, gen, SamplingParams(max_frames=0, topk=1))
     assert frames.shape == (8, 1)
-    assert torch.equal(frames, generate_frames(tiny_lm, prompt, gen, max_frames=5, topk=1)[:, :1])
+    assert torch.equal(
+        frames, generate_frames(tiny_lm, prompt, gen, SamplingParams(max_frames=5, topk=1))[:, :1]
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_bad_settings_are_user_errors(
 ) -> None:
     kwargs = {"max_frames": 4, **kwargs}
     with pytest.raises(UserError, match=message):
-        generate_frames(tiny_lm, prompt, gen, **kwargs)
+        generate_frames(tiny_lm, prompt, gen, SamplingParams(**kwargs))
 
 
 def test_longest_allowed_request(tiny_lm: HeartMuLa, gen: GenConfig) -> None:
@@ -76,8 +76,8 @@ def test_longest_allowed_request(tiny_lm: HeartMuLa, gen: GenConfig) -> None:
     long_prompt = Prompt(ids=torch.full((limit - 4,), 7), slot_index=3)
     never_stop = GenConfig(audio_eos_id=tiny_lm.config.audio_vocab_size)
     with pytest.raises(UserError, match="context"):
-        generate_frames(tiny_lm, long_prompt, never_stop, max_frames=4, topk=1)
-    frames = generate_frames(tiny_lm, long_prompt, never_stop, max_frames=3, topk=1)
+        generate_frames(tiny_lm, long_prompt, never_stop, SamplingParams(max_frames=4, topk=1))
+    frames = generate_frames(tiny_lm, long_prompt, never_stop, SamplingParams(max_frames=3, topk=1))
     assert frames.shape == (8, 4)
 
 
@@ -92,10 +92,12 @@ def test_interrupt_returns_partial_frames(
             raise KeyboardInterrupt
 
     with pytest.raises(GenerationInterrupted) as info:
-        generate_frames(tiny_lm, prompt, gen, max_frames=20, topk=1, on_frame=on_frame)
+        generate_frames(
+            tiny_lm, prompt, gen, SamplingParams(max_frames=20, topk=1), on_frame=on_frame
+        )
     assert isinstance(info.value, KeyboardInterrupt)
     assert seen == [1, 2, 3, 4, 5]
-    full = generate_frames(tiny_lm, prompt, gen, max_frames=20, topk=1)
+    full = generate_frames(tiny_lm, prompt, gen, SamplingParams(max_frames=20, topk=1))
     assert info.value.frames.shape == (8, 5)
     assert torch.equal(info.value.frames, full[:, :5])
 
@@ -104,11 +106,11 @@ def test_bfloat16_model_runs(
     tiny_ckpt: Path, tiny_lm: HeartMuLa, prompt: Prompt, gen: GenConfig
 ) -> None:
     bf16 = load_lm(tiny_ckpt / "HeartMuLa-oss-3B", dtype=torch.bfloat16)[0]
-    frames = generate_frames(bf16, prompt, gen, max_frames=6, cfg_scale=1.5, topk=1)
+    frames = generate_frames(bf16, prompt, gen, SamplingParams(max_frames=6, cfg_scale=1.5, topk=1))
     assert frames.dtype == torch.int64 and frames.shape[0] == 8 and frames.shape[1] >= 1
     assert int(frames.min()) >= 0 and int(frames.max()) < gen.audio_eos_id
     # The prompt step's logits stay close to float32 (greedy tokens may flip: margins are small).
-    sampler = Sampler(topk=1, cfg_scale=1.5)
+    sampler = Sampler(SamplingParams(topk=1, cfg_scale=1.5))
     with torch.no_grad():
         _, logits16 = prefill(bf16, prompt, bf16.new_cache(2, len(prompt)), sampler)
         _, logits32 = prefill(tiny_lm, prompt, tiny_lm.new_cache(2, len(prompt)), sampler)

@@ -23,6 +23,7 @@ from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.offload import OffloadedLayers
 from heartmula_rt.prompt import Prompt, build_prompt
+from heartmula_rt.request import SamplingParams
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +42,9 @@ def _cases(fixtures_dir: Path) -> dict[str, dict]:
 
 def _run(engine, prompt: Prompt, c: dict, **kwargs) -> torch.Tensor:
     args = {k: c[k] for k in ("topk", "temperature", "cfg_scale")}
-    return engine.generate_frames(prompt, max_frames=c["max_frames"], **{**args, **kwargs})
+    return engine.generate_frames(
+        prompt, SamplingParams(max_frames=c["max_frames"], **{**args, **kwargs})
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,25 +71,26 @@ def test_one_engine_serves_many_songs(lm: HeartMuLa, gen: GenConfig, tokenizer: 
     long = build_prompt(tokenizer, gen, "piano,happy", "[Verse]\n" + "la la la\n" * 12)
     requests = [  # (prompt, max_frames, cfg_scale, reallocates)
         (short, 20, 1.0, True),
-        (short, 30, 1.5, True),  # batch 2
-        (short, 25, 1.0, False),  # batch 1 on the batch-2 caches
+        (short, 30, 1.5, True),  # 2 rows (guidance)
+        (short, 25, 1.0, False),  # 1 row on the 2-row caches
         (long, 40, 2.0, True),  # more positions
         (short, 30, 1.5, False),
     ]
     for prompt, max_frames, cfg_scale, reallocates in requests:
         before = engine._state
         kwargs = {"max_frames": max_frames, "topk": 1, "cfg_scale": cfg_scale}
-        frames = engine.generate_frames(prompt, **kwargs)
+        frames = engine.generate_frames(prompt, SamplingParams(**kwargs))
         assert (engine._state is not before) == reallocates
         assert engine._state.capacity >= len(prompt) + max_frames
-        assert torch.equal(frames, plain.generate_frames(prompt, **kwargs))
+        assert torch.equal(frames, plain.generate_frames(prompt, SamplingParams(**kwargs)))
 
 
 def test_seeded_sampling_repeats(lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer) -> None:
     engine = StaticEngine(lm, gen, graphs=False)
     prompt = build_prompt(tokenizer, gen, "jazz", "[Verse]\nhello\n")
     runs = [
-        engine.generate_frames(prompt, max_frames=10, seed=s, stop_at_eos=False) for s in (1, 2, 1)
+        engine.generate_frames(prompt, SamplingParams(max_frames=10, seed=s, stop_at_eos=False))
+        for s in (1, 2, 1)
     ]
     assert all(r.shape == (8, 11) for r in runs)
     assert torch.equal(runs[0], runs[2])
@@ -97,7 +101,7 @@ def test_seeded_sampling_repeats(lm: HeartMuLa, gen: GenConfig, tokenizer: Token
 
 def test_ctrl_c_keeps_the_frames_made(lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer) -> None:
     prompt = build_prompt(tokenizer, gen, "pop", "[Chorus]\nla\n")
-    full = PlainEngine(lm, gen).generate_frames(prompt, max_frames=30, topk=1)
+    full = PlainEngine(lm, gen).generate_frames(prompt, SamplingParams(max_frames=30, topk=1))
     engine = StaticEngine(lm, gen, graphs=False, sync_every=4)
 
     def stop_after(n: int) -> None:
@@ -105,7 +109,7 @@ def test_ctrl_c_keeps_the_frames_made(lm: HeartMuLa, gen: GenConfig, tokenizer: 
             raise KeyboardInterrupt
 
     with pytest.raises(GenerationInterrupted) as stop:
-        engine.generate_frames(prompt, max_frames=30, topk=1, on_frame=stop_after)
+        engine.generate_frames(prompt, SamplingParams(max_frames=30, topk=1), on_frame=stop_after)
     made = stop.value.frames
     assert made.shape[1] == 9  # frame 0 + two runs of 4
     assert torch.equal(made, full[:, :9])
@@ -119,13 +123,15 @@ def test_static_engine_serves_calls_in_and_out_of_inference_mode(
     lm = load_lm(tiny_ckpt / LM_DIR, device=DEVICE)[0]
     prompt = build_prompt(tokenizer, gen, "pop", "[Chorus]\nla\n")
     kwargs = {"max_frames": 12, "topk": 1, "cfg_scale": 1.5}
-    expected = PlainEngine(lm, gen).generate_frames(prompt, **kwargs)
+    expected = PlainEngine(lm, gen).generate_frames(prompt, SamplingParams(**kwargs))
     engine = StaticEngine(lm, gen, graphs=False)
     modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
     other = "no_grad" if first == "inference_mode" else "inference_mode"
     for mode in (first, other, first):  # the state made in the first mode serves both
         with modes[mode]():
-            assert torch.equal(engine.generate_frames(prompt, **kwargs), expected), mode
+            assert torch.equal(
+                engine.generate_frames(prompt, SamplingParams(**kwargs)), expected
+            ), mode
 
 
 def test_compiled_step_equals_the_plain_loop(
@@ -154,8 +160,10 @@ def test_compile_engine_refuses_streamed_layers(
     # The graph engine's step runs over them, making the plain loop's frames.
     prompt = build_prompt(tokenizer, gen, "pop", "[Chorus]\nla\n")
     kwargs = {"max_frames": 12, "topk": 1, "cfg_scale": 1.5}
-    frames = StaticEngine(lm, gen, graphs=False).generate_frames(prompt, **kwargs)
-    assert torch.equal(frames, PlainEngine(lm, gen).generate_frames(prompt, **kwargs))
+    frames = StaticEngine(lm, gen, graphs=False).generate_frames(prompt, SamplingParams(**kwargs))
+    assert torch.equal(
+        frames, PlainEngine(lm, gen).generate_frames(prompt, SamplingParams(**kwargs))
+    )
 
 
 def test_engine_choice(tiny_lm: HeartMuLa, gen: GenConfig) -> None:  # tiny_lm: on the CPU
@@ -186,7 +194,7 @@ def test_gpu_engines_equal_the_reference_and_reuse_graphs(
         captured.append(len(engine._graphs))
     assert captured[2] == captured[1] > 0
     prompt = build_prompt(tokenizer, gen, "jazz", "hello")
-    runs = [engine.generate_frames(prompt, max_frames=20, seed=s) for s in (3, 3)]
+    runs = [engine.generate_frames(prompt, SamplingParams(max_frames=20, seed=s)) for s in (3, 3)]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -194,13 +202,13 @@ def test_gpu_engines_equal_the_reference_and_reuse_graphs(
 def test_one_side_stream_per_engine(
     lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, streams_made: list[str]
 ) -> None:
-    # Each (batch, bucket)'s first frame runs on a side stream; torch keeps a cuBLAS workspace
+    # Each (rows, bucket)'s first frame runs on a side stream; torch keeps a cuBLAS workspace
     # per stream that ran a matmul, so all of them must share one.
     engine = StaticEngine(lm, gen, bucket=16)
     short = build_prompt(tokenizer, gen, "jazz", "hello")
     long = build_prompt(tokenizer, gen, "piano,happy", "[Verse]\n" + "la la la\n" * 12)
     for prompt, cfg_scale in ((short, 1.5), (long, 1.5), (short, 1.0)):  # new buckets each time
         engine.generate_frames(
-            prompt, max_frames=40, cfg_scale=cfg_scale, seed=0, stop_at_eos=False
+            prompt, SamplingParams(max_frames=40, cfg_scale=cfg_scale, seed=0, stop_at_eos=False)
         )
     assert streams_made == ["heartmula_rt.side_stream"]

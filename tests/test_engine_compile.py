@@ -23,6 +23,7 @@ from heartmula_rt.config import GenConfig
 from heartmula_rt.engine import PlainEngine, StaticEngine
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import Prompt, build_prompt
+from heartmula_rt.request import SamplingParams
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
 
@@ -81,10 +82,10 @@ def _buckets(engine: StaticEngine, prompt: Prompt, frames: int) -> int:
 
 def _greedy(engine, prompt: Prompt, cfg_scale: float) -> torch.Tensor:
     kwargs = {"max_frames": FRAMES, "topk": 1, "cfg_scale": cfg_scale, "stop_at_eos": False}
-    return engine.generate_frames(prompt, **kwargs)
+    return engine.generate_frames(prompt, SamplingParams(**kwargs))
 
 
-@pytest.mark.parametrize("cfg_scale", [1.5, 1.0])  # batch 2, then batch 1
+@pytest.mark.parametrize("cfg_scale", [1.5, 1.0])  # 2 rows (guidance), then 1
 def test_compiled_greedy_frames_equal_the_plain_loop(
     compiled: Compiled, tiny_lm: HeartMuLa, gen: GenConfig, prompt: Prompt, cfg_scale: float
 ) -> None:
@@ -99,7 +100,7 @@ def test_compiled_greedy_frames_equal_the_plain_loop(
     )
     assert buckets >= 3
     # The first bucket specializes kv_len, the second recompiles with it dynamic, and every
-    # later bucket reuses that (after the other batch size kv_len is dynamic from the start).
+    # later bucket reuses that (after the other row count kv_len is dynamic from the start).
     assert compiles <= min(2, buckets)
     assert all(count > 0 for count in compiled.backend.kernels)
     assert not torch._dynamo.utils.counters["graph_break"]  # fullgraph: one graph per compile
@@ -110,7 +111,7 @@ def test_compiled_sampled_frames_equal_the_uncompiled_step(
 ) -> None:
     kwargs = {"max_frames": 6, "topk": 50, "cfg_scale": 1.5, "seed": 7, "stop_at_eos": False}
     uncompiled = StaticEngine(tiny_lm, gen, graphs=False, bucket=BUCKET)
-    frames = compiled.engine.generate_frames(prompt, **kwargs)
-    assert torch.equal(frames, uncompiled.generate_frames(prompt, **kwargs))
+    frames = compiled.engine.generate_frames(prompt, SamplingParams(**kwargs))
+    assert torch.equal(frames, uncompiled.generate_frames(prompt, SamplingParams(**kwargs)))
     # Sampled, not greedy: the frames are not all the same.
     assert len({tuple(col.tolist()) for col in frames.T}) > 3

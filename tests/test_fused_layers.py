@@ -20,6 +20,7 @@ from heartmula_rt.engine import StaticEngine
 from heartmula_rt.launches import count_frame_launches, meta_lm
 from heartmula_rt.lm import RMSNorm, Rope, RotaryEmbedding, SiluMul
 from heartmula_rt.prompt import build_prompt
+from heartmula_rt.request import SamplingParams
 
 pytest.importorskip("triton", reason="the fused layers are Triton kernels")
 from heartmula_rt.fused import (  # noqa: E402
@@ -115,7 +116,7 @@ def test_use_fused_layers_swaps_every_layer_and_keeps_the_weights(fused_lm) -> N
     assert use_fused_layers(fused) == {}  # already swapped
 
 
-# Greedy frames are a prefix of a longer run's: the first frames of the CFG (batch 2) and
+# Greedy frames are a prefix of a longer run's: the first frames of the CFG (2 rows) and
 # no-CFG cases; each frame costs seconds under Triton's interpreter. (EOS handling is the
 # engine's, tested in test_engine.py.)
 @pytest.mark.parametrize(
@@ -134,7 +135,7 @@ def test_static_engine_with_fused_layers_gives_the_reference_frames(
     # small buckets and an odd sync interval, as in test_engine.py
     engine = StaticEngine(fused, gen, graphs=False, bucket=16, sync_every=5)
     args = {k: c[k] for k in ("topk", "temperature", "cfg_scale")}
-    frames = engine.generate_frames(prompt, max_frames=max_frames, **args)
+    frames = engine.generate_frames(prompt, SamplingParams(max_frames=max_frames, **args))
     assert torch.equal(frames, expected[:, : max_frames + 1])
 
 

@@ -14,6 +14,7 @@ from heartmula_rt.checkpoint import load_gen_config
 from heartmula_rt.decode import Sampler, decode_one_frame, generate_frames, prefill
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import build_prompt
+from heartmula_rt.request import SamplingParams
 
 
 def _mula_cases(fixtures_dir: Path) -> list[dict]:
@@ -45,8 +46,10 @@ def test_prompt(case, tokenizer: Tokenizer, tiny_ckpt: Path) -> None:
 def test_first_step_logits(case, tiny_lm: HeartMuLa, tokenizer: Tokenizer, tiny_ckpt: Path) -> None:
     c, expected = case
     prompt = build_prompt(tokenizer, load_gen_config(tiny_ckpt), c["tags"], c["lyrics"])
-    sampler = Sampler(c["topk"], c["temperature"], c["cfg_scale"])
-    cache = tiny_lm.new_cache(sampler.batch, len(prompt) + 1)
+    sampler = Sampler(
+        SamplingParams(topk=c["topk"], temperature=c["temperature"], cfg_scale=c["cfg_scale"])
+    )
+    cache = tiny_lm.new_cache(sampler.cfg_rows, len(prompt) + 1)
     with torch.no_grad():
         frame, logits0 = prefill(tiny_lm, prompt, cache, sampler)
         _, logits1 = decode_one_frame(tiny_lm, frame, len(prompt), cache, sampler)
@@ -62,10 +65,12 @@ def test_greedy_frames(case, tiny_lm: HeartMuLa, tokenizer: Tokenizer, tiny_ckpt
         tiny_lm,
         prompt,
         gen,
-        max_frames=c["max_frames"],
-        topk=c["topk"],
-        temperature=c["temperature"],
-        cfg_scale=c["cfg_scale"],
+        SamplingParams(
+            max_frames=c["max_frames"],
+            topk=c["topk"],
+            temperature=c["temperature"],
+            cfg_scale=c["cfg_scale"],
+        ),
     )
     assert frames.dtype == torch.int64 and frames.device.type == "cpu"
     assert frames.shape == (8, c["n_frames"])

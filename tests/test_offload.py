@@ -19,11 +19,14 @@ from heartmula_rt.engine import PlainEngine, check_engine_over_streaming
 from heartmula_rt.errors import UserError
 from heartmula_rt.offload import HostCopy, OffloadedLayers
 from heartmula_rt.pipeline import check_streamable
-from heartmula_rt.planner import MemoryPlan, Placement
+from heartmula_rt.placement import Placement
+from heartmula_rt.planner import MemoryPlan
 from heartmula_rt.prompt import Prompt
+from heartmula_rt.request import CodecParams, SamplingParams
 from heartmula_rt.synthetic import synthetic_gen_config
 
 CPU = torch.device("cpu")
+TWO_STEPS = CodecParams(num_steps=2)
 
 
 def linear_stack(n: int, seed: int = 0) -> nn.ModuleList:
@@ -88,7 +91,7 @@ def frugal_plan(num_layers: int, offloaded: int) -> MemoryPlan:
         codec_placement="offload",
         lm_during_codec="released",
         kv_positions=0,
-        kv_batch=2,
+        kv_rows=2,
         kv_bytes=0,
         lm_phase_bytes=0,
         codec_phase_bytes=0,
@@ -98,7 +101,9 @@ def frugal_plan(num_layers: int, offloaded: int) -> MemoryPlan:
 def greedy_frames(lm, gen_config) -> torch.Tensor:
     prompt = Prompt(ids=torch.arange(2, 30), slot_index=5)
     engine = PlainEngine(lm, gen_config)
-    return engine.generate_frames(prompt, max_frames=12, topk=1, cfg_scale=1.5, seed=0)
+    return engine.generate_frames(
+        prompt, SamplingParams(max_frames=12, topk=1, cfg_scale=1.5, seed=0)
+    )
 
 
 @pytest.mark.parametrize("offloaded", [1, 2])
@@ -114,7 +119,7 @@ def test_planned_lm_makes_the_same_frames(tiny_ckpt: Path, offloaded: int) -> No
 def test_planned_codec_decodes_the_same_audio(tiny_ckpt: Path) -> None:
     codes = torch.randint(0, 1024, (8, 150), generator=torch.Generator().manual_seed(3))
     plain, _ = load_codec(tiny_ckpt / CODEC_DIR)
-    expected = plain.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
+    expected = plain.detokenize(codes, TWO_STEPS, generator=torch.Generator().manual_seed(1))
     lm, config = load_lm(tiny_ckpt / LM_DIR)
     placement = Placement(frugal_plan(config.backbone.num_layers, 1), CPU)
     placement.place_lm(lm)
@@ -122,13 +127,13 @@ def test_planned_codec_decodes_the_same_audio(tiny_ckpt: Path) -> None:
     placement.place_codec(codec)
     released = []
     with placement.codec_turn(lm, codec, lambda: released.append(True)):
-        wav = codec.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
+        wav = codec.detokenize(codes, TWO_STEPS, generator=torch.Generator().manual_seed(1))
     assert released == [True]
     assert torch.equal(wav, expected)
     # The resident layout decodes the same way, and leaves the LM's cache alone.
     resident = replace(placement.plan, codec_placement="resident", lm_during_codec="kept")
     with Placement(resident, CPU).codec_turn(lm, plain, lambda: released.append(True)):
-        again = plain.detokenize(codes, num_steps=2, generator=torch.Generator().manual_seed(1))
+        again = plain.detokenize(codes, TWO_STEPS, generator=torch.Generator().manual_seed(1))
     assert released == [True] and torch.equal(again, expected)
 
 
@@ -169,8 +174,9 @@ def test_compile_engine_over_streamed_layers_is_refused_before_loading(
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded before the engine was checked against the plan")
 
+    monkeypatch.setattr(pipeline, "parse_device", lambda name: torch.device("cuda"))
     monkeypatch.setattr(pipeline, "check_engine", lambda name, device: None)
-    monkeypatch.setattr(pipeline, "_plan_for", lambda *args: frugal_plan(4, 1))
+    monkeypatch.setattr(pipeline, "plan_for", lambda *args: frugal_plan(4, 1))
     monkeypatch.setattr(pipeline.checkpoint, "load_lm", no_loading)
     with pytest.raises(UserError, match="use --engine graph"):
         pipeline.load_pipeline(tiny_ckpt, engine="compile", vram="4G")

@@ -18,6 +18,7 @@ import torch
 from heartmula_rt import cli, lm, planner
 from heartmula_rt.codec import dit
 from heartmula_rt.errors import UserError
+from heartmula_rt.offload import HostCopy
 from heartmula_rt.planner import (
     DEFAULT_OVERHEADS,
     HEADROOM_MIN_BYTES,
@@ -205,7 +206,7 @@ def test_every_plan_keeps_the_headroom_free() -> None:
         skipped = list(
             candidate_plans(
                 LM_CONFIG, CODEC_CONFIG, budget_bytes=gib * GiB, max_frames=FRAMES_240S,
-                batch=2, lm_dtype=BF16, codec_dtype=torch.float32,
+                cfg_rows=2, lm_dtype=BF16, codec_dtype=torch.float32,
             )
         )  # fmt: skip
         for c in skipped[: skipped.index(p)]:
@@ -243,7 +244,7 @@ def test_the_graph_pool_is_counted_in_the_lm_phase() -> None:
     # One frame's activations are smaller than the prompt step's, but not nothing: at a full
     # cache attention reads 4096 positions of every layer.
     assert 0 < sizes.frame_workspace < sizes.workspace
-    assert sizes.frame_workspace > 2 * 8 * 4096 * 128 * 2  # one layer's K, batch 2, bf16
+    assert sizes.frame_workspace > 2 * 8 * 4096 * 128 * 2  # one layer's K, 2 rows, bf16
     p = plan(24)
     assert p.lm_phase_bytes == (
         sizes.weights + sizes.kv_cache + sizes.workspace + sizes.frame_workspace
@@ -293,7 +294,7 @@ def test_smaller_budgets_never_get_faster_plans() -> None:
         ranks = list(
             candidate_plans(
                 LM_CONFIG, CODEC_CONFIG, budget_bytes=int(gib * GiB), max_frames=FRAMES_240S,
-                batch=2, lm_dtype=BF16, codec_dtype=torch.float32,
+                cfg_rows=2, lm_dtype=BF16, codec_dtype=torch.float32,
             )
         )  # fmt: skip
         order[gib] = ranks.index(chosen)
@@ -328,8 +329,8 @@ def test_nf4_is_never_planned_without_bitsandbytes(monkeypatch) -> None:
     # Make nf4 the smallest LM, so only bitsandbytes' absence keeps it out of the plans.
     real = planner.lm_sizes
 
-    def sizes(config, dtype, quant, batch, positions):
-        s = real(config, dtype, quant, batch, positions)
+    def sizes(config, dtype, quant, rows, positions):
+        s = real(config, dtype, quant, rows, positions)
         return dataclasses.replace(s, weights=s.weights // 2) if quant == "nf4" else s
 
     monkeypatch.setattr(planner, "lm_sizes", sizes)
@@ -338,7 +339,7 @@ def test_nf4_is_never_planned_without_bitsandbytes(monkeypatch) -> None:
     monkeypatch.setattr(planner, "bnb_installed", lambda: False)
     assert "nf4" not in planner._quant_order(LM_CONFIG, BF16, 2, 4096)
     assert all(c.quant != "nf4" for c in candidate_plans(
-        LM_CONFIG, CODEC_CONFIG, budget_bytes=4 * GiB, max_frames=FRAMES_240S, batch=2,
+        LM_CONFIG, CODEC_CONFIG, budget_bytes=4 * GiB, max_frames=FRAMES_240S, cfg_rows=2,
         lm_dtype=BF16, codec_dtype=torch.float32))  # fmt: skip
 
 
@@ -377,3 +378,21 @@ def test_cli_plan_prints_the_plan(capsys) -> None:
         assert overhead in out
     assert "Triton autotune 256 MiB" in out and "default figures" in out
     assert "headroom kept free: 0.40 GiB" in out  # 5% of 8 GiB
+
+
+def test_planning_changes_no_module() -> None:
+    """The planner sizes, searches and formats; what applies a plan (placement, host copies,
+    layer streaming) lives in placement.py and offload.py, held by the pipeline."""
+    appliers = {"Placement", "HostCopy", "OffloadedLayers", "use_fast_kernels", "use_fused_layers"}
+    module_state = {k: v for k, v in vars(planner).items() if not k.startswith("__")}
+    assert not appliers & module_state.keys()
+    held = [
+        k
+        for k, v in module_state.items()
+        if isinstance(v, dict | list | set)
+        and any(
+            isinstance(x, torch.nn.Module | HostCopy)
+            for x in (v.values() if isinstance(v, dict) else v)
+        )
+    ]
+    assert not held  # no registry of models or host copies

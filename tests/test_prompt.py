@@ -10,7 +10,7 @@ from tokenizers.processors import TemplateProcessing
 
 from heartmula_rt.config import GenConfig
 from heartmula_rt.errors import UserError
-from heartmula_rt.prompt import build_prompt, read_text
+from heartmula_rt.prompt import build_prompt
 
 GEN = GenConfig(text_bos_id=0, text_eos_id=1, audio_eos_id=1025, empty_id=0)
 BOS, EOS = GEN.text_bos_id, GEN.text_eos_id
@@ -68,30 +68,3 @@ def test_one_side_empty(tokenizer: Tokenizer) -> None:
 def test_both_empty_is_a_user_error(tokenizer: Tokenizer, tags: str, lyrics: str) -> None:
     with pytest.raises(UserError, match="empty"):
         build_prompt(tokenizer, GEN, tags, lyrics)
-
-
-def test_read_text_from_file_or_value(tmp_path: Path) -> None:
-    path = tmp_path / "lyrics.txt"
-    path.write_text("[Verse]\nÉté, ça va\n", encoding="utf-8")
-    assert read_text(str(path)) == "[Verse]\nÉté, ça va\n"
-    assert read_text("[Verse]\nplain text\n") == "[Verse]\nplain text\n"
-    assert read_text(str(tmp_path / "missing")) == str(tmp_path / "missing")
-    assert read_text(str(tmp_path)) == str(tmp_path)  # a folder is not a text file
-    bom = tmp_path / "bom.txt"
-    bom.write_bytes("\ufeffpiano".encode())
-    assert read_text(str(bom)) == "piano"
-
-
-def test_read_text_missing_text_file_is_an_error(tmp_path: Path) -> None:
-    """A one-line value naming a .txt/.lrc/.md file is a path: a typo must not become lyrics."""
-    for name in ("lyrics.txt", "song.LRC", "notes.md"):
-        with pytest.raises(UserError, match=f"{name} does not exist"):
-            read_text(str(tmp_path / name))
-    assert read_text("[verse]\nsee notes.txt") == "[verse]\nsee notes.txt"  # multi-line: text
-
-
-def test_read_text_rejects_non_utf8_file(tmp_path: Path) -> None:
-    path = tmp_path / "latin1.txt"
-    path.write_bytes("été".encode("latin-1"))
-    with pytest.raises(UserError, match="latin1.txt"):
-        read_text(str(path))

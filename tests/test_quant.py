@@ -32,6 +32,7 @@ from heartmula_rt.decode import generate_frames
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.planner import module_bytes
+from heartmula_rt.request import SamplingParams
 from heartmula_rt.synthetic import synthetic_models, synthetic_prompt
 
 FORMATS = {"int8": Int8Linear, "nf4": NF4Linear, "int4": Int4Linear}
@@ -214,10 +215,12 @@ def test_static_engine_runs_a_quantized_model(
 
     model = quantize_model(copy.deepcopy(tiny_lm), "int4")
     prompt = synthetic_prompt(20, model.config.text_vocab_size)
-    expected = generate_frames(model, prompt, gen, max_frames=12, topk=1, cfg_scale=1.0)
+    expected = generate_frames(
+        model, prompt, gen, SamplingParams(max_frames=12, topk=1, cfg_scale=1.0)
+    )
     kw = {"compile": True, "compile_backend": "aot_eager"} if compile else {}
     engine = StaticEngine(model, gen, graphs=False, bucket=16, sync_every=5, **kw)
-    frames = engine.generate_frames(prompt, max_frames=12, topk=1, cfg_scale=1.0)
+    frames = engine.generate_frames(prompt, SamplingParams(max_frames=12, topk=1, cfg_scale=1.0))
     assert torch.equal(frames, expected)
 
 
@@ -266,9 +269,9 @@ def test_nf4_on_a_gpu_without_bitsandbytes_is_refused_before_loading(
 
 
 def test_bench_refuses_nf4_on_a_gpu_without_bitsandbytes(monkeypatch, tmp_path, capsys) -> None:
-    from heartmula_rt import bench, cli
+    from heartmula_rt import cli, pipeline
 
-    _pretend_a_gpu(monkeypatch, bench)
+    _pretend_a_gpu(monkeypatch, pipeline)  # bench's device is its PipelineConfig's
     args = ["bench", "--engines", "plain", "--quant", "int8,nf4", "--out-dir", str(tmp_path)]
     assert cli.main(args) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err

@@ -26,6 +26,7 @@ from heartmula_rt.checkpoint import LM_DIR, load_lm
 from heartmula_rt.engine import StaticEngine
 from heartmula_rt.errors import UserError
 from heartmula_rt.prompt import Prompt
+from heartmula_rt.request import SamplingParams
 from heartmula_rt.synthetic import synthetic_prompt
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -187,7 +188,9 @@ def test_fast_kernels_decode_like_the_plain_modules(
     # The same engine on both sides: only the linears differ. (The plain loop and the static
     # step read attention over different cache lengths; in bf16 that alone flips near-ties of
     # random weights from the second frame on, whatever the linears.)
-    expected = StaticEngine(plain, gen, graphs=False).generate_frames(prompt, **settings)
+    expected = StaticEngine(plain, gen, graphs=False).generate_frames(
+        prompt, SamplingParams(**settings)
+    )
     swapped = 0
     for name, module in list(plain.named_modules()):
         if isinstance(module, QuantLinear):
@@ -197,7 +200,7 @@ def test_fast_kernels_decode_like_the_plain_modules(
     fast = {"int8": Int8TritonLinear, "nf4": NF4BnbLinear, "int4": Int4TinyGemmLinear}[mode]
     assert kinds == {fast} and swapped > 30
     engine = StaticEngine(plain, gen, compile=compile, compile_backend="aot_eager", graphs=False)
-    got = engine.generate_frames(prompt, **settings)
+    got = engine.generate_frames(prompt, SamplingParams(**settings))
     if dtype == torch.float32:
         assert torch.equal(got, expected)
     else:

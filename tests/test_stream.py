@@ -16,10 +16,12 @@ from heartmula_rt import cli
 from heartmula_rt.codec.detokenize import HOP, WINDOW
 from heartmula_rt.engine import PlainEngine, StaticEngine
 from heartmula_rt.pipeline import Pipeline
+from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
 from heartmula_rt.stream import SongStream
 
 SAMPLES_PER_CODE = 3840
 STEPS = 1  # one ODE step per window: the stream's bookkeeping, not the ODE, is under test
+ONE_STEP = CodecParams(num_steps=STEPS)
 TAGS, LYRICS = "piano", "la la"
 
 
@@ -37,10 +39,10 @@ def test_window_decoder_streams_what_detokenize_returns(pipe: Pipeline) -> None:
     codes = random_codes(2 * HOP + WINDOW - 40, 0)  # 3 windows, the last one padded by tiling
     codes[5, : WINDOW + 10] = 1024 + torch.arange(WINDOW + 10) % 4  # only strays for a while
     codes[2, 100:103] = 1027  # strays with a valid id before them
-    expected = codec.detokenize(codes, num_steps=STEPS, generator=torch.Generator().manual_seed(3))
+    expected = codec.detokenize(codes, ONE_STEP, generator=torch.Generator().manual_seed(3))
 
     g = torch.Generator().manual_seed(3)
-    decoder = codec.window_decoder(num_steps=STEPS, generator=g)
+    decoder = codec.window_decoder(ONE_STEP, generator=g)
     pieces, emitted_at = [], []
     with torch.inference_mode():
         for start in range(0, codes.shape[1], 97):  # pieces of any size, across windows
@@ -66,9 +68,9 @@ def test_on_codes_hands_over_every_frame_once(pipe: Pipeline, static: bool) -> N
     else:
         engine = PlainEngine(pipe.lm, pipe.gen_config)
     got: list[torch.Tensor] = []
-    prompt = pipe.prompt("metal", "[chorus]\nla la la\n")  # the fixture's eos case
+    prompt = pipe.prompt(SongRequest.of("metal", "[chorus]\nla la la\n", max_frames=40))  # eos case
     frames = engine.generate_frames(
-        prompt, max_frames=40, topk=1, cfg_scale=2.0, on_codes=got.append
+        prompt, SamplingParams(max_frames=40, topk=1, cfg_scale=2.0), on_codes=got.append
     )
     assert frames.shape[1] == 13  # ends on EOS: the EOS frame is never handed over
     handed = torch.cat(got, dim=1)
@@ -81,12 +83,12 @@ def test_on_codes_hands_over_every_frame_once(pipe: Pipeline, static: bool) -> N
 def test_static_engine_makes_plain_calls_after_a_stream(pipe: Pipeline) -> None:
     pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
     engine = StaticEngine(pipe.lm, pipe.gen_config, graphs=False)
-    prompt = pipe.prompt(TAGS, LYRICS)
     kwargs = {"max_frames": 10, "topk": 1, "stop_at_eos": False}
+    prompt = pipe.prompt(SongRequest.of(TAGS, LYRICS, **kwargs))
     g = torch.Generator().manual_seed(0)
-    stream = SongStream(engine, pipe.codec, prompt, num_steps=STEPS, generator=g, **kwargs)
+    stream = SongStream(engine, pipe.codec, prompt, SamplingParams(**kwargs), ONE_STEP, generator=g)
     list(stream)  # the engine's state is made in the stream's worker
-    assert torch.equal(engine.generate_frames(prompt, **kwargs), stream.frames)
+    assert torch.equal(engine.generate_frames(prompt, SamplingParams(**kwargs)), stream.frames)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -134,19 +136,17 @@ def _stream_and_compare(
         SongStream(
             pipe.engine,
             pipe.codec,
-            pipe.prompt(TAGS, LYRICS),
-            num_steps=STEPS,
+            pipe.prompt(SongRequest.of(TAGS, LYRICS, max_frames=max_frames)),
+            SamplingParams(max_frames=max_frames, seed=seed, stop_at_eos=False),
+            ONE_STEP,
             generator=torch.Generator().manual_seed(codec_seed),
             on_frame=lambda n: on_frame(n, holder[0]),
-            max_frames=max_frames,
-            seed=seed,
-            stop_at_eos=False,
         )
     )
     stream = holder[0]
     pieces = list(stream)
     expected = pipe.codec.detokenize(
-        stream.frames, num_steps=STEPS, generator=torch.Generator().manual_seed(codec_seed)
+        stream.frames, ONE_STEP, generator=torch.Generator().manual_seed(codec_seed)
     )
     assert np.array_equal(np.concatenate(pieces, axis=1), expected.numpy())
     return stream
@@ -176,9 +176,18 @@ def test_stop_ends_the_song_where_the_lm_stopped(pipe: Pipeline) -> None:
 
 
 def test_worker_errors_reach_the_consumer(pipe: Pipeline) -> None:
-    stream = pipe.stream(TAGS, LYRICS, max_seconds=1, seed=0, topk=0)
-    with pytest.raises(heartmula_rt.UserError, match="topk"):
+    def on_frame(n: int) -> None:  # runs in the worker
+        if n == 3:
+            raise heartmula_rt.UserError("the listener went away")
+
+    stream = pipe.stream(TAGS, LYRICS, max_seconds=1, seed=0, on_frame=on_frame)
+    with pytest.raises(heartmula_rt.UserError, match="listener went away"):
         list(stream)
+
+
+def test_bad_settings_are_refused_before_the_worker_starts(pipe: Pipeline) -> None:
+    with pytest.raises(heartmula_rt.UserError, match="topk"):
+        pipe.stream(TAGS, LYRICS, max_seconds=1, seed=0, topk=0)
 
 
 def gen(tiny_ckpt: Path, out: str, *extra: str) -> int:
@@ -214,13 +223,15 @@ LIFE_PRELUDE = """
 import gc, sys, threading
 import heartmula_rt
 from heartmula_rt.stream import SongStream
+from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
 
 pipe = heartmula_rt.load_pipeline(sys.argv[1], device="cpu")
 
 def long_stream():  # every frame of a long song: the worker is busy for a while
     return SongStream(
-        pipe.engine, pipe.codec, pipe.prompt("piano", "la la"), num_steps=1,
-        lock=pipe.lock, max_frames=1000, stop_at_eos=False,
+        pipe.engine, pipe.codec, pipe.prompt(SongRequest.of("piano", "la la", max_frames=1000)),
+        SamplingParams(max_frames=1000, stop_at_eos=False), CodecParams(num_steps=1),
+        lock=pipe.lock,
     )
 
 def no_worker_left():

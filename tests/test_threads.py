@@ -15,6 +15,7 @@ import torch
 import heartmula_rt
 from heartmula_rt import UserError
 from heartmula_rt.pipeline import resolve_threads
+from heartmula_rt.request import CodecParams
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def test_threads_reach_the_calling_and_the_stream_worker_thread(
     monkeypatch.setattr(pipe.codec.scalar_model, "decode_chunked", recording)
     frames = torch.zeros(8, 10, dtype=torch.long)
     torch.set_num_threads(2)  # as another library, or a pipeline loaded with threads=2, would
-    pipe.decode_frames(frames, num_steps=1)
+    pipe.decode_frames(frames, CodecParams(num_steps=1))
     torch.set_num_threads(2)  # a new thread starts with the count last set in any thread
     for _ in pipe.stream("piano", "la la", max_seconds=0.8, num_steps=1, seed=0):
         pass

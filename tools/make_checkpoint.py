@@ -19,40 +19,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR
 from heartmula_rt.codec import HeartCodec
 from heartmula_rt.config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
 from heartmula_rt.lm import HeartMuLa
-from heartmula_rt.synthetic import random_tensor, synthetic_gen_config
-
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+from heartmula_rt.synthetic import make_tokenizer, random_tensor, synthetic_gen_config
 
 # Every conv of the scalar decoder is weight-normed except the post-processor's plain `conv`.
 _WEIGHT_NORMED = re.compile(r"scalar_model\.decoder\.\d+(\.(?!conv\.)[\w.]+)?\.weight")
-_SAMPLE_TEXT = """piano happy wedding rock energetic metal pop ballad electronic jazz
-[intro] [verse] [chorus] [bridge] [outro] the sun creeps in across the floor
-i hear the traffic outside the door every day the light returns la la la
-hello world we sing along through the night and into the morning light"""
-
-
-def make_tokenizer(vocab_size: int) -> Tokenizer:
-    """A small byte-level BPE, BOS 0 and EOS 1, whose post-processor adds BOS like Llama-3's."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 512),
-        special_tokens=[BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_SAMPLE_TEXT.splitlines(), trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, 0)]
-    )
-    return tok
 
 
 def _official_tensors(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:

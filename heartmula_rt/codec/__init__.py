@@ -19,9 +19,10 @@ from torch import nn
 
 from ..config import CodecConfig
 from ..errors import UserError
+from ..request import DEFAULT_CODEC, CodecParams
 from ..side_stream import SideStream
 from . import detokenize as _windows
-from .detokenize import WindowDecoder, sanitize_codes
+from .detokenize import WindowDecoder, check_codes, plan_windows, sanitize_codes
 from .dit import FlowMatching
 from .graphed import FAST_PATHS, GraphedEstimator
 from .scalar import DECODE_CHUNK, ScalarModel
@@ -105,9 +106,8 @@ class HeartCodec(nn.Module):
 
     def window_decoder(
         self,
+        params: CodecParams = DEFAULT_CODEC,
         *,
-        num_steps: int = 10,
-        guidance_scale: float = 1.25,
         generator: torch.Generator | None = None,
         on_window: Callable[[int], None] | None = None,
         chunk: int = DECODE_CHUNK,
@@ -118,8 +118,7 @@ class HeartCodec(nn.Module):
             self.flow_matching,
             self.scalar_model,
             self.config,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
+            params,
             generator=generator,
             on_window=on_window,
             chunk=chunk,
@@ -129,9 +128,8 @@ class HeartCodec(nn.Module):
     def detokenize(
         self,
         codes: torch.Tensor,
+        params: CodecParams = DEFAULT_CODEC,
         *,
-        num_steps: int = 10,
-        guidance_scale: float = 1.25,
         generator: torch.Generator | None = None,
         on_window: Callable[[int, int], None] | None = None,
         chunk: int = DECODE_CHUNK,
@@ -139,39 +137,31 @@ class HeartCodec(nn.Module):
         """codes [8, T] → float32 waveform [2, int(T/12.5·48000)] on the CPU.
 
         `generator` (CPU) supplies each window's initial noise; None uses a fresh random one.
-        `on_window(done, total)` is called after each decoded window. The scalar decoder runs
-        `chunk` latent frames at a time.
+        Stray ids are replaced (see sanitize_codes). A `WindowDecoder` given every code at once
+        decodes the windows one at a time; `on_window(done, total)` is called after each. The
+        scalar decoder runs `chunk` latent frames at a time.
         """
-        return _windows.detokenize(
-            self.flow_matching,
-            self.scalar_model,
-            self.config,
-            codes,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
+        codes = check_codes(codes, self.config.codebook_size, self.config.num_quantizers)
+        total = len(plan_windows(codes.shape[1])[1])
+        decoder = self.window_decoder(
+            params,
             generator=generator,
-            on_window=on_window,
+            on_window=None if on_window is None else lambda done: on_window(done, total),
             chunk=chunk,
         )
+        return torch.cat(decoder.push(codes) + decoder.finish(), dim=1).cpu()
 
     @torch.inference_mode()
     def window_latents(
         self,
         codes: torch.Tensor,
+        params: CodecParams = DEFAULT_CODEC,
         *,
-        num_steps: int = 10,
-        guidance_scale: float = 1.25,
         generator: torch.Generator,
     ) -> Iterator[torch.Tensor]:
         """Each window's final latents [1, 744, 256] float32, before the decoder's rounding."""
         codes, _ = sanitize_codes(codes, self.config.codebook_size, self.config.num_quantizers)
-        yield from _windows.window_latents(
-            self.flow_matching,
-            codes,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-        )
+        yield from _windows.window_latents(self.flow_matching, codes, params, generator)
 
     @torch.inference_mode()
     def decode_window(self, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 
 from ..config import CodecConfig
 from ..errors import UserError
+from ..request import CodecParams
 from .dit import FlowMatching
 from .scalar import DECODE_CHUNK, ScalarModel
 
@@ -106,16 +107,8 @@ class LatentChain:
     in window order, then moved to the model's device; nothing else draws from the generator.
     """
 
-    def __init__(
-        self,
-        flow: FlowMatching,
-        *,
-        num_steps: int,
-        guidance_scale: float,
-        generator: torch.Generator,
-    ) -> None:
-        self.flow, self.num_steps, self.guidance_scale = flow, num_steps, guidance_scale
-        self.generator = generator
+    def __init__(self, flow: FlowMatching, params: CodecParams, generator: torch.Generator) -> None:
+        self.flow, self.params, self.generator = flow, params, generator
         self.previous: torch.Tensor | None = None  # the last window's latents
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
@@ -132,19 +125,15 @@ class LatentChain:
         ic, n_ic = torch.zeros_like(noise), 0  # window 0 has no in-context prefix
         if self.previous is not None:
             ic[:, :prefix], n_ic = self.previous[:, -prefix:], prefix
+        p = self.params
         self.previous = flow.sample(
-            mu, noise, ic, n_ic, num_steps=self.num_steps, guidance_scale=self.guidance_scale
+            mu, noise, ic, n_ic, num_steps=p.num_steps, guidance_scale=p.guidance_scale
         )
         return self.previous
 
 
 def window_latents(
-    flow: FlowMatching,
-    codes: torch.Tensor,
-    *,
-    num_steps: int,
-    guidance_scale: float,
-    generator: torch.Generator,
+    flow: FlowMatching, codes: torch.Tensor, params: CodecParams, generator: torch.Generator
 ) -> Iterator[torch.Tensor]:
     """Each window's final latents [1, 744, C] float32 (before the decoder's rounding), in order.
 
@@ -152,9 +141,7 @@ def window_latents(
     """
     length, starts = plan_windows(codes.shape[1])
     codes = extend_codes(codes, length)
-    chain = LatentChain(
-        flow, num_steps=num_steps, guidance_scale=guidance_scale, generator=generator
-    )
+    chain = LatentChain(flow, params, generator)
     for start in starts:
         yield chain(codes[:, start : start + WINDOW])
 
@@ -188,9 +175,8 @@ class WindowDecoder:
         flow: FlowMatching,
         scalar: ScalarModel,
         config: CodecConfig,
+        params: CodecParams,
         *,
-        num_steps: int = 10,
-        guidance_scale: float = 1.25,
         generator: torch.Generator | None = None,
         on_window: Callable[[int], None] | None = None,
         chunk: int = DECODE_CHUNK,
@@ -199,9 +185,7 @@ class WindowDecoder:
             generator = torch.Generator()
             generator.seed()  # fresh, non-deterministic; the global RNG is left alone
         self.scalar, self.config, self.on_window, self.chunk = scalar, config, on_window, chunk
-        self.chain = LatentChain(
-            flow, num_steps=num_steps, guidance_scale=guidance_scale, generator=generator
-        )
+        self.chain = LatentChain(flow, params, generator)
         self.streams = config.out_channels // config.latent_hidden_dim
         samples_per_code = LATENTS_PER_CODE * scalar.samples_per_frame
         self.window_len, self.hop, self.overlap = (
@@ -269,36 +253,3 @@ class WindowDecoder:
             wav = wav[:, : max(self.left, 0)]
             self.left -= wav.shape[1]
         return [wav] if wav.shape[1] else []
-
-
-def detokenize(
-    flow: FlowMatching,
-    scalar: ScalarModel,
-    config: CodecConfig,
-    codes: torch.Tensor,
-    *,
-    num_steps: int = 10,
-    guidance_scale: float = 1.25,
-    generator: torch.Generator | None = None,
-    on_window: Callable[[int, int], None] | None = None,
-    chunk: int = DECODE_CHUNK,
-) -> torch.Tensor:
-    """codes [8, T] → float32 waveform [2, int(T/12.5·sr)] on the CPU.
-
-    Stray ids are replaced (see sanitize_codes) with a logged warning. A `WindowDecoder` given
-    every code at once decodes the windows one at a time; `on_window(done, total)` is called
-    after each.
-    """
-    codes = check_codes(codes, config.codebook_size, config.num_quantizers)
-    total = len(plan_windows(codes.shape[1])[1])
-    decoder = WindowDecoder(
-        flow,
-        scalar,
-        config,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        generator=generator,
-        on_window=None if on_window is None else lambda done: on_window(done, total),
-        chunk=chunk,
-    )
-    return torch.cat(decoder.push(codes) + decoder.finish(), dim=1).cpu()

@@ -1,0 +1,142 @@
+"""One song request: what to sing, how the LM samples it, how the codec decodes it.
+
+A `SongRequest` is made once — by the CLI from argv, by an app, later by the server from an HTTP
+body — and flows unchanged to the engine (`sampling`) and the codec (`codec`). Every rule is
+checked when it is made, and its fields' defaults are the only defaults: a new knob is a field
+here plus the code that uses it, nothing in between. Text is text: nothing here (or below it)
+reads a file; reading `--lyrics FILE` is the CLI's business.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import UserError
+
+FRAME_MS = 80  # 12.5 LM frames per second
+DEFAULT_MAX_SECONDS = 240.0
+
+
+def _whole(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise UserError(f"{name} must be a whole number of at least {least}, not {value!r}")
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UserError(f"{name} must be a number, not {value!r}")
+    return float(value)
+
+
+def max_frames_for(max_seconds: float) -> int:
+    """The reference's frame budget: max_audio_length_ms // 80."""
+    if not 0 < _number("max_seconds", max_seconds) < math.inf:
+        raise UserError(f"max_seconds must be a positive number, not {max_seconds}")
+    return int(max_seconds * 1000) // FRAME_MS
+
+
+def check_texts(tags: str, lyrics: str) -> None:
+    if not tags.strip() and not lyrics.strip():
+        raise UserError("tags and lyrics are both empty; give at least one of them")
+
+
+def cfg_rows(cfg_scale: float) -> int:
+    """LM rows of one song: 2 ([cond, uncond]) with guidance, i.e. a scale above 1, else 1."""
+    return 2 if cfg_scale > 1 else 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the LM makes one song's frames (SPEC §4)."""
+
+    max_frames: int = max_frames_for(DEFAULT_MAX_SECONDS)  # after frame 0
+    topk: int = 50
+    temperature: float = 1.0
+    cfg_scale: float = 1.5  # classifier-free guidance; ≤ 1: none, one LM row
+    seed: int | None = None  # None: random; a seed also draws the codec's noise
+    stop_at_eos: bool = True  # False: every frame of max_frames (benchmarks on random weights)
+
+    def __post_init__(self) -> None:
+        _whole("the number of frames", self.max_frames, 0)
+        _whole("topk", self.topk, 1)
+        if not 0 < _number("temperature", self.temperature) < math.inf:
+            raise UserError(f"temperature must be a finite number above 0, not {self.temperature}")
+        if not 0 <= _number("cfg_scale", self.cfg_scale) < math.inf:
+            raise UserError(f"cfg_scale must be a finite number of 0 or more, not {self.cfg_scale}")
+        seed = self.seed
+        whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+        if seed is not None and not (whole and 0 <= seed < 2**63):
+            raise UserError(f"seed must be an integer in [0, 2**63), not {seed!r}")
+
+    @property
+    def cfg_rows(self) -> int:
+        return cfg_rows(self.cfg_scale)
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    """How the codec turns one song's frames into audio (SPEC §5)."""
+
+    num_steps: int = 10  # Euler steps of the flow-matching ODE per window
+    guidance_scale: float = 1.25  # the DiT's classifier-free guidance
+
+    def __post_init__(self) -> None:
+        _whole("num_steps", self.num_steps, 1)
+        if not 0 <= _number("guidance_scale", self.guidance_scale) < math.inf:
+            raise UserError(
+                f"guidance_scale must be a finite number of 0 or more, not {self.guidance_scale}"
+            )
+
+
+_SAMPLING = {f.name for f in fields(SamplingParams)}
+_CODEC = {f.name for f in fields(CodecParams)}
+
+
+@dataclass(frozen=True)
+class SongRequest:
+    """A song: tags and lyrics as text (never a file name), and its sampling and codec
+    settings."""
+
+    tags: str = ""
+    lyrics: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    codec: CodecParams = field(default_factory=CodecParams)
+
+    def __post_init__(self) -> None:
+        for name in ("tags", "lyrics"):
+            if not isinstance(getattr(self, name), str):
+                raise UserError(f"{name} must be text, not {type(getattr(self, name)).__name__}")
+        check_texts(self.tags, self.lyrics)
+
+    @classmethod
+    def of(cls, tags: str = "", lyrics: str = "", **settings: Any) -> SongRequest:
+        """The keyword form: `max_seconds` (or `max_frames`) and any field of `SamplingParams`
+        or `CodecParams` by name; what is not given keeps its default."""
+        return cls(tags, lyrics).with_settings(**settings)
+
+    def with_settings(self, *, max_seconds: float | None = None, **settings: Any) -> SongRequest:
+        """This request with some sampling or codec fields changed, named as `of` takes them."""
+        unknown = sorted(set(settings) - _SAMPLING - _CODEC)
+        if unknown:
+            raise UserError(f"unknown song setting {unknown[0]!r}; use {', '.join(_names())}")
+        sampling = {k: v for k, v in settings.items() if k in _SAMPLING}
+        if max_seconds is not None:
+            if "max_frames" in sampling:
+                raise UserError("give max_seconds or max_frames, not both")
+            sampling["max_frames"] = max_frames_for(max_seconds)
+        codec = {k: v for k, v in settings.items() if k in _CODEC}
+        return replace(
+            self, sampling=replace(self.sampling, **sampling), codec=replace(self.codec, **codec)
+        )
+
+
+def _names() -> list[str]:
+    return ["max_seconds", *sorted(_SAMPLING | _CODEC)]
+
+
+# The defaults as values, for signatures that take settings optionally.
+DEFAULT_SAMPLING = SamplingParams()
+DEFAULT_CODEC = CodecParams()
