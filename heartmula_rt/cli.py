@@ -21,14 +21,21 @@ from tqdm import tqdm
 from . import __version__, checkpoint
 from .audio import WavStream, check_output_path, partial_path, write_audio
 from .bench import DEFAULT_PROMPT_LEN, cmd_bench
-from .codec import CODEC_DTYPES
+from .codec import CODEC_DTYPES, default_codec_dtype
 from .codec.detokenize import sanitize_codes
 from .codes import codes_path, load_codes, save_codes
 from .config import LM_PRESETS
 from .decode import GenerationInterrupted
 from .engine import ENGINES
 from .errors import UserError
-from .pipeline import DTYPES, Pipeline, PipelineConfig, load_pipeline, parse_dtype
+from .pipeline import (
+    DTYPES,
+    Pipeline,
+    PipelineConfig,
+    default_dtype,
+    load_pipeline,
+    parse_dtype,
+)
 from .planner import checkpoint_configs, format_plan, parse_vram, plan_memory, preset_configs
 from .quant import QUANT_MODES
 from .request import DEFAULT_MAX_SECONDS, SamplingParams, SongRequest, max_frames_for
@@ -325,14 +332,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lm_config, codec_config = preset_configs()
     else:
         lm_config, codec_config = checkpoint_configs(args.model_path)
+    gpu = torch.device("cuda")  # a plan is for a GPU, whatever this machine has
     plan = plan_memory(
         budget,
         lm_config,
         codec_config,
         max_frames=sampling.max_frames,
         cfg_rows=sampling.cfg_rows,
-        lm_dtype=parse_dtype(args.dtype),
-        codec_dtype=CODEC_DTYPES[args.codec_dtype][0],  # the DiT blocks'
+        lm_dtype=parse_dtype(args.dtype or default_dtype(gpu)),
+        codec_dtype=CODEC_DTYPES[args.codec_dtype or default_codec_dtype(gpu)][0],  # DiT blocks'
     )
     print(format_plan(plan))
     return 0
@@ -545,9 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a checkpoint folder (configs and headers only); default: the 3B model's sizes",
     )
-    plan.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="LM (bfloat16)")
     plan.add_argument(
-        "--codec-dtype", choices=list(CODEC_DTYPES), default="mixed", help="codec (mixed)"
+        "--dtype", choices=list(DTYPES), default=None, help="LM (default: the GPU's, bfloat16)"
+    )
+    plan.add_argument(
+        "--codec-dtype",
+        choices=list(CODEC_DTYPES),
+        default=None,
+        help="codec (default: the GPU's, mixed)",
     )
     plan.set_defaults(func=cmd_plan)
 

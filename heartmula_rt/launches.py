@@ -137,7 +137,7 @@ def count_frame_launches(
     with `cfg`). The step runs once first: the RoPE tables are built once per device, not per
     frame."""
     engine = StaticEngine(model, gen_config or GenConfig(), graphs=False)
-    engine.sampler.configure(SamplingParams(cfg_scale=1.5 if cfg else 1.0), seed=0)
+    engine.sampler.configure(SamplingParams() if cfg else SamplingParams(cfg_scale=1.0), seed=0)
     rows = engine.sampler.cfg_rows
     state = engine._reserve(rows, engine.capacity_step)
     cache = state.cache_for(rows)

@@ -43,6 +43,7 @@ from .errors import UserError
 from .lm import HeartMuLa
 from .quant import quantize_model
 from .quant.fast import bnb_installed
+from .request import DEFAULT_CODEC
 from .synthetic import CODEC_FOR_LM
 
 GiB = 2**30
@@ -357,7 +358,9 @@ def codec_sizes(config: CodecConfig, dtype: torch.dtype) -> CodecSizes:
     streams = config.out_channels // config.latent_hidden_dim
 
     def ode_step() -> None:
-        codec.flow_matching.sample(mu, latents, latents, 0, num_steps=1, guidance_scale=1.25)
+        codec.flow_matching.sample(
+            mu, latents, latents, 0, num_steps=1, guidance_scale=DEFAULT_CODEC.guidance_scale
+        )
 
     def scalar() -> None:
         codec.scalar_model(torch.zeros(streams, config.latent_hidden_dim, frames, device="meta"))
