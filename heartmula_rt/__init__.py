@@ -16,18 +16,27 @@ import os
 # workers sleep at once; a value the user set is kept, and it is too late once torch is loaded.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .decode import GenerationInterrupted
-from .errors import UserError
-from .pipeline import Pipeline, PipelineConfig, load_pipeline
-from .request import CodecParams, SamplingParams, SongRequest
+# The public names load lazily (PEP 562), so that `heartmula-rt plan` and --help need no torch.
+_EXPORTS = {
+    "CodecParams": "request",
+    "GenerationInterrupted": "decode",
+    "Pipeline": "pipeline",
+    "PipelineConfig": "pipeline",
+    "SamplingParams": "request",
+    "SongRequest": "request",
+    "UserError": "errors",
+    "load_pipeline": "pipeline",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "CodecParams",
-    "GenerationInterrupted",
-    "Pipeline",
-    "PipelineConfig",
-    "SamplingParams",
-    "SongRequest",
-    "UserError",
-    "load_pipeline",
-]
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'heartmula_rt' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return [*globals(), *__all__]

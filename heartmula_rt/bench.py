@@ -43,10 +43,11 @@ from .engine import (
 from .errors import UserError
 from .lm import HeartMuLa
 from .pipeline import Pipeline, PipelineConfig, load_pipeline, plan_for, prepare_codec
-from .planner import GiB, cuda_context_bytes, format_plan, module_bytes, parse_vram
+from .planner import GiB, format_plan, parse_vram
 from .prompt import Prompt
 from .quant import check_mode
 from .request import FRAME_MS, SamplingParams, SongRequest
+from .sizing import cuda_context_bytes, module_bytes
 from .stream import SongStream
 from .synthetic import synthetic_prompt
 

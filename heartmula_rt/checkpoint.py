@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,14 +42,6 @@ _UNUSED_KEYS = re.compile(
 _WEIGHT_NORM_KEY = re.compile(
     r"(?P<prefix>.*)\.(?:parametrizations\.weight\.original(?P<pi>[01])|weight_(?P<gv>[gv]))"
 )
-
-
-def default_model_path() -> Path:
-    """Where `heartmula-rt download` puts the weights: $HEARTMULA_RT_HOME, else the user cache."""
-    if "HEARTMULA_RT_HOME" in os.environ:
-        return Path(os.environ["HEARTMULA_RT_HOME"]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-    return cache / "heartmula-rt" / "HeartMuLa"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

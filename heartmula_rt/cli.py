@@ -14,31 +14,30 @@ import select
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
-from . import __version__, checkpoint
-from .audio import WavStream, check_output_path, partial_path, write_audio
-from .bench import DEFAULT_PROMPT_LEN, cmd_bench
-from .codec import CODEC_DTYPES, default_codec_dtype
-from .codec.detokenize import sanitize_codes
-from .codes import codes_path, load_codes, save_codes
-from .config import LM_PRESETS
-from .decode import GenerationInterrupted
-from .engine import ENGINES
-from .errors import UserError
-from .pipeline import (
-    DTYPES,
-    Pipeline,
-    PipelineConfig,
+from . import __version__
+from .config import (
+    CODEC_PRECISIONS,
+    DEFAULT_PROMPT_LEN,
+    ENGINES,
+    LM_DTYPES,
+    LM_PRESETS,
+    QUANT_MODES,
+    default_codec_dtype,
     default_dtype,
-    load_pipeline,
-    parse_dtype,
+    default_model_path,
 )
+from .errors import UserError
 from .planner import checkpoint_configs, format_plan, parse_vram, plan_memory, preset_configs
-from .quant import QUANT_MODES
 from .request import DEFAULT_MAX_SECONDS, SamplingParams, SongRequest, max_frames_for
+
+if TYPE_CHECKING:  # torch loads with the commands that run a model, not with `plan` or --help
+    import torch
+
+    from .pipeline import Pipeline, PipelineConfig
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -52,11 +51,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_path(path: Path | None) -> Path:
     """The given folder, or the default one (`_fetch_weights` fills it on first use)."""
-    return checkpoint.default_model_path() if path is None else path
+    return default_model_path() if path is None else path
 
 
 def _fetch_weights(root: Path, given: Path | None) -> None:
     """Download the weights into the default folder if it is empty (a given folder never)."""
+    from . import checkpoint
+
     if given is None and not (root / checkpoint.LM_DIR / "config.json").is_file():
         print(f"no weights in {root}: downloading them (or pass --model-path)", file=sys.stderr)
         checkpoint.download(root)
@@ -95,6 +96,8 @@ def song_request(args: argparse.Namespace) -> SongRequest:
 
 def pipeline_config(args: argparse.Namespace, **fields: object) -> PipelineConfig:
     """The `PipelineConfig` of the model options (`_add_model_options`) and `fields`."""
+    from .pipeline import PipelineConfig
+
     return PipelineConfig(
         model_path=_model_path(args.model_path),
         device=args.device,
@@ -108,6 +111,8 @@ def pipeline_config(args: argparse.Namespace, **fields: object) -> PipelineConfi
 
 def _note_stray_ids(frames: torch.Tensor, codebook_size: int) -> None:
     """Once per song: the codec replaces LM ids past its codebook (SPEC §5.1)."""
+    from .codec.detokenize import sanitize_codes
+
     n_stray = sanitize_codes(frames, codebook_size, frames.shape[0])[1]
     if n_stray:
         print(
@@ -122,6 +127,8 @@ def _decode_keeping_codes(
     """As `_decode_and_write`, with the frames saved first (codes.py) and kept if the codec
     stage is interrupted (then None, said on stderr) or fails, so the LM's work survives;
     removed once `out` is written."""
+    from .codes import codes_path, save_codes
+
     kept = codes_path(out)
     save_codes(kept, frames, seed)
     try:
@@ -153,6 +160,8 @@ def _decode_and_write(pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int
         wav = pipe.decode_frames(frames, seed=seed, on_window=on_window)
     finally:
         bar.close()
+    from .audio import write_audio
+
     clipped = write_audio(out, wav, pipe.sample_rate)
     if clipped:
         print(f"note: {clipped} samples were outside [-1, 1] and were clipped", file=sys.stderr)
@@ -173,6 +182,8 @@ def _reader_gone(sink) -> bool:
 def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) -> int:
     """Stream the song into `out` (None: stdout) as it is made; see audio.WavStream for the
     file's life: `<stem>.partial.wav` while it grows, renamed to `out` once complete."""
+    from .audio import WavStream, partial_path
+
     start = time.perf_counter()
     total = request.sampling.max_frames + 1
     bar = tqdm(total=total, desc="LM", unit="frame", file=sys.stderr)
@@ -247,6 +258,10 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) ->
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
+    from .audio import check_output_path, partial_path
+    from .decode import GenerationInterrupted
+    from .pipeline import load_pipeline
+
     to_stdout = str(args.output) == "-"
     out = None if to_stdout else check_output_path(args.output)
     if args.stream and not to_stdout and out.suffix.lower() != ".wav":
@@ -308,6 +323,10 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    from .audio import check_output_path
+    from .codes import load_codes
+    from .pipeline import PipelineConfig, load_pipeline
+
     out = check_output_path(args.output)
     frames, seed = load_codes(args.codes)
     config = PipelineConfig(
@@ -332,22 +351,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lm_config, codec_config = preset_configs()
     else:
         lm_config, codec_config = checkpoint_configs(args.model_path)
-    gpu = torch.device("cuda")  # a plan is for a GPU, whatever this machine has
-    plan = plan_memory(
+    plan = plan_memory(  # a plan is for a GPU, whatever this machine has: its defaults
         budget,
         lm_config,
         codec_config,
         max_frames=sampling.max_frames,
         cfg_rows=sampling.cfg_rows,
-        lm_dtype=parse_dtype(args.dtype or default_dtype(gpu)),
-        codec_dtype=CODEC_DTYPES[args.codec_dtype or default_codec_dtype(gpu)][0],  # DiT blocks'
+        lm_dtype=args.dtype or default_dtype("cuda"),
+        codec_dtype=CODEC_PRECISIONS[args.codec_dtype or default_codec_dtype("cuda")][0],
     )
     print(format_plan(plan))
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    root = args.model_path or checkpoint.default_model_path()
+    from . import checkpoint
+
+    root = args.model_path or default_model_path()
     checkpoint.download(root)
     checkpoint.check_model_path(root)
     print(f"weights are in {root}")
@@ -366,11 +386,11 @@ def _add_model_options(
     )
     p.add_argument(
         "--dtype",
-        choices=list(DTYPES),
+        choices=LM_DTYPES,
         default=None,
         help="LM weights (default: bfloat16 on GPU, float32 on CPU)",
     )
-    p.add_argument("--codec-dtype", choices=list(CODEC_DTYPES), default=None, help=codec_help)
+    p.add_argument("--codec-dtype", choices=list(CODEC_PRECISIONS), default=None, help=codec_help)
     quant_help = (
         "LM weight-only quantization: none, int8 (per channel), nf4 or int4 (groups of 128)"
     )
@@ -472,7 +492,13 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="only draw: --plot OUT.png RESULTS.json [RESULTS.json ...]",
     )
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cmd_bench
+
+    return cmd_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,8 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-path",
         type=Path,
         default=None,
-        help=f"checkpoint folder (default: {checkpoint.default_model_path()}, "
-        "downloaded on first use)",
+        help=f"checkpoint folder (default: {default_model_path()}, downloaded on first use)",
     )
     gen.add_argument(
         "--tags",
@@ -554,11 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint folder (configs and headers only); default: the 3B model's sizes",
     )
     plan.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="LM (default: the GPU's, bfloat16)"
+        "--dtype", choices=LM_DTYPES, default=None, help="LM (default: the GPU's, bfloat16)"
     )
     plan.add_argument(
         "--codec-dtype",
-        choices=list(CODEC_DTYPES),
+        choices=list(CODEC_PRECISIONS),
         default=None,
         help="codec (default: the GPU's, mixed)",
     )
@@ -570,7 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("codes", type=Path, help="the <stem>.codes.npz file gen kept")
     dec.add_argument("--model-path", type=Path, default=None, help="checkpoint folder (as for gen)")
     dec.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    dec.add_argument("--codec-dtype", choices=list(CODEC_DTYPES), default=None, help="as for gen")
+    dec.add_argument(
+        "--codec-dtype", choices=list(CODEC_PRECISIONS), default=None, help="as for gen"
+    )
     dec.add_argument("-o", "--output", type=Path, required=True, help="output audio file")
     dec.set_defaults(func=cmd_decode)
 
@@ -579,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-path",
         type=Path,
         default=None,
-        help=f"where to put them (default: {checkpoint.default_model_path()})",
+        help=f"where to put them (default: {default_model_path()})",
     )
     dl.set_defaults(func=cmd_download)
 

@@ -1,16 +1,60 @@
-"""Configuration dataclasses: LM flavors, the LM and codec configs, gen_config.json.
+"""Configuration: LM flavors, the LM and codec configs, gen_config.json, and the names of every
+choice a user makes (engines, dtypes, codec precisions, quantization modes) with their defaults.
 
 Every size is read from the checkpoint's config.json (and, for the codec, from tensor shapes);
-nothing here assumes the 3B model.
+nothing here assumes the 3B model. Nothing here imports torch: the command line parses, and
+`heartmula-rt plan` plans, without loading it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+
+# The LM's decode engines (engine.py): the plain loop, one CUDA graph per frame, compiled first.
+ENGINES = ("plain", "graph", "compile")
+# The static engine's cache capacity grows in these steps, so songs of similar length share one.
+CAPACITY_STEP = 1024
+# LM weight dtypes, by their torch names.
+LM_DTYPES = ("float32", "bfloat16", "float16")
+# Codec precisions (codec/__init__.py): name → (dtype of the DiT's blocks, of everything else).
+CODEC_PRECISIONS = {
+    "mixed": ("bfloat16", "float32"),
+    "float32": ("float32", "float32"),
+    "bfloat16": ("bfloat16", "bfloat16"),
+}
+# LM weight-only quantization (quant/).
+QUANT_MODES = ("none", "int8", "nf4", "int4")
+# Prompt tokens of a benchmark on synthetic weights: a typical song's tags and lyrics.
+DEFAULT_PROMPT_LEN = 256
+
+
+def _device_type(device: object) -> str:
+    """ "cuda" or "cpu" of a torch.device or a device type's name."""
+    return str(getattr(device, "type", device)).split(":")[0]
+
+
+def default_dtype(device: object) -> str:
+    """The LM's default weight dtype: bfloat16 on a GPU, float32 on the CPU."""
+    return "bfloat16" if _device_type(device) == "cuda" else "float32"
+
+
+def default_codec_dtype(device: object) -> str:
+    """`mixed` on a GPU (bfloat16 tensor cores), `float32` on the CPU (no fast bfloat16)."""
+    return "mixed" if _device_type(device) == "cuda" else "float32"
+
+
+def default_model_path() -> Path:
+    """Where `heartmula-rt download` puts the weights: $HEARTMULA_RT_HOME, else the user cache."""
+    if "HEARTMULA_RT_HOME" in os.environ:
+        return Path(os.environ["HEARTMULA_RT_HOME"]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return cache / "heartmula-rt" / "HeartMuLa"
 
 
 @dataclass(frozen=True)
@@ -205,6 +249,8 @@ LM_PRESETS: dict[str, dict] = {
         "audio_vocab_size": 8197,
     },
 }
+# The codec whose codebook fits each LM preset's audio vocabulary (codebook + 5 ids).
+CODEC_FOR_LM = {"tiny": "tiny", "mid": "tiny", "3B": "full", "7B": "full"}
 CODEC_PRESETS: dict[str, CodecConfig] = {
     "tiny": CodecConfig(
         codebook_size=1024,

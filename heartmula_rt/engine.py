@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .config import GenConfig
+from .config import CAPACITY_STEP, ENGINES, GenConfig
 from .decode import (
     GenerationInterrupted,
     OnCodes,
@@ -40,10 +40,8 @@ from .prompt import Prompt
 from .request import SamplingParams
 from .side_stream import SideStream
 
-ENGINES = ("plain", "graph", "compile")
 BUCKET = 256  # backbone positions per attention bucket: one graph per bucket
 SYNC_EVERY = 8  # frames between the host's looks at the EOS flag
-CAPACITY_STEP = 1024  # cache capacity grows in these steps, so songs of similar length share one
 
 
 class PlainEngine:

@@ -15,8 +15,16 @@ from tokenizers import Tokenizer
 
 from . import checkpoint
 from .checkpoint import CODEC_DIR, LM_DIR
-from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype, default_codec_dtype
-from .config import LM_PRESETS, CodecConfig, GenConfig, LMConfig
+from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype
+from .config import (
+    LM_DTYPES,
+    LM_PRESETS,
+    CodecConfig,
+    GenConfig,
+    LMConfig,
+    default_codec_dtype,
+    default_dtype,
+)
 from .decode import OnFrame, check_length
 from .engine import (
     Engine,
@@ -29,14 +37,7 @@ from .errors import UserError
 from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .placement import Placement
-from .planner import (
-    MemoryPlan,
-    checkpoint_configs,
-    measure_overheads,
-    parse_vram,
-    plan_memory,
-    preset_configs,
-)
+from .planner import MemoryPlan, checkpoint_configs, parse_vram, plan_memory, preset_configs
 from .prompt import Prompt, build_prompt
 from .quant import check_mode, quantize_model
 from .quant.cache import load_quantized_lm
@@ -48,10 +49,11 @@ from .request import (
     SongRequest,
     max_frames_for,
 )
+from .sizing import measure_overheads
 from .stream import SongStream
 from .synthetic import Models, synthetic_models
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in LM_DTYPES}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -80,11 +82,6 @@ def parse_device(name: str | torch.device) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
-
-
-def default_dtype(device: torch.device) -> str:
-    """The LM's default weight dtype: bfloat16 on a GPU, float32 on the CPU."""
-    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 def resolve_threads(threads: int | None = None) -> int:
@@ -464,7 +461,7 @@ def plan_for(config: PipelineConfig) -> MemoryPlan:
         lm_config,
         codec_config,
         max_frames=max_frames_for(config.max_seconds),
-        lm_dtype=config.lm_dtype,
+        lm_dtype=config.dtype,
         codec_dtype=config.codec_weights_dtype,
         overheads=measure_overheads(config.torch_device),
     )

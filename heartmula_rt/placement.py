@@ -52,7 +52,7 @@ class Placement:
             lm.text_embeddings = None  # detached while the rest moves: it stays where it is
         lm.to(self.device)
         lm.text_embeddings = text
-        use_fast_kernels(lm, plan.lm_dtype)
+        use_fast_kernels(lm, getattr(torch, plan.lm_dtype))
 
     def place_codec(self, codec: HeartCodec) -> None:
         """Put a host-loaded codec where the plan keeps it between songs: on the GPU if

@@ -1,14 +1,15 @@
 """Memory plans for a GPU budget (`--vram 12G`): which quantization, what sits on the GPU and what
 in host memory, where the codec lives, and the predicted peak, decided before any weight loads.
 
-Every size is exact, not estimated: the LM (quantized as planned) and the codec are built on the
-meta device, two layers of each stack (`TRACED_LAYERS`), and their bytes counted (`module_bytes`,
-the other layers as many more of the first); the KV cache is allocated on meta as the
-static engine would; activations are the peak of live tensor bytes while one prompt step, one
-decode frame (what the graph engine's private pool keeps) and one codec window run on meta
-(`LiveBytes`). What the meta device cannot see is `DeviceOverheads`: the CUDA context and the
-libraries' workspaces, measured on the GPU at load (`measure_overheads`) or, without one,
-documented figures. Every plan keeps `headroom_bytes` of the budget free beyond its peak.
+Every size is exact, not estimated: sizing.py builds the LM (quantized as planned) and the codec
+on the meta device, two layers of each stack (`TRACED_LAYERS`), and counts their bytes, the KV
+cache the static engine would allocate, and the peak of live tensor bytes while one prompt step,
+one decode frame and one codec window run on meta. Counting costs seconds (torch and the traces)
+for numbers that depend only on the inputs and the code, so each is remembered in a file
+(`size_cache_dir`): this module imports no torch, and a plan made before is made again in a
+fraction of a second. What the meta device cannot see is `DeviceOverheads`: the CUDA context and
+the libraries' workspaces, measured on the GPU at load (`sizing.measure_overheads`) or, without
+one, documented figures. Every plan keeps `headroom_bytes` of the budget free beyond its peak.
 
 A song has two phases: the LM decoding frames (its weights, KV cache, step workspace), then the
 codec decoding windows (its weights and one window's activations). The plan is the fastest
@@ -20,31 +21,20 @@ backbone layers streamed (offload.py) only as the last resort.
 from __future__ import annotations
 
 import functools
-import itertools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
 import math
+import os
 import re
-import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-
-from .checkpoint import CODEC_DIR, LM_DIR, load_codec_config, load_lm_config
-from .codec import HeartCodec
-from .codec.detokenize import LATENTS_PER_CODE, WINDOW
-from .config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LlamaFlavor, LMConfig
-from .engine import CAPACITY_STEP
+from .config import CAPACITY_STEP, CODEC_FOR_LM, CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
 from .errors import UserError
-from .lm import HeartMuLa
-from .quant import quantize_model
-from .quant.fast import bnb_installed
-from .request import DEFAULT_CODEC
-from .synthetic import CODEC_FOR_LM
 
 GiB = 2**30
 MiB = 2**20
@@ -171,93 +161,6 @@ def _unreserved(total: int, free: int, reserved: int) -> int:
     return total - free - reserved
 
 
-def cuda_context_bytes(device: torch.device) -> int:
-    """The CUDA context's bytes on `device` now (kernel images load as they are first used)."""
-    free, total = torch.cuda.mem_get_info(device)
-    return _unreserved(total, free, torch.cuda.memory_reserved(device))
-
-
-def read_overheads(device: torch.device) -> OverheadReadings:
-    """The readings behind `measure_overheads` (a CUDA device; well under a second)."""
-    with torch.cuda.device(device):
-        a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
-        bias, out = torch.zeros(64, device=device, dtype=a.dtype), torch.empty_like(a)
-        torch.mm(a, a, out=out)  # the cuBLAS handle
-        signal = torch.ones(1, 1, 64, device=device)
-        F.conv1d(signal, torch.ones(1, 1, 3, device=device))  # the cuDNN handle
-        # Drop every stream's workspace, so the next matmul (and addmm, which may take
-        # cuBLASLt's) allocates the main stream's afresh: its allocated growth is one stream's.
-        torch.cuda.synchronize(device)
-        torch._C._cuda_clearCublasWorkspaces()
-        before = torch.cuda.memory_allocated(device)
-        torch.mm(a, a, out=out)
-        torch.addmm(bias, a, a, out=out)
-        workspace = torch.cuda.memory_allocated(device) - before
-        try:
-            from triton.runtime import driver
-        except ImportError:
-            autotune = 0
-        else:
-            autotune = driver.active.get_empty_cache_for_benchmark().nbytes
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()  # the probe's own blocks
-        free, total = torch.cuda.mem_get_info(device)
-        reserved = torch.cuda.memory_reserved(device)
-    return OverheadReadings(total, free, reserved, workspace, autotune)
-
-
-def measure_overheads(device: torch.device) -> DeviceOverheads:
-    """`DeviceOverheads` measured on a CUDA device: run once before a plan is made there."""
-    return overheads_from(read_overheads(device))
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensors made and still alive while the mode is on (inputs, weights and
-    views of them excluded): the eager activation peak, countable on the meta device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._counted: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._counted.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            id(t.untyped_storage())
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()  # one Python object per storage, freed with it
-            key = id(storage)
-            if key in inputs or key in self._counted:
-                continue
-            self._counted.add(key)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
-
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (a quantized module's packed weights too)."""
-    tensors = itertools.chain(module.parameters(), module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _activation_peak(run: Callable[[], object]) -> int:
-    mode = LiveBytes()
-    with torch.no_grad(), mode:
-        run()
-    return mode.peak
-
-
 @dataclass(frozen=True)
 class LMSizes:
     """Bytes of one LM layout, counted on the meta device."""
@@ -280,11 +183,6 @@ class CodecSizes:
     scalar_activations: int  # the scalar decoder over a window
 
 
-def _traced_flavor(flavor: LlamaFlavor) -> LlamaFlavor:
-    """`flavor` with only the layers the size counts trace (`TRACED_LAYERS`)."""
-    return replace(flavor, num_layers=min(flavor.num_layers, TRACED_LAYERS))
-
-
 def kv_positions(config: LMConfig, max_frames: int) -> int:
     """Cache positions of the static engine for a PROMPT_TOKENS prompt and `max_frames` frames
     (rounded up to its CAPACITY_STEP, at most the context)."""
@@ -292,86 +190,106 @@ def kv_positions(config: LMConfig, max_frames: int) -> int:
     return min(math.ceil(positions / CAPACITY_STEP) * CAPACITY_STEP, config.backbone.max_seq_len)
 
 
+def dtype_name(dtype: object) -> str:
+    """A torch dtype's name ("bfloat16"), from the dtype or the name, without importing torch."""
+    return str(dtype).removeprefix("torch.")
+
+
+def bnb_installed() -> bool:
+    """Whether bitsandbytes is installed, found without importing it (the import takes seconds):
+    all a plan needs to know (`quant.fast.bnb_available` imports it, before NF4 runs)."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+# -- sizes, remembered --------------------------------------------------------------------
+# Counting on the meta device costs seconds (importing torch and tracing), for numbers that
+# depend only on the inputs, torch's version and the model code: each one is kept in a file of
+# `size_cache_dir()`, named by a hash of all of these, so a plan made before is made again
+# without torch. A file that cannot be read or written is counted again, never an error.
+
+# The sources the sizes come from (relative to the package; `quant` is installed inside it).
+_SIZED_SOURCES = ("sizing.py", "lm.py", "config.py", "codec", "quant/formats.py")
+
+
+def size_cache_dir() -> Path | None:
+    """$HEARTMULA_RT_SIZE_CACHE, else the user cache; None (no files) if that is empty."""
+    value = os.environ.get("HEARTMULA_RT_SIZE_CACHE")
+    if value is not None:
+        return Path(value).expanduser() if value else None
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return cache / "heartmula-rt" / "sizes"
+
+
+@functools.cache
+def _code_version() -> str:
+    """torch's version and a hash of the sources the sizes are counted from."""
+    package = Path(__file__).parent
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # torch from a source tree: hash it alone
+        torch_version = "unknown"
+    digest = hashlib.sha256(torch_version.encode())
+    for name in _SIZED_SOURCES:
+        path = package / name
+        if name.startswith("quant/"):
+            spec = importlib.util.find_spec("heartmula_rt.quant")
+            path = Path(spec.origin).parent / name.removeprefix("quant/")
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def _remembered(kind: type, key: list, count) -> object:
+    """The `kind` sizes of `key` from the cache folder, or `count()`, then kept there."""
+    folder = size_cache_dir()
+    name = hashlib.sha256(json.dumps([kind.__name__, *key, _code_version()]).encode()).hexdigest()
+    path = None if folder is None else folder / f"{name}.json"
+    if path is not None:
+        try:
+            return kind(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass
+    sizes = count()
+    if path is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=folder, delete=False) as f:
+                json.dump(asdict(sizes), f)
+            os.replace(f.name, path)
+        except OSError:
+            pass
+    return sizes
+
+
 @functools.lru_cache(maxsize=32)
-def lm_sizes(
-    config: LMConfig, dtype: torch.dtype, quant: str, rows: int, positions: int
-) -> LMSizes:
-    traced = replace(
-        config, backbone=_traced_flavor(config.backbone), decoder=_traced_flavor(config.decoder)
-    )
-    with torch.device("meta"):
-        lm = HeartMuLa(traced).to(dtype)
-    quantize_model(lm, quant)
-    cache = lm.new_cache(rows, positions)
-    # Each stack's bytes and KV cache as built, and its layers left out, counted as its first.
-    weights, kv = module_bytes(lm), 0
-    for stack, caches, flavor in (
-        (lm.backbone, cache.backbone, config.backbone),
-        (lm.decoder, cache.decoder, config.decoder),
-    ):
-        left_out = flavor.num_layers - len(stack.layers)
-        weights += left_out * module_bytes(stack.layers[0])
-        kv += (len(caches) + left_out) * (caches[0].k.nbytes + caches[0].v.nbytes)
+def lm_sizes(config: LMConfig, dtype: object, quant: str, rows: int, positions: int) -> LMSizes:
+    """The bytes of one LM layout (`sizing.lm_sizes`, remembered)."""
+    dtype = dtype_name(dtype)
 
-    def prompt_step() -> None:
-        ids = torch.zeros(min(PROMPT_TOKENS, positions), dtype=torch.long, device="meta")
-        last, _ = lm.backbone_step(lm.embed_prompt(ids, 0, rows), 0, cache)
-        token = torch.zeros(rows, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
-        lm.decoder_step(token + last[:, None], 0, cache, 1)
+    def count() -> LMSizes:
+        import torch  # noqa: PLC0415  (only when the sizes are not known yet)
 
-    def frame_step() -> None:
-        """One frame's backbone step reading every cached position, then its first decoder
-        step (the widest; sampling's few [rows, vocab] rows are below both). On meta, SDPA
-        takes its math path (float32 copies of K and V) and quantized linears their plain one,
-        so this bounds the GPU's fused kernels from above."""
-        frame = torch.zeros(rows, config.audio_num_codebooks, dtype=torch.long, device="meta")
-        last, _ = lm.backbone_step(lm.embed_frame(frame), positions - 1, cache)
-        token = torch.zeros(rows, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
-        lm.decoder_step(token + last[:, None], 0, cache, 1)
+        from .sizing import lm_sizes as counted  # noqa: PLC0415
 
-    return LMSizes(
-        weights=weights,
-        text_embeddings=module_bytes(lm.text_embeddings),
-        backbone_layer=module_bytes(lm.backbone.layers[0]),
-        num_backbone_layers=config.backbone.num_layers,
-        kv_cache=kv,
-        workspace=_activation_peak(prompt_step),
-        frame_workspace=_activation_peak(frame_step),
-    )
+        return counted(config, getattr(torch, dtype), quant, rows, positions)
+
+    key = [repr(config), dtype, quant, rows, positions, TRACED_LAYERS]
+    return _remembered(LMSizes, key, count)
 
 
 @functools.lru_cache(maxsize=8)
-def codec_sizes(config: CodecConfig, dtype: torch.dtype) -> CodecSizes:
-    blocks = (config.num_layers, config.num_layers_2)  # of each DiT stage
-    built = [min(n, TRACED_LAYERS) for n in blocks]
-    with torch.device("meta"):
-        codec = HeartCodec(replace(config, num_layers=built[0], num_layers_2=built[1]))
-        codec.to(dtype)
-    for part in codec.float32_parts():  # as checkpoint.load_codec
-        part.float()
-    est = codec.flow_matching.estimator
-    block_bytes = [module_bytes(s[0]) for s in (est.transformer_blocks, est.transformer_blocks_2)]
-    stages = list(zip(blocks, built, block_bytes, strict=True))
-    frames = LATENTS_PER_CODE * WINDOW
-    latents = torch.zeros(1, frames, config.out_channels, device="meta")
-    mu = torch.zeros(1, frames, config.dim, dtype=dtype, device="meta")
-    streams = config.out_channels // config.latent_hidden_dim
+def codec_sizes(config: CodecConfig, dtype: object) -> CodecSizes:
+    """The bytes of the codec with its DiT blocks at `dtype` (`sizing.codec_sizes`, remembered)."""
+    dtype = dtype_name(dtype)
 
-    def ode_step() -> None:
-        codec.flow_matching.sample(
-            mu, latents, latents, 0, num_steps=1, guidance_scale=DEFAULT_CODEC.guidance_scale
-        )
+    def count() -> CodecSizes:
+        import torch  # noqa: PLC0415
 
-    def scalar() -> None:
-        codec.scalar_model(torch.zeros(streams, config.latent_hidden_dim, frames, device="meta"))
+        from .sizing import codec_sizes as counted  # noqa: PLC0415
 
-    return CodecSizes(
-        weights=module_bytes(codec) + sum((n - k) * b for n, k, b in stages),
-        dit_blocks=sum(n * b for n, _, b in stages),
-        dit_ring=sum(min(OFFLOAD_SLOTS, n) * b for n, _, b in stages),
-        dit_activations=_activation_peak(ode_step),
-        scalar_activations=_activation_peak(scalar),
-    )
+        return counted(config, getattr(torch, dtype))
+
+    return _remembered(CodecSizes, [repr(config), dtype, TRACED_LAYERS], count)
 
 
 @dataclass(frozen=True)
@@ -380,8 +298,8 @@ class MemoryPlan:
 
     budget_bytes: int
     max_frames: int
-    lm_dtype: torch.dtype
-    codec_dtype: torch.dtype
+    lm_dtype: str  # torch's names: "bfloat16", ...
+    codec_dtype: str  # the codec DiT blocks'
     quant: str
     text_embeddings_on_gpu: bool
     offloaded_lm_layers: int  # backbone layers streamed from pinned host memory
@@ -394,6 +312,10 @@ class MemoryPlan:
     lm_phase_bytes: int  # model tensors allocated by torch while the LM makes frames
     codec_phase_bytes: int  # model tensors allocated by torch while the codec decodes
     overheads: DeviceOverheads = DEFAULT_OVERHEADS  # the context and workspaces planned with
+
+    def __post_init__(self) -> None:  # dtypes given as torch dtypes are kept by name
+        object.__setattr__(self, "lm_dtype", dtype_name(self.lm_dtype))
+        object.__setattr__(self, "codec_dtype", dtype_name(self.codec_dtype))
 
     @property
     def lm_phase_peak(self) -> int:
@@ -463,7 +385,7 @@ _CHEAP_LAYOUTS = (
 _CODEC_OFFLOAD_LAYOUTS = ((False, "offload", "cache_freed"), (False, "offload", "released"))
 
 
-def _quant_order(config: LMConfig, dtype: torch.dtype, rows: int, positions: int) -> Iterator[str]:
+def _quant_order(config: LMConfig, dtype: str, rows: int, positions: int) -> Iterator[str]:
     """none, int8, int4, then nf4 only where it is smaller than int4 and bitsandbytes, its
     only fast path on a GPU, is installed. Lazily: the sizes of int4 and nf4 are counted only
     once a plan gets past int4, which most budgets never do."""
@@ -481,11 +403,13 @@ def candidate_plans(
     budget_bytes: int,
     max_frames: int,
     cfg_rows: int,
-    lm_dtype: torch.dtype,
-    codec_dtype: torch.dtype,
+    lm_dtype: object,
+    codec_dtype: object,
     overheads: DeviceOverheads = DEFAULT_OVERHEADS,
 ) -> Iterator[MemoryPlan]:
-    """Every plan the planner considers, fastest first (the last is the most frugal)."""
+    """Every plan the planner considers, fastest first (the last is the most frugal). The
+    dtypes are torch dtypes or their names."""
+    lm_dtype, codec_dtype = dtype_name(lm_dtype), dtype_name(codec_dtype)
     positions = kv_positions(lm_config, max_frames)
     codec = codec_sizes(codec_config, codec_dtype)
     base = {
@@ -534,8 +458,8 @@ def plan_memory(
     *,
     max_frames: int,
     cfg_rows: int = 2,
-    lm_dtype: torch.dtype = torch.bfloat16,
-    codec_dtype: torch.dtype = torch.float32,
+    lm_dtype: object = "bfloat16",
+    codec_dtype: object = "float32",
     overheads: DeviceOverheads = DEFAULT_OVERHEADS,
 ) -> MemoryPlan:
     """The fastest plan that fits `budget_bytes` with its headroom (`overheads`: measured on
@@ -574,6 +498,8 @@ def preset_configs(lm_preset: str = "3B") -> tuple[LMConfig, CodecConfig]:
 
 def checkpoint_configs(root: Path) -> tuple[LMConfig, CodecConfig]:
     """A checkpoint folder's configs, from config.json and the safetensors headers only."""
+    from .checkpoint import CODEC_DIR, LM_DIR, load_codec_config, load_lm_config  # torch
+
     return load_lm_config(Path(root) / LM_DIR), load_codec_config(Path(root) / CODEC_DIR)
 
 
@@ -588,7 +514,7 @@ def _mib(n: int) -> str:
 def format_plan(plan: MemoryPlan) -> str:
     """The plan as a few lines for the terminal."""
     n, k = plan.num_backbone_layers, plan.offloaded_lm_layers
-    dtype = str(plan.lm_dtype).removeprefix("torch.")
+    dtype = plan.lm_dtype
     layers = (
         f"{k} of {n} backbone layers streamed from pinned host memory"
         if k
@@ -615,8 +541,7 @@ def format_plan(plan: MemoryPlan) -> str:
             f"  LM: {dtype}, quantization {plan.quant}; {layers}; text embeddings {text}",
             f"  KV cache: {plan.kv_positions} positions × {plan.kv_rows} rows (2: guidance), "
             f"{_gib(plan.kv_bytes)}",
-            f"  codec: {str(plan.codec_dtype).removeprefix('torch.')} DiT, {codec}; "
-            f"LM during codec decode: {during}",
+            f"  codec: {plan.codec_dtype} DiT, {codec}; LM during codec decode: {during}",
             f"  overheads ({source}): CUDA context {_gib(o.cuda_context)}; cuBLAS workspaces "
             f"{o.matmul_streams} streams × {_mib(o.cublas_workspace)}; cuDNN workspace "
             f"{_mib(o.cudnn_workspace)} (codec phase); Triton autotune "

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch import Tensor, nn
 
 from .codec import HeartCodec
-from .config import CODEC_PRESETS, LM_PRESETS, CodecConfig, GenConfig, LMConfig
+from .config import CODEC_FOR_LM, CODEC_PRESETS, LM_PRESETS, CodecConfig, GenConfig, LMConfig
 from .errors import UserError
 from .lm import HeartMuLa
 from .prompt import Prompt
@@ -25,9 +25,6 @@ _SAMPLE_TEXT = """piano happy wedding rock energetic metal pop ballad electronic
 [intro] [verse] [chorus] [bridge] [outro] the sun creeps in across the floor
 i hear the traffic outside the door every day the light returns la la la
 hello world we sing along through the night and into the morning light"""
-
-# The codec whose codebook fits each LM preset's audio vocabulary (codebook + 5 ids).
-CODEC_FOR_LM = {"tiny": "tiny", "mid": "tiny", "3B": "full", "7B": "full"}
 
 
 def random_tensor(key: str, shape: tuple[int, ...], g: torch.Generator) -> Tensor:

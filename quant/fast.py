@@ -20,7 +20,6 @@ stored formats stay the cache's layout: swap after saving.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections import Counter
 
@@ -63,15 +62,10 @@ class Int8TritonLinear(Int8Linear):
         return torch.ops.heartmula_rt.int8_weight_matmul(x, self.weight, self.scale)
 
 
-def bnb_installed() -> bool:
-    """Whether bitsandbytes is installed, found without importing it (the import takes seconds):
-    all a plan needs to know. `bnb_available` imports it, before NF4 runs."""
-    return importlib.util.find_spec("bitsandbytes") is not None
-
-
 def bnb_available() -> bool:
     """Whether bitsandbytes imports; importing it registers torch.ops.bitsandbytes. Lazy: it
-    logs a line about its CPU kernels on import, which a run without NF4 need not see."""
+    logs a line about its CPU kernels on import, which a run without NF4 need not see (a plan
+    only asks whether it is installed: `planner.bnb_installed`)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from heartmula_rt.config import QUANT_MODES
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
 
-QUANT_MODES = ("none", "int8", "nf4", "int4")
 NF4_BLOCK = 64
 INT4_GROUP = 128
 INT4_MID = 8  # the int4 code the group's zero stands for

@@ -30,16 +30,22 @@ SHARED = Path(
 
 
 @pytest.fixture(scope="session", autouse=True)
-def quant_cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    """Quantized-model caches go to a temporary folder, never the user's cache."""
-    path = tmp_path_factory.mktemp("quant-cache")
-    old = os.environ.get("HEARTMULA_RT_CACHE")
-    os.environ["HEARTMULA_RT_CACHE"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["HEARTMULA_RT_CACHE"]
-    else:
-        os.environ["HEARTMULA_RT_CACHE"] = old
+def cache_dirs(tmp_path_factory: pytest.TempPathFactory):
+    """Quantized-model caches and the planner's remembered sizes go to temporary folders, fresh
+    for the session, never the user's cache."""
+    saved = {}
+    for variable, name in (
+        ("HEARTMULA_RT_CACHE", "quant-cache"),
+        ("HEARTMULA_RT_SIZE_CACHE", "size-cache"),
+    ):
+        saved[variable] = os.environ.get(variable)
+        os.environ[variable] = str(tmp_path_factory.mktemp(name))
+    yield
+    for variable, old in saved.items():
+        if old is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = old
 
 
 @pytest.fixture(scope="session")

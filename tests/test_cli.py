@@ -17,6 +17,7 @@ import torch
 import tqdm
 
 import heartmula_rt
+import heartmula_rt.audio
 from heartmula_rt import cli
 from heartmula_rt.audio import write_audio
 from heartmula_rt.checkpoint import LM_DIR
@@ -144,7 +145,7 @@ def test_a_failed_codec_keeps_the_frames(tiny_ckpt: Path, tmp_path: Path, capsys
     def disk_full(*args, **kwargs):
         raise heartmula_rt.UserError("could not write song.wav (No space left on device)")
 
-    monkeypatch.setattr(cli, "write_audio", disk_full)
+    monkeypatch.setattr(heartmula_rt.audio, "write_audio", disk_full)
     code, _, err = run(gen_args(tiny_ckpt, tmp_path / "song.wav"), capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("heartmula-rt: error: could not write song.wav")

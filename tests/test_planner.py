@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +25,6 @@ from heartmula_rt.planner import (
     HEADROOM_MIN_BYTES,
     TABLE_BUDGETS_GIB,
     GiB,
-    LiveBytes,
     MiB,
     OverheadReadings,
     candidate_plans,
@@ -32,12 +32,12 @@ from heartmula_rt.planner import (
     codec_sizes,
     kv_positions,
     lm_sizes,
-    measure_overheads,
     overheads_from,
     parse_vram,
     plan_memory,
     preset_configs,
 )
+from heartmula_rt.sizing import LiveBytes, measure_overheads
 
 LM_CONFIG, CODEC_CONFIG = preset_configs("3B")
 FRAMES_240S = 3000  # 240 s at 12.5 frames per second
@@ -124,6 +124,7 @@ def counted(forward, calls: collections.Counter, name: str):
 
 def test_a_plan_traces_the_same_layers_however_deep_the_model(tiny_ckpt, monkeypatch) -> None:
     # Tracing every layer of every quantization made `heartmula-rt plan` take seconds.
+    monkeypatch.setenv("HEARTMULA_RT_SIZE_CACHE", "")  # count every time: no files
     traced = collections.Counter()
     for block in (lm.TransformerBlock, dit.Block):
         monkeypatch.setattr(block, "forward", counted(block.forward, traced, block.__name__))
@@ -396,3 +397,48 @@ def test_planning_changes_no_module() -> None:
         )
     ]
     assert not held  # no registry of models or host copies
+
+
+PLAN_12G = """
+import sys
+from heartmula_rt.cli import main
+code = main(["plan", "--vram", "12G", *sys.argv[1:]])
+print("torch imported" if "torch" in sys.modules else "no torch", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def plan_in_a_process(cache: Path, *args: str) -> tuple[str, str]:
+    """`heartmula-rt plan --vram 12G ARGS` in a fresh interpreter: (plan, whether torch loaded)."""
+    env = {**os.environ, "HEARTMULA_RT_SIZE_CACHE": str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-c", PLAN_12G, *args], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr.strip().splitlines()[-1]
+
+
+def test_a_plan_made_before_is_made_without_torch(tmp_path: Path) -> None:
+    """Sizes are counted once (torch, meta traces) and remembered: the same plan again needs
+    neither torch nor a trace, and prints the same."""
+    cache = tmp_path / "sizes"
+    first, loaded = plan_in_a_process(cache)
+    assert loaded == "torch imported" and list(cache.glob("*.json"))
+    again, loaded = plan_in_a_process(cache)
+    assert (again, loaded) == (first, "no torch")
+    files = len(list(cache.glob("*.json")))
+    plan_in_a_process(cache, "--max-seconds", "60")  # another KV cache: counted anew
+    assert len(list(cache.glob("*.json"))) > files
+
+
+def test_damaged_or_unwritable_size_files_are_counted_again(tmp_path: Path) -> None:
+    cache = tmp_path / "sizes"
+    first, _ = plan_in_a_process(cache)
+    for path in cache.glob("*.json"):
+        path.write_text('{"weights": ')  # cut short
+    again, loaded = plan_in_a_process(cache)
+    assert again == first and loaded == "torch imported"
+    assert plan_in_a_process(cache) == (first, "no torch")  # written again, whole
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    assert plan_in_a_process(blocked)[0] == first  # nowhere to keep them: still a plan

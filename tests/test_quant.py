@@ -31,8 +31,8 @@ from heartmula_rt.config import LM_PRESETS, GenConfig, LMConfig
 from heartmula_rt.decode import generate_frames
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
-from heartmula_rt.planner import module_bytes
 from heartmula_rt.request import SamplingParams
+from heartmula_rt.sizing import module_bytes
 from heartmula_rt.synthetic import synthetic_models, synthetic_prompt
 
 FORMATS = {"int8": Int8Linear, "nf4": NF4Linear, "int4": Int4Linear}

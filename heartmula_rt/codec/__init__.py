@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from ..config import CodecConfig
+from ..config import CODEC_PRECISIONS, CodecConfig
 from ..errors import UserError
 from ..request import DEFAULT_CODEC, CodecParams
 from ..side_stream import SideStream
@@ -31,9 +31,8 @@ __all__ = ["CODEC_DTYPES", "HeartCodec", "WindowDecoder", "sanitize_codes"]
 
 # name → (weight dtype of the DiT's blocks, of everything else)
 CODEC_DTYPES = {
-    "mixed": (torch.bfloat16, torch.float32),
-    "float32": (torch.float32, torch.float32),
-    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    name: (getattr(torch, blocks), getattr(torch, rest))
+    for name, (blocks, rest) in CODEC_PRECISIONS.items()
 }
 
 
@@ -52,11 +51,6 @@ FLOAT32_PARTS = (
     "flow_matching.estimator.proj_out",
     "scalar_model",
 )
-
-
-def default_codec_dtype(device: torch.device) -> str:
-    """`mixed` on a GPU (bfloat16 tensor cores), `float32` on the CPU (no fast bfloat16)."""
-    return "mixed" if device.type == "cuda" else "float32"
 
 
 class HeartCodec(nn.Module):
