@@ -81,7 +81,11 @@ def child(args: argparse.Namespace) -> None:
         wav = run()
         seconds[name] = round(time.perf_counter() - start, 4)
         hashes[name] = sha256(wav)
-    result = {"threads": pipe.threads, "frames_sha256": sha256(frames.numpy())}
+    result = {
+        "engine": pipe.engine.name,
+        "threads": pipe.threads,
+        "frames_sha256": sha256(frames.numpy()),
+    }
     print(json.dumps({**result, "audio_sha256": hashes, "seconds": seconds}))
 
 
@@ -169,6 +173,7 @@ def main() -> None:
                 {
                     "condition": condition,
                     "setting": name,
+                    "engine": raw[name][0]["engine"],
                     "threads": raw[name][0]["threads"],
                     "wait_policy": wait,
                     "median_s": {path: statistics.median(s) for path, s in seconds.items()},

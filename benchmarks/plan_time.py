@@ -43,7 +43,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from heartmula_rt.bench import _commit  # noqa: PLC0415
 
-    runs = {}
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in args.budgets.split(","):
             first, again = [], []
@@ -51,15 +51,21 @@ def main() -> None:
                 cache = Path(tmp) / f"{budget}-{i}"
                 first.append(round(seconds(["plan", "--vram", budget], cache), 3))
                 again.append(round(seconds(["plan", "--vram", budget], cache), 3))
-            runs[f"plan --vram {budget}"] = {
-                "first_s": statistics.median(first),
-                "again_s": statistics.median(again),
-                "raw_first_s": first,
-                "raw_again_s": again,
-            }
-            print(budget, runs[f"plan --vram {budget}"], file=sys.stderr)
+            runs.append(
+                {
+                    "name": f"plan --vram {budget}",
+                    "engine": None,  # a plan runs no LM engine
+                    "first_s": statistics.median(first),
+                    "again_s": statistics.median(again),
+                    "raw_first_s": first,
+                    "raw_again_s": again,
+                }
+            )
+            print(runs[-1], file=sys.stderr)
         help_s = [round(seconds(["--help"], Path(tmp) / "help"), 3) for _ in range(args.repeats)]
-    runs["--help"] = {"median_s": statistics.median(help_s), "raw_s": help_s}
+    runs.append(
+        {"name": "--help", "engine": None, "median_s": statistics.median(help_s), "raw_s": help_s}
+    )
     result = {
         "device": {"cpu": platform.processor() or "cpu", "cpu_count": os.cpu_count()},
         "python": platform.python_version(),
