@@ -8,7 +8,6 @@ does not depend on the engine and is timed once, on the first engine's frames.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -452,41 +451,6 @@ class BenchConfig:
         return replace(self.pipeline, vram=budget, engine=self.engines[0], max_seconds=seconds)
 
 
-def bench_config(args: argparse.Namespace) -> BenchConfig:
-    """`heartmula-rt bench`'s arguments as a `BenchConfig` (every input checked here)."""
-    given = args.model_path
-    source = {"synthetic": args.synthetic} if given is None else {"model_path": given}
-    pipeline = PipelineConfig(
-        **source,
-        device=args.device,
-        dtype=args.dtype,
-        codec_dtype=args.codec_dtype,
-        threads=args.threads,
-    )
-    settings = {
-        k: getattr(args, k)
-        for k in ("max_seconds", "topk", "temperature", "cfg_scale")
-        if getattr(args, k) is not None
-    }
-    # Text only to carry the settings: the benchmark's prompt is made below, not from it.
-    request = SongRequest.of("bench", **settings, seed=args.seed, stop_at_eos=False)
-    return BenchConfig(
-        pipeline=pipeline,
-        engines=tuple(parse_engines(args.engines, pipeline.torch_device)),
-        quant_modes=tuple(parse_quant_modes(args.quant)),
-        vram_budgets=tuple(b.strip() for b in (args.vram or "").split(",") if b.strip()),
-        sampling=request.sampling,
-        prompt_len=args.prompt_len,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        codec_repeats=args.codec_repeats,
-        codec=not args.no_codec,
-        greedy_frames=args.greedy_frames,
-        out_dir=args.out_dir,
-        name=args.name,
-    )
-
-
 def bench_prompt(pipe: Pipeline, config: BenchConfig) -> Prompt:
     """Random ids of `prompt_len` (DEFAULT_PROMPT_LEN) for synthetic models; for a checkpoint
     the prompt of a built-in short song."""
@@ -625,17 +589,6 @@ def _settings(config: BenchConfig, pipe: PipelineConfig, quant: str, prompt_len:
         "max_seconds": sampling.max_frames * FRAME_MS / 1000,
         "prompt_len": prompt_len,
     }
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.plot is not None:
-        png, *files = args.plot
-        if not files:
-            raise UserError("--plot needs the PNG to write, then at least one results file")
-        plot_results(files, png)
-        print(f"wrote {png}")
-        return 0
-    return run_bench(bench_config(args))
 
 
 def run_bench(config: BenchConfig) -> int:

@@ -37,6 +37,7 @@ from .request import DEFAULT_MAX_SECONDS, SamplingParams, SongRequest, max_frame
 if TYPE_CHECKING:  # torch loads with the commands that run a model, not with `plan` or --help
     import torch
 
+    from .bench import BenchConfig
     from .pipeline import Pipeline, PipelineConfig
 
 EXIT_USER_ERROR = 2
@@ -84,28 +85,57 @@ def read_text_arg(value: str, flag: str) -> str:
 _SONG_FLAGS = ("max_seconds", "topk", "temperature", "cfg_scale", "seed")
 
 
+def _song_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The song settings given on the command line (`_add_song_options`, --seed)."""
+    return {k: getattr(args, k) for k in _SONG_FLAGS if getattr(args, k) is not None}
+
+
 def song_request(args: argparse.Namespace) -> SongRequest:
     """The song `gen`'s arguments ask for: texts read as `read_text_arg` says, settings given
     on the command line, the request's own defaults for the rest."""
     if args.tags == "-" and args.lyrics == "-":
         raise UserError("only one of --tags and --lyrics can read stdin (-)")
-    settings = {k: getattr(args, k) for k in _SONG_FLAGS if getattr(args, k) is not None}
     tags, lyrics = read_text_arg(args.tags, "--tags"), read_text_arg(args.lyrics, "--lyrics")
-    return SongRequest.of(tags, lyrics, **settings)
+    return SongRequest.of(tags, lyrics, **_song_settings(args))
 
 
 def pipeline_config(args: argparse.Namespace, **fields: object) -> PipelineConfig:
-    """The `PipelineConfig` of the model options (`_add_model_options`) and `fields`."""
+    """The `PipelineConfig` of the model options (`_add_model_options`), `fields` over them."""
     from .pipeline import PipelineConfig
 
-    return PipelineConfig(
-        model_path=_model_path(args.model_path),
-        device=args.device,
-        dtype=args.dtype,
-        codec_dtype=args.codec_dtype,
-        quant=args.quant,
-        threads=args.threads,
-        **fields,
+    options = {
+        "model_path": _model_path(args.model_path),
+        "device": args.device,
+        "dtype": args.dtype,
+        "codec_dtype": args.codec_dtype,
+        "quant": args.quant,
+        "threads": args.threads,
+    }
+    return PipelineConfig(**{**options, **fields})
+
+
+def bench_config(args: argparse.Namespace) -> BenchConfig:
+    """`heartmula-rt bench`'s arguments as a `BenchConfig` (every input checked here)."""
+    from .bench import BenchConfig, parse_engines, parse_quant_modes
+
+    synthetic = {"model_path": None, "synthetic": args.synthetic} if args.model_path is None else {}
+    pipeline = pipeline_config(args, quant="none", **synthetic)  # quant: set per mode
+    # Text only to carry the settings: the benchmark's prompt is made from the model.
+    request = SongRequest.of("bench", **_song_settings(args), stop_at_eos=False)
+    return BenchConfig(
+        pipeline=pipeline,
+        engines=tuple(parse_engines(args.engines, pipeline.torch_device)),
+        quant_modes=tuple(parse_quant_modes(args.quant)),
+        vram_budgets=tuple(b.strip() for b in (args.vram or "").split(",") if b.strip()),
+        sampling=request.sampling,
+        prompt_len=args.prompt_len,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        codec_repeats=args.codec_repeats,
+        codec=not args.no_codec,
+        greedy_frames=args.greedy_frames,
+        out_dir=args.out_dir,
+        name=args.name,
     )
 
 
@@ -492,13 +522,20 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="only draw: --plot OUT.png RESULTS.json [RESULTS.json ...]",
     )
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=cmd_bench)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import cmd_bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import plot_results, run_bench
 
-    return cmd_bench(args)
+    if args.plot is not None:
+        png, *files = args.plot
+        if not files:
+            raise UserError("--plot needs the PNG to write, then at least one results file")
+        plot_results(files, png)
+        print(f"wrote {png}")
+        return 0
+    return run_bench(bench_config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

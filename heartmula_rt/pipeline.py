@@ -37,7 +37,14 @@ from .errors import UserError
 from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .placement import Placement
-from .planner import MemoryPlan, checkpoint_configs, parse_vram, plan_memory, preset_configs
+from .planner import (
+    MemoryPlan,
+    checkpoint_configs,
+    dtype_name,
+    parse_vram,
+    plan_memory,
+    preset_configs,
+)
 from .prompt import Prompt, build_prompt
 from .quant import check_mode, quantize_model
 from .quant.cache import load_quantized_lm
@@ -144,7 +151,7 @@ class PipelineConfig:
         resolved = {
             "model_path": None if self.model_path is None else Path(self.model_path),
             "device": str(device),
-            "dtype": _dtype_name(parse_dtype(self.dtype or default_dtype(device))),
+            "dtype": dtype_name(parse_dtype(self.dtype or default_dtype(device))),
             "codec_dtype": check_codec_dtype(self.codec_dtype or default_codec_dtype(device)),
             "engine": engine,
             "threads": resolve_threads(self.threads),
@@ -164,10 +171,6 @@ class PipelineConfig:
     def codec_weights_dtype(self) -> torch.dtype:
         """What the codec's DiT blocks load as (the precision mode's first dtype)."""
         return CODEC_DTYPES[self.codec_dtype][0]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 SongArg = SongRequest | str
