@@ -1,11 +1,10 @@
-"""Wall time of `heartmula-rt plan` (the 3B model's sizes, no weights): the first plan of a model
-and song length (sizes counted: torch imported, meta traces) and the same plan again (sizes
-remembered: no torch), per budget, and `heartmula-rt --help` beside them.
+"""Wall time of `heartmula-rt plan` (the 3B model, no weights) per budget and song length, with
+`heartmula-rt --help` and `python -c "import torch"` beside them for scale.
 
     python benchmarks/plan_time.py --out benchmarks/results/plan_time-<date>.json
 
-Each measurement is a fresh process, as a user runs the command; every "first" run gets an empty
-size folder of its own (HEARTMULA_RT_SIZE_CACHE), and its "again" run reuses that folder.
+Each measurement is a fresh process, as a user runs the command. Nothing is remembered between
+runs: every plan works its sizes out from the configs.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,10 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 COMMAND = [sys.executable, "-m", "heartmula_rt.cli"]
 
 
-def seconds(args: list[str], cache: Path) -> float:
-    env = {**os.environ, "HEARTMULA_RT_SIZE_CACHE": str(cache)}
+def seconds(args: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run([*COMMAND, *args], env=env, check=True, capture_output=True)
+    subprocess.run(args, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -38,34 +35,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the results JSON to write")
     parser.add_argument("--budgets", default="12G,6G", help="comma list (12G,6G)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each (3)")
+    parser.add_argument("--lengths", default="240,60", help="--max-seconds, comma list (240,60)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each (5)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from heartmula_rt.bench import _commit  # noqa: PLC0415
 
+    commands = [
+        (
+            f"plan --vram {budget} --max-seconds {length}",
+            [*COMMAND, "plan", "--vram", budget, "--max-seconds", length],
+        )
+        for budget in args.budgets.split(",")
+        for length in args.lengths.split(",")
+    ]
+    commands += [
+        ("--help", [*COMMAND, "--help"]),
+        ("import torch", [sys.executable, "-c", "import torch"]),
+    ]
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for budget in args.budgets.split(","):
-            first, again = [], []
-            for i in range(args.repeats):
-                cache = Path(tmp) / f"{budget}-{i}"
-                first.append(round(seconds(["plan", "--vram", budget], cache), 3))
-                again.append(round(seconds(["plan", "--vram", budget], cache), 3))
-            runs.append(
-                {
-                    "name": f"plan --vram {budget}",
-                    "engine": None,  # a plan runs no LM engine
-                    "first_s": statistics.median(first),
-                    "again_s": statistics.median(again),
-                    "raw_first_s": first,
-                    "raw_again_s": again,
-                }
-            )
-            print(runs[-1], file=sys.stderr)
-        help_s = [round(seconds(["--help"], Path(tmp) / "help"), 3) for _ in range(args.repeats)]
-    runs.append(
-        {"name": "--help", "engine": None, "median_s": statistics.median(help_s), "raw_s": help_s}
-    )
+    for name, command in commands:
+        raw = [round(seconds(command), 3) for _ in range(args.repeats)]
+        # a plan runs no LM engine
+        runs.append(
+            {"name": name, "engine": None, "median_s": statistics.median(raw), "raw_s": raw}
+        )
+        print(runs[-1], file=sys.stderr)
     result = {
         "device": {"cpu": platform.processor() or "cpu", "cpu_count": os.cpu_count()},
         "python": platform.python_version(),

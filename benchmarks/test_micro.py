@@ -17,7 +17,7 @@ import torch
 from heartmula_rt.quant.fast import fast_module
 from heartmula_rt.quant.formats import FORMATS
 
-from heartmula_rt.codec.detokenize import WINDOW
+from heartmula_rt.config import WINDOW
 from heartmula_rt.decode import Sampler, decode_one_frame, prefill
 from heartmula_rt.engine import make_engine
 from heartmula_rt.prompt import Prompt

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .codec import HeartCodec
-from .codec.detokenize import WINDOW
 from .codec.scalar import DECODE_CHUNK, largest_activation_bytes
+from .config import WINDOW
 from .decode import check_length
 from .engine import (
     ENGINES,

@@ -57,11 +57,11 @@ def _model_path(path: Path | None) -> Path:
 
 def _fetch_weights(root: Path, given: Path | None) -> None:
     """Download the weights into the default folder if it is empty (a given folder never)."""
-    from . import checkpoint
+    from . import folder
 
-    if given is None and not (root / checkpoint.LM_DIR / "config.json").is_file():
+    if given is None and not (root / folder.LM_DIR / "config.json").is_file():
         print(f"no weights in {root}: downloading them (or pass --model-path)", file=sys.stderr)
-        checkpoint.download(root)
+        folder.download(root)
 
 
 def read_text_arg(value: str, flag: str) -> str:
@@ -395,11 +395,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from . import checkpoint
+    from . import folder
 
     root = args.model_path or default_model_path()
-    checkpoint.download(root)
-    checkpoint.check_model_path(root)
+    folder.download(root)
+    folder.check_model_path(root)
     print(f"weights are in {root}")
     return 0
 

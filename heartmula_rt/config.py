@@ -32,6 +32,20 @@ CODEC_PRECISIONS = {
 QUANT_MODES = ("none", "int8", "nf4", "int4")
 # Prompt tokens of a benchmark on synthetic weights: a typical song's tags and lyrics.
 DEFAULT_PROMPT_LEN = 256
+# The prompt a memory plan makes room for: tags plus a long lyric sheet tokenize to well under it.
+PROMPT_TOKENS = 1024
+# Ring slots of every offloaded layer stack: one layer computing while the next one copies in.
+OFFLOAD_SLOTS = 2
+
+# Structure no config.json states, shared by the modules and footprint.py (which sizes them).
+NF4_BLOCK = 64  # weights per NF4 absmax (quant/formats.py)
+INT4_GROUP = 128  # weights per int4 scale and zero
+TIMESTEP_DIM = 512  # sinusoidal timestep features of the DiT (codec/dit.py)
+DILATIONS = (1, 3, 5, 7, 9)  # the five residual units of every up-block (codec/scalar.py)
+KERNEL_SIZE = 7  # residual, post-processor and output convs
+IN_KERNEL_SIZE = 5  # decoder.0, centred (padding 2)
+WINDOW = 372  # codes per codec window, 29.76 s (codec/detokenize.py)
+LATENTS_PER_CODE = 2  # 12.5 Hz codes → 25 Hz latents
 
 
 def _device_type(device: object) -> str:

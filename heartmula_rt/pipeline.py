@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from . import checkpoint
-from .checkpoint import CODEC_DIR, LM_DIR
+from . import checkpoint, folder
 from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype
 from .config import (
     LM_DTYPES,
@@ -34,6 +33,7 @@ from .engine import (
     make_engine,
 )
 from .errors import UserError
+from .folder import CODEC_DIR, LM_DIR
 from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .placement import Placement
@@ -351,7 +351,7 @@ def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeli
     torch.set_num_threads(config.threads)  # loading converts tensors on the CPU too
     device = config.torch_device
     if config.model_path is not None:
-        checkpoint.check_model_path(config.model_path)
+        folder.check_model_path(config.model_path)
     plan = None
     if config.vram is not None:
         plan = plan_for(config)
@@ -406,12 +406,12 @@ def prepare_codec(
 def _from_checkpoint(config: PipelineConfig, quant: str, device: torch.device) -> Models:
     """A checkpoint folder's models on `device`, the LM quantized as `quant` says."""
     root = config.model_path
-    tokenizer_file = checkpoint.tokenizer_path(root)
+    tokenizer_file = folder.tokenizer_path(root)
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as e:  # tokenizers raises a bare Exception for bad files
         raise UserError(f"{tokenizer_file} is not a valid tokenizer file ({e})") from None
-    gen_config = checkpoint.load_gen_config(root)
+    gen_config = folder.load_gen_config(root)
     if quant == "none":
         lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=device, dtype=config.lm_dtype)
     else:

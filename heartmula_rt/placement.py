@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from .codec import HeartCodec
+from .config import OFFLOAD_SLOTS
 from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .offload import HostCopy, OffloadedLayers
-from .planner import OFFLOAD_SLOTS, MemoryPlan
+from .planner import MemoryPlan
 from .quant.fast import use_fast_kernels
 
 

@@ -1,15 +1,12 @@
 """Memory plans for a GPU budget (`--vram 12G`): which quantization, what sits on the GPU and what
 in host memory, where the codec lives, and the predicted peak, decided before any weight loads.
 
-Every size is exact, not estimated: sizing.py builds the LM (quantized as planned) and the codec
-on the meta device, two layers of each stack (`TRACED_LAYERS`), and counts their bytes, the KV
-cache the static engine would allocate, and the peak of live tensor bytes while one prompt step,
-one decode frame and one codec window run on meta. Counting costs seconds (torch and the traces)
-for numbers that depend only on the inputs and the code, so each is remembered in a file
-(`size_cache_dir`): this module imports no torch, and a plan made before is made again in a
-fraction of a second. What the meta device cannot see is `DeviceOverheads`: the CUDA context and
-the libraries' workspaces, measured on the GPU at load (`sizing.measure_overheads`) or, without
-one, documented figures. Every plan keeps `headroom_bytes` of the budget free beyond its peak.
+The sizes come from footprint.py, arithmetic on the configs: weights, KV caches and DiT blocks
+exact, activations bounded from above (tests hold both to counts on the meta device, sizing.py).
+Nothing here imports torch, so a plan takes milliseconds. What the configs cannot say is
+`DeviceOverheads`: the CUDA context and the libraries' workspaces, measured on the GPU at load
+(`sizing.measure_overheads`) or, without one, documented figures. Every plan keeps
+`headroom_bytes` of the budget free beyond its peak.
 
 A song has two phases: the LM decoding frames (its weights, KV cache, step workspace), then the
 codec decoding windows (its weights and one window's activations). The plan is the fastest
@@ -20,31 +17,31 @@ backbone layers streamed (offload.py) only as the last resort.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.metadata
 import importlib.util
-import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import CAPACITY_STEP, CODEC_FOR_LM, CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
+from .config import (
+    CAPACITY_STEP,
+    CODEC_FOR_LM,
+    CODEC_PRESETS,
+    LM_PRESETS,
+    OFFLOAD_SLOTS,
+    PROMPT_TOKENS,
+    CodecConfig,
+    LMConfig,
+)
 from .errors import UserError
+from .footprint import CodecSizes, LMSizes, codec_sizes, lm_sizes
 
 GiB = 2**30
 MiB = 2**20
 # Reserved exceeds allocated: the caching allocator rounds blocks up and cannot always split a
 # cached segment for a new size. 5% covers both for our few large, long-lived tensors.
 ALLOCATOR_SLACK = 0.05
-# The prompt a plan makes room for: tags plus a long lyric sheet tokenize to well under this.
-PROMPT_TOKENS = 1024
-# Ring slots of every offloaded layer stack: one layer computing while the next one copies in.
-OFFLOAD_SLOTS = 2
 # Kept free on top of every predicted peak, for what no figure here counts: kernel images that
 # load lazily after the probe (each module on its first launch: Triton's, attention's, the
 # codec's convolutions; tens of MiB each on an H100), fragmentation beyond ALLOCATOR_SLACK, and
@@ -58,12 +55,6 @@ TABLE_BUDGETS_GIB = (4, 6, 8, 12, 16, 24)
 
 CODEC_PLACEMENTS = ("resident", "after_lm", "offload")
 LM_DURING_CODEC = ("kept", "cache_freed", "released")
-# Layers of each stack (the LM's backbone and depth decoder, each DiT stage) that the size counts
-# build and trace on meta; the others are counted by arithmetic. The layers of a stack are one
-# module at one shape, so their bytes and KV caches repeat, and so do their live bytes from the
-# second layer on: the first one's input is the stack's input, which the caller holds until the
-# stack returns, and every later one's input is the layer before's output, alive beside it.
-TRACED_LAYERS = 2
 
 
 def parse_vram(text: str) -> int:
@@ -161,28 +152,6 @@ def _unreserved(total: int, free: int, reserved: int) -> int:
     return total - free - reserved
 
 
-@dataclass(frozen=True)
-class LMSizes:
-    """Bytes of one LM layout, counted on the meta device."""
-
-    weights: int  # everything, text embeddings included
-    text_embeddings: int
-    backbone_layer: int  # one backbone layer (all are identical)
-    num_backbone_layers: int
-    kv_cache: int  # the static engine's caches for the planned song
-    workspace: int  # the activation peak of the prompt step (the largest step)
-    frame_workspace: int  # a decode frame's at a full cache: the graph engine's pool keeps it
-
-
-@dataclass(frozen=True)
-class CodecSizes:
-    weights: int  # DiT (VQ, conditioning, estimator) and scalar decoder
-    dit_blocks: int  # both stages' transformer blocks: what offload streams
-    dit_ring: int  # OFFLOAD_SLOTS blocks of each stage
-    dit_activations: int  # one guided ODE step over a window
-    scalar_activations: int  # the scalar decoder over a window
-
-
 def kv_positions(config: LMConfig, max_frames: int) -> int:
     """Cache positions of the static engine for a PROMPT_TOKENS prompt and `max_frames` frames
     (rounded up to its CAPACITY_STEP, at most the context)."""
@@ -199,97 +168,6 @@ def bnb_installed() -> bool:
     """Whether bitsandbytes is installed, found without importing it (the import takes seconds):
     all a plan needs to know (`quant.fast.bnb_available` imports it, before NF4 runs)."""
     return importlib.util.find_spec("bitsandbytes") is not None
-
-
-# -- sizes, remembered --------------------------------------------------------------------
-# Counting on the meta device costs seconds (importing torch and tracing), for numbers that
-# depend only on the inputs, torch's version and the model code: each one is kept in a file of
-# `size_cache_dir()`, named by a hash of all of these, so a plan made before is made again
-# without torch. A file that cannot be read or written is counted again, never an error.
-
-# The sources the sizes come from (relative to the package; `quant` is installed inside it).
-_SIZED_SOURCES = ("sizing.py", "lm.py", "config.py", "codec", "quant/formats.py")
-
-
-def size_cache_dir() -> Path | None:
-    """$HEARTMULA_RT_SIZE_CACHE, else the user cache; None (no files) if that is empty."""
-    value = os.environ.get("HEARTMULA_RT_SIZE_CACHE")
-    if value is not None:
-        return Path(value).expanduser() if value else None
-    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-    return cache / "heartmula-rt" / "sizes"
-
-
-@functools.cache
-def _code_version() -> str:
-    """torch's version and a hash of the sources the sizes are counted from."""
-    package = Path(__file__).parent
-    try:
-        torch_version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:  # torch from a source tree: hash it alone
-        torch_version = "unknown"
-    digest = hashlib.sha256(torch_version.encode())
-    for name in _SIZED_SOURCES:
-        path = package / name
-        if name.startswith("quant/"):
-            spec = importlib.util.find_spec("heartmula_rt.quant")
-            path = Path(spec.origin).parent / name.removeprefix("quant/")
-        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(source.read_bytes())
-    return digest.hexdigest()
-
-
-def _remembered(kind: type, key: list, count) -> object:
-    """The `kind` sizes of `key` from the cache folder, or `count()`, then kept there."""
-    folder = size_cache_dir()
-    name = hashlib.sha256(json.dumps([kind.__name__, *key, _code_version()]).encode()).hexdigest()
-    path = None if folder is None else folder / f"{name}.json"
-    if path is not None:
-        try:
-            return kind(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            pass
-    sizes = count()
-    if path is not None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=folder, delete=False) as f:
-                json.dump(asdict(sizes), f)
-            os.replace(f.name, path)
-        except OSError:
-            pass
-    return sizes
-
-
-@functools.lru_cache(maxsize=32)
-def lm_sizes(config: LMConfig, dtype: object, quant: str, rows: int, positions: int) -> LMSizes:
-    """The bytes of one LM layout (`sizing.lm_sizes`, remembered)."""
-    dtype = dtype_name(dtype)
-
-    def count() -> LMSizes:
-        import torch  # noqa: PLC0415  (only when the sizes are not known yet)
-
-        from .sizing import lm_sizes as counted  # noqa: PLC0415
-
-        return counted(config, getattr(torch, dtype), quant, rows, positions)
-
-    key = [repr(config), dtype, quant, rows, positions, TRACED_LAYERS]
-    return _remembered(LMSizes, key, count)
-
-
-@functools.lru_cache(maxsize=8)
-def codec_sizes(config: CodecConfig, dtype: object) -> CodecSizes:
-    """The bytes of the codec with its DiT blocks at `dtype` (`sizing.codec_sizes`, remembered)."""
-    dtype = dtype_name(dtype)
-
-    def count() -> CodecSizes:
-        import torch  # noqa: PLC0415
-
-        from .sizing import codec_sizes as counted  # noqa: PLC0415
-
-        return counted(config, getattr(torch, dtype))
-
-    return _remembered(CodecSizes, [repr(config), dtype, TRACED_LAYERS], count)
 
 
 @dataclass(frozen=True)
@@ -387,8 +265,7 @@ _CODEC_OFFLOAD_LAYOUTS = ((False, "offload", "cache_freed"), (False, "offload", 
 
 def _quant_order(config: LMConfig, dtype: str, rows: int, positions: int) -> Iterator[str]:
     """none, int8, int4, then nf4 only where it is smaller than int4 and bitsandbytes, its
-    only fast path on a GPU, is installed. Lazily: the sizes of int4 and nf4 are counted only
-    once a plan gets past int4, which most budgets never do."""
+    only fast path on a GPU, is installed."""
     yield from ("none", "int8", "int4")
     if bnb_installed():
         nf4, int4 = (lm_sizes(config, dtype, q, rows, positions).weights for q in ("nf4", "int4"))
@@ -498,7 +375,7 @@ def preset_configs(lm_preset: str = "3B") -> tuple[LMConfig, CodecConfig]:
 
 def checkpoint_configs(root: Path) -> tuple[LMConfig, CodecConfig]:
     """A checkpoint folder's configs, from config.json and the safetensors headers only."""
-    from .checkpoint import CODEC_DIR, LM_DIR, load_codec_config, load_lm_config  # torch
+    from .folder import CODEC_DIR, LM_DIR, load_codec_config, load_lm_config
 
     return load_lm_config(Path(root) / LM_DIR), load_codec_config(Path(root) / CODEC_DIR)
 

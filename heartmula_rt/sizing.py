@@ -1,11 +1,11 @@
-"""Sizes counted on the meta device, and what the planner measures on a GPU: the torch half of
-`planner.py` (which imports this only when a size is not in its cache).
+"""Sizes counted on the meta device, and what the planner measures on a GPU.
 
-The LM (quantized as planned) and the codec are built on the meta device, `planner.TRACED_LAYERS`
-layers of each stack, and their bytes counted (`module_bytes`, the other layers as many more of
-the first); the KV cache is allocated on meta as the static engine would; activations are the
-peak of live tensor bytes while one prompt step, one decode frame (what the graph engine's
-private pool keeps) and one codec window run on meta (`LiveBytes`).
+`lm_sizes` and `codec_sizes` are the traced twins of footprint.py's arithmetic, which the tests
+hold to them: the LM (quantized as planned) and the codec are built on the meta device,
+`TRACED_LAYERS` layers of each stack, and their bytes counted (`module_bytes`, the other layers
+as many more of the first); the KV cache is allocated on meta as the static engine would;
+activations are the peak of live tensor bytes while one prompt step, one decode frame (what the
+graph engine's private pool keeps) and one codec window run on meta (`LiveBytes`).
 """
 
 from __future__ import annotations
@@ -21,23 +21,28 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import planner
 from .codec import HeartCodec
-from .codec.detokenize import LATENTS_PER_CODE, WINDOW
-from .config import CodecConfig, LlamaFlavor, LMConfig
-from .lm import HeartMuLa
-from .planner import (
+from .config import (
+    LATENTS_PER_CODE,
     OFFLOAD_SLOTS,
     PROMPT_TOKENS,
-    CodecSizes,
-    DeviceOverheads,
-    LMSizes,
-    OverheadReadings,
-    _unreserved,
-    overheads_from,
+    WINDOW,
+    CodecConfig,
+    LlamaFlavor,
+    LMConfig,
 )
+from .footprint import CodecSizes, LMSizes
+from .lm import HeartMuLa
+from .planner import DeviceOverheads, OverheadReadings, _unreserved, overheads_from
 from .quant import quantize_model
 from .request import DEFAULT_CODEC
+
+# Layers of each stack (the LM's backbone and depth decoder, each DiT stage) that the size counts
+# build and trace on meta; the others are counted by arithmetic. The layers of a stack are one
+# module at one shape, so their bytes and KV caches repeat, and so do their live bytes from the
+# second layer on: the first one's input is the stack's input, which the caller holds until the
+# stack returns, and every later one's input is the layer before's output, alive beside it.
+TRACED_LAYERS = 2
 
 
 def cuda_context_bytes(device: torch.device) -> int:
@@ -129,13 +134,13 @@ def _activation_peak(run: Callable[[], object]) -> int:
 
 def _traced_flavor(flavor: LlamaFlavor) -> LlamaFlavor:
     """`flavor` with only the layers the size counts trace (`TRACED_LAYERS`)."""
-    return replace(flavor, num_layers=min(flavor.num_layers, planner.TRACED_LAYERS))
+    return replace(flavor, num_layers=min(flavor.num_layers, TRACED_LAYERS))
 
 
 def lm_sizes(
     config: LMConfig, dtype: torch.dtype, quant: str, rows: int, positions: int
 ) -> LMSizes:
-    """The bytes of one LM layout (planner.lm_sizes remembers them)."""
+    """The bytes of one LM layout, counted (footprint.lm_sizes works them out)."""
     traced = replace(
         config, backbone=_traced_flavor(config.backbone), decoder=_traced_flavor(config.decoder)
     )
@@ -181,9 +186,9 @@ def lm_sizes(
 
 
 def codec_sizes(config: CodecConfig, dtype: torch.dtype) -> CodecSizes:
-    """The bytes of the codec at `dtype` (planner.codec_sizes remembers them)."""
+    """The bytes of the codec at `dtype`, counted (footprint.codec_sizes works them out)."""
     blocks = (config.num_layers, config.num_layers_2)  # of each DiT stage
-    built = [min(n, planner.TRACED_LAYERS) for n in blocks]
+    built = [min(n, TRACED_LAYERS) for n in blocks]
     with torch.device("meta"):
         codec = HeartCodec(replace(config, num_layers=built[0], num_layers_2=built[1]))
         codec.to(dtype)

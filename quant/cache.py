@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from heartmula_rt import __version__
-from heartmula_rt.checkpoint import load_into, load_lm_config, shard_files
+from heartmula_rt.checkpoint import load_into
+from heartmula_rt.folder import load_lm_config, shard_files
 from heartmula_rt.lm import HeartMuLa
 
 from .fast import use_fast_kernels

@@ -13,8 +13,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import LM_DIR, load_gen_config, load_lm
+from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.config import GenConfig
+from heartmula_rt.folder import LM_DIR, load_gen_config
 from heartmula_rt.lm import HeartMuLa
 
 # Without a GPU, Triton kernels run on the CPU through Triton's interpreter; it must be chosen
@@ -31,13 +32,10 @@ SHARED = Path(
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dirs(tmp_path_factory: pytest.TempPathFactory):
-    """Quantized-model caches and the planner's remembered sizes go to temporary folders, fresh
-    for the session, never the user's cache."""
+    """Quantized-model caches go to a temporary folder, fresh for the session, never the
+    user's cache."""
     saved = {}
-    for variable, name in (
-        ("HEARTMULA_RT_CACHE", "quant-cache"),
-        ("HEARTMULA_RT_SIZE_CACHE", "size-cache"),
-    ):
+    for variable, name in (("HEARTMULA_RT_CACHE", "quant-cache"),):
         saved[variable] = os.environ.get(variable)
         os.environ[variable] = str(tmp_path_factory.mktemp(name))
     yield

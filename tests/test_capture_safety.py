@@ -25,8 +25,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from heartmula_rt.codec import HeartCodec
-from heartmula_rt.codec.detokenize import LATENTS_PER_CODE, WINDOW
-from heartmula_rt.config import CODEC_PRESETS, LM_PRESETS, GenConfig, LMConfig
+from heartmula_rt.config import (
+    CODEC_PRESETS,
+    LATENTS_PER_CODE,
+    LM_PRESETS,
+    WINDOW,
+    GenConfig,
+    LMConfig,
+)
 from heartmula_rt.engine import StaticEngine
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.request import SamplingParams

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from heartmula_rt import checkpoint, load_pipeline
-from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR, load_codec, load_lm
+from heartmula_rt import checkpoint, folder, load_pipeline
+from heartmula_rt.checkpoint import load_codec, load_lm
 from heartmula_rt.codec import FLOAT32_PARTS, HeartCodec
 from heartmula_rt.config import FLAVORS, CodecConfig, LMConfig
 from heartmula_rt.errors import UserError
+from heartmula_rt.folder import CODEC_DIR, LM_DIR
 from heartmula_rt.lm import HeartMuLa
 
 
@@ -75,7 +76,7 @@ def test_sharded_with_index(ckpt: Path, reference) -> None:
         save_file(part, lm_dir / name)
         weight_map.update(dict.fromkeys(part, name))
     (lm_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    assert len(checkpoint.shard_files(lm_dir)) == 3
+    assert len(folder.shard_files(lm_dir)) == 3
     assert_same(load_lm(lm_dir)[0].state_dict(), reference["lm"])
 
 
@@ -160,10 +161,10 @@ def test_converts_to_target_dtype(fixtures_dir: Path) -> None:
 
 def test_missing_folder_and_files(ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
-        checkpoint.check_model_path(tmp_path / "nowhere")
+        folder.check_model_path(tmp_path / "nowhere")
     (ckpt / "tokenizer.json").unlink()
     with pytest.raises(UserError, match="tokenizer.json"):
-        checkpoint.check_model_path(ckpt)
+        folder.check_model_path(ckpt)
 
 
 def test_missing_model_file(ckpt: Path) -> None:
@@ -192,6 +193,29 @@ def test_corrupt_header(ckpt: Path) -> None:
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
     with pytest.raises(UserError, match="damaged or truncated"):
         load_codec(ckpt / CODEC_DIR)
+
+
+def test_shapes_from_headers_match_safetensors(tiny_ckpt: Path) -> None:
+    # folder.py parses the headers itself (no torch); safetensors' reader is the reference.
+    from safetensors import safe_open
+
+    for sub in (LM_DIR, CODEC_DIR):
+        files = folder.shard_files(tiny_ckpt / sub)
+        expected = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                expected |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        assert folder.tensor_shapes(files) == expected
+
+
+@pytest.mark.parametrize(
+    "head", [b"\x01\x02", b"\xff" * 8 + b"{}", b"\x02\x00\x00\x00\x00\x00\x00\x00[]"]
+)
+def test_unreadable_header_is_one_line(tmp_path: Path, head: bytes) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(head)
+    with pytest.raises(UserError, match="damaged or truncated"):
+        folder.tensor_shapes([path])
 
 
 def test_wrong_shape_names_key(ckpt: Path) -> None:
@@ -370,8 +394,8 @@ def test_full_size_lm_shapes(fixtures_dir: Path) -> None:
 
 def test_full_size_codec_shapes(fixtures_dir: Path) -> None:
     official = read_keys(fixtures_dir / "keys" / "HeartCodec-oss.keys.tsv")
-    used = checkpoint.used_shapes(official)
-    config = checkpoint.codec_config_from_shapes({}, used)
+    used = folder.used_shapes(official)
+    config = folder.codec_config_from_shapes({}, used)
     assert config == CodecConfig()
     with torch.device("meta"):
         model = HeartCodec(config)

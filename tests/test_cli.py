@@ -20,8 +20,8 @@ import heartmula_rt
 import heartmula_rt.audio
 from heartmula_rt import cli
 from heartmula_rt.audio import write_audio
-from heartmula_rt.checkpoint import LM_DIR
 from heartmula_rt.codes import save_codes
+from heartmula_rt.folder import LM_DIR
 from heartmula_rt.pipeline import PipelineConfig, default_dtype, parse_device
 from heartmula_rt.prompt import build_prompt
 from heartmula_rt.request import CodecParams, SamplingParams, SongRequest

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from heartmula_rt.checkpoint import CODEC_DIR, load_codec
+from heartmula_rt.checkpoint import load_codec
 from heartmula_rt.codec import HeartCodec
 from heartmula_rt.codec.detokenize import (
     HOP,
@@ -23,6 +23,7 @@ from heartmula_rt.codec.detokenize import (
 )
 from heartmula_rt.config import CodecConfig
 from heartmula_rt.errors import UserError
+from heartmula_rt.folder import CODEC_DIR
 from heartmula_rt.request import CodecParams
 
 # Same place as conftest's fixtures_dir, needed at collection time to parametrize over the cases.

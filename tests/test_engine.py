@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import LM_DIR, load_lm
+from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.config import GenConfig
 from heartmula_rt.decode import GenerationInterrupted
 from heartmula_rt.engine import PlainEngine, StaticEngine, make_engine
 from heartmula_rt.errors import UserError
+from heartmula_rt.folder import LM_DIR
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.offload import OffloadedLayers
 from heartmula_rt.prompt import Prompt, build_prompt

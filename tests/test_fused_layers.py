@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import LM_DIR, load_gen_config, load_lm
+from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.engine import StaticEngine
+from heartmula_rt.folder import LM_DIR, load_gen_config
 from heartmula_rt.launches import count_frame_launches, meta_lm
 from heartmula_rt.lm import RMSNorm, Rope, RotaryEmbedding, SiluMul
 from heartmula_rt.prompt import build_prompt

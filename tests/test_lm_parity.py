@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import load_gen_config
 from heartmula_rt.decode import Sampler, decode_one_frame, generate_frames, prefill
+from heartmula_rt.folder import load_gen_config
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import build_prompt
 from heartmula_rt.request import SamplingParams

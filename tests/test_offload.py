@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from heartmula_rt import pipeline
-from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR, load_codec, load_lm
+from heartmula_rt.checkpoint import load_codec, load_lm
 from heartmula_rt.engine import PlainEngine, check_engine_over_streaming
 from heartmula_rt.errors import UserError
+from heartmula_rt.folder import CODEC_DIR, LM_DIR
 from heartmula_rt.offload import HostCopy, OffloadedLayers
 from heartmula_rt.pipeline import check_streamable
 from heartmula_rt.placement import Placement

@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 import re
 import subprocess
 import sys
@@ -16,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from heartmula_rt import cli, lm, planner
+from heartmula_rt import cli, lm, planner, sizing
 from heartmula_rt.codec import dit
+from heartmula_rt.config import CODEC_PRESETS
 from heartmula_rt.errors import UserError
 from heartmula_rt.offload import HostCopy
 from heartmula_rt.planner import (
@@ -41,7 +41,7 @@ from heartmula_rt.sizing import LiveBytes, measure_overheads
 
 LM_CONFIG, CODEC_CONFIG = preset_configs("3B")
 FRAMES_240S = 3000  # 240 s at 12.5 frames per second
-BF16 = torch.bfloat16
+BF16 = "bfloat16"
 # 4G is below the minimum once the context, workspaces and headroom are all counted.
 PLANNED_GIB = tuple(g for g in TABLE_BUDGETS_GIB if g > 4)
 
@@ -92,7 +92,7 @@ def test_codec_sizes_match_the_official_checkpoint(fixtures_dir: Path) -> None:
     blocks = sum(
         n for k, n in elements.items() if k.startswith("flow_matching.estimator.transformer_blocks")
     )
-    sizes = codec_sizes(CODEC_CONFIG, torch.float32)
+    sizes = codec_sizes(CODEC_CONFIG, "float32")
     assert sizes.dit_blocks == 4 * blocks
     # The scalar decoder's last conv runs on 2 streams × 64 channels × 744 latents × 960 × 2
     # samples in float32: at least the input and output of that conv are alive at once.
@@ -122,22 +122,57 @@ def counted(forward, calls: collections.Counter, name: str):
     return wrapper
 
 
-def test_a_plan_traces_the_same_layers_however_deep_the_model(tiny_ckpt, monkeypatch) -> None:
-    # Tracing every layer of every quantization made `heartmula-rt plan` take seconds.
-    monkeypatch.setenv("HEARTMULA_RT_SIZE_CACHE", "")  # count every time: no files
-    traced = collections.Counter()
+def test_a_plan_runs_no_layer(tiny_ckpt, monkeypatch) -> None:
+    # Tracing layers on meta made the first `heartmula-rt plan` of a song length take seconds.
+    ran = collections.Counter()
     for block in (lm.TransformerBlock, dit.Block):
-        monkeypatch.setattr(block, "forward", counted(block.forward, traced, block.__name__))
-    per_depth = {}
-    for layers in (2, 7):
-        lm_sizes.cache_clear()
-        codec_sizes.cache_clear()
-        traced.clear()
-        with pytest.raises(UserError, match="below the minimum"):  # every candidate considered
-            plan_memory(GiB // 4, *tiny_configs(tiny_ckpt, layers), max_frames=100)
-        per_depth[layers] = dict(traced)
-    assert per_depth[7] == per_depth[2]
-    assert set(per_depth[2]) == {"TransformerBlock", "Block"}
+        monkeypatch.setattr(block, "forward", counted(block.forward, ran, block.__name__))
+    with pytest.raises(UserError, match="below the minimum"):  # every candidate considered
+        plan_memory(GiB // 4, *tiny_configs(tiny_ckpt, 7), max_frames=100)
+    assert not ran
+
+
+# The sizes worked out (footprint.py) against the same sizes counted on meta (sizing.py): every
+# preset small enough to trace here, both LM dtypes' kinds, every quantization, 1 and 2 rows.
+TRACED_LAYOUTS = [
+    (preset, dtype, quant, rows)
+    for preset in ("tiny", "mid", "3B")
+    for dtype in ("float32", "bfloat16")
+    for quant in ("none", "int8", "nf4", "int4")
+    for rows in (1, 2)
+]
+
+
+def within_bound(worked_out: int, traced: int) -> bool:
+    """An activation bound: never below the trace, and not far above it."""
+    return traced <= worked_out <= 1.4 * traced + 4 * MiB
+
+
+@pytest.mark.parametrize(("preset", "dtype", "quant", "rows"), TRACED_LAYOUTS)
+def test_lm_sizes_worked_out_agree_with_the_meta_trace(preset, dtype, quant, rows) -> None:
+    config = preset_configs(preset)[0]
+    for positions in {min(p, config.backbone.max_seq_len) for p in (1024, 8192)}:
+        worked_out = lm_sizes(config, dtype, quant, rows, positions)
+        traced = sizing.lm_sizes(config, getattr(torch, dtype), quant, rows, positions)
+        exact = ("weights", "text_embeddings", "backbone_layer", "num_backbone_layers", "kv_cache")
+        for name in exact:
+            assert getattr(worked_out, name) == getattr(traced, name), name
+        for name in ("workspace", "frame_workspace"):
+            assert within_bound(getattr(worked_out, name), getattr(traced, name)), name
+
+
+@pytest.mark.parametrize("preset", ["tiny", "full"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_codec_sizes_worked_out_agree_with_the_meta_trace(preset: str, dtype: str) -> None:
+    config = CODEC_PRESETS[preset]
+    worked_out, traced = (
+        codec_sizes(config, dtype),
+        sizing.codec_sizes(config, getattr(torch, dtype)),
+    )
+    for name in ("weights", "dit_blocks", "dit_ring"):
+        assert getattr(worked_out, name) == getattr(traced, name), name
+    for name in ("dit_activations", "scalar_activations"):
+        assert within_bound(getattr(worked_out, name), getattr(traced, name)), name
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])
@@ -147,13 +182,13 @@ def test_layers_counted_not_traced_give_the_sizes_of_tracing_them(
     lm_config, codec_config = tiny_configs(tiny_ckpt, 5)
     dtype = torch.bfloat16
     counted_sizes = (
-        lm_sizes.__wrapped__(lm_config, dtype, quant, 2, 256),
-        codec_sizes.__wrapped__(codec_config, dtype),
+        sizing.lm_sizes(lm_config, dtype, quant, 2, 256),
+        sizing.codec_sizes(codec_config, dtype),
     )
-    monkeypatch.setattr(planner, "TRACED_LAYERS", 5)  # every layer built and traced
+    monkeypatch.setattr(sizing, "TRACED_LAYERS", 5)  # every layer built and traced
     assert counted_sizes == (
-        lm_sizes.__wrapped__(lm_config, dtype, quant, 2, 256),
-        codec_sizes.__wrapped__(codec_config, dtype),
+        sizing.lm_sizes(lm_config, dtype, quant, 2, 256),
+        sizing.codec_sizes(codec_config, dtype),
     )
 
 
@@ -249,7 +284,7 @@ def test_the_graph_pool_is_counted_in_the_lm_phase() -> None:
     p = plan(24)
     assert p.lm_phase_bytes == (
         sizes.weights + sizes.kv_cache + sizes.workspace + sizes.frame_workspace
-        + codec_sizes(CODEC_CONFIG, torch.float32).weights
+        + codec_sizes(CODEC_CONFIG, "float32").weights
     )  # fmt: skip
 
 
@@ -408,37 +443,12 @@ sys.exit(code)
 """
 
 
-def plan_in_a_process(cache: Path, *args: str) -> tuple[str, str]:
-    """`heartmula-rt plan --vram 12G ARGS` in a fresh interpreter: (plan, whether torch loaded)."""
-    env = {**os.environ, "HEARTMULA_RT_SIZE_CACHE": str(cache)}
-    done = subprocess.run(
-        [sys.executable, "-c", PLAN_12G, *args], capture_output=True, text=True, env=env
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout, done.stderr.strip().splitlines()[-1]
-
-
-def test_a_plan_made_before_is_made_without_torch(tmp_path: Path) -> None:
-    """Sizes are counted once (torch, meta traces) and remembered: the same plan again needs
-    neither torch nor a trace, and prints the same."""
-    cache = tmp_path / "sizes"
-    first, loaded = plan_in_a_process(cache)
-    assert loaded == "torch imported" and list(cache.glob("*.json"))
-    again, loaded = plan_in_a_process(cache)
-    assert (again, loaded) == (first, "no torch")
-    files = len(list(cache.glob("*.json")))
-    plan_in_a_process(cache, "--max-seconds", "60")  # another KV cache: counted anew
-    assert len(list(cache.glob("*.json"))) > files
-
-
-def test_damaged_or_unwritable_size_files_are_counted_again(tmp_path: Path) -> None:
-    cache = tmp_path / "sizes"
-    first, _ = plan_in_a_process(cache)
-    for path in cache.glob("*.json"):
-        path.write_text('{"weights": ')  # cut short
-    again, loaded = plan_in_a_process(cache)
-    assert again == first and loaded == "torch imported"
-    assert plan_in_a_process(cache) == (first, "no torch")  # written again, whole
-    blocked = tmp_path / "a-file"
-    blocked.write_text("not a folder")
-    assert plan_in_a_process(blocked)[0] == first  # nowhere to keep them: still a plan
+def test_plan_imports_no_torch(tiny_ckpt) -> None:
+    """A plan is arithmetic on the configs: no torch (seconds to import), for the default model
+    and for a checkpoint folder, whatever the song length."""
+    for args in ([], ["--max-seconds", "60"], ["--model-path", str(tiny_ckpt)]):
+        done = subprocess.run(
+            [sys.executable, "-c", PLAN_12G, *args], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert "LM" in done.stdout and done.stderr.strip().splitlines()[-1] == "no torch"

@@ -22,9 +22,10 @@ from heartmula_rt.quant.fast import (
 )
 from heartmula_rt.quant.formats import Int4Linear, Int8Linear, NF4Linear, QuantLinear
 
-from heartmula_rt.checkpoint import LM_DIR, load_lm
+from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.engine import StaticEngine
 from heartmula_rt.errors import UserError
+from heartmula_rt.folder import LM_DIR
 from heartmula_rt.prompt import Prompt
 from heartmula_rt.request import SamplingParams
 from heartmula_rt.synthetic import synthetic_prompt

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 import heartmula_rt
-from heartmula_rt import checkpoint
-from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR
+from heartmula_rt import folder
+from heartmula_rt.folder import CODEC_DIR, LM_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -23,7 +23,7 @@ from make_checkpoint import main as make_checkpoint_main  # noqa: E402
 
 def all_keys(model_dir: Path) -> set[str]:
     keys: set[str] = set()
-    for f in checkpoint.shard_files(model_dir):
+    for f in folder.shard_files(model_dir):
         with safe_open(str(f), "pt") as h:
             keys.update(h.keys())
     return keys
@@ -33,7 +33,7 @@ def test_tiny_sharded_checkpoint_generates(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     assert make_checkpoint_main([str(root), "--shard-gb", "0.002", "--seed", "3"]) == 0
     assert (root / LM_DIR / "model.safetensors.index.json").is_file()
-    assert len(checkpoint.shard_files(root / CODEC_DIR)) > 1
+    assert len(folder.shard_files(root / CODEC_DIR)) > 1
     codec_keys = all_keys(root / CODEC_DIR)
     # the official layout: weight norm split, the unused VQ tensors present
     assert "scalar_model.decoder.0.parametrizations.weight.original0" in codec_keys

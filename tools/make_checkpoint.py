@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from heartmula_rt.checkpoint import CODEC_DIR, LM_DIR
 from heartmula_rt.codec import HeartCodec
 from heartmula_rt.config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
+from heartmula_rt.folder import CODEC_DIR, LM_DIR
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.synthetic import make_tokenizer, random_tensor, synthetic_gen_config
 

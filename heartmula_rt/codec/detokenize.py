@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..config import CodecConfig
+from ..config import LATENTS_PER_CODE, WINDOW, CodecConfig
 from ..errors import UserError
 from ..request import CodecParams
 from .dit import FlowMatching
@@ -26,10 +26,8 @@ from .scalar import DECODE_CHUNK, ScalarModel
 
 log = logging.getLogger(__name__)
 
-WINDOW = 372  # codes per window (29.76 s)
 HOP = 320  # codes between window starts
 OVERLAP = WINDOW - HOP  # 52 codes shared by neighbouring windows
-LATENTS_PER_CODE = 2  # 12.5 Hz codes → 25 Hz latents
 
 
 def check_codes(codes: torch.Tensor, codebook_size: int, num_quantizers: int = 8) -> torch.Tensor:

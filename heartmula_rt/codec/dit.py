@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CodecConfig
+from ..config import TIMESTEP_DIM, CodecConfig
 from ..layers import apply_rope, rms_norm
 from .vq import ResidualVQ
 
 NORM_EPS = 1e-6
 ROPE_BASE = 10000.0
-TIMESTEP_DIM = 512  # sinusoidal features fed to the timestep embedder
 SIGMA_MIN = 1e-6  # the prefix path is (1 - (1 - SIGMA_MIN)·t)·noise + t·ic
 
 

@@ -17,11 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CodecConfig
+from ..config import DILATIONS, IN_KERNEL_SIZE, KERNEL_SIZE, CodecConfig
 
-DILATIONS = (1, 3, 5, 7, 9)  # the five residual units of every up-block
-KERNEL_SIZE = 7  # residual, post-processor and output convs
-IN_KERNEL_SIZE = 5  # decoder.0, centred (padding 2)
 QUANT_LEVELS = 9  # latents are rounded to multiples of 1/9
 DECODE_CHUNK = 186  # latent frames per chunk: a 744-frame window in 4 chunks
 
