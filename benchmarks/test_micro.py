@@ -18,7 +18,7 @@ from heartmula_rt.quant.fast import fast_module
 from heartmula_rt.quant.formats import FORMATS
 
 from heartmula_rt.config import WINDOW
-from heartmula_rt.decode import Sampler, decode_one_frame, prefill
+from heartmula_rt.decode import decode_one_frame, prefill, song_draw
 from heartmula_rt.engine import make_engine
 from heartmula_rt.prompt import Prompt
 from heartmula_rt.request import SamplingParams
@@ -73,21 +73,23 @@ def test_sampler_plain(benchmark, logits: torch.Tensor) -> None:
 
 def test_sampler_fused(benchmark, logits: torch.Tensor) -> None:
     sampling = pytest.importorskip("heartmula_rt.kernels.sampling")
-    ints, floats = sampling.new_state(
-        seed=0, topk=50, cfg_scale=1.5, temperature=1.0, device=DEVICE
-    )
-    timed(benchmark, lambda: sampling.fused_sample(logits, ints, floats, True), calls=100)
+    ints, floats = sampling.new_state(2, DEVICE)
+    song = sampling.song_state(0, 2, seed=0, topk=50, cfg_scale=1.5, temperature=1.0)
+    ints.copy_(song[0])
+    floats.copy_(song[1])
+    timed(benchmark, lambda: sampling.fused_sample(logits, ints, floats, 1), calls=100)
 
 
 @torch.inference_mode()
 def test_decode_frame_plain(benchmark, models: Models, prompt: Prompt) -> None:
     """`decode.decode_one_frame` alone, always at the first position after the prompt."""
-    sampler = Sampler(generator=torch.Generator(DEVICE).manual_seed(0))
-    cache = models.lm.new_cache(sampler.cfg_rows, len(prompt) + 1)
-    frame, _ = prefill(models.lm, prompt, cache, sampler)
+    sampling = SamplingParams()
+    draw = song_draw(sampling, torch.device(DEVICE))
+    cache = models.lm.new_cache(sampling.cfg_rows, len(prompt) + 1)
+    frame, _ = prefill(models.lm, prompt, cache, draw)
     timed(
         benchmark,
-        lambda: decode_one_frame(models.lm, frame, len(prompt), cache, sampler),
+        lambda: decode_one_frame(models.lm, frame, len(prompt), cache, None, draw),
         calls=10,
         rounds=10,
     )

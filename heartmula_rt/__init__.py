@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The public names load lazily (PEP 562), so that `heartmula-rt plan` and --help need no torch.
 _EXPORTS = {
+    "BatchInterrupted": "decode",
     "CodecParams": "request",
     "GenerationInterrupted": "decode",
     "Pipeline": "pipeline",

@@ -1,14 +1,22 @@
-"""The plain generation loop (SPEC §3-4): prompt → frame 0, then one frame per backbone step until
-an EOS token or `max_frames`.
+"""The plain generation loop (SPEC §3-4), for a batch of songs: each song's prompt → its frame 0,
+then one frame for every running song per backbone step, until each one's EOS token or length.
 
-`prefill` and `decode_one_frame` are the two steps; each returns the frame and the raw codebook-0
-logits of its backbone step, which is what the parity tests compare. `generate_frames` drives them.
+`prefill` (one song's prompt, its own rows) and `decode_one_frame` (every row of the batch at
+its own position) are the two steps; each returns the frames and the raw codebook-0 logits of
+its backbone step, which is what the parity tests compare. `run_batch` drives them over a
+`scheduler.Scheduler`; `generate_frames` is one song run as a batch of its own.
+
+The seed contract: a song's token of codebook k in frame f is drawn with noise seeded by
+`sampling.draw_seed(seed, f, k)`, so its draws depend on its seed alone, never on its
+neighbours, its rows or when it was admitted. Its logits do not depend on its neighbours either
+while the batch keeps one row count: a matmul's rows are computed alike whatever the other rows
+hold, but a CPU or GPU matmul of another row count may round differently (measured on this
+project's CPU: 1 row, 2–3 rows and 4 or more differ in the last bits).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -17,13 +25,16 @@ from .config import GenConfig
 from .errors import UserError
 from .lm import HeartMuLa, LMCache
 from .prompt import Prompt
-from .request import DEFAULT_SAMPLING, SamplingParams
-from .sampling import cfg_mix, sample_topk
+from .request import SamplingParams
+from .sampling import cfg_mix, draw_seed, sample_topk
+from .scheduler import Scheduler, SongRun
 
 # What a song's maker calls as frames come: `OnFrame(n)` with the number made so far, `OnCodes(new)`
 # with the frames made since its last call ([n_codebooks, k] int64, CPU).
 OnFrame = Callable[[int], None]
 OnCodes = Callable[[Tensor], None]
+# Raw logits [rows, V] and the codebook → the token of every row [rows, 1].
+Draw = Callable[[Tensor, int], Tensor]
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -38,70 +49,98 @@ class GenerationInterrupted(KeyboardInterrupt):
         self.frames = frames
 
 
-@dataclass(frozen=True)
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a batch, carrying every song's frames made so far (`.frames`: one
+    [8, T'] int64 CPU tensor per song, in the order they were given)."""
+
+    def __init__(self, frames: list[Tensor]) -> None:
+        made = ", ".join(str(f.shape[1]) for f in frames)
+        super().__init__(f"generation interrupted after {made} frames")
+        self.frames = frames
+
+
 class Sampler:
-    """One song's sampling (`SamplingParams`) with its random numbers. With guidance (scale
-    above 1) rows are [cond, uncond] and the one token drawn from the guided logits is fed to
-    both."""
+    """Every song's tokens of one step from the raw logits of the batch's rows (SPEC §4): with
+    guidance (scale above 1) a song's rows are [cond, uncond] and the token drawn from the
+    guided logits goes to both. Draws are seeded per (song seed, frame, codebook)."""
 
-    params: SamplingParams = DEFAULT_SAMPLING
-    generator: torch.Generator | None = None
+    def __init__(self, device: torch.device) -> None:
+        self.generator = torch.Generator(device=device)
 
-    @property
-    def cfg_rows(self) -> int:
-        return self.params.cfg_rows
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        """Raw logits [rows, V] → the sampled token [1, 1]."""
-        p = self.params
-        if self.cfg_rows == 2:
+    def draw(self, logits: Tensor, song: SongRun, codebook: int) -> Tensor:
+        """One song's token [1, 1] from its rows' logits [rows, V]."""
+        p = song.sampling
+        if song.rows == 2:
             logits = cfg_mix(logits[:1], logits[1:], p.cfg_scale)
+        if p.topk == 1:
+            return sample_topk(logits, 1, p.temperature)
+        self.generator.manual_seed(draw_seed(song.seed, song.made, codebook))
         return sample_topk(logits, p.topk, p.temperature, self.generator)
+
+    def draws(self, placed: Sequence[tuple[int, SongRun]], rows: int) -> Draw:
+        """The `Draw` of a step over `rows` rows holding each song at its first row."""
+
+        def draw(logits: Tensor, codebook: int) -> Tensor:
+            if len(placed) == 1 and placed[0][1].rows == rows:  # one song: no gather
+                return self.draw(logits, placed[0][1], codebook).expand(rows, 1)
+            tokens = torch.zeros(rows, 1, dtype=torch.long, device=logits.device)
+            for first, song in placed:
+                end = first + song.rows
+                tokens[first:end] = self.draw(logits[first:end], song, codebook)
+            return tokens
+
+        return draw
+
+
+def song_draw(sampling: SamplingParams, device: torch.device, seed: int = 0) -> Draw:
+    """The draws of one song alone in its rows, always as for frame 0 (parity tests and
+    micro-benchmarks call the steps directly)."""
+    song = SongRun(None, sampling, seed=seed)
+    return Sampler(device).draws([(0, song)], song.rows)
 
 
 def sample_frame(
-    model: HeartMuLa,
-    last: Tensor,
-    c0_logits: Tensor,
-    cache: LMCache,
-    sampler: Callable[[Tensor], Tensor],
+    model: HeartMuLa, last: Tensor, c0_logits: Tensor, cache: LMCache, draw: Draw
 ) -> Tensor:
-    """The depth decoder's expansion of one backbone step into a frame [n] (on the device).
-
-    `sampler` maps raw logits [rows, V] to the token [1, 1] fed to every row (`Sampler`, or
-    the engine's fused one)."""
-    b = last.shape[0]
-    token = sampler(c0_logits)
+    """The depth decoder's expansion of one backbone step into a frame per row [rows, n] (on the
+    device). `draw` maps raw logits to the token of every row (`Sampler.draws`, or the static
+    engine's fused sampler)."""
+    token = draw(c0_logits, 0)
     tokens = [token]
     # Positions restart at 0 every frame: [last hidden, c0 embedding] at 0 and 1, then one
     # codebook embedding per step.
-    x = torch.stack([last, model.embed_audio(token[0, 0], 0).expand_as(last)], dim=1)
+    x = torch.stack([last, model.embed_audio(token[:, 0], 0)], dim=1)
     start = 0
     for i in range(1, model.config.audio_num_codebooks):
-        token = sampler(model.decoder_step(x, start, cache, i))
+        token = draw(model.decoder_step(x, start, cache, i), i)
         tokens.append(token)
         start += x.shape[1]
-        x = model.embed_audio(token, i).expand(b, 1, -1)
-    return torch.cat(tokens, dim=1)[0]
+        x = model.embed_audio(token, i)
+    return torch.cat(tokens, dim=1)
 
 
-def prefill(
-    model: HeartMuLa, prompt: Prompt, cache: LMCache, sampler: Callable[[Tensor], Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Frame 0 from the whole prompt at positions 0..P-1: (frame [n], c0 logits [rows, V])."""
+def prefill(model: HeartMuLa, prompt: Prompt, cache: LMCache, draw: Draw) -> tuple[Tensor, Tensor]:
+    """Frame 0 of one song from its whole prompt at positions 0..P-1, over its own rows
+    (`cache`): (frames [rows, n], c0 logits [rows, V])."""
     ids = prompt.ids.to(model.text_embeddings.weight.device)
     rows = model.embed_prompt(ids, prompt.slot_index, cache.rows)
     last, logits = model.backbone_step(rows, 0, cache)
-    return sample_frame(model, last, logits, cache, sampler), logits
+    return sample_frame(model, last, logits, cache, draw), logits
 
 
 def decode_one_frame(
-    model: HeartMuLa, frame: Tensor, pos: int, cache: LMCache, sampler: Sampler
+    model: HeartMuLa,
+    frames: Tensor,
+    positions: int | Tensor,
+    cache: LMCache,
+    kv_len: int | None,
+    draw: Draw,
 ) -> tuple[Tensor, Tensor]:
-    """The next frame from the previous one fed at position `pos`: (frame [n], c0 logits)."""
-    rows = model.embed_frame(frame.expand(cache.rows, -1))
-    last, logits = model.backbone_step(rows, pos, cache)
-    return sample_frame(model, last, logits, cache, sampler), logits
+    """The next frame of every row from its previous one [rows, n] fed at its position:
+    `positions` [rows] (int64, on the device) reading `kv_len` cached positions, or one int for
+    every row (one song alone: no mask): (frames [rows, n], c0 logits)."""
+    last, logits = model.backbone_step(model.embed_frame(frames), positions, cache, kv_len)
+    return sample_frame(model, last, logits, cache, draw), logits
 
 
 def check_length(model: HeartMuLa, prompt: Prompt, max_frames: int) -> None:
@@ -123,7 +162,86 @@ def check_length(model: HeartMuLa, prompt: Prompt, max_frames: int) -> None:
         )
 
 
+def song_codes(song: SongRun, model: HeartMuLa) -> Tensor:
+    """A song's frames so far as codes [n_codebooks, T] int64 on the CPU."""
+    if not song.frames:
+        return torch.zeros(model.config.audio_num_codebooks, 0, dtype=torch.long)
+    return torch.stack(song.frames, dim=1)
+
+
+def add_frames(song: SongRun, frames: Tensor) -> None:
+    """Record frames [k, n] (CPU) the song made, then call its callbacks. They are copied: on
+    the CPU `.cpu()` returns the engine's own tensor, which later steps overwrite."""
+    frames = frames.clone()
+    song.frames.extend(frames.unbind(0))
+    if song.on_codes is not None:
+        song.on_codes(frames.T.contiguous())
+    if song.on_frame is not None:
+        song.on_frame(song.made)
+
+
+def ends_at(frame: Tensor, song: SongRun, gen: GenConfig) -> str | None:
+    """Why `song` ends with `frame` [n] (CPU): "eos" if it holds an EOS id, else None."""
+    eos = song.sampling.stop_at_eos and bool((frame >= gen.audio_eos_id).any())
+    return "eos" if eos else None
+
+
 @torch.no_grad()
+def run_batch(model: HeartMuLa, gen: GenConfig, scheduler: Scheduler) -> None:
+    """Run every song of `scheduler` to its end, one frame of every running song per backbone
+    step (a host sync each), admitting waiting songs into freed rows between frames.
+
+    A song stops at the first frame holding a token ≥ `gen.audio_eos_id`, which is dropped
+    (unless `stop_at_eos` is False), or after `max_frames` frames past frame 0; stray ids below
+    EOS but past the codec's codebook are kept as they are. Each song's frames accumulate in
+    its `SongRun`, so a Ctrl-C (which propagates) or an error leaves what was made.
+    """
+    device = model.device
+    rows, n = scheduler.rows, model.config.audio_num_codebooks
+    cache = model.new_cache(rows, scheduler.positions)
+    frames = torch.zeros(rows, n, dtype=torch.long, device=device)  # each row's last frame
+    positions = torch.zeros(rows, dtype=torch.long, device=device)  # where it is fed
+    next_pos = [0] * rows  # the same, on the host
+    sampler = Sampler(device)
+
+    def vacate(song: SongRun, why: str) -> None:
+        rows_of = slice(song.first_row, song.first_row + song.rows)
+        positions[rows_of] = 0  # idle rows keep attending their own position 0
+        next_pos[rows_of] = [0] * song.rows
+        scheduler.finish(song, why)
+
+    while scheduler.busy():
+        for song in scheduler.admit():
+            first, count = song.first_row, song.rows
+            view = cache.rows_view(first, count)
+            frame, _ = prefill(model, song.prompt, view, sampler.draws([(0, song)], count))
+            frames[first : first + count] = frame
+            positions[first : first + count] = len(song.prompt)
+            next_pos[first : first + count] = [len(song.prompt)] * count
+            add_frames(song, frame[:1].cpu())
+            if song.frames_left == 0:
+                vacate(song, "length")
+        if not scheduler.running:
+            continue
+        placed = [(song.first_row, song) for song in scheduler.running]
+        draw = sampler.draws(placed, rows)
+        if scheduler.one_song:  # one position for every row, no mask
+            step_at, kv_len = next_pos[0], None
+        else:  # every row at its own position, reading the whole cache (scheduler.py)
+            step_at, kv_len = positions, scheduler.positions
+        frames, _ = decode_one_frame(model, frames, step_at, cache, kv_len, draw)
+        on_host = frames.cpu()  # the plain loop's one sync per frame
+        positions += 1
+        next_pos = [p + 1 for p in next_pos]
+        for first, song in placed:
+            why = ends_at(on_host[first], song, gen)
+            if why is None:
+                add_frames(song, on_host[first : first + 1])
+                why = "length" if song.frames_left == 0 else None
+            if why is not None:
+                vacate(song, why)
+
+
 def generate_frames(
     model: HeartMuLa,
     prompt: Prompt,
@@ -133,46 +251,29 @@ def generate_frames(
     on_frame: OnFrame | None = None,
     on_codes: OnCodes | None = None,
 ) -> Tensor:
-    """Codes [n_codebooks, T] int64 on the CPU, T ≤ max_frames + 1 (frame 0 included).
+    """Codes [n_codebooks, T] int64 on the CPU, T ≤ max_frames + 1 (frame 0 included): one
+    song, a batch of its own rows (`run_batch`). `on_frame(n)` is called with the number of
+    frames made so far after each one, `on_codes(new)` (streaming) with the frames made since
+    its last call, just before `on_frame`. Ctrl-C raises GenerationInterrupted with the
+    frames made so far."""
+    return run_one(lambda s: run_batch(model, gen, s), model, prompt, sampling, on_frame, on_codes)
 
-    Stops at the first frame holding a token ≥ `gen.audio_eos_id`, which is dropped (unless
-    `sampling.stop_at_eos` is False: benchmarks on random weights run every frame); stray ids
-    below it but past the codec's codebook are returned as they are. `on_frame(n)` is called
-    with the number of frames made so far after each one, `on_codes(new)` (streaming) with
-    the frames made since its last call, [n_codebooks, k] int64 on the CPU, just before
-    `on_frame`. A seed draws from a generator on the model's device. Ctrl-C raises
-    GenerationInterrupted with the frames made so far.
-    """
+
+def run_one(
+    run: Callable[[Scheduler], None],
+    model: HeartMuLa,
+    prompt: Prompt,
+    sampling: SamplingParams,
+    on_frame: OnFrame | None,
+    on_codes: OnCodes | None,
+) -> Tensor:
+    """One song through `run` (an engine's batch loop) in a batch of its own rows."""
     check_length(model, prompt, sampling.max_frames)
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
-    sampler = Sampler(sampling, generator)
-    cache = model.new_cache(sampler.cfg_rows, len(prompt) + sampling.max_frames)
-    frames: list[Tensor] = []
+    song = SongRun(prompt, sampling, on_frame, on_codes)
+    scheduler = Scheduler(song.rows, max(song.positions, 1), one_song=True)
+    scheduler.submit(song)
     try:
-        frame, _ = prefill(model, prompt, cache, sampler)
-        frames.append(frame)
-        if on_codes is not None:
-            on_codes(frame[:, None].cpu())
-        if on_frame is not None:
-            on_frame(1)
-        for n in range(sampling.max_frames):
-            frame, _ = decode_one_frame(model, frame, len(prompt) + n, cache, sampler)
-            # The plain path syncs here, every frame.
-            if sampling.stop_at_eos and bool((frame >= gen.audio_eos_id).any()):
-                break
-            frames.append(frame)
-            if on_codes is not None:
-                on_codes(frame[:, None].cpu())
-            if on_frame is not None:
-                on_frame(len(frames))
+        run(scheduler)
     except KeyboardInterrupt:
-        raise GenerationInterrupted(_stack(frames, model)) from None
-    return _stack(frames, model)
-
-
-def _stack(frames: list[Tensor], model: HeartMuLa) -> Tensor:
-    if not frames:
-        return torch.zeros(model.config.audio_num_codebooks, 0, dtype=torch.long)
-    return torch.stack(frames, dim=1).cpu()
+        raise GenerationInterrupted(song_codes(song, model)) from None
+    return song_codes(song, model)

@@ -1,23 +1,25 @@
 """Decode engines: the plain loop, and a static one-frame step replayed as a CUDA graph.
 
-Every engine has one method, `generate_frames(prompt, sampling)`, with the plain loop's contract.
+Every engine runs a batch of songs, `run(scheduler)` (scheduler.py decides which songs hold
+which rows; the engine only runs them), and one song, `generate_frames(prompt, sampling)`, as a
+batch of its own with the plain loop's contract.
 
-The static engine keeps all per-frame state in device tensors — the position, the last frame, the
-output buffer, the first-EOS index, the sampler's settings and RNG — so one frame (backbone step,
-the depth decoder's 7 steps, CFG, sampling, embedding of the sampled tokens, the EOS flag) is a
-function of nothing the host must pass. Captured once as a CUDA graph it replays with one launch
-and no host synchronisation; the host reads the EOS index every `sync_every` frames and trims
-what was made after it, so the output equals the plain loop's. Attention reads the cache up to
-the end of the current `bucket` of positions (the rest masked), so one graph serves a bucket and
-graphs are kept per (rows, bucket end) and reused across songs. `compile` runs the same step
-through torch.compile before capturing it.
+The static engine keeps all per-frame state of its rows in device tensors — each row's
+position, last frame, frames made and first-EOS index, each song's sampling settings, seed and
+frame index — so one frame of every row (backbone step, the depth decoder's 7 steps, CFG,
+sampling, embedding of the sampled tokens, the EOS flags) is a function of nothing the host must
+pass. Captured once as a CUDA graph it replays with one launch and no host synchronisation; the
+host reads the EOS indices every `sync_every` frames (or sooner, when a song reaches its length),
+trims what each song made after its EOS, and admits waiting songs into freed rows. Attention
+reads the cache up to the end of the current `bucket` of positions (each row's past its own
+masked), so one graph serves a bucket: graphs are kept per (rows, bucket end) and reused across
+songs and batches. `compile` runs the same step through torch.compile before capturing it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import secrets
 from collections.abc import Callable
 
 import torch
@@ -25,23 +27,26 @@ from torch import Tensor
 
 from .config import CAPACITY_STEP, ENGINES, GenConfig
 from .decode import (
-    GenerationInterrupted,
+    Draw,
     OnCodes,
     OnFrame,
-    check_length,
+    add_frames,
     generate_frames,
     prefill,
+    run_batch,
+    run_one,
     sample_frame,
 )
 from .errors import UserError
-from .lm import HeartMuLa, LMCache
+from .lm import HeartMuLa
 from .offload import OffloadedLayers
 from .prompt import Prompt
 from .request import SamplingParams
+from .scheduler import Scheduler, SongRun
 from .side_stream import SideStream
 
 BUCKET = 256  # backbone positions per attention bucket: one graph per bucket
-SYNC_EVERY = 8  # frames between the host's looks at the EOS flag
+SYNC_EVERY = 8  # frames between the host's looks at the EOS flags
 
 
 class PlainEngine:
@@ -53,7 +58,11 @@ class PlainEngine:
         self.model, self.gen_config = model, gen_config
 
     def release(self) -> None:
-        """Nothing to free: each song's caches go when it ends (StaticEngine's interface)."""
+        """Nothing to free: each batch's caches go when it ends (StaticEngine's interface)."""
+
+    def run(self, scheduler: Scheduler) -> None:
+        """Every song of `scheduler` to its end (`decode.run_batch`)."""
+        run_batch(self.model, self.gen_config, scheduler)
 
     def generate_frames(
         self,
@@ -66,95 +75,101 @@ class PlainEngine:
         """Codes [n_codebooks, T] int64 on the CPU, as `decode.generate_frames` returns them
         (every engine's contract). `on_frame(n)` gets the number of frames made so far, first
         n=1 right after the prompt, and `on_codes(new)` just before it the frames made since
-        its last call ([n_codebooks, k] int64, CPU; together a prefix of the result, which may
-        hold a few more); a seed repeats the same frames with the same engine on the same
-        device."""
+        its last call ([n_codebooks, k] int64, CPU; together a prefix of the result); a seed
+        repeats the same frames with the same engine on the same device."""
         return generate_frames(
             self.model, prompt, self.gen_config, sampling, on_frame=on_frame, on_codes=on_codes
         )
 
 
-class DeviceSampler:
-    """Sampling settings and Philox state in device memory, read by the fused Triton sampler.
+def _fused_sample() -> Callable:
+    from .kernels import sampling  # needs triton: imported only when used
 
-    A captured graph reads them at every replay, so it serves any seed, top-k, temperature and
-    CFG scale; the kernel advances the RNG counter on every call.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        from .kernels import sampling  # needs triton: imported only when used
-
-        self._sample, self._new_state = sampling.fused_sample, sampling.new_state
-        with torch.inference_mode(False):  # kept across songs: see StaticState
-            self.ints, self.floats = self._new_state(
-                seed=0, topk=1, cfg_scale=1.0, temperature=1.0, device=device
-            )
-        self.cfg_rows = 1
-
-    def configure(self, params: SamplingParams, seed: int) -> None:
-        """One song's settings, and `seed` (the song's, or a random one if it has none)."""
-        self.cfg_rows = params.cfg_rows
-        ints, floats = self._new_state(
-            seed=seed,
-            topk=params.topk,
-            cfg_scale=params.cfg_scale,
-            temperature=params.temperature,
-            device="cpu",
-        )
-        self.ints.copy_(ints)
-        self.floats.copy_(floats)
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        """Raw logits [rows, V] → the sampled token [1, 1]."""
-        return self._sample(logits, self.ints, self.floats, self.cfg_rows == 2)
+    return sampling
 
 
 class StaticState:
-    """The device tensors one frame step reads and writes, allocated once per capacity.
+    """The device tensors one batch frame step reads and writes, allocated once per (rows,
+    capacity): each row's cache, position, last frame, frames made and first-EOS index, and
+    the fused sampler's per-song state (`kernels.sampling`).
 
-    They outlive the song that made them, so they (and the cache views) are made as normal
+    They outlive the songs that made them, so they (and the cache views) are made as normal
     tensors even under a caller's torch.inference_mode(): inference tensors could not be
-    updated in place by a later song run without it.
+    updated in place by a later batch run without it.
     """
 
     @torch.inference_mode(False)
     def __init__(self, model: HeartMuLa, rows: int, capacity: int) -> None:
         device = model.device
         n = model.config.audio_num_codebooks
+        self.kernels = _fused_sample()
         self.rows, self.capacity = rows, capacity
         self.cache = model.new_cache(rows, capacity)
-        self.frame = torch.zeros(n, dtype=torch.int64, device=device)  # fed at `pos`
-        self.pos = torch.zeros((), dtype=torch.int64, device=device)
-        self.index = torch.zeros((), dtype=torch.int64, device=device)  # next row of `codes`
-        self.eos_at = torch.zeros((), dtype=torch.int64, device=device)  # -1: no EOS yet
-        self.codes = torch.zeros(capacity, n, dtype=torch.int64, device=device)
-        self._views = {rows: self.cache}
+        self.frame = torch.zeros(rows, n, dtype=torch.int64, device=device)  # fed at `pos`
+        self.pos = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.live = torch.zeros(rows, dtype=torch.int64, device=device)  # 1: a song runs there
+        self.index = torch.zeros(rows, dtype=torch.int64, device=device)  # next frame's row
+        self.eos_at = torch.full((rows,), -1, dtype=torch.int64, device=device)  # -1: none yet
+        self.codes = torch.zeros(rows, capacity, n, dtype=torch.int64, device=device)
+        self.row_ids = torch.arange(rows, device=device)
+        self.ints, self.floats = self.kernels.new_state(rows, device)
+        self.first_ints, self.first_floats = self.kernels.new_state(2, device)  # prefill's
+        self.host_pos = [0] * rows  # `pos`, known on the host
 
-    def cache_for(self, rows: int) -> LMCache:
-        """The caches' first `rows` rows, the same view objects every time (graphs and compiled
-        code see the same inputs song after song)."""
-        if rows not in self._views:
-            with torch.inference_mode(False):
-                self._views[rows] = self.cache.narrow(rows)
-        return self._views[rows]
+    def draw(self, ints: Tensor, floats: Tensor) -> Draw:
+        return lambda logits, codebook: self.kernels.fused_sample(logits, ints, floats, codebook)
 
-    def frames(self, count: int) -> Tensor:
-        """The first `count` frames made, [n_codebooks, count] int64 on the CPU."""
-        return self.codes[:count].cpu().T.contiguous()
+    def song_state(self, song: SongRun, first: int, frame: int) -> tuple[Tensor, Tensor]:
+        p = song.sampling
+        ints, floats = self.kernels.song_state(
+            first,
+            song.rows,
+            seed=song.seed,
+            topk=p.topk,
+            cfg_scale=p.cfg_scale,
+            temperature=p.temperature,
+        )
+        ints[0, 4] = frame
+        return ints, floats
 
-    def start(self, frame: Tensor, pos: int) -> None:
-        """Frame 0 from the prompt, to be fed at position `pos`."""
-        self.codes[0] = frame
-        self.frame.copy_(frame)
-        self.pos.fill_(pos)
-        self.index.fill_(1)
-        self.eos_at.fill_(-1)
+    def prefill_draw(self, song: SongRun) -> Draw:
+        """The fused sampler of `song`'s frame 0, over its own rows."""
+        ints, floats = self.song_state(song, 0, frame=0)
+        self.first_ints[: song.rows].copy_(ints)
+        self.first_floats[: song.rows].copy_(floats)
+        return self.draw(self.first_ints[: song.rows], self.first_floats[: song.rows])
+
+    @torch.inference_mode(False)
+    def start(self, song: SongRun, frame: Tensor, pos: int) -> None:
+        """`song`'s rows from its frame 0 [n], to be fed at position `pos`."""
+        rows = slice(song.first_row, song.first_row + song.rows)
+        ints, floats = self.song_state(song, song.first_row, frame=1)
+        self.ints[rows] = ints.to(self.ints.device)
+        self.floats[rows] = floats.to(self.floats.device)
+        self.codes[rows, 0] = frame
+        self.frame[rows] = frame
+        self.pos[rows] = pos
+        self.host_pos[rows] = [pos] * song.rows
+        self.index[rows] = 1
+        self.eos_at[rows] = -1
+        self.live[rows] = 1
+
+    @torch.inference_mode(False)
+    def stop(self, song: SongRun) -> None:
+        """Idle `song`'s rows: they stay at position 0, drawing nothing."""
+        rows = slice(song.first_row, song.first_row + song.rows)
+        self.live[rows] = 0
+        self.pos[rows] = 0
+        self.host_pos[rows] = [0] * song.rows
+        self.index[rows] = 0
+        self.ints[rows, 0] = -1
 
 
 class StaticEngine:
-    """One frame per call of a static step: a CUDA graph replay (`graph`), the step compiled
-    first (`compile`), or, for tests on the CPU, the step run without graphs (`graphs=False`;
-    there `compile_backend="aot_eager"` traces it as inductor would, without code generation)."""
+    """One frame of every row per call of a static step: a CUDA graph replay (`graph`), the step
+    compiled first (`compile`), or, for tests on the CPU, the step run without graphs
+    (`graphs=False`; there `compile_backend="aot_eager"` traces it as inductor would, without
+    code generation)."""
 
     def __init__(
         self,
@@ -176,7 +191,6 @@ class StaticEngine:
         self.model, self.gen_config = model, gen_config
         self.device = model.device
         self.bucket, self.sync_every, self.capacity_step = bucket, sync_every, capacity_step
-        self.sampler = DeviceSampler(self.device)
         self._use_graphs = graphs
         self._step_fn = self._step
         if compile:
@@ -189,23 +203,25 @@ class StaticEngine:
 
     # -- the step -------------------------------------------------------------------------
 
-    def _step(self, state: StaticState, cache: LMCache, kv_len: int) -> None:
+    def _step(self, state: StaticState, kv_len: int) -> None:
         model = self.model
-        rows = model.embed_frame(state.frame.expand(cache.rows, -1))
-        last, logits = model.backbone_step(rows, state.pos, cache, kv_len)
-        frame = sample_frame(model, last, logits, cache, self.sampler)
-        state.codes.index_copy_(0, state.index.view(1), frame[None])
-        first_eos = (frame >= self.gen_config.audio_eos_id).any() & (state.eos_at < 0)
+        rows = model.embed_frame(state.frame)
+        last, logits = model.backbone_step(rows, state.pos, state.cache, kv_len)
+        frame = sample_frame(model, last, logits, state.cache, state.draw(state.ints, state.floats))
+        state.codes[state.row_ids, state.index] = frame
+        eos = (frame >= self.gen_config.audio_eos_id).any(dim=1)
+        first_eos = eos & (state.eos_at < 0) & (state.live > 0)
         state.eos_at.copy_(torch.where(first_eos, state.index, state.eos_at))
         state.frame.copy_(frame)
-        state.pos.add_(1)
-        state.index.add_(1)
+        state.pos.add_(state.live)
+        state.index.add_(state.live)
+        state.ints[:, 4].add_(1)  # every song's frame (read at its first row only)
 
-    def _run_step(self, state: StaticState, cache: LMCache, kv_len: int) -> None:
+    def _run_step(self, state: StaticState, kv_len: int) -> None:
         if not self._use_graphs:
-            self._step_fn(state, cache, kv_len)
+            self._step_fn(state, kv_len)
             return
-        key = (cache.rows, kv_len)
+        key = (state.rows, kv_len)
         graph = self._graphs.get(key)
         if graph is None and key not in self._warm:
             # First frame of this shape runs for real on a side stream (compiling, choosing
@@ -214,7 +230,7 @@ class StaticEngine:
             side = self._side_stream.get(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._step_fn(state, cache, kv_len)
+                self._step_fn(state, kv_len)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return
         if graph is None:
@@ -223,24 +239,35 @@ class StaticEngine:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                self._step_fn(state, cache, kv_len)
+                self._step_fn(state, kv_len)
             self._graphs[key] = graph
         graph.replay()
 
     def release(self) -> None:
         """Free the caches and the graphs' memory (the memory planner does it before the
-        codec runs); the next song allocates and captures them again."""
+        codec runs); the next batch allocates and captures them again."""
         self._graphs.clear()
         self._warm.clear()
         self._state = self._pool = None
 
+    def one_song_step(self, sampling: SamplingParams, positions: int) -> Callable[[], None]:
+        """The frame step of one song's rows started at position 0, to run as it is (launch
+        counting and the capture guard run it on the meta device)."""
+        song = SongRun(Prompt(torch.zeros(1, dtype=torch.long), 0), sampling, seed=0)
+        song.first_row = 0
+        state = self._reserve(song.rows, positions)
+        state.start(song, torch.zeros(self.model.config.audio_num_codebooks, dtype=torch.long), 0)
+        kv_len = self._kv_len(0, state.capacity)
+        return lambda: self._step(state, kv_len)
+
     # -- the host loop --------------------------------------------------------------------
 
     def _reserve(self, rows: int, positions: int) -> StaticState:
-        """State for `rows` rows and `positions` cache positions, reused when it fits; a larger
-        request reallocates it and drops the graphs captured over the old tensors."""
+        """State for `rows` rows of `positions` cache positions, reused when it has exactly
+        `rows` rows (a song's draws may round differently at another row count) and enough
+        positions; otherwise reallocated, dropping the graphs captured over the old tensors."""
         state = self._state
-        if state is None or state.rows < rows or state.capacity < positions:
+        if state is None or state.rows != rows or state.capacity < positions:
             self._graphs.clear()
             self._warm.clear()
             self._state = state = None  # free the old caches before allocating the new ones
@@ -248,13 +275,70 @@ class StaticEngine:
             step = self.capacity_step
             capacity = min(math.ceil(positions / step) * step, limit)
             state = self._state = StaticState(self.model, rows, capacity)
+        for row in range(rows):  # rows left by an interrupted batch
+            state.host_pos[row] = 0
+        state.live.zero_()
+        state.pos.zero_()
+        state.ints[:, 0] = -1
         return state
 
     def _kv_len(self, pos: int, capacity: int) -> int:
-        """Cache positions read by the step that writes position `pos`: its bucket's end."""
+        """Cache positions read by the step whose furthest row writes position `pos`: that
+        position's bucket's end."""
         return min(math.ceil((pos + 1) / self.bucket) * self.bucket, capacity)
 
+    def _admit(self, state: StaticState, song: SongRun) -> None:
+        """Prefill `song` into its rows (eager, between frames) and start them."""
+        view = state.cache.rows_view(song.first_row, song.rows)
+        frame, _ = prefill(self.model, song.prompt, view, state.prefill_draw(song))
+        state.start(song, frame[0], len(song.prompt))
+        add_frames(song, frame[:1].cpu())
+
+    def _collect(self, state: StaticState, scheduler: Scheduler) -> None:
+        """Read what every running song made since the last look (one host sync), and end the
+        songs that reached their EOS or their length."""
+        index, eos_at = torch.stack([state.index, state.eos_at]).cpu()
+        for song in list(scheduler.running):
+            row = song.first_row
+            made, eos = int(index[row]), int(eos_at[row])
+            ended = song.sampling.stop_at_eos and eos >= 0
+            upto = eos if ended else made
+            if upto > song.made:
+                add_frames(song, state.codes[row, song.made : upto].cpu())
+            if ended or song.frames_left == 0:
+                state.stop(song)
+                scheduler.finish(song, "eos" if ended else "length")
+
     @torch.no_grad()
+    def run(self, scheduler: Scheduler) -> None:
+        """Every song of `scheduler` to its end; a Ctrl-C propagates once every song holds the
+        frames the device finished."""
+        state = self._reserve(scheduler.rows, scheduler.positions)
+        try:
+            while scheduler.busy():
+                for song in scheduler.admit():
+                    self._admit(state, song)
+                    if song.frames_left == 0:
+                        state.stop(song)
+                        scheduler.finish(song, "length")
+                if not scheduler.running:
+                    continue
+                steps = min(self.sync_every, *(s.frames_left for s in scheduler.running))
+                for _ in range(steps):
+                    furthest = max(state.host_pos[s.first_row] for s in scheduler.running)
+                    if not scheduler.one_song:  # the whole cache: scheduler.py says why
+                        furthest = state.capacity - 1
+                    self._run_step(state, self._kv_len(furthest, state.capacity))
+                    for song in scheduler.running:
+                        for row in range(song.first_row, song.first_row + song.rows):
+                            state.host_pos[row] += 1
+                self._collect(state, scheduler)
+        except KeyboardInterrupt:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # what was queued before Ctrl-C completes
+            self._collect(state, scheduler)
+            raise
+
     def generate_frames(
         self,
         prompt: Prompt,
@@ -263,44 +347,8 @@ class StaticEngine:
         on_frame: OnFrame | None = None,
         on_codes: OnCodes | None = None,
     ) -> Tensor:
-        check_length(self.model, prompt, sampling.max_frames)
-        seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
-        self.sampler.configure(sampling, seed)
-        max_frames, stop_at_eos = sampling.max_frames, sampling.stop_at_eos
-        rows = self.sampler.cfg_rows
-        state = self._reserve(rows, len(prompt) + max_frames)
-        cache = state.cache_for(rows)
-        made = 0  # frames known to be final (read back from the device)
-        try:
-            frame, _ = prefill(self.model, prompt, cache, self.sampler)
-            state.start(frame, len(prompt))
-            made = 1
-            if on_codes is not None:
-                on_codes(state.frames(made))
-            if on_frame is not None:
-                on_frame(made)
-            done = 0
-            while done < max_frames:
-                for _ in range(min(self.sync_every, max_frames - done)):
-                    self._run_step(state, cache, self._kv_len(len(prompt) + done, state.capacity))
-                    done += 1
-                eos_at = int(state.eos_at)  # the one host sync per `sync_every` frames
-                if stop_at_eos and eos_at >= 0:
-                    made = eos_at
-                    break
-                if on_codes is not None:
-                    on_codes(state.codes[made : 1 + done].cpu().T.contiguous())
-                made = 1 + done
-                if on_frame is not None:
-                    on_frame(made)
-        except KeyboardInterrupt:
-            if made:  # what was queued before Ctrl-C completes: keep it
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                eos_at = int(state.eos_at)
-                made = eos_at if stop_at_eos and eos_at >= 0 else int(state.index)
-            raise GenerationInterrupted(state.frames(made)) from None
-        return state.frames(made)
+        """One song, PlainEngine's contract (its own draws: the fused sampler's)."""
+        return run_one(self.run, self.model, prompt, sampling, on_frame, on_codes)
 
 
 # Every engine has PlainEngine's `name` and `generate_frames`.

@@ -137,11 +137,8 @@ def count_frame_launches(
     with `cfg`). The step runs once first: the RoPE tables are built once per device, not per
     frame."""
     engine = StaticEngine(model, gen_config or GenConfig(), graphs=False)
-    engine.sampler.configure(SamplingParams() if cfg else SamplingParams(cfg_scale=1.0), seed=0)
-    rows = engine.sampler.cfg_rows
-    state = engine._reserve(rows, engine.capacity_step)
-    cache = state.cache_for(rows)
-    kv_len = engine._kv_len(0, state.capacity)
+    sampling = SamplingParams() if cfg else SamplingParams(cfg_scale=1.0)
+    step = engine.one_song_step(sampling, engine.capacity_step)
     launches = FrameLaunches(
         backbone_layers=len(model.backbone.layers),
         decoder_layer_steps=len(model.decoder.layers) * (model.config.audio_num_codebooks - 1),
@@ -168,10 +165,10 @@ def count_frame_launches(
                 layer.register_forward_hook(leave),
             ]
     with torch.no_grad():
-        engine._step(state, cache, kv_len)
+        step()
         try:
             with counter, _AttentionAsOneKernel(counter):
-                engine._step(state, cache, kv_len)
+                step()
         finally:
             for h in hooks:
                 h.remove()

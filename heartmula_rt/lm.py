@@ -2,8 +2,9 @@
 decoder that expands each backbone step into the 8 codebook tokens of one audio frame.
 
 Both transformers are torchtune-style decoders without token embedding or output head. KV caches
-are not module state: a request allocates an `LMCache` with `HeartMuLa.new_cache` and passes it to
-every call, so one loaded model serves any number of rows (1 plain, 2 with CFG) and any length.
+are not module state: a batch allocates an `LMCache` with `HeartMuLa.new_cache` and passes it (or
+one song's rows of it) to every call, so one loaded model serves any number of rows (a song's 1,
+or 2 with CFG, several songs' side by side) and any length.
 """
 
 from __future__ import annotations
@@ -109,15 +110,17 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def write_at(self, pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write one position's k/v [B, H_kv, 1, D] at the device-held position `pos` (0-d
-        int64); return the first `kv_len` positions (the caller masks those past `pos`)."""
-        self.k.index_copy_(2, pos.view(1), k)
-        self.v.index_copy_(2, pos.view(1), v)
+        """Write each row's one new k/v [B, H_kv, 1, D] at that row's device-held position
+        `pos` [B] (int64); return the first `kv_len` positions (the caller masks, per row,
+        those past its position)."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, pos] = k[:, :, 0]
+        self.v[rows, :, pos] = v[:, :, 0]
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
-    def narrow(self, rows: int) -> KVCache:
-        """A view of the first `rows` rows: one allocation serves 1 row and 2."""
-        return KVCache(self.k[:rows], self.v[:rows])
+    def rows(self, first: int, count: int) -> KVCache:
+        """A view of rows first..first+count-1: one allocation serves every song of a batch."""
+        return KVCache(self.k[first : first + count], self.v[first : first + count])
 
 
 class Rope(nn.Module):
@@ -137,11 +140,13 @@ def attention_mask(
     over the cached ones, in the activations' dtype, or None when every cached key is attended.
 
     Made once per forward for all layers: SDPA would turn a boolean mask into this in every
-    layer. A device-held `start` (one position) reads `kv_len` positions, those past it masked:
-    [1, 1, 1, kv_len]; an int `start` with several positions (prefill) is causal: [t, start + t].
+    layer. Device-held positions `start` [B] (one per row) read `kv_len` positions, each row's
+    past its own position masked: [B, 1, 1, kv_len]; an int `start` with several positions
+    (prefill) is causal: [t, start + t].
     """
     if isinstance(start, Tensor):
-        attended = (torch.arange(kv_len, device=device) <= start).view(1, 1, 1, kv_len)
+        attended = torch.arange(kv_len, device=device)[None, :] <= start[:, None]
+        attended = attended.view(-1, 1, 1, kv_len)
     elif t > 1:
         q_pos = torch.arange(start, start + t, device=device)
         attended = torch.arange(start + t, device=device)[None, :] <= q_pos[:, None]
@@ -174,15 +179,17 @@ class Attention(nn.Module):
     ) -> Tensor:
         """`mask` is `attention_mask(start, T, kv_len, ...)`."""
         b, t, _ = x.shape
-        q, k = self.rope(
-            self.q_proj(x).view(b, t, self.num_heads, self.head_dim),
-            self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim),
-            cos,
-            sin,
-        )
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if isinstance(start, Tensor):
+            # One position per row, cos/sin [B, D/2]: rows as the positions of one sequence.
+            q, k = self.rope(q.view(1, b, *q.shape[2:]), k.view(1, b, *k.shape[2:]), cos, sin)
+            q, k = q.view(b, 1, *q.shape[2:]), k.view(b, 1, *k.shape[2:])
+        else:
+            q, k = self.rope(q, k, cos, sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if isinstance(start, Tensor):  # one position held on the device (static decode)
+        if isinstance(start, Tensor):  # each row's one position, held on the device
             k, v = cache.write_at(start, k, v, kv_len)
         else:
             k, v = cache.update(start, k, v)
@@ -261,12 +268,13 @@ class Transformer(nn.Module):
     def forward(
         self, x: Tensor, start: int | Tensor, cache: list[KVCache], kv_len: int | None = None
     ) -> Tensor:
-        """`start` is an int, or for one new position a 0-d int64 device tensor; then the first
-        `kv_len` cached positions are read, those past `start` masked (a static shape that a
-        CUDA graph or torch.compile can keep while the position moves)."""
+        """`start` is an int (every row at positions start..start+T-1), or for one new
+        position per row an int64 device tensor [B] of each row's position; then the first
+        `kv_len` cached positions are read, each row's past its own masked (a static shape that
+        a CUDA graph or torch.compile can keep while the positions move)."""
         cos, sin = self.rope.tables(x.device)
         if isinstance(start, Tensor):
-            cos, sin = cos[start.view(1)], sin[start.view(1)]
+            cos, sin = cos[start], sin[start]
         else:
             cos, sin = cos[start : start + x.shape[1]], sin[start : start + x.shape[1]]
         mask = attention_mask(start, x.shape[1], kv_len, dtype=x.dtype, device=x.device)
@@ -277,18 +285,19 @@ class Transformer(nn.Module):
 
 @dataclass
 class LMCache:
-    """Per-request KV caches: the backbone's over the whole request, the decoder's for one frame."""
+    """A batch's KV caches, one row per LM row: the backbone's over whole songs, the decoder's for
+    one frame."""
 
     backbone: list[KVCache]
     decoder: list[KVCache]
     rows: int
 
-    def narrow(self, rows: int) -> LMCache:
-        """Views of the first `rows` rows of every cache."""
+    def rows_view(self, first: int, count: int) -> LMCache:
+        """Views of rows first..first+count-1 of every cache (one song's, in a batch)."""
         return LMCache(
-            backbone=[c.narrow(rows) for c in self.backbone],
-            decoder=[c.narrow(rows) for c in self.decoder],
-            rows=rows,
+            backbone=[c.rows(first, count) for c in self.backbone],
+            decoder=[c.rows(first, count) for c in self.decoder],
+            rows=count,
         )
 
 
@@ -353,7 +362,8 @@ class HeartMuLa(nn.Module):
         self, rows: Tensor, start: int | Tensor, cache: LMCache, kv_len: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """Backbone over rows [B, T, D] at positions start..: (last hidden [B, D], c0 logits).
-        A device-held `start` takes one row and reads `kv_len` cached positions."""
+        Device-held positions `start` [B] take one position per row and read `kv_len` cached
+        positions."""
         last = self.backbone(rows, start, cache.backbone, kv_len)[:, -1]
         return last, self.codebook0_head(last)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from .config import (
     default_codec_dtype,
     default_dtype,
 )
-from .decode import OnFrame, check_length
+from .decode import BatchInterrupted, OnFrame, check_length, song_codes
 from .engine import (
     Engine,
     check_engine,
@@ -56,6 +56,7 @@ from .request import (
     SongRequest,
     max_frames_for,
 )
+from .scheduler import Scheduler, SongRun
 from .sizing import measure_overheads
 from .stream import SongStream
 from .synthetic import Models, synthetic_models
@@ -262,6 +263,28 @@ class Pipeline:
         with self.lock:
             torch.set_num_threads(self.threads)  # per thread: the caller's may differ from load's
             return self.engine.generate_frames(prompt, request.sampling, on_frame=on_frame)
+
+    def generate_frames_batch(
+        self, requests: Sequence[SongRequest], *, rows: int | None = None
+    ) -> list[torch.Tensor]:
+        """Sample several songs' codes in one batch: a list of int64 [8, T] CPU tensors, in
+        order. `rows` LM rows run at once (default: every song's at once; 1 per song, 2 with
+        guidance); songs that do not fit wait for the rows of songs that end. A song's frames
+        are those it makes alone in a batch of the same rows, whatever shares it (decode.py);
+        Ctrl-C raises `BatchInterrupted` with every song's frames so far."""
+        runs = [SongRun(self.prompt(r), r.sampling) for r in requests]
+        if not runs:
+            return []
+        scheduler = Scheduler(rows or sum(r.rows for r in runs), max(r.positions for r in runs))
+        for run in runs:
+            scheduler.submit(run)
+        with self.lock:
+            torch.set_num_threads(self.threads)
+            try:
+                self.engine.run(scheduler)
+            except KeyboardInterrupt:
+                raise BatchInterrupted([song_codes(r, self.lm) for r in runs]) from None
+        return [song_codes(r, self.lm) for r in runs]
 
     def decode_frames(
         self,

@@ -28,3 +28,16 @@ def sample_topk(
     probs = torch.softmax(scaled.masked_fill(scaled < kth, float("-inf")), dim=-1)
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / noise).argmax(dim=-1, keepdim=True)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, frame: int, codebook: int) -> int:
+    """The seed of one draw: a song's `seed`, the `frame` it samples (0: the prompt's) and the
+    `codebook`, mixed (splitmix64) into 64 bits whose low 32 differ too (the CPU generator
+    seeds from those). A song's draws depend on nothing else, not on what shares its batch."""
+    x = (seed * 0x9E3779B97F4A7C15 + frame * 0xD1B54A32D192ED03 + codebook + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)

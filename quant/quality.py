@@ -27,7 +27,7 @@ class _Recorder:
         self.tokens: list[Tensor] = []
         self._forced = iter(forced) if forced is not None else None
 
-    def __call__(self, logits: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, codebook: int) -> Tensor:
         self.logits.append(logits[0].float())
         token = logits.argmax(dim=-1, keepdim=True) if self._forced is None else next(self._forced)
         self.tokens.append(token)
@@ -39,7 +39,7 @@ def _teacher_forced(model: HeartMuLa, prompt: Prompt, frames: int, recorder: _Re
     cache = model.new_cache(1, len(prompt) + frames)
     frame, _ = prefill(model, prompt, cache, recorder)
     for n in range(frames - 1):
-        frame, _ = decode_one_frame(model, frame, len(prompt) + n, cache, recorder)
+        frame, _ = decode_one_frame(model, frame, len(prompt) + n, cache, None, recorder)
     return torch.stack(recorder.logits).view(frames, model.config.audio_num_codebooks, -1)
 
 

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from heartmula_rt.quant import quantize_model
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,13 +34,13 @@ from heartmula_rt.config import (
 )
 from heartmula_rt.engine import StaticEngine
 from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.quant import quantize_model
 from heartmula_rt.request import SamplingParams
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
 
 aten = torch.ops.aten
 CAPACITY = 1024  # one cache capacity step
-KV_LEN = 256  # the first bucket's end
 
 
 class CaptureUnsafe(AssertionError):
@@ -108,13 +107,7 @@ def _meta_lm(quant: str = "none") -> HeartMuLa:
 def _frame_step(lm: HeartMuLa, cfg_scale: float) -> Callable[[], None]:
     """One frame of the static engine on meta, warmed once outside the guard."""
     engine = StaticEngine(lm, GenConfig(), graphs=False)
-    engine.sampler.configure(SamplingParams(cfg_scale=cfg_scale), seed=0)
-    rows = engine.sampler.cfg_rows
-    state = engine._reserve(rows, CAPACITY)
-    cache = state.cache_for(rows)
-
-    def step() -> None:
-        engine._step(state, cache, KV_LEN)
+    step = engine.one_song_step(SamplingParams(cfg_scale=cfg_scale), CAPACITY)
 
     with torch.no_grad():
         step()  # the engine's uncaptured first frame of a shape (RoPE tables built here)
@@ -175,7 +168,7 @@ def test_the_guard_fires_on_what_a_capture_cannot_hold(
     backbone_step = lm.backbone_step
 
     def with_injection(rows: Tensor, start: Tensor, *args, **kwargs):
-        INJECTIONS[name](start)  # start: the device-held position
+        INJECTIONS[name](start[:1])  # start: the device-held positions
         return backbone_step(rows, start, *args, **kwargs)
 
     monkeypatch.setattr(lm, "backbone_step", with_injection)

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.config import GenConfig
-from heartmula_rt.decode import GenerationInterrupted, Sampler, generate_frames, prefill
+from heartmula_rt.decode import GenerationInterrupted, generate_frames, prefill, song_draw
 from heartmula_rt.errors import UserError
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import Prompt, build_prompt
@@ -110,9 +110,9 @@ def test_bfloat16_model_runs(
     assert frames.dtype == torch.int64 and frames.shape[0] == 8 and frames.shape[1] >= 1
     assert int(frames.min()) >= 0 and int(frames.max()) < gen.audio_eos_id
     # The prompt step's logits stay close to float32 (greedy tokens may flip: margins are small).
-    sampler = Sampler(SamplingParams(topk=1, cfg_scale=1.5))
+    draw = song_draw(SamplingParams(topk=1, cfg_scale=1.5), tiny_lm.device)
     with torch.no_grad():
-        _, logits16 = prefill(bf16, prompt, bf16.new_cache(2, len(prompt)), sampler)
-        _, logits32 = prefill(tiny_lm, prompt, tiny_lm.new_cache(2, len(prompt)), sampler)
+        _, logits16 = prefill(bf16, prompt, bf16.new_cache(2, len(prompt)), draw)
+        _, logits32 = prefill(tiny_lm, prompt, tiny_lm.new_cache(2, len(prompt)), draw)
     assert logits16.dtype == torch.bfloat16
     torch.testing.assert_close(logits16.float(), logits32, rtol=0, atol=0.15)

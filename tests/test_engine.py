@@ -73,8 +73,9 @@ def test_one_engine_serves_many_songs(lm: HeartMuLa, gen: GenConfig, tokenizer: 
     requests = [  # (prompt, max_frames, cfg_scale, reallocates)
         (short, 20, 1.0, True),
         (short, 30, 1.5, True),  # 2 rows (guidance)
-        (short, 25, 1.0, False),  # 1 row on the 2-row caches
-        (long, 40, 2.0, True),  # more positions
+        (short, 25, 1.5, False),  # the same rows, fewer positions
+        (short, 25, 1.0, True),  # 1 row: a batch keeps its row count (its matmuls' shapes)
+        (long, 40, 2.0, True),  # 2 rows again, more positions
         (short, 30, 1.5, False),
     ]
     for prompt, max_frames, cfg_scale, reallocates in requests:

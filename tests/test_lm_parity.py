@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from heartmula_rt.decode import Sampler, decode_one_frame, generate_frames, prefill
+from heartmula_rt.decode import decode_one_frame, generate_frames, prefill, song_draw
 from heartmula_rt.folder import load_gen_config
 from heartmula_rt.lm import HeartMuLa
 from heartmula_rt.prompt import build_prompt
@@ -46,13 +46,14 @@ def test_prompt(case, tokenizer: Tokenizer, tiny_ckpt: Path) -> None:
 def test_first_step_logits(case, tiny_lm: HeartMuLa, tokenizer: Tokenizer, tiny_ckpt: Path) -> None:
     c, expected = case
     prompt = build_prompt(tokenizer, load_gen_config(tiny_ckpt), c["tags"], c["lyrics"])
-    sampler = Sampler(
-        SamplingParams(topk=c["topk"], temperature=c["temperature"], cfg_scale=c["cfg_scale"])
+    sampling = SamplingParams(
+        topk=c["topk"], temperature=c["temperature"], cfg_scale=c["cfg_scale"]
     )
-    cache = tiny_lm.new_cache(sampler.cfg_rows, len(prompt) + 1)
+    draw = song_draw(sampling, tiny_lm.device)
+    cache = tiny_lm.new_cache(sampling.cfg_rows, len(prompt) + 1)
     with torch.no_grad():
-        frame, logits0 = prefill(tiny_lm, prompt, cache, sampler)
-        _, logits1 = decode_one_frame(tiny_lm, frame, len(prompt), cache, sampler)
+        frame, logits0 = prefill(tiny_lm, prompt, cache, draw)
+        _, logits1 = decode_one_frame(tiny_lm, frame, len(prompt), cache, None, draw)
     torch.testing.assert_close(logits0, expected["c0_logits_step0"], rtol=0, atol=1e-4)
     torch.testing.assert_close(logits1, expected["c0_logits_step1"], rtol=0, atol=1e-4)
 
