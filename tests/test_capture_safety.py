@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from heartmula_rt.quant import quantize_model
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -34,7 +35,6 @@ from heartmula_rt.config import (
 )
 from heartmula_rt.engine import StaticEngine
 from heartmula_rt.lm import HeartMuLa
-from heartmula_rt.quant import quantize_model
 from heartmula_rt.request import SamplingParams
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
