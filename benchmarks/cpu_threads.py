@@ -83,6 +83,7 @@ def child(args: argparse.Namespace) -> None:
         hashes[name] = sha256(wav)
     result = {
         "engine": pipe.engine.name,
+        "quant": pipe.config.quant,
         "threads": pipe.threads,
         "frames_sha256": sha256(frames.numpy()),
     }
@@ -174,6 +175,7 @@ def main() -> None:
                     "condition": condition,
                     "setting": name,
                     "engine": raw[name][0]["engine"],
+                    "quant": raw[name][0]["quant"],
                     "threads": raw[name][0]["threads"],
                     "wait_policy": wait,
                     "median_s": {path: statistics.median(s) for path, s in seconds.items()},

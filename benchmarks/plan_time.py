@@ -56,10 +56,9 @@ def main() -> None:
     runs = []
     for name, command in commands:
         raw = [round(seconds(command), 3) for _ in range(args.repeats)]
-        # a plan runs no LM engine
-        runs.append(
-            {"name": name, "engine": None, "median_s": statistics.median(raw), "raw_s": raw}
-        )
+        # a plan runs no LM engine and quantizes nothing
+        run = {"name": name, "engine": None, "quant": None}
+        runs.append({**run, "median_s": statistics.median(raw), "raw_s": raw})
         print(runs[-1], file=sys.stderr)
     result = {
         "device": {"cpu": platform.processor() or "cpu", "cpu_count": os.cpu_count()},
