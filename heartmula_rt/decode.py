@@ -201,13 +201,12 @@ def run_batch(model: HeartMuLa, gen: GenConfig, scheduler: Scheduler) -> None:
     cache = model.new_cache(rows, scheduler.positions)
     frames = torch.zeros(rows, n, dtype=torch.long, device=device)  # each row's last frame
     positions = torch.zeros(rows, dtype=torch.long, device=device)  # where it is fed
-    next_pos = [0] * rows  # the same, on the host
+    live = torch.zeros(rows, dtype=torch.long, device=device)  # 1 where a song runs
     sampler = Sampler(device)
 
     def vacate(song: SongRun, why: str) -> None:
         rows_of = slice(song.first_row, song.first_row + song.rows)
-        positions[rows_of] = 0  # idle rows keep attending their own position 0
-        next_pos[rows_of] = [0] * song.rows
+        positions[rows_of] = live[rows_of] = 0  # idle rows stay at their position 0
         scheduler.finish(song, why)
 
     while scheduler.busy():
@@ -217,7 +216,7 @@ def run_batch(model: HeartMuLa, gen: GenConfig, scheduler: Scheduler) -> None:
             frame, _ = prefill(model, song.prompt, view, sampler.draws([(0, song)], count))
             frames[first : first + count] = frame
             positions[first : first + count] = len(song.prompt)
-            next_pos[first : first + count] = [len(song.prompt)] * count
+            live[first : first + count] = 1
             add_frames(song, frame[:1].cpu())
             if song.frames_left == 0:
                 vacate(song, "length")
@@ -225,14 +224,14 @@ def run_batch(model: HeartMuLa, gen: GenConfig, scheduler: Scheduler) -> None:
             continue
         placed = [(song.first_row, song) for song in scheduler.running]
         draw = sampler.draws(placed, rows)
-        if scheduler.one_song:  # one position for every row, no mask
-            step_at, kv_len = next_pos[0], None
+        if scheduler.one_song:  # one position for every row (frame f is fed at P + f - 1)
+            song = placed[0][1]
+            step_at, kv_len = len(song.prompt) + song.made - 1, None
         else:  # every row at its own position, reading the whole cache (scheduler.py)
             step_at, kv_len = positions, scheduler.positions
         frames, _ = decode_one_frame(model, frames, step_at, cache, kv_len, draw)
         on_host = frames.cpu()  # the plain loop's one sync per frame
-        positions += 1
-        next_pos = [p + 1 for p in next_pos]
+        positions += live
         for first, song in placed:
             why = ends_at(on_host[first], song, gen)
             if why is None:

@@ -114,7 +114,6 @@ class StaticState:
         self.row_ids = torch.arange(rows, device=device)
         self.ints, self.floats = self.kernels.new_state(rows, device)
         self.first_ints, self.first_floats = self.kernels.new_state(2, device)  # prefill's
-        self.host_pos = [0] * rows  # `pos`, known on the host
 
     def draw(self, ints: Tensor, floats: Tensor) -> Draw:
         return lambda logits, codebook: self.kernels.fused_sample(logits, ints, floats, codebook)
@@ -149,7 +148,6 @@ class StaticState:
         self.codes[rows, 0] = frame
         self.frame[rows] = frame
         self.pos[rows] = pos
-        self.host_pos[rows] = [pos] * song.rows
         self.index[rows] = 1
         self.eos_at[rows] = -1
         self.live[rows] = 1
@@ -160,7 +158,6 @@ class StaticState:
         rows = slice(song.first_row, song.first_row + song.rows)
         self.live[rows] = 0
         self.pos[rows] = 0
-        self.host_pos[rows] = [0] * song.rows
         self.index[rows] = 0
         self.ints[rows, 0] = -1
 
@@ -275,9 +272,7 @@ class StaticEngine:
             step = self.capacity_step
             capacity = min(math.ceil(positions / step) * step, limit)
             state = self._state = StaticState(self.model, rows, capacity)
-        for row in range(rows):  # rows left by an interrupted batch
-            state.host_pos[row] = 0
-        state.live.zero_()
+        state.live.zero_()  # rows left by an interrupted batch
         state.pos.zero_()
         state.ints[:, 0] = -1
         return state
@@ -324,14 +319,14 @@ class StaticEngine:
                 if not scheduler.running:
                     continue
                 steps = min(self.sync_every, *(s.frames_left for s in scheduler.running))
-                for _ in range(steps):
-                    furthest = max(state.host_pos[s.first_row] for s in scheduler.running)
-                    if not scheduler.one_song:  # the whole cache: scheduler.py says why
-                        furthest = state.capacity - 1
+                for i in range(steps):
+                    # The furthest position written: any batch but a one-song one reads its
+                    # whole cache (scheduler.py says why); that song feeds frame f at P + f - 1.
+                    furthest = state.capacity - 1
+                    if scheduler.one_song:
+                        song = scheduler.running[0]
+                        furthest = len(song.prompt) + song.made - 1 + i
                     self._run_step(state, self._kv_len(furthest, state.capacity))
-                    for song in scheduler.running:
-                        for row in range(song.first_row, song.first_row + song.rows):
-                            state.host_pos[row] += 1
                 self._collect(state, scheduler)
         except KeyboardInterrupt:
             if self.device.type == "cuda":

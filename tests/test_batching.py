@@ -173,3 +173,23 @@ def test_a_pipeline_makes_many_songs_in_one_batch(tiny_ckpt) -> None:
     for a, b in zip(together, alone, strict=True):
         assert torch.equal(a, b)
     assert pipe.generate_frames_batch([]) == []
+
+
+def test_rows_left_idle_stay_within_the_cache(
+    lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer
+) -> None:
+    # Guided songs one after another in rows 0-1 while row 2 stays idle: the batch runs more
+    # steps than its cache has positions, and the idle row must not walk past its end.
+    prompt = build_prompt(tokenizer, gen, "rock", "hey")
+    sampling = SamplingParams(max_frames=8, stop_at_eos=False)
+    positions = len(prompt) + sampling.max_frames
+    songs = [SongRun(prompt, replace(sampling, seed=s)) for s in range(4)]
+    scheduler = Scheduler(3, positions)
+    for song in songs:
+        scheduler.submit(song)
+    PlainEngine(lm, gen).run(scheduler)
+    assert sum(song.made - 1 for song in songs) > positions  # decode steps the batch ran
+    alone = Scheduler(3, positions)
+    again = alone.submit(SongRun(prompt, replace(sampling, seed=3)))
+    PlainEngine(lm, gen).run(alone)
+    assert torch.equal(torch.stack(songs[3].frames, 1), torch.stack(again.frames, 1))
