@@ -82,12 +82,6 @@ class PlainEngine:
         )
 
 
-def _fused_sample() -> Callable:
-    from .kernels import sampling  # needs triton: imported only when used
-
-    return sampling
-
-
 class StaticState:
     """The device tensors one batch frame step reads and writes, allocated once per (rows,
     capacity): each row's cache, position, last frame, frames made and first-EOS index, and
@@ -102,7 +96,9 @@ class StaticState:
     def __init__(self, model: HeartMuLa, rows: int, capacity: int) -> None:
         device = model.device
         n = model.config.audio_num_codebooks
-        self.kernels = _fused_sample()
+        from .kernels import sampling  # needs triton: imported only when used
+
+        self.kernels = sampling
         self.rows, self.capacity = rows, capacity
         self.cache = model.new_cache(rows, capacity)
         self.frame = torch.zeros(rows, n, dtype=torch.int64, device=device)  # fed at `pos`
@@ -120,16 +116,15 @@ class StaticState:
 
     def song_state(self, song: SongRun, first: int, frame: int) -> tuple[Tensor, Tensor]:
         p = song.sampling
-        ints, floats = self.kernels.song_state(
+        return self.kernels.song_state(
             first,
             song.rows,
             seed=song.seed,
             topk=p.topk,
             cfg_scale=p.cfg_scale,
             temperature=p.temperature,
+            frame=frame,
         )
-        ints[0, 4] = frame
-        return ints, floats
 
     def prefill_draw(self, song: SongRun) -> Draw:
         """The fused sampler of `song`'s frame 0, over its own rows."""

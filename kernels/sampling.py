@@ -171,12 +171,20 @@ def new_state(rows: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
 
 
 def song_state(
-    first: int, rows: int, *, seed: int, topk: int, cfg_scale: float, temperature: float
+    first: int,
+    rows: int,
+    *,
+    seed: int,
+    topk: int,
+    cfg_scale: float,
+    temperature: float,
+    frame: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """The state rows of one song at rows first..first+rows-1, frame 0 (CPU; copy them in)."""
+    """The state rows of one song at rows first..first+rows-1, about to draw `frame` (CPU; copy
+    them in)."""
     ints = torch.zeros(rows, INTS, dtype=torch.int64)
     ints[:, 0] = first
-    ints[0, 1:] = torch.tensor([rows, seed, topk, 0])
+    ints[0, 1:] = torch.tensor([rows, seed, topk, frame])
     floats = torch.tensor([[cfg_scale, temperature]] * rows, dtype=torch.float32)
     return ints, floats
 

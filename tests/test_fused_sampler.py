@@ -21,8 +21,9 @@ def _state(songs: list[dict], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     for song in songs:
         first, count = song["first"], song["rows"]
         settings = {k: song[k] for k in ("seed", "topk", "cfg_scale", "temperature")}
-        song_ints, song_floats = sampling.song_state(first, count, **settings)
-        song_ints[0, 4] = song.get("frame", 0)
+        song_ints, song_floats = sampling.song_state(
+            first, count, **settings, frame=song.get("frame", 0)
+        )
         ints[first : first + count] = song_ints.to(DEVICE)
         floats[first : first + count] = song_floats.to(DEVICE)
     return ints, floats
