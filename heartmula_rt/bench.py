@@ -34,6 +34,7 @@ from .decode import check_length
 from .engine import (
     ENGINES,
     Engine,
+    StaticEngine,
     check_engine,
     check_engine_over_streaming,
     default_engine,
@@ -46,6 +47,7 @@ from .planner import GiB, format_plan, parse_vram
 from .prompt import Prompt
 from .quant import check_mode
 from .request import FRAME_MS, SamplingParams, SongRequest
+from .scheduler import Scheduler, SongRun
 from .sizing import cuda_context_bytes, module_bytes
 from .stream import SongStream
 from .synthetic import synthetic_prompt
@@ -308,9 +310,12 @@ def write_results(out_dir: Path, name: str, result: dict[str, Any]) -> Path:
 
 # Columns of the summary table: (title, run field, format).
 _TABLE = (
+    ("songs", "songs", "d"),
     ("frames", "frames", "d"),
     ("prefill ms", "prefill_ms", ".1f"),
     ("frames/s", "lm_frames_per_s", ".2f"),
+    ("song f/s", "song_frames_per_s", ".2f"),
+    ("vs 1", "batch_speedup", ".2f"),
     ("ms/frame", "ms_per_frame", ".2f"),
     ("floor ms", "floor_ms_per_frame", ".2f"),
     ("GB/s", "achieved_gbps", ".0f"),
@@ -325,7 +330,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     """One line per run: the numbers to compare at a glance ("-" where not measured)."""
     rows = [["run", *(title for title, _, _ in _TABLE)]]
     for run in runs:
-        cells = ["-" if run[key] is None else format(run[key], spec) for _, key, spec in _TABLE]
+        cells = ["-" if run.get(key) is None else format(run[key], spec) for _, key, spec in _TABLE]
         rows.append([run["name"], *cells])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -404,6 +409,7 @@ class BenchConfig:
     codec_repeats: int = 1
     codec: bool = True
     greedy_frames: int = 0
+    batch_sizes: tuple[int, ...] = ()  # songs at once, each measured beside one song alone
     out_dir: Path = Path("benchmarks/results")
     name: str | None = None
 
@@ -430,9 +436,13 @@ class BenchConfig:
             raise UserError(
                 "--prompt-len is for --synthetic models; a checkpoint's prompt is fixed"
             )
+        if any(b < 1 for b in self.batch_sizes):
+            raise UserError(f"--batch takes songs at once of 1 or more, not {self.batch_sizes}")
         if self.prompt_len is not None and self.prompt_len < 1:
             raise UserError(f"the prompt length must be at least 1, not {self.prompt_len}")
         if self.vram_budgets:
+            if self.batch_sizes:
+                raise UserError("--batch is measured without --vram: give one or the other")
             if self.quant_modes != ("none",):
                 raise UserError("--vram plans the quantization itself: leave out --quant")
             if self.pipeline.torch_device.type != "cuda":
@@ -476,7 +486,7 @@ class LMTiming:
     prefill_s: list[float]
     decode_s: list[float]
     peak_vram_gib: float | None
-    greedy: tuple[float | None, int | None]
+    greedy: tuple[float | None, int | None] = (None, None)
 
 
 def _time_lm(
@@ -496,6 +506,53 @@ def _time_lm(
     return frames, prefill_s, decode_s
 
 
+def timed_batch(
+    engine: Engine, prompt: Prompt, sampling: SamplingParams, songs: int, device: torch.device
+) -> tuple[list[float], float]:
+    """(each song's prefill seconds, decode seconds) of `songs` songs of `prompt` run together
+    (seeds `seed`, `seed + 1`, …), every one admitted at the start: the songs' prefills run
+    one after another, each its own prompt's length, and decoding starts after the last one."""
+    runs = [SongRun(prompt, replace(sampling, seed=sampling.seed + i)) for i in range(songs)]
+    firsts: list[float] = []
+
+    def on_frame(made: int) -> None:
+        if made == 1:
+            _sync(device)
+            firsts.append(time.perf_counter())
+
+    scheduler = Scheduler(songs * sampling.cfg_rows, len(prompt) + sampling.max_frames)
+    for run in runs:
+        run.on_frame = on_frame
+        scheduler.submit(run)
+    _sync(device)
+    start = time.perf_counter()
+    engine.run(scheduler)
+    _sync(device)
+    end = time.perf_counter()
+    prefills = [b - a for a, b in zip([start, *firsts], firsts, strict=False)]
+    return prefills, end - firsts[-1]
+
+
+def _time_batch(
+    engine: Engine, prompt: Prompt, device: torch.device, config: BenchConfig, songs: int
+) -> tuple[list[float], list[float]]:
+    """Each counted run's median prefill of one song and decode seconds of `songs` songs at
+    once (`warmup` runs first, not counted)."""
+    prefill_s, decode_s = [], []
+    frames = songs * config.sampling.max_frames
+    for i in range(config.warmup + config.repeats):
+        prefills, decode = timed_batch(engine, prompt, config.sampling, songs, device)
+        what = "warm-up" if i < config.warmup else f"run {i - config.warmup + 1}/{config.repeats}"
+        print(
+            f"{engine.name} {songs} songs {what}: {frames / decode:.2f} frames/s in all",
+            file=sys.stderr,
+        )
+        if i >= config.warmup:
+            prefill_s.append(statistics.median(prefills))
+            decode_s.append(decode)
+    return prefill_s, decode_s
+
+
 def _greedy(engine: Engine, prompt: Prompt, config: BenchConfig) -> Tensor:
     greedy = replace(config.sampling, max_frames=config.greedy_frames, topk=1)
     return engine.generate_frames(prompt, greedy)
@@ -511,33 +568,42 @@ def _record(
     codec_s: list[float],
     codec_peak: float | None,
     vram_budget_gib: float | None = None,
+    songs: int = 1,
 ) -> dict[str, Any]:
-    """One run's JSON object, fields in the order of benchmarks/README.md."""
+    """One run's JSON object, fields in the order of benchmarks/README.md: one song, or
+    `songs` songs at once (then `bytes_per_frame` is what one frame of every song reads)."""
     frames = lm.frames.shape[1]
     decode = statistics.median(lm.decode_s)
     prefill = statistics.median(lm.prefill_s)
-    fps = (frames - 1) / decode
+    fps = songs * (frames - 1) / decode
     codec = statistics.median(codec_s) if codec_s else None
     e2e = None if codec is None else prefill + decode + codec
     peaks = [p for p in (lm.peak_vram_gib, codec_peak) if p is not None]
     return {
         "name": "-".join(
-            [engine, settings["dtype"]] + [settings["quant"]] * (settings["quant"] != "none")
+            [engine, settings["dtype"]]
+            + [settings["quant"]] * (settings["quant"] != "none")
+            + [f"x{songs}"] * (songs > 1)
         ),
         "engine": engine,
         **settings,
+        "songs": songs,
+        "rows": songs * settings["cfg_rows"],
         "frames": frames,
         "prefill_ms": prefill * 1000,
         "lm_frames_per_s": fps,
-        "ms_per_frame": 1000 / fps,
+        "song_frames_per_s": fps / songs,
+        "batch_speedup": None,
+        "ms_per_frame": 1000 * songs / fps,
         "bytes_per_frame": bytes_per_frame,
-        "achieved_gbps": bytes_per_frame * fps / 1e9,
+        "achieved_gbps": bytes_per_frame * fps / songs / 1e9,
         "copy_gbps": copy_gbps,
         "floor_ms_per_frame": bytes_per_frame / copy_gbps / 1e6,
         "codec_s": codec,
         "e2e_s": e2e,
         "e2e_rtf": None if e2e is None else e2e / (frames * FRAME_MS / 1000),
         "ttfa_s": None,
+        "stream_s": None,
         "peak_vram_gib": max(peaks) if peaks else None,
         "vram_budget_gib": vram_budget_gib,
         "greedy_agreement": lm.greedy[0],
@@ -558,6 +624,18 @@ def parse_quant_modes(value: str) -> list[str]:
     if len(set(modes)) != len(modes):
         raise UserError(f"--quant names a mode twice: {value}")
     return modes
+
+
+def parse_batch_sizes(value: str | None) -> tuple[int, ...]:
+    """`--batch 1,2,4,8`: songs at once, each size once, in the order given."""
+    if value is None:
+        return ()
+    sizes = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part.isdigit() or int(part) < 1:
+            raise UserError(f"--batch takes a comma list of song counts of 1 or more, not {value}")
+        sizes.append(int(part))
+    return tuple(dict.fromkeys(sizes))
 
 
 def _result(device: torch.device, model_name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -700,7 +778,57 @@ def _bench_quant_mode(
     ]
     for run in runs:
         run["ttfa_s"], run["stream_s"] = streams.get(run["engine"], (None, None))
+    if config.batch_sizes:
+        runs = _batch_runs(config, engines, timings, runs, prompt, settings, copy_gbps)
     return runs, None if codec_dtypes is None else _codec_result(pipe, codec_dtypes)
+
+
+def _batch_runs(
+    config: BenchConfig,
+    engines: dict[str, Engine],
+    timings: dict[str, LMTiming],
+    singles: list[dict[str, Any]],
+    prompt: Prompt,
+    settings: dict[str, Any],
+    copy_gbps: float,
+) -> list[dict[str, Any]]:
+    """`--batch`: per engine, its one-song run (the product's path for one song) and then
+    `songs` songs at once for every other size, side by side, each with its speed-up over
+    the one song."""
+    runs = []
+    for single, (name, engine) in zip(singles, engines.items(), strict=True):
+        single["batch_speedup"] = 1.0
+        runs.append(single)
+        device = engine.model.device
+        for songs in config.batch_sizes:
+            if songs == 1:
+                continue
+            _reset_peak(device)
+            prefill_s, decode_s = _time_batch(engine, prompt, device, config, songs)
+            timing = LMTiming(timings[name].frames, prefill_s, decode_s, _peak_vram_gib(device))
+            positions = len(prompt) + config.sampling.max_frames
+            run = _record(
+                name,
+                timing,
+                settings,
+                # Every step of a batch of several songs reads its whole cache (scheduler.py).
+                bytes_per_frame=lm_bytes_per_frame(
+                    engine.model, cache_positions(engine, positions), songs * settings["cfg_rows"]
+                ),
+                copy_gbps=copy_gbps,
+                codec_s=[],
+                codec_peak=None,
+                songs=songs,
+            )
+            run["batch_speedup"] = run["lm_frames_per_s"] / single["lm_frames_per_s"]
+            runs.append(run)
+    return runs
+
+
+def cache_positions(engine: Engine, positions: int) -> int:
+    """The cache positions `engine` keeps (and a batch of several songs reads every step) for
+    songs needing `positions`: the static engine rounds its capacity up."""
+    return engine.capacity_for(positions) if isinstance(engine, StaticEngine) else positions
 
 
 def _codec_result(pipe: Pipeline, dtypes: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -760,7 +888,7 @@ def _bench_budgets(config: BenchConfig, out_dir: Path) -> int:
         bytes_per_frame = lm_bytes_per_frame(
             pipe.lm, len(prompt) + sampling.max_frames // 2, settings["cfg_rows"]
         )
-        timing = LMTiming(frames, prefill_s, decode_s, peak, (None, None))
+        timing = LMTiming(frames, prefill_s, decode_s, peak)
         run = _record(
             config.engines[0],
             timing,

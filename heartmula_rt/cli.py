@@ -13,6 +13,7 @@ import secrets
 import select
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import (
+    API_KEY_ENV,
     CODEC_PRECISIONS,
     DEFAULT_PROMPT_LEN,
+    DEFAULT_SONGS_AT_ONCE,
     ENGINES,
     LM_DTYPES,
     LM_PRESETS,
@@ -32,11 +35,20 @@ from .config import (
 )
 from .errors import UserError
 from .planner import checkpoint_configs, format_plan, parse_vram, plan_memory, preset_configs
-from .request import DEFAULT_MAX_SECONDS, SamplingParams, SongRequest, max_frames_for
+from .request import (
+    DEFAULT_MAX_SECONDS,
+    FRAME_MS,
+    CodecParams,
+    SamplingParams,
+    SongRequest,
+    max_frames_for,
+)
+from .scheduler import check_songs
 
 if TYPE_CHECKING:  # torch loads with the commands that run a model, not with `plan` or --help
     import torch
 
+    from .batch_file import BatchSong
     from .bench import BenchConfig
     from .pipeline import Pipeline, PipelineConfig
 
@@ -116,7 +128,7 @@ def pipeline_config(args: argparse.Namespace, **fields: object) -> PipelineConfi
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
     """`heartmula-rt bench`'s arguments as a `BenchConfig` (every input checked here)."""
-    from .bench import BenchConfig, parse_engines, parse_quant_modes
+    from .bench import BenchConfig, parse_batch_sizes, parse_engines, parse_quant_modes
 
     synthetic = {"model_path": None, "synthetic": args.synthetic} if args.model_path is None else {}
     pipeline = pipeline_config(args, quant="none", **synthetic)  # quant: set per mode
@@ -134,6 +146,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         codec_repeats=args.codec_repeats,
         codec=not args.no_codec,
         greedy_frames=args.greedy_frames,
+        batch_sizes=parse_batch_sizes(args.batch),
         out_dir=args.out_dir,
         name=args.name,
     )
@@ -152,7 +165,7 @@ def _note_stray_ids(frames: torch.Tensor, codebook_size: int) -> None:
 
 
 def _decode_keeping_codes(
-    pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int
+    pipe: Pipeline, frames: torch.Tensor, out: Path, request: SongRequest
 ) -> float | None:
     """As `_decode_and_write`, with the frames saved first (codes.py) and kept if the codec
     stage is interrupted (then None, said on stderr) or fails, so the LM's work survives;
@@ -160,24 +173,33 @@ def _decode_keeping_codes(
     from .codes import codes_path, save_codes
 
     kept = codes_path(out)
-    save_codes(kept, frames, seed)
+    save_codes(kept, frames, request.sampling.seed, request.codec)
     try:
-        seconds = _decode_and_write(pipe, frames, out, seed)
+        seconds = _decode_and_write(pipe, frames, out, request.sampling.seed, request.codec)
     except BaseException as e:
-        how = f"`heartmula-rt decode {kept} -o {out}` makes the song from them"
         what = f"the LM's {frames.shape[1]} frames are kept in {kept}"
-        if isinstance(e, KeyboardInterrupt):
-            print(f"interrupted during the codec: {what}; {how}", file=sys.stderr)
-            return None
-        if isinstance(e, UserError):
-            raise UserError(f"{e}; {what}") from None
-        print(f"heartmula-rt: {what}; {how}", file=sys.stderr)
-        raise
+        how = f"`heartmula-rt decode {kept} -o {out}` makes the song from them"
+        _codec_stage_stopped(e, what, how)
+        return None
     kept.unlink()
     return seconds
 
 
-def _decode_and_write(pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int) -> float:
+def _codec_stage_stopped(e: BaseException, what: str, how: str) -> None:
+    """The codec stage ended by `e`, the LM's frames kept (`what` says where, `how` how to
+    finish): a Ctrl-C is said and returns; an error is raised again, with `what` said."""
+    if isinstance(e, KeyboardInterrupt):
+        print(f"interrupted during the codec: {what}; {how}", file=sys.stderr)
+        return
+    if isinstance(e, UserError):
+        raise UserError(f"{e}; {what}") from None
+    print(f"heartmula-rt: {what}; {how}", file=sys.stderr)
+    raise e
+
+
+def _decode_and_write(
+    pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int, params: CodecParams
+) -> float:
     """Frames → waveform → file; returns the audio length in seconds."""
     _note_stray_ids(frames, pipe.codec_config.codebook_size)
     bar = tqdm(total=None, desc="codec", unit="window", leave=False, file=sys.stderr)
@@ -187,14 +209,22 @@ def _decode_and_write(pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int
         bar.update(done - bar.n)
 
     try:
-        wav = pipe.decode_frames(frames, seed=seed, on_window=on_window)
+        wav = pipe.decode_frames(frames, params, seed=seed, on_window=on_window)
     finally:
         bar.close()
+    return _write_song(pipe, wav, out)
+
+
+def _write_song(pipe: Pipeline, wav: torch.Tensor, out: Path) -> float:
+    """A waveform → `out`; returns the audio length in seconds."""
     from .audio import write_audio
 
     clipped = write_audio(out, wav, pipe.sample_rate)
     if clipped:
-        print(f"note: {clipped} samples were outside [-1, 1] and were clipped", file=sys.stderr)
+        print(
+            f"note: {clipped} samples in {out.name} were outside [-1, 1] and were clipped",
+            file=sys.stderr,
+        )
     return wav.shape[-1] / pipe.sample_rate
 
 
@@ -287,11 +317,232 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) ->
     return 0
 
 
+def _print_loaded(pipe: Pipeline, seconds: float, what: str = "") -> None:
+    """The line saying what `gen` loaded (and `what` it will make), and its plan if any."""
+    config = pipe.config
+    print(
+        f"loaded {config.model_path} on {config.device} in {seconds:.1f} s (LM "
+        f"{config.dtype}, quantization {config.quant}, codec {config.codec_dtype}, "
+        f"{config.engine} engine, {config.threads} CPU threads){what}",
+        file=sys.stderr,
+    )
+    if pipe.plan is not None:
+        print(format_plan(pipe.plan), file=sys.stderr)
+
+
+def _many_songs(args: argparse.Namespace) -> list[BatchSong] | None:
+    """The songs of `--count N` (N takes of one prompt) or `--batch-file` (one per line), every
+    output checked; None for one song. A song without its own seed gets `--seed` (random if
+    not given) plus its index."""
+    from .audio import check_output_path
+    from .batch_file import BatchSong, read_batch_file
+
+    if args.count is None and args.batch_file is None:
+        if args.batch is not None:
+            raise UserError("--batch sets songs at once for --count or --batch-file")
+        return None
+    if args.count is not None and args.batch_file is not None:
+        raise UserError("give --count or --batch-file, not both")
+    if args.stream or str(args.output) == "-":
+        raise UserError("many songs are written to files: leave out --stream and -o -")
+    if args.batch is not None:
+        check_songs(args.batch)
+    base = secrets.randbits(31) if args.seed is None else args.seed
+    settings = {k: v for k, v in _song_settings(args).items() if k != "seed"}
+    if args.batch_file is not None:
+        if args.output is not None or args.tags or args.lyrics:
+            raise UserError(
+                "--batch-file songs carry their own tags, lyrics and output: leave out "
+                "--tags, --lyrics and -o"
+            )
+        songs = read_batch_file(args.batch_file, settings)
+    else:
+        if args.count < 1:
+            raise UserError(f"--count must be at least 1, not {args.count}")
+        if args.output is None:
+            raise UserError("--count needs -o/--output: takes are written as <stem>-1, <stem>-2, …")
+        one = song_request(args).with_settings(seed=None)  # each take's seed is set below
+        out = args.output
+        songs = [
+            BatchSong(one, out.with_name(f"{out.stem}-{i}{out.suffix}"), f"take {i}")
+            for i in range(1, args.count + 1)
+        ]
+    writers: dict[Path, str] = {}
+    for i, song in enumerate(songs):
+        try:
+            check_output_path(song.output)
+        except UserError as e:
+            raise UserError(f"{song.where}: {e}") from None
+        key = song.output.resolve()
+        if key in writers:
+            raise UserError(f"{writers[key]} and {song.where} both write {song.output}")
+        writers[key] = song.where
+        if song.request.sampling.seed is None:
+            songs[i] = replace(song, request=song.request.with_settings(seed=base + i))
+    return songs
+
+
+def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
+    """Every song of `songs` in one batch of the LM, then through the codec: each song's codes
+    are kept beside its output as it ends (codes.py) until its audio is written."""
+    from .codes import codes_path, save_codes
+    from .decode import BatchInterrupted
+    from .pipeline import load_pipeline
+
+    requests = [song.request for song in songs]
+    at_once = min(len(songs), args.batch or DEFAULT_SONGS_AT_ONCE)
+    longest = max(r.sampling.max_frames for r in requests)
+    # Half a frame more, so that rounding cannot lose one (max_frames_for rounds down).
+    plan_length = {"max_seconds": (longest + 0.5) * FRAME_MS / 1000}
+    config = pipeline_config(args, engine=args.engine, vram=args.vram, songs=at_once, **plan_length)
+    _fetch_weights(config.model_path, args.model_path)
+    loading = time.perf_counter()
+    pipe = load_pipeline(config)
+    for song in songs:  # everything a song would be refused for, before the loaded line
+        try:
+            pipe.prompt(song.request)
+        except UserError as e:
+            raise UserError(f"{song.where}: {e}") from None
+    rows = pipe.batch_rows(requests, args.batch)
+    start = time.perf_counter()
+    _print_loaded(pipe, start - loading, f"; {len(songs)} songs, {rows} LM rows at once")
+    for song in songs:
+        print(f"{song.where}: seed {song.request.sampling.seed} → {song.output}", file=sys.stderr)
+
+    bar = tqdm(
+        total=sum(r.sampling.max_frames + 1 for r in requests),
+        desc="LM",
+        unit="frame",
+        file=sys.stderr,
+    )
+    made = [0] * len(songs)
+    ended: dict[int, torch.Tensor] = {}
+
+    def on_frame(i: int, n: int) -> None:
+        bar.update(n - made[i])
+        made[i] = n
+
+    def on_end(i: int, codes: torch.Tensor, why: str) -> None:
+        song = songs[i]
+        save_codes(codes_path(song.output), codes, song.request.sampling.seed, song.request.codec)
+        ended[i] = codes
+        bar.total -= requests[i].sampling.max_frames + 1 - codes.shape[1]  # an early EOS
+        bar.refresh()
+        bar.write(
+            f"{song.where}: {codes.shape[1]} frames ({'EOS' if why == 'eos' else 'its length'})",
+            file=sys.stderr,
+        )
+
+    try:
+        frames = pipe.generate_frames_batch(requests, rows=rows, on_frame=on_frame, on_end=on_end)
+    except BatchInterrupted as stop:
+        bar.close()
+        return _decode_interrupted(pipe, songs, stop.frames, ended)
+    bar.close()
+    lm_s = time.perf_counter() - start
+    print(
+        f"LM: {sum(f.shape[1] for f in frames)} frames of {len(songs)} songs in {lm_s:.1f} s "
+        f"({sum(f.shape[1] for f in frames) / lm_s:.1f} frames/s over all songs)",
+        file=sys.stderr,
+    )
+    seconds = _decode_many(pipe, songs, frames, [song.output for song in songs])
+    if seconds is None:
+        return EXIT_INTERRUPTED
+    wall = time.perf_counter() - start
+    print(
+        f"wrote {len(songs)} songs: {seconds:.1f} s of audio in {wall:.1f} s "
+        f"(RTF {wall / max(seconds, 1e-9):.3f})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _decode_many(
+    pipe: Pipeline, songs: list[BatchSong], frames: list[torch.Tensor], outputs: list[Path]
+) -> float | None:
+    """Decode each song's frames into its output, several songs at once; returns the seconds
+    of audio written, or None if Ctrl-C stopped the codec. A song's codes file (kept since its
+    LM part ended) goes once its audio is written; what was not written keeps it, as said."""
+    from .codec import DECODE_SONGS
+    from .codes import codes_path
+
+    bar = tqdm(total=len(songs), desc="codec", unit="song", leave=False, file=sys.stderr)
+    done, seconds = 0, 0.0
+    group = DECODE_SONGS  # a group's audio is written before the next starts
+    try:
+        for first in range(0, len(songs), group):
+            part = range(first, min(first + group, len(songs)))
+            for i in part:
+                _note_stray_ids(frames[i], pipe.codec_config.codebook_size)
+            wavs = pipe.decode_frames_batch(
+                [frames[i] for i in part],
+                [songs[i].request.codec for i in part],
+                seeds=[songs[i].request.sampling.seed for i in part],
+            )
+            for i, wav in zip(part, wavs, strict=True):
+                seconds += _write_song(pipe, wav, outputs[i])
+                codes_path(songs[i].output).unlink()
+                done += 1
+                bar.update()
+    except BaseException as e:
+        bar.close()
+        kept = [str(codes_path(song.output)) for song in songs[done:]]
+        what = f"the LM's frames of {len(kept)} songs are kept in {', '.join(kept)}"
+        how = "`heartmula-rt decode FILE -o OUT` makes each song from its file"
+        _codec_stage_stopped(e, what, how)
+        return None
+    bar.close()
+    return seconds
+
+
+def _decode_interrupted(
+    pipe: Pipeline,
+    songs: list[BatchSong],
+    frames: list[torch.Tensor],
+    ended: dict[int, torch.Tensor],
+) -> int:
+    """Ctrl-C in the LM stage: songs that had ended are written to their outputs, songs cut
+    short to `<stem>.partial<ext>`, songs not started are left out."""
+    from .audio import partial_path
+    from .codes import codes_path, save_codes
+
+    started = [i for i, f in enumerate(frames) if f.shape[1]]
+    for i in started:
+        if i not in ended:  # an ended song's codes were kept as it ended
+            request = songs[i].request
+            save_codes(codes_path(songs[i].output), frames[i], request.sampling.seed, request.codec)
+    if not started:
+        print("interrupted before the first frame: nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(
+        f"interrupted: decoding the frames made so far ({len(ended)} of {len(songs)} songs "
+        "complete)",
+        file=sys.stderr,
+    )
+    outputs = [s.output if i in ended else partial_path(s.output) for i, s in enumerate(songs)]
+    seconds = _decode_many(
+        pipe,
+        [songs[i] for i in started],
+        [frames[i] for i in started],
+        [outputs[i] for i in started],
+    )
+    if seconds is not None:
+        for i in started:
+            partial = "" if i in ended else ", partial"
+            print(f"wrote {outputs[i]} ({frames[i].shape[1]} frames{partial})", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def cmd_gen(args: argparse.Namespace) -> int:
     from .audio import check_output_path, partial_path
     from .decode import GenerationInterrupted
     from .pipeline import load_pipeline
 
+    songs = _many_songs(args)
+    if songs is not None:
+        return _gen_many(args, songs)
+    if args.output is None:
+        raise UserError("gen needs -o/--output (or --batch-file, whose songs name their own)")
     to_stdout = str(args.output) == "-"
     out = None if to_stdout else check_output_path(args.output)
     if args.stream and not to_stdout and out.suffix.lower() != ".wav":
@@ -310,14 +561,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
     pipe.prompt(request)  # everything the song would be refused for, before the loaded line
     start = time.perf_counter()
     # After the last check, so that an error is the only line a failed run prints.
-    print(
-        f"loaded {config.model_path} on {config.device} in {start - loading:.1f} s (LM "
-        f"{config.dtype}, quantization {config.quant}, codec {config.codec_dtype}, "
-        f"{config.engine} engine, {config.threads} CPU threads)",
-        file=sys.stderr,
-    )
-    if pipe.plan is not None:
-        print(format_plan(pipe.plan), file=sys.stderr)
+    _print_loaded(pipe, start - loading)
     seed = request.sampling.seed
     print(f"seed {seed}", file=sys.stderr)
     if args.stream or to_stdout:
@@ -335,7 +579,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
         print(
             f"interrupted: decoding the {stop.frames.shape[-1]} frames made so far", file=sys.stderr
         )
-        seconds = _decode_keeping_codes(pipe, stop.frames, partial, seed)
+        seconds = _decode_keeping_codes(pipe, stop.frames, partial, request)
         if seconds is None:
             return EXIT_INTERRUPTED
         print(f"wrote {partial} ({seconds:.1f} s of audio, partial)", file=sys.stderr)
@@ -343,7 +587,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
     bar.total = bar.n  # ended on EOS before the frame budget: show it as complete
     bar.close()
 
-    seconds = _decode_keeping_codes(pipe, frames, out, seed)
+    seconds = _decode_keeping_codes(pipe, frames, out, request)
     if seconds is None:
         return EXIT_INTERRUPTED
     wall = time.perf_counter() - start
@@ -358,7 +602,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from .pipeline import PipelineConfig, load_pipeline
 
     out = check_output_path(args.output)
-    frames, seed = load_codes(args.codes)
+    frames, seed, params = load_codes(args.codes)
     config = PipelineConfig(
         model_path=_model_path(args.model_path),
         device=args.device,
@@ -368,7 +612,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     _fetch_weights(config.model_path, args.model_path)
     # The LM is loaded too: a pipeline is both models.
     pipe = load_pipeline(config)
-    seconds = _decode_and_write(pipe, frames, out, seed)
+    seconds = _decode_and_write(pipe, frames, out, seed, params)
     args.codes.unlink()  # its song is written
     print(f"wrote {out}: {seconds:.1f} s of audio from {args.codes}", file=sys.stderr)
     return 0
@@ -387,6 +631,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         codec_config,
         max_frames=sampling.max_frames,
         cfg_rows=sampling.cfg_rows,
+        songs=args.songs,
         lm_dtype=args.dtype or default_dtype("cuda"),
         codec_dtype=CODEC_PRECISIONS[args.codec_dtype or default_codec_dtype("cuda")][0],
     )
@@ -496,6 +741,12 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also compare N top-1 frames of each engine with the plain engine's (default 0: no)",
     )
     p.add_argument(
+        "--batch",
+        default=None,
+        help="comma list of songs at once (1,2,4,8): each engine's one song and then each "
+        "batch of songs, side by side (aggregate and per-song frames/s, speed-up over one)",
+    )
+    p.add_argument(
         "--prompt-len",
         type=int,
         default=None,
@@ -536,6 +787,66 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {png}")
         return 0
     return run_bench(bench_config(args))
+
+
+def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="an HTTP API and web page: songs from many clients, heard while made"
+    )
+    p.add_argument("--model-path", type=Path, default=None, help="checkpoint folder (as for gen)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"required on every route but /health (default: ${API_KEY_ENV}); needed to bind "
+        "anything but a loopback address",
+    )
+    p.add_argument(
+        "--folder",
+        type=Path,
+        default=Path("heartmula-rt-songs"),
+        help="where the job database and every song's files go (./heartmula-rt-songs)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=DEFAULT_MAX_SECONDS,
+        help=f"the longest song a request may ask for ({DEFAULT_MAX_SECONDS:g})",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=32, help="songs waiting beyond those running (32)"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"songs made at once (default {DEFAULT_SONGS_AT_ONCE}; with --vram what the plan "
+        "holds)",
+    )
+    p.add_argument("--engine", choices=ENGINES, default=None, help="LM decode loop (as for gen)")
+    p.add_argument("--vram", default=None, help="GPU memory budget such as 12G (as for gen)")
+    _add_model_options(p, codec_help="as for gen")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.server import ServerConfig, check_server, run_server
+    from .serve.service import ServiceConfig
+
+    server = ServerConfig(
+        ServiceConfig(args.folder, args.batch, args.max_queue, args.max_seconds),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+    )
+    check_server(server)
+    songs = {} if args.batch is None else {"songs": args.batch}
+    config = pipeline_config(
+        args, engine=args.engine, vram=args.vram, max_seconds=args.max_seconds, **songs
+    )
+    _fetch_weights(config.model_path, args.model_path)
+    return run_server(config, server)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -582,8 +893,30 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         type=Path,
-        required=True,
+        default=None,
         help="output file: .wav .flac .ogg or .mp3; - streams WAV to stdout (for a player)",
+    )
+    gen.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="make N takes of the song in one batch: seeds seed … seed+N-1, files "
+        "<stem>-1 … <stem>-N",
+    )
+    gen.add_argument(
+        "--batch-file",
+        type=Path,
+        default=None,
+        help="make one song per line of a JSON-lines file (tags, lyrics, output, and any of "
+        "seconds, seed, topk, temperature, cfg_scale, num_steps, guidance_scale; the flags "
+        "give what a line leaves out)",
+    )
+    gen.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"songs the LM makes at once with --count or --batch-file (default: all, at most "
+        f"{DEFAULT_SONGS_AT_ONCE}; with --vram at most what the plan holds)",
     )
     gen.add_argument(
         "--stream",
@@ -608,6 +941,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=SamplingParams.cfg_scale,
         help=f"≤ 1 plans one LM row, no guidance ({SamplingParams.cfg_scale})",
+    )
+    plan.add_argument(
+        "--songs",
+        type=int,
+        default=1,
+        help="songs made at once, each with its own KV cache rows (1); the plan also says how "
+        "many its layout holds",
     )
     plan.add_argument(
         "--model-path",
@@ -648,6 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=cmd_download)
 
     _add_bench_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

@@ -34,6 +34,10 @@ QUANT_MODES = ("none", "int8", "nf4", "int4")
 DEFAULT_PROMPT_LEN = 256
 # The prompt a memory plan makes room for: tags plus a long lyric sheet tokenize to well under it.
 PROMPT_TOKENS = 1024
+# Songs the LM makes at once when a batch does not say (a `vram` plan may hold fewer).
+DEFAULT_SONGS_AT_ONCE = 8
+# `heartmula-rt serve`: the environment variable that holds its API key.
+API_KEY_ENV = "HEARTMULA_RT_API_KEY"
 # Ring slots of every offloaded layer stack: one layer computing while the next one copies in.
 OFFLOAD_SLOTS = 2
 

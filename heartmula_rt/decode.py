@@ -210,6 +210,8 @@ def run_batch(model: HeartMuLa, gen: GenConfig, scheduler: Scheduler) -> None:
         scheduler.finish(song, why)
 
     while scheduler.busy():
+        for song in scheduler.cancelled():
+            vacate(song, "cancelled")
         for song in scheduler.admit():
             first, count = song.first_row, song.rows
             view = cache.rows_view(first, count)

@@ -263,14 +263,17 @@ class StaticEngine:
             self._graphs.clear()
             self._warm.clear()
             self._state = state = None  # free the old caches before allocating the new ones
-            limit = self.model.config.backbone.max_seq_len
-            step = self.capacity_step
-            capacity = min(math.ceil(positions / step) * step, limit)
-            state = self._state = StaticState(self.model, rows, capacity)
+            state = self._state = StaticState(self.model, rows, self.capacity_for(positions))
         state.live.zero_()  # rows left by an interrupted batch
         state.pos.zero_()
         state.ints[:, 0] = -1
         return state
+
+    def capacity_for(self, positions: int) -> int:
+        """The cache positions kept for songs needing `positions`: rounded up to
+        `capacity_step`, so songs of similar length share one state, at most the context."""
+        step, limit = self.capacity_step, self.model.config.backbone.max_seq_len
+        return min(math.ceil(positions / step) * step, limit)
 
     def _kv_len(self, pos: int, capacity: int) -> int:
         """Cache positions read by the step whose furthest row writes position `pos`: that
@@ -306,6 +309,9 @@ class StaticEngine:
         state = self._reserve(scheduler.rows, scheduler.positions)
         try:
             while scheduler.busy():
+                for song in scheduler.cancelled():  # every frame it made is collected
+                    state.stop(song)
+                    scheduler.finish(song, "cancelled")
                 for song in scheduler.admit():
                     self._admit(state, song)
                     if song.frames_left == 0:

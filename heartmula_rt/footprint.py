@@ -44,9 +44,9 @@ class LMSizes:
     text_embeddings: int
     backbone_layer: int  # one backbone layer (all are identical)
     num_backbone_layers: int
-    kv_cache: int  # the static engine's caches for the planned song
-    workspace: int  # the activation peak of the prompt step (the largest step)
-    frame_workspace: int  # a decode frame's at a full cache: the graph engine's pool keeps it
+    kv_cache: int  # the static engine's caches for the planned songs, every row
+    workspace: int  # the activation peak of one song's prompt step
+    frame_workspace: int  # a decode frame's of every row at a full cache: the graph pool's
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,10 @@ def _stack_peak(f: LlamaFlavor, rows: int, tokens: int, keys: int, nbytes: int, 
     """One stack's forward over `tokens` new positions reading `keys` cached ones."""
     e, heads, kv, d = f.embed_dim, f.num_heads, f.num_kv_heads, f.head_dim
     hidden = rows * tokens * e * nbytes
-    kept = 2 * hidden + tokens * keys * nbytes  # through the stack: input, output, mask
+    # A prompt's causal mask is [tokens, keys]; a decode frame's masks each row at its own
+    # position (the graph engine, a batch of songs): [rows, keys].
+    mask = (tokens if tokens > 1 else rows) * keys * nbytes
+    kept = 2 * hidden + mask  # through the stack: input, output, mask
     q = rows * tokens * heads * d
     # The math path computes in float32: low-precision q, k and v are copied to it first.
     copies = 0 if nbytes == F32 else 1
@@ -182,8 +185,12 @@ def _rope_tables(config: LMConfig) -> int:
     )
 
 
-def lm_sizes(config: LMConfig, dtype: str, quant: str, rows: int, positions: int) -> LMSizes:
-    """The bytes of the LM at `dtype` and `quant` for `rows` cache rows of `positions`."""
+def lm_sizes(
+    config: LMConfig, dtype: str, quant: str, rows: int, positions: int, songs: int = 1
+) -> LMSizes:
+    """The bytes of the LM at `dtype` and `quant` for `songs` songs at once of `rows` cache
+    rows each (1, or 2 with guidance), every row `positions` long. A prompt step runs over one
+    song's rows; a decode frame over every row, reading the whole cache."""
     nbytes = DTYPE_BYTES[dtype]
     weights, text = _lm_weights(config, nbytes, quant)
     prompt = min(PROMPT_TOKENS, positions)
@@ -192,10 +199,10 @@ def lm_sizes(config: LMConfig, dtype: str, quant: str, rows: int, positions: int
         text_embeddings=text,
         backbone_layer=layer_bytes(config.backbone, nbytes, quant),
         num_backbone_layers=config.backbone.num_layers,
-        kv_cache=kv_cache_bytes(config, nbytes, rows, positions),
+        kv_cache=kv_cache_bytes(config, nbytes, songs * rows, positions),
         # The first step also builds the RoPE tables, float32 cos and sin of every position.
         workspace=_step_peak(config, rows, prompt, prompt, nbytes, quant) + _rope_tables(config),
-        frame_workspace=_step_peak(config, rows, 1, positions, nbytes, quant),
+        frame_workspace=_step_peak(config, songs * rows, 1, positions, nbytes, quant),
     )
 
 

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from . import checkpoint, folder
 from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype
 from .config import (
+    DEFAULT_SONGS_AT_ONCE,
     LM_DTYPES,
     LM_PRESETS,
     CodecConfig,
@@ -56,7 +57,7 @@ from .request import (
     SongRequest,
     max_frames_for,
 )
-from .scheduler import Scheduler, SongRun
+from .scheduler import Scheduler, SongRun, check_songs
 from .sizing import measure_overheads
 from .stream import SongStream
 from .synthetic import Models, synthetic_models
@@ -126,6 +127,7 @@ class PipelineConfig:
     vram: str | None = None  # a GPU memory budget ("12G"): the planner chooses the rest
     max_seconds: float = DEFAULT_MAX_SECONDS  # the longest song a `vram` plan makes room for
     stream: bool = False  # the pipeline will stream: a plan that cannot is refused at load
+    songs: int = 1  # songs at once (`generate_frames_batch`) a `vram` plan makes room for
     threads: int | None = None  # torch's CPU threads (resolve_threads)
 
     def __post_init__(self) -> None:
@@ -143,6 +145,7 @@ class PipelineConfig:
         check_mode(self.quant)
         check_fast_path(self.quant, device)
         max_frames_for(self.max_seconds)
+        check_songs(self.songs)
         if self.vram is not None:
             if device.type != "cuda":
                 raise UserError(f"--vram budgets GPU memory; the device {device} is not a CUDA GPU")
@@ -265,17 +268,32 @@ class Pipeline:
             return self.engine.generate_frames(prompt, request.sampling, on_frame=on_frame)
 
     def generate_frames_batch(
-        self, requests: Sequence[SongRequest], *, rows: int | None = None
+        self,
+        requests: Sequence[SongRequest],
+        *,
+        songs: int | None = None,
+        rows: int | None = None,
+        on_frame: Callable[[int, int], None] | None = None,
+        on_end: Callable[[int, torch.Tensor, str], None] | None = None,
     ) -> list[torch.Tensor]:
         """Sample several songs' codes in one batch: a list of int64 [8, T] CPU tensors, in
-        order. `rows` LM rows run at once (default: every song's at once; 1 per song, 2 with
-        guidance); songs that do not fit wait for the rows of songs that end. A song's frames
-        are those it makes alone in a batch of the same rows, whatever shares it (decode.py);
-        Ctrl-C raises `BatchInterrupted` with every song's frames so far."""
-        runs = [SongRun(self.prompt(r), r.sampling) for r in requests]
-        if not runs:
+        order. `songs` run at once (default: all of them, at most `DEFAULT_SONGS_AT_ONCE`, and
+        at most what a `vram` plan holds); the others wait for the rows of songs that end.
+        `rows` instead sets the LM rows exactly (1 per song, 2 with guidance): a song's frames
+        are those it makes alone in a batch of the same rows, whatever shares it (decode.py).
+        `on_frame(i, made)` is called as song i makes frames, `on_end(i, codes, why)` when it
+        ends (`why`: "eos" or "length"), both from the calling thread. Ctrl-C raises
+        `BatchInterrupted` with every song's frames so far."""
+        if not requests:
             return []
-        scheduler = Scheduler(rows or sum(r.rows for r in runs), max(r.positions for r in runs))
+        runs = [SongRun(self.prompt(r), r.sampling) for r in requests]
+        for i, run in enumerate(runs):
+            if on_frame is not None:
+                run.on_frame = lambda made, i=i: on_frame(i, made)
+            if on_end is not None:
+                run.on_end = lambda why, i=i, run=run: on_end(i, song_codes(run, self.lm), why)
+        rows = self.batch_rows(requests, songs) if rows is None else rows
+        scheduler = Scheduler(rows, max(r.positions for r in runs))
         for run in runs:
             scheduler.submit(run)
         with self.lock:
@@ -286,6 +304,25 @@ class Pipeline:
                 raise BatchInterrupted([song_codes(r, self.lm) for r in runs]) from None
         return [song_codes(r, self.lm) for r in runs]
 
+    def batch_rows(self, requests: Sequence[SongRequest], songs: int | None = None) -> int:
+        """LM rows for `songs` of `requests` at once, whichever they are (the rows of the
+        `songs` that need most); by default all of them, at most `DEFAULT_SONGS_AT_ONCE` and
+        at most the `vram` plan's songs. A plan's memory is never exceeded: more songs than it
+        holds are refused."""
+        if songs is not None:
+            check_songs(songs)
+        plan = self.plan
+        most = len(requests) if plan is None else min(len(requests), plan.max_songs)
+        if songs is None:
+            songs = min(most, DEFAULT_SONGS_AT_ONCE)
+        elif plan is not None and songs > plan.max_songs:
+            raise UserError(
+                f"the --vram {plan.budget_bytes / 2**30:g}G plan holds {plan.max_songs} songs "
+                f"at once, not {songs}; make fewer at once, or give a larger budget"
+            )
+        needs = sorted((r.sampling.cfg_rows for r in requests), reverse=True)
+        return sum(needs[: max(1, min(songs, len(requests)))])
+
     def decode_frames(
         self,
         frames: torch.Tensor,
@@ -295,16 +332,41 @@ class Pipeline:
         on_window: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Codes [8, T] → float32 stereo waveform [2, N] at 48 kHz, on the CPU. A seed draws the
-        same noise on any device (`codec_noise`)."""
+        same noise on any device (`codec_noise`). `on_window(done, total)` after each window."""
+        report = None if on_window is None else lambda _, done, total: on_window(done, total)
+        wavs = self.decode_frames_batch([frames], params, seeds=[seed], songs=1, on_window=report)
+        return wavs[0]
+
+    def decode_frames_batch(
+        self,
+        frames_list: Sequence[torch.Tensor],
+        params: CodecParams | Sequence[CodecParams] = DEFAULT_CODEC,
+        *,
+        seeds: Sequence[int | None] | None = None,
+        songs: int | None = None,
+        on_window: Callable[[int, int, int], None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Several songs' codes [8, T] → their float32 stereo waveforms, each what
+        `decode_frames` gives it with its seed (None, or a None seed: fresh random noise).
+
+        `songs` songs' windows go through the codec together (`HeartCodec.detokenize_many`;
+        default `codec.DECODE_SONGS`). With a `vram` plan one window at a time, whatever `songs`
+        says: the plan sizes the codec's phase for one window. `on_window(song, done, total)` is
+        called after each window.
+        """
         turn = (
             contextlib.nullcontext()
             if self.placement is None
             else self.placement.codec_turn(self.lm, self.codec, self.engine.release)
         )
+        if self.placement is not None:
+            songs = 1
+        seeds = [None] * len(frames_list) if seeds is None else seeds
+        generators = [codec_noise(seed) for seed in seeds]
         with self.lock, turn:
             torch.set_num_threads(self.threads)
-            return self.codec.detokenize(
-                frames, params, generator=codec_noise(seed), on_window=on_window
+            return self.codec.detokenize_many(
+                frames_list, params, generators=generators, songs=songs, on_window=on_window
             )
 
     def generate(self, song: SongArg, lyrics: str | None = None, **settings: Any) -> torch.Tensor:
@@ -487,6 +549,7 @@ def plan_for(config: PipelineConfig) -> MemoryPlan:
         lm_config,
         codec_config,
         max_frames=max_frames_for(config.max_seconds),
+        songs=config.songs,
         lm_dtype=config.dtype,
         codec_dtype=config.codec_weights_dtype,
         overheads=measure_overheads(config.torch_device),

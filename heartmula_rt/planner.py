@@ -13,6 +13,10 @@ codec decoding windows (its weights and one window's activations). The plan is t
 layout whose larger phase fits: bf16 LM before int8 before int4 (nf4 only if smaller), the codec
 resident before moved in after the LM before its DiT streamed from host memory, and the LM's own
 backbone layers streamed (offload.py) only as the last resort.
+
+A plan is for `songs` songs at once (scheduler.py): each has its own KV cache rows (1, or 2 with
+guidance), a decode frame runs every row over the whole cache, and a prompt step one song's rows.
+Each plan also says how many songs of its length its layout holds in the budget (`max_songs`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from .config import (
     LMConfig,
 )
 from .errors import UserError
-from .footprint import CodecSizes, LMSizes, codec_sizes, lm_sizes
+from .footprint import codec_sizes, lm_sizes
+from .scheduler import check_songs
 
 GiB = 2**30
 MiB = 2**20
@@ -52,6 +57,9 @@ HEADROOM_FRACTION = 0.05
 HEADROOM_MIN_BYTES = 256 * MiB
 # Budgets the README's table lists; 24G and more all give the everything-resident plan.
 TABLE_BUDGETS_GIB = (4, 6, 8, 12, 16, 24)
+# The most songs at once a plan counts room for: more rows than a batch usefully runs, and a
+# bound on the search (a roomy GPU holds hundreds of short unguided songs).
+MAX_SONGS = 64
 
 CODEC_PLACEMENTS = ("resident", "after_lm", "offload")
 LM_DURING_CODEC = ("kept", "cache_freed", "released")
@@ -185,15 +193,23 @@ class MemoryPlan:
     codec_placement: str  # CODEC_PLACEMENTS
     lm_during_codec: str  # LM_DURING_CODEC
     kv_positions: int
-    kv_rows: int
+    kv_rows: int  # songs × each song's rows (1, or 2 with guidance)
     kv_bytes: int
     lm_phase_bytes: int  # model tensors allocated by torch while the LM makes frames
     codec_phase_bytes: int  # model tensors allocated by torch while the codec decodes
     overheads: DeviceOverheads = DEFAULT_OVERHEADS  # the context and workspaces planned with
+    songs: int = 1  # songs at once, planned for
+    # The most songs of max_frames at once (at most MAX_SONGS) that this layout holds in the
+    # budget; plan_memory fills it.
+    max_songs: int = 1
 
     def __post_init__(self) -> None:  # dtypes given as torch dtypes are kept by name
         object.__setattr__(self, "lm_dtype", dtype_name(self.lm_dtype))
         object.__setattr__(self, "codec_dtype", dtype_name(self.codec_dtype))
+
+    @property
+    def rows_per_song(self) -> int:
+        return self.kv_rows // self.songs
 
     @property
     def lm_phase_peak(self) -> int:
@@ -228,8 +244,12 @@ def _with_slack(allocated: int) -> int:
     return math.ceil(allocated * (1 + ALLOCATOR_SLACK))
 
 
-def _phases(plan: MemoryPlan, lm: LMSizes, codec: CodecSizes) -> MemoryPlan:
-    """The plan with both phases' bytes filled in."""
+def _sized(plan: MemoryPlan, lm_config: LMConfig, codec_config: CodecConfig) -> MemoryPlan:
+    """`plan` with its KV cache and both phases' bytes worked out for its layout and songs."""
+    lm = lm_sizes(
+        lm_config, plan.lm_dtype, plan.quant, plan.rows_per_song, plan.kv_positions, plan.songs
+    )
+    codec = codec_sizes(codec_config, plan.codec_dtype)
     k = plan.offloaded_lm_layers
     lm_weights = lm.weights - k * lm.backbone_layer
     if not plan.text_embeddings_on_gpu:
@@ -247,7 +267,31 @@ def _phases(plan: MemoryPlan, lm: LMSizes, codec: CodecSizes) -> MemoryPlan:
         )
     else:
         codec_running = codec.weights + max(codec.dit_activations, codec.scalar_activations)
-    return replace(plan, lm_phase_bytes=lm_phase, codec_phase_bytes=lm_left + codec_running)
+    return replace(
+        plan,
+        kv_bytes=lm.kv_cache,
+        lm_phase_bytes=lm_phase,
+        codec_phase_bytes=lm_left + codec_running,
+    )
+
+
+def _with_songs(
+    plan: MemoryPlan, songs: int, lm_config: LMConfig, codec_config: CodecConfig
+) -> MemoryPlan:
+    """`plan`'s layout for `songs` songs at once."""
+    resized = replace(plan, songs=songs, kv_rows=songs * plan.rows_per_song)
+    return _sized(resized, lm_config, codec_config)
+
+
+def _most_songs(plan: MemoryPlan, lm_config: LMConfig, codec_config: CodecConfig) -> int:
+    """The most songs at once (at most MAX_SONGS) that `plan`'s layout holds in its budget,
+    counted up from its own songs: 0 if not even those fit. Bytes only grow with songs."""
+    if not plan.fits():
+        return 0
+    most = plan.songs
+    while most < MAX_SONGS and _with_songs(plan, most + 1, lm_config, codec_config).fits():
+        most += 1
+    return most
 
 
 # Layouts from fastest to most frugal: (text embeddings on the GPU, codec placement, the LM
@@ -283,38 +327,38 @@ def candidate_plans(
     lm_dtype: object,
     codec_dtype: object,
     overheads: DeviceOverheads = DEFAULT_OVERHEADS,
+    songs: int = 1,
 ) -> Iterator[MemoryPlan]:
-    """Every plan the planner considers, fastest first (the last is the most frugal). The
-    dtypes are torch dtypes or their names."""
+    """Every plan the planner considers for `songs` songs at once, fastest first (the last is
+    the most frugal). The dtypes are torch dtypes or their names."""
     lm_dtype, codec_dtype = dtype_name(lm_dtype), dtype_name(codec_dtype)
     positions = kv_positions(lm_config, max_frames)
-    codec = codec_sizes(codec_config, codec_dtype)
     base = {
         "budget_bytes": budget_bytes,
         "max_frames": max_frames,
         "lm_dtype": lm_dtype,
         "codec_dtype": codec_dtype,
         "kv_positions": positions,
-        "kv_rows": cfg_rows,
+        "kv_rows": songs * cfg_rows,
+        "songs": songs,
         "num_backbone_layers": lm_config.backbone.num_layers,
+        "kv_bytes": 0,
         "lm_phase_bytes": 0,
         "codec_phase_bytes": 0,
         "overheads": overheads,
     }
 
     def plan(quant: str, layout: tuple[bool, str, str], offloaded: int = 0) -> MemoryPlan:
-        lm = lm_sizes(lm_config, lm_dtype, quant, cfg_rows, positions)
         text, placement, during = layout
         bare = MemoryPlan(
             **base,
             quant=quant,
-            kv_bytes=lm.kv_cache,
             text_embeddings_on_gpu=text,
             offloaded_lm_layers=offloaded,
             codec_placement=placement,
             lm_during_codec=during,
         )
-        return _phases(bare, lm, codec)
+        return _sized(bare, lm_config, codec_config)
 
     for layouts in (_CHEAP_LAYOUTS, _CODEC_OFFLOAD_LAYOUTS):
         for quant in _quant_order(lm_config, lm_dtype, cfg_rows, positions):
@@ -335,13 +379,16 @@ def plan_memory(
     *,
     max_frames: int,
     cfg_rows: int = 2,
+    songs: int = 1,
     lm_dtype: object = "bfloat16",
     codec_dtype: object = "float32",
     overheads: DeviceOverheads = DEFAULT_OVERHEADS,
 ) -> MemoryPlan:
-    """The fastest plan that fits `budget_bytes` with its headroom (`overheads`: measured on
-    the GPU where there is one, `measure_overheads`); UserError naming the minimum if none
-    does."""
+    """The fastest plan that fits `songs` songs at once of `max_frames` frames in
+    `budget_bytes` with its headroom (`overheads`: measured on the GPU where there is one,
+    `measure_overheads`), with the most songs its layout holds (`max_songs`); UserError naming
+    the minimum if none does, and for several songs how many fit."""
+    check_songs(songs)
     last = None
     for last in candidate_plans(
         lm_config,
@@ -352,13 +399,18 @@ def plan_memory(
         lm_dtype=lm_dtype,
         codec_dtype=codec_dtype,
         overheads=overheads,
+        songs=songs,
     ):
         if last.fits():
-            return last
-    need = math.ceil(_minimum_budget(last) / GiB * 100) / 100  # as printed, and enough
+            return replace(last, max_songs=_most_songs(last, lm_config, codec_config))
+    below = f"--vram {budget_bytes / GiB:.2f} GiB is below the minimum of {_minimum_gib(last)}"
+    if songs == 1:
+        raise UserError(f"{below} for this model and songs of {max_frames} frames")
+    one = _with_songs(last, 1, lm_config, codec_config)
+    fit = _most_songs(one, lm_config, codec_config)
+    holds = f"it holds at most {fit} such songs" if fit else f"one needs {_minimum_gib(one)}"
     raise UserError(
-        f"--vram {budget_bytes / GiB:.2f} GiB is below the minimum of {need:.2f} GiB "
-        f"for this model and songs of {max_frames} frames"
+        f"{below} for this model and {songs} songs of {max_frames} frames at once; {holds}"
     )
 
 
@@ -366,6 +418,11 @@ def _minimum_budget(plan: MemoryPlan) -> int:
     """The smallest budget `plan` fits with its headroom (which grows with the budget)."""
     peak = plan.predicted_peak_bytes
     return max(peak + HEADROOM_MIN_BYTES, math.ceil(peak / (1 - HEADROOM_FRACTION)))
+
+
+def _minimum_gib(plan: MemoryPlan) -> str:
+    """`_minimum_budget` as printed, rounded up so that it is enough."""
+    return f"{math.ceil(_minimum_budget(plan) / GiB * 100) / 100:.2f} GiB"
 
 
 def preset_configs(lm_preset: str = "3B") -> tuple[LMConfig, CodecConfig]:
@@ -386,6 +443,10 @@ def _gib(n: int) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / MiB:.0f} MiB"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -411,13 +472,20 @@ def format_plan(plan: MemoryPlan) -> str:
     o = plan.overheads
     lm_extra = "" if plan.quant != "int8" else f", Triton autotune {_mib(o.triton_autotune)}"
     source = "measured on this GPU" if o.measured else "default figures, no GPU measured"
+    planned = "songs" if plan.songs == 1 else f"{plan.songs} songs"
+    at_once = "" if plan.songs == 1 else " at once"
+    per_song = plan.rows_per_song
+    guidance = "guidance" if per_song == 2 else "no guidance"
+    most = plan.max_songs
+    room = f"up to {_count(most, 'song')}" if most < MAX_SONGS else f"{most} or more songs"
+    counted = "" if most < MAX_SONGS else f" for {most}, the most counted"
     return "\n".join(
         [
             f"memory plan for --vram {plan.budget_bytes / GiB:g}G "
-            f"(songs of up to {plan.max_frames} frames):",
+            f"({planned} of up to {plan.max_frames} frames{at_once}):",
             f"  LM: {dtype}, quantization {plan.quant}; {layers}; text embeddings {text}",
-            f"  KV cache: {plan.kv_positions} positions × {plan.kv_rows} rows (2: guidance), "
-            f"{_gib(plan.kv_bytes)}",
+            f"  KV cache: {plan.kv_positions} positions × {_count(plan.kv_rows, 'row')} "
+            f"({_count(plan.songs, 'song')} × {per_song}: {guidance}), {_gib(plan.kv_bytes)}",
             f"  codec: {plan.codec_dtype} DiT, {codec}; LM during codec decode: {during}",
             f"  overheads ({source}): CUDA context {_gib(o.cuda_context)}; cuBLAS workspaces "
             f"{o.matmul_streams} streams × {_mib(o.cublas_workspace)}; cuDNN workspace "
@@ -431,5 +499,7 @@ def format_plan(plan: MemoryPlan) -> str:
             f"  predicted peak: {_gib(plan.predicted_peak_bytes)} (the larger phase + the CUDA "
             f"context); headroom kept free: {_gib(plan.headroom_bytes)} "
             f"(max({HEADROOM_FRACTION:.0%} of the budget, {_mib(HEADROOM_MIN_BYTES)}))",
+            f"  room for {room} of up to {plan.max_frames} frames at once in this plan "
+            f"({most * per_song} LM rows{counted})",
         ]
     )

@@ -140,3 +140,36 @@ def _names() -> list[str]:
 # The defaults as values, for signatures that take settings optionally.
 DEFAULT_SAMPLING = SamplingParams()
 DEFAULT_CODEC = CodecParams()
+
+
+# A song as a JSON object (a batch file's line, an HTTP body): its texts and settings by name.
+JSON_TEXTS = ("tags", "lyrics")
+JSON_SETTINGS = (
+    "seconds",
+    "seed",
+    "topk",
+    "temperature",
+    "cfg_scale",
+    "num_steps",
+    "guidance_scale",
+)
+
+
+def request_from_json(
+    fields: object, defaults: dict[str, Any], *, also: tuple[str, ...] = ()
+) -> tuple[SongRequest, dict[str, Any]]:
+    """(the request, the fields named in `also`) of a JSON object: `tags` and `lyrics` as text,
+    `seconds` and the other settings by name, over `defaults` (`SongRequest.of` settings).
+    `also` names fields the caller reads itself (an output file, a format); any other field is
+    refused."""
+    if not isinstance(fields, dict):
+        raise UserError(f"not a JSON object but {type(fields).__name__}")
+    allowed = (*JSON_TEXTS, *also, *JSON_SETTINGS)
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise UserError(f"unknown field {unknown[0]!r}; use {', '.join(allowed)}")
+    texts = {name: fields.get(name, "") for name in JSON_TEXTS}
+    settings = {**defaults, **{k: fields[k] for k in JSON_SETTINGS if k in fields}}
+    if "seconds" in settings:
+        settings["max_seconds"] = settings.pop("seconds")
+    return SongRequest.of(**texts, **settings), {k: fields[k] for k in also if k in fields}

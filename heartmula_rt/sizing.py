@@ -3,9 +3,10 @@
 `lm_sizes` and `codec_sizes` are the traced twins of footprint.py's arithmetic, which the tests
 hold to them: the LM (quantized as planned) and the codec are built on the meta device,
 `TRACED_LAYERS` layers of each stack, and their bytes counted (`module_bytes`, the other layers
-as many more of the first); the KV cache is allocated on meta as the static engine would;
-activations are the peak of live tensor bytes while one prompt step, one decode frame (what the
-graph engine's private pool keeps) and one codec window run on meta (`LiveBytes`).
+as many more of the first); the KV cache is allocated on meta as the static engine would, for
+every row of a batch; activations are the peak of live tensor bytes while one song's prompt step,
+one decode frame of every row (what the graph engine's private pool keeps) and one codec window
+run on meta (`LiveBytes`).
 """
 
 from __future__ import annotations
@@ -138,16 +139,18 @@ def _traced_flavor(flavor: LlamaFlavor) -> LlamaFlavor:
 
 
 def lm_sizes(
-    config: LMConfig, dtype: torch.dtype, quant: str, rows: int, positions: int
+    config: LMConfig, dtype: torch.dtype, quant: str, rows: int, positions: int, songs: int = 1
 ) -> LMSizes:
-    """The bytes of one LM layout, counted (footprint.lm_sizes works them out)."""
+    """The bytes of one LM layout for `songs` songs at once of `rows` rows each, counted
+    (footprint.lm_sizes works them out)."""
     traced = replace(
         config, backbone=_traced_flavor(config.backbone), decoder=_traced_flavor(config.decoder)
     )
     with torch.device("meta"):
         lm = HeartMuLa(traced).to(dtype)
     quantize_model(lm, quant)
-    cache = lm.new_cache(rows, positions)
+    batch = songs * rows
+    cache = lm.new_cache(batch, positions)
     # Each stack's bytes and KV cache as built, and its layers left out, counted as its first.
     weights, kv = module_bytes(lm), 0
     for stack, caches, flavor in (
@@ -159,19 +162,23 @@ def lm_sizes(
         kv += (len(caches) + left_out) * (caches[0].k.nbytes + caches[0].v.nbytes)
 
     def prompt_step() -> None:
+        """One song's prompt over its own rows of the batch's cache (decode.prefill)."""
+        song = cache.rows_view(0, rows)
         ids = torch.zeros(min(PROMPT_TOKENS, positions), dtype=torch.long, device="meta")
-        last, _ = lm.backbone_step(lm.embed_prompt(ids, 0, rows), 0, cache)
+        last, _ = lm.backbone_step(lm.embed_prompt(ids, 0, rows), 0, song)
         token = torch.zeros(rows, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
-        lm.decoder_step(token + last[:, None], 0, cache, 1)
+        lm.decoder_step(token + last[:, None], 0, song, 1)
 
     def frame_step() -> None:
-        """One frame's backbone step reading every cached position, then its first decoder
-        step (the widest; sampling's few [rows, vocab] rows are below both). On meta, SDPA
-        takes its math path (float32 copies of K and V) and quantized linears their plain one,
-        so this bounds the GPU's fused kernels from above."""
-        frame = torch.zeros(rows, config.audio_num_codebooks, dtype=torch.long, device="meta")
-        last, _ = lm.backbone_step(lm.embed_frame(frame), positions - 1, cache)
-        token = torch.zeros(rows, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
+        """One frame of every row reading every cached position, each row masked at its own
+        device-held position (the graph engine, and any batch of songs), then its first
+        decoder step (the widest; sampling's few [rows, vocab] rows are below both). On meta,
+        SDPA takes its math path (float32 copies of K and V) and quantized linears their plain
+        one, so this bounds the GPU's fused kernels from above."""
+        frame = torch.zeros(batch, config.audio_num_codebooks, dtype=torch.long, device="meta")
+        at = torch.full((batch,), positions - 1, dtype=torch.long, device="meta")
+        last, _ = lm.backbone_step(lm.embed_frame(frame), at, cache, positions)
+        token = torch.zeros(batch, 2, config.backbone.embed_dim, dtype=dtype, device="meta")
         lm.decoder_step(token + last[:, None], 0, cache, 1)
 
     return LMSizes(

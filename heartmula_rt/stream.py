@@ -230,32 +230,54 @@ def _acquire(lock: threading.RLock, stop: threading.Event) -> bool:
     return True
 
 
-def _generate(song: _Song, work: _Work) -> None:
-    codec = work.codec
-    device = codec.flow_matching.cond_feature_emb.weight.device
-    side = codec.side_stream.get(device) if device.type == "cuda" else None
+class LiveDecoder:
+    """A song's codec while its frames come: `push(new)` decodes the windows the new codes
+    complete and hands their audio to `put` as float32 [2, n] numpy pieces; `finish()` decodes
+    the rest, to the song's end, and hands out every piece. On a GPU the codec runs on its side
+    stream and the pieces are copied back without waiting; `put` may then come a push later."""
 
-    def on_side() -> contextlib.AbstractContextManager:
+    def __init__(
+        self,
+        codec: HeartCodec,
+        params: CodecParams,
+        *,
+        generator: torch.Generator | None,
+        put: Callable[[np.ndarray], None],
+    ) -> None:
+        self.device = codec.flow_matching.cond_feature_emb.weight.device
+        self.side = codec.side_stream.get(self.device) if self.device.type == "cuda" else None
+        with self._on_side():
+            self.decoder = codec.window_decoder(params, generator=generator)
+        self.readback = _Readback(self.device, put)
+
+    def _on_side(self) -> contextlib.AbstractContextManager:
         """Every codec tensor is made and used on the side stream, never across streams."""
-        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+        return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
 
-    with on_side():
-        decoder = codec.window_decoder(work.codec_params, generator=work.generator)
-    readback = _Readback(device, song.put)
+    def _decode(self, pieces: Callable[[], list[torch.Tensor]]) -> None:
+        if self.side is not None:  # the codes were written on the LM's stream
+            self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with self._on_side():
+            self.readback.add(pieces())
+
+    def push(self, new: torch.Tensor) -> None:
+        self._decode(lambda: self.decoder.push(new))
+
+    def finish(self) -> None:
+        self._decode(self.decoder.finish)
+        self.readback.flush(wait=True)
+
+
+def _generate(song: _Song, work: _Work) -> None:
+    live = LiveDecoder(work.codec, work.codec_params, generator=work.generator, put=song.put)
     received = 0
-
-    def decode(pieces: Callable[[], list[torch.Tensor]]) -> None:
-        if side is not None:  # the codes were written on the LM's stream
-            side.wait_stream(torch.cuda.current_stream(device))
-        with on_side():
-            readback.add(pieces())
 
     def on_codes(new: torch.Tensor) -> None:
         nonlocal received
         if song.stop.is_set():
             raise KeyboardInterrupt  # the engines' own early stop: they keep the frames
         received += new.shape[1]
-        decode(lambda: decoder.push(new))
+        live.push(new)
 
     try:
         frames = work.engine.generate_frames(
@@ -267,6 +289,5 @@ def _generate(song: _Song, work: _Work) -> None:
     if frames.shape[1] == 0 or song.closed.is_set():
         return  # stopped before the first frame (no song), or closed (nobody listens)
     if frames.shape[1] > received:
-        decode(lambda: decoder.push(frames[:, received:]))
-    decode(decoder.finish)
-    readback.flush(wait=True)
+        live.push(frames[:, received:])
+    live.finish()

@@ -33,6 +33,7 @@ RUN_FIELDS = {
     "ms_per_frame", "bytes_per_frame", "achieved_gbps", "copy_gbps", "floor_ms_per_frame",
     "codec_s", "e2e_s", "e2e_rtf", "ttfa_s", "stream_s", "peak_vram_gib", "vram_budget_gib",
     "greedy_agreement", "greedy_first_mismatch", "raw_decode_s", "raw_prefill_s", "raw_codec_s",
+    "songs", "rows", "song_frames_per_s", "batch_speedup",
 }  # fmt: skip
 POSITIVE = (
     "prefill_ms", "lm_frames_per_s", "ms_per_frame", "bytes_per_frame", "achieved_gbps",
@@ -144,6 +145,30 @@ def test_greedy_agreement_of_plain_with_itself(tmp_path: Path) -> None:
     assert run["cfg_rows"] == 1 and run["codec_s"] is None and run["e2e_rtf"] is None
 
 
+def test_batch_sizes_side_by_side(tmp_path: Path) -> None:
+    """`--batch 1,2`: the one-song run, then 2 songs at once, each run's figures derived from
+    its own timings; a frame of both songs reads the whole cache of 4 rows."""
+    assert bench(*tiny_args(tmp_path, "--no-codec", "--batch", "1,2")) == 0
+    one, two = only_result(tmp_path)["runs"]
+    assert one.keys() == two.keys() == RUN_FIELDS
+    assert (one["name"], one["songs"], one["rows"], one["batch_speedup"]) == (
+        "plain-float32",
+        1,
+        2,
+        1.0,
+    )
+    assert (two["name"], two["songs"], two["rows"]) == ("plain-float32-x2", 2, 4)
+    assert two["lm_frames_per_s"] == pytest.approx(2 * 25 / two["raw_decode_s"][0])
+    assert two["song_frames_per_s"] == pytest.approx(two["lm_frames_per_s"] / 2)
+    assert two["ms_per_frame"] == pytest.approx(1000 / two["song_frames_per_s"])
+    assert two["batch_speedup"] == pytest.approx(two["lm_frames_per_s"] / one["lm_frames_per_s"])
+    assert two["bytes_per_frame"] == tiny_bytes_per_frame(256 + 25, rows=4)
+    assert two["achieved_gbps"] == pytest.approx(
+        two["bytes_per_frame"] * two["song_frames_per_s"] / 1e9
+    )
+    assert two["codec_s"] is None and two["prefill_ms"] > 0
+
+
 def test_results_are_never_overwritten(tiny_results: Path, tmp_path: Path) -> None:
     shutil.copy(tiny_results, tmp_path / tiny_results.name)
     assert bench(*tiny_args(tmp_path, "--no-codec", "--max-seconds", "0.2")) == 0
@@ -185,6 +210,8 @@ def test_synthetic_lm_is_make_checkpoints(tmp_path: Path) -> None:
         (["--quant", "none,int3"], "unknown quantization mode 'int3'"),
         (["--quant", "int8,int8"], "names a mode twice"),
         (["--quant", ","], "at least one mode"),
+        (["--batch", "1,0"], "song counts of 1 or more"),
+        (["--batch", "two"], "song counts of 1 or more"),
     ],
 )
 def test_bad_inputs(tmp_path: Path, args: list[str], message: str) -> None:

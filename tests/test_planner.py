@@ -1,6 +1,7 @@
 """The memory planner on the CPU: exact sizes of the full-size models (meta device), one plan per
-budget of the README's table, the speed-first order of its choices, and the --vram strings it
-refuses. What a plan really uses on a GPU is measured by `heartmula-rt bench --vram`."""
+budget of the README's table, the speed-first order of its choices, the songs at once a plan
+holds, and the --vram strings it refuses. What a plan really uses on a GPU is measured by
+`heartmula-rt bench --vram`."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import torch
 
 from heartmula_rt import cli, lm, planner, sizing
 from heartmula_rt.codec import dit
-from heartmula_rt.config import CODEC_PRESETS
+from heartmula_rt.config import CODEC_PRECISIONS, CODEC_PRESETS
 from heartmula_rt.errors import UserError
 from heartmula_rt.offload import HostCopy
 from heartmula_rt.planner import (
     DEFAULT_OVERHEADS,
     HEADROOM_MIN_BYTES,
+    MAX_SONGS,
     TABLE_BUDGETS_GIB,
     GiB,
     MiB,
@@ -65,6 +67,21 @@ def minimum_gib(**kw) -> float:
     with pytest.raises(UserError) as below:
         plan(0.5, **kw)
     return float(re.search(r"minimum of (\d+\.\d+) GiB", str(below.value))[1])
+
+
+def layout(p: planner.MemoryPlan) -> tuple:
+    """What a plan chooses, whatever it is sized for."""
+    chosen = ("quant", "text_embeddings_on_gpu", "codec_placement", "lm_during_codec")
+    return (*(getattr(p, name) for name in chosen), p.offloaded_lm_layers)
+
+
+def at_songs(p: planner.MemoryPlan, songs: int) -> planner.MemoryPlan:
+    """`p`'s layout as the planner sizes it for `songs` songs at once."""
+    candidates = candidate_plans(
+        LM_CONFIG, CODEC_CONFIG, budget_bytes=p.budget_bytes, max_frames=p.max_frames,
+        cfg_rows=p.rows_per_song, lm_dtype=p.lm_dtype, codec_dtype=p.codec_dtype, songs=songs,
+    )  # fmt: skip
+    return next(c for c in candidates if layout(c) == layout(p))
 
 
 def test_lm_sizes_match_the_official_checkpoint(fixtures_dir: Path) -> None:
@@ -133,13 +150,18 @@ def test_a_plan_runs_no_layer(tiny_ckpt, monkeypatch) -> None:
 
 
 # The sizes worked out (footprint.py) against the same sizes counted on meta (sizing.py): every
-# preset small enough to trace here, both LM dtypes' kinds, every quantization, 1 and 2 rows.
+# preset small enough to trace here, both LM dtypes' kinds, every quantization, 1 and 2 rows a
+# song; and a few batches of several songs (their own KV rows each, one frame over every row).
 TRACED_LAYOUTS = [
-    (preset, dtype, quant, rows)
+    (preset, dtype, quant, rows, 1)
     for preset in ("tiny", "mid", "3B")
     for dtype in ("float32", "bfloat16")
     for quant in ("none", "int8", "nf4", "int4")
     for rows in (1, 2)
+] + [
+    ("3B", "bfloat16", "none", 2, 2),
+    ("3B", "float32", "int8", 1, 4),
+    ("tiny", "bfloat16", "nf4", 2, 3),
 ]
 
 
@@ -148,12 +170,12 @@ def within_bound(worked_out: int, traced: int) -> bool:
     return traced <= worked_out <= 1.4 * traced + 4 * MiB
 
 
-@pytest.mark.parametrize(("preset", "dtype", "quant", "rows"), TRACED_LAYOUTS)
-def test_lm_sizes_worked_out_agree_with_the_meta_trace(preset, dtype, quant, rows) -> None:
+@pytest.mark.parametrize(("preset", "dtype", "quant", "rows", "songs"), TRACED_LAYOUTS)
+def test_lm_sizes_worked_out_agree_with_the_meta_trace(preset, dtype, quant, rows, songs) -> None:
     config = preset_configs(preset)[0]
     for positions in {min(p, config.backbone.max_seq_len) for p in (1024, 8192)}:
-        worked_out = lm_sizes(config, dtype, quant, rows, positions)
-        traced = sizing.lm_sizes(config, getattr(torch, dtype), quant, rows, positions)
+        worked_out = lm_sizes(config, dtype, quant, rows, positions, songs)
+        traced = sizing.lm_sizes(config, getattr(torch, dtype), quant, rows, positions, songs)
         exact = ("weights", "text_embeddings", "backbone_layer", "num_backbone_layers", "kv_cache")
         for name in exact:
             assert getattr(worked_out, name) == getattr(traced, name), name
@@ -245,7 +267,7 @@ def test_every_plan_keeps_the_headroom_free() -> None:
                 cfg_rows=2, lm_dtype=BF16, codec_dtype=torch.float32,
             )
         )  # fmt: skip
-        for c in skipped[: skipped.index(p)]:
+        for c in skipped[: [layout(c) for c in skipped].index(layout(p))]:
             assert c.predicted_peak_bytes + c.headroom_bytes > gib * GiB
     # A budget of exactly a plan's peak gets a more frugal plan, one that leaves the headroom.
     roomy = plan(8)
@@ -286,6 +308,59 @@ def test_the_graph_pool_is_counted_in_the_lm_phase() -> None:
         sizes.weights + sizes.kv_cache + sizes.workspace + sizes.frame_workspace
         + codec_sizes(CODEC_CONFIG, "float32").weights
     )  # fmt: skip
+
+
+def test_kv_cache_and_frame_workspace_scale_with_songs() -> None:
+    one, four = (lm_sizes(LM_CONFIG, BF16, "none", 2, 4096, songs) for songs in (1, 4))
+    assert four.kv_cache == 4 * one.kv_cache  # every song its own 2 rows
+    assert four.workspace == one.workspace  # a prompt step is one song's, over its own rows
+    assert four.frame_workspace > one.frame_workspace  # a frame runs every row
+    p1, p4 = plan(24), plan(24, songs=4)
+    assert (p4.songs, p4.kv_rows, p4.rows_per_song) == (4, 8, 2)
+    assert p4.kv_bytes == 4 * p1.kv_bytes
+    assert layout(p4) == layout(p1)  # 24G holds 4 songs in the everything-resident layout
+    grown = 3 * p1.kv_bytes + four.frame_workspace - one.frame_workspace
+    assert p4.lm_phase_bytes - p1.lm_phase_bytes == grown
+    unguided = plan(24, songs=4, cfg_rows=1)
+    assert (unguided.kv_rows, 2 * unguided.kv_bytes) == (4, p4.kv_bytes)
+
+
+@pytest.mark.parametrize(("gib", "songs"), [(8, 2), (12, 1), (24, 1), (24, 4)])
+def test_max_songs_is_the_most_the_layout_holds(gib: int, songs: int) -> None:
+    p = plan(gib, songs=songs)
+    assert songs <= p.max_songs < MAX_SONGS
+    assert at_songs(p, p.max_songs).fits()
+    assert not at_songs(p, p.max_songs + 1).fits()
+    # Nothing faster held `songs`, so the planner gives this layout for max_songs songs too.
+    assert layout(plan(gib, songs=p.max_songs)) == layout(p)
+
+
+def test_max_songs_stops_at_the_cap() -> None:
+    p = plan_memory(80 * GiB, LM_CONFIG, CODEC_CONFIG, max_frames=375, cfg_rows=1)
+    assert p.max_songs == MAX_SONGS and at_songs(p, MAX_SONGS + 1).fits()
+    assert f"room for {MAX_SONGS} or more songs of up to 375 frames" in planner.format_plan(p)
+
+
+def test_a_budget_for_one_song_refuses_sixteen_naming_what_fits() -> None:
+    assert plan(12).fits()
+    with pytest.raises(UserError) as refused:
+        plan(12, songs=16)
+    said = re.fullmatch(
+        r"--vram 12\.00 GiB is below the minimum of (\d+\.\d\d) GiB for this model and 16 "
+        r"songs of 3000 frames at once; it holds at most (\d+) such songs",
+        str(refused.value),
+    )
+    assert said, str(refused.value)
+    need, fit = float(said[1]), int(said[2])
+    assert plan(need, songs=16).fits()
+    with pytest.raises(UserError, match="below the minimum"):
+        plan(need - 0.01, songs=16)
+    assert plan(12, songs=fit).fits()
+    with pytest.raises(UserError, match="below the minimum"):
+        plan(12, songs=fit + 1)
+    # Below even one song's minimum, it names that one.
+    with pytest.raises(UserError, match=rf"; one needs {minimum_gib():.2f} GiB$"):
+        plan(4, songs=2)
 
 
 def test_overheads_from_gpu_readings() -> None:
@@ -333,7 +408,7 @@ def test_smaller_budgets_never_get_faster_plans() -> None:
                 cfg_rows=2, lm_dtype=BF16, codec_dtype=torch.float32,
             )
         )  # fmt: skip
-        order[gib] = ranks.index(chosen)
+        order[gib] = [layout(c) for c in ranks].index(layout(chosen))
         # Nothing faster fits: every earlier candidate is over the budget.
         assert all(not c.fits() for c in ranks[: order[gib]])
     ranks = [order[g] for g in PLANNED_GIB]
@@ -365,8 +440,8 @@ def test_nf4_is_never_planned_without_bitsandbytes(monkeypatch) -> None:
     # Make nf4 the smallest LM, so only bitsandbytes' absence keeps it out of the plans.
     real = planner.lm_sizes
 
-    def sizes(config, dtype, quant, rows, positions):
-        s = real(config, dtype, quant, rows, positions)
+    def sizes(config, dtype, quant, rows, positions, songs=1):
+        s = real(config, dtype, quant, rows, positions, songs)
         return dataclasses.replace(s, weights=s.weights // 2) if quant == "nf4" else s
 
     monkeypatch.setattr(planner, "lm_sizes", sizes)
@@ -414,6 +489,28 @@ def test_cli_plan_prints_the_plan(capsys) -> None:
         assert overhead in out
     assert "Triton autotune 256 MiB" in out and "default figures" in out
     assert "headroom kept free: 0.40 GiB" in out  # 5% of 8 GiB
+
+
+def test_cli_plan_names_the_rows_and_the_most_songs(capsys) -> None:
+    assert cli.main(["plan", "--vram", "24G", "--songs", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "(4 songs of up to 3000 frames at once)" in out
+    assert "KV cache: 4096 positions × 8 rows (4 songs × 2: guidance), " in out
+    room = re.search(
+        r"room for up to (\d+) songs of up to 3000 frames at once in this plan \((\d+) LM rows\)",
+        out,
+    )
+    assert room, out
+    mixed = CODEC_PRECISIONS["mixed"][0]  # the codec a plan is for without --codec-dtype
+    most = plan(24, songs=4, codec_dtype=mixed).max_songs
+    assert (int(room[1]), int(room[2])) == (most, 2 * most) and most >= 4
+
+
+@pytest.mark.parametrize("songs", ["0", "-2"])
+def test_cli_refuses_fewer_than_one_song_in_one_line(songs: str, capsys) -> None:
+    assert cli.main(["plan", "--vram", "24G", f"--songs={songs}"]) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "songs at once must be a whole number" in err
 
 
 def test_planning_changes_no_module() -> None:

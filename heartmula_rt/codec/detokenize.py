@@ -8,13 +8,16 @@ code is decoded.
 
 `WindowDecoder` is the one implementation: `detokenize` gives it every code at once, streaming
 (heartmula_rt/stream.py) gives it codes as the LM makes them, and both get the same samples.
+`WindowDecoder.decode_rounds` decodes several songs' windows together (`detokenize_many`), each
+song getting the samples it gets alone.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -98,36 +101,65 @@ def num_output_samples(num_codes: int, sample_rate: int) -> int:
 
 
 class LatentChain:
-    """The flow-matching half of windowed decoding: window after window, the noise draw and the
-    in-context prefix taken from the previous window's latents.
+    """One song's side of the flow-matching half of windowed decoding: window after window, its
+    noise draw and the in-context prefix taken from its previous window's latents.
+    `sample_windows` runs the next window of several songs' chains at once.
 
     Noise contract: exactly one CPU `torch.randn((1, 744, C), generator=generator)` per window,
-    in window order, then moved to the model's device; nothing else draws from the generator.
+    in the song's window order, then moved to the model's device; nothing else draws from the
+    generator, so a song's noise does not depend on the songs decoded beside it.
     """
 
     def __init__(self, flow: FlowMatching, params: CodecParams, generator: torch.Generator) -> None:
         self.flow, self.params, self.generator = flow, params, generator
-        self.previous: torch.Tensor | None = None  # the last window's latents
+        self.previous: torch.Tensor | None = None  # the last window's latents [1, 744, C]
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         """One window's valid codes [Q, 372] → its final latents [1, 744, C] float32 (before
         the decoder's rounding), on the model's device."""
-        flow = self.flow
-        device = flow.cond_feature_emb.weight.device
-        mu = flow.condition(codes[None].to(device))
-        frames, prefix = LATENTS_PER_CODE * WINDOW, LATENTS_PER_CODE * OVERLAP
-        noise = torch.randn(
-            (1, frames, flow.latent_channels), generator=self.generator, dtype=torch.float32
+        return sample_windows([self], [codes])
+
+
+def sample_windows(chains: Sequence[LatentChain], codes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The next window of several songs at once: chain i (all of one flow model) gets window
+    codes[i] [Q, 372] (valid ids). Returns the final latents [len(chains), 744, C] float32,
+    row i chain i's, on the model's device.
+
+    The rows of each `num_steps` share one `FlowMatching.sample` call (one ODE time grid), each
+    with its own noise, in-context prefix and guidance scale; a row's latents are those its
+    song gets alone (the conditioning, the estimator and the ODE compute each row alike
+    whatever the others hold).
+    """
+    flow = chains[0].flow
+    device = flow.cond_feature_emb.weight.device
+    mu = flow.condition(torch.stack(list(codes)).to(device))
+    frames, prefix = LATENTS_PER_CODE * WINDOW, LATENTS_PER_CODE * OVERLAP
+    shape = (1, frames, flow.latent_channels)
+    noise = torch.cat(
+        [torch.randn(shape, generator=c.generator, dtype=torch.float32) for c in chains]
+    ).to(device)
+    ic = torch.zeros_like(noise)  # window 0 of a song has no in-context prefix
+    prefixes = []
+    for row, chain in enumerate(chains):
+        if chain.previous is not None:
+            ic[row, :prefix] = chain.previous[0, -prefix:]
+        prefixes.append(0 if chain.previous is None else prefix)
+    latents = torch.empty_like(noise)
+    # On a GPU the graphed estimator (graphed.py) captures a graph per batch size: a group of
+    # another size than the last call's is captured anew, and replayed while the size holds.
+    for num_steps in dict.fromkeys(c.params.num_steps for c in chains):
+        rows = [i for i, c in enumerate(chains) if c.params.num_steps == num_steps]
+        latents[rows] = flow.sample(
+            mu[rows],
+            noise[rows],
+            ic[rows],
+            [prefixes[i] for i in rows],
+            num_steps=num_steps,
+            guidance_scale=[chains[i].params.guidance_scale for i in rows],
         )
-        noise = noise.to(device)
-        ic, n_ic = torch.zeros_like(noise), 0  # window 0 has no in-context prefix
-        if self.previous is not None:
-            ic[:, :prefix], n_ic = self.previous[:, -prefix:], prefix
-        p = self.params
-        self.previous = flow.sample(
-            mu, noise, ic, n_ic, num_steps=p.num_steps, guidance_scale=p.guidance_scale
-        )
-        return self.previous
+    for row, chain in enumerate(chains):
+        chain.previous = latents[row : row + 1]
+    return latents
 
 
 def window_latents(
@@ -155,7 +187,8 @@ def decode_window(
 
 class WindowDecoder:
     """Codes in, audio out, window by window: the one implementation of SPEC §5.1–5.7 that
-    `detokenize` (all codes at once) and streaming (codes as the LM makes them) both drive.
+    `detokenize` and `detokenize_many` (all codes at once) and streaming (codes as the LM makes
+    them) all drive.
 
     `push` takes the next codes and decodes every window that lies entirely inside codes whose
     final value is known: such a window is in the final plan whatever the song's length. A stray
@@ -166,6 +199,9 @@ class WindowDecoder:
     copy them back while the LM runs): everything up to the next window's crossfade, and at the
     end the rest, trimmed to T codes' worth. The pieces concatenate to exactly what `detokenize`
     returns.
+
+    `push` is `add` then `decode_rounds` of this decoder alone, `finish` is `close`, the same,
+    then `rest`; `decode_rounds` over several decoders decodes several songs' windows together.
     """
 
     def __init__(
@@ -192,27 +228,36 @@ class WindowDecoder:
         device = flow.cond_feature_emb.weight.device
         self.ramp = torch.linspace(0, 1, self.overlap, device=device)
         self.codes = torch.zeros(config.num_quantizers, 0, dtype=torch.long)  # as received
+        self.pending: deque[torch.Tensor] = deque()  # planned windows' codes, not yet decoded
         self.windows = 0  # windows decoded so far
         self.tail: torch.Tensor | None = None  # the last window's overlap, not yet crossfaded
         self.left: int | None = None  # samples still to emit, once the length is known
 
     def push(self, codes: torch.Tensor) -> list[torch.Tensor]:
         """Add codes [Q, n] (stray ids allowed); decode the windows that became certain."""
+        self.add(codes)
+        return self.decode_rounds([self], 1)[0]
+
+    def finish(self) -> list[torch.Tensor]:
+        """No more codes: decode the remaining windows and return the rest of the audio."""
+        self.close()
+        return self.decode_rounds([self], 1)[0] + self.rest()
+
+    def add(self, codes: torch.Tensor) -> None:
+        """Add codes [Q, n] (stray ids allowed); plan the windows that became certain."""
         cfg = self.config
         codes = check_codes(codes, cfg.codebook_size, cfg.num_quantizers)
         self.codes = torch.cat([self.codes, codes.cpu()], dim=1)
         if self._next_end() > self.codes.shape[1]:
-            return []
+            return
         if not bool((self.codes < cfg.codebook_size).any(dim=1).all()):
-            return []  # a codebook with only stray ids so far: their replacement is unknown
+            return  # a codebook with only stray ids so far: their replacement is unknown
         fixed, _ = sanitize_codes(self.codes, cfg.codebook_size, cfg.num_quantizers)
-        pieces = []
-        while self._next_end() <= fixed.shape[1]:
-            pieces += self._decode(fixed[:, self._next_end() - WINDOW : self._next_end()])
-        return pieces
+        ends = range(self._next_end(), fixed.shape[1] + 1, HOP)
+        self.pending.extend(fixed[:, end - WINDOW : end] for end in ends)
 
-    def finish(self) -> list[torch.Tensor]:
-        """No more codes: decode the remaining windows and return the rest of the audio."""
+    def close(self) -> None:
+        """No more codes: plan the remaining windows; the song's length is now known."""
         cfg = self.config
         fixed, n_stray = sanitize_codes(self.codes, cfg.codebook_size, cfg.num_quantizers)
         if n_stray:
@@ -223,18 +268,41 @@ class WindowDecoder:
         length, starts = plan_windows(num_codes)
         fixed = extend_codes(fixed, length)
         self.left = num_output_samples(num_codes, cfg.sample_rate) - self.windows * self.hop
-        pieces = []
-        for start in starts[self.windows :]:
-            pieces += self._decode(fixed[:, start : start + WINDOW])
-        return pieces + self._emit(self.tail)
+        planned = self.windows + len(self.pending)
+        self.pending.extend(fixed[:, start : start + WINDOW] for start in starts[planned:])
+
+    def rest(self) -> list[torch.Tensor]:
+        """After `close` and its windows: the audio after the last window's crossfade."""
+        return self._emit(self.tail)
+
+    @staticmethod
+    def decode_rounds(decoders: Sequence[WindowDecoder], songs: int) -> list[list[torch.Tensor]]:
+        """Decode the planned windows of several decoders (of one codec): each round takes the
+        next window of the first `songs` decoders that have one and samples their latents
+        together (`sample_windows`); the scalar decoder then takes them one window at a time.
+        Returns each decoder's audio pieces, in order; a song's pieces are those it gets alone.
+        """
+        # The scalar decoder is not batched: on the CPU a batch of windows decodes slower than
+        # its windows in turn (benchmarks/codec_batch.py), and one window's activations are
+        # what the memory planner makes room for.
+        pieces: list[list[torch.Tensor]] = [[] for _ in decoders]
+        while batch := [i for i, d in enumerate(decoders) if d.pending][:songs]:
+            latents = sample_windows(
+                [decoders[i].chain for i in batch], [decoders[i].pending.popleft() for i in batch]
+            )
+            for i, window in zip(batch, latents, strict=True):
+                d = decoders[i]
+                wav = decode_window(d.scalar, window[None], d.streams, d.chunk)
+                pieces[i] += d._stitch(wav)
+        return pieces
 
     def _next_end(self) -> int:
-        """One past the last code of the next window."""
-        return self.windows * HOP + WINDOW
+        """One past the last code of the next window to plan."""
+        return (self.windows + len(self.pending)) * HOP + WINDOW
 
-    def _decode(self, codes: torch.Tensor) -> list[torch.Tensor]:
-        latents = self.chain(codes)
-        wav = decode_window(self.scalar, latents, self.streams, self.chunk)
+    def _stitch(self, wav: torch.Tensor) -> list[torch.Tensor]:
+        """The next window's audio [streams, samples] in: crossfaded with the last window's
+        overlap; the piece that became final out."""
         wav = wav[:, : self.window_len]
         if self.tail is not None:  # linear crossfade over the overlap: old × (1 − r) + new × r
             old, new = self.tail, wav[:, : self.overlap]

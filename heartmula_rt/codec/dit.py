@@ -9,7 +9,7 @@ statistics stay float32 whatever that dtype is. With float32 weights every cast 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,9 +90,17 @@ class AdaLNSingle(nn.Module):
         self.linear = nn.Linear(dim, 6 * dim)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 features [B, 512] → float32 (mod [B, 6, D], e [B, D])."""
-        e = self.emb["timestep_embedder"](features.to(self.linear.weight.dtype))
-        return self.linear(F.silu(e)).unflatten(-1, (6, -1)).float(), e.float()
+        """float32 features [B, 512] → float32 (mod [B, 6, D], e [B, D]); B may be 1."""
+        # A matmul's rounding depends on its row count (on this project's CPU 1 row, 2–3 and 4
+        # or more differ; 1 row also on the weights' memory alignment). One time for a batch is
+        # computed at 2 rows, as one song's [uncond; cond] pair always was: a song's audio is
+        # then the same alone, in a batch of any size, and with its weights anywhere.
+        one = features.shape[0] == 1
+        e = self.emb["timestep_embedder"](
+            features.expand(2 if one else -1, -1).to(self.linear.weight.dtype)
+        )
+        mod = self.linear(F.silu(e)).unflatten(-1, (6, -1)).float()
+        return (mod[:1], e[:1].float()) if one else (mod, e.float())
 
 
 class Attention(nn.Module):
@@ -154,7 +162,8 @@ class Block(nn.Module):
 
 
 class Estimator(nn.Module):
-    """The velocity DiT: [x | ic | mu] [B, T, in_channels] and t [B] → velocity [B, T, out]."""
+    """The velocity DiT: [x | ic | mu] [B, T, in_channels] and t [B] or [1] → velocity
+    [B, T, out]."""
 
     def __init__(self, cfg: CodecConfig) -> None:
         super().__init__()
@@ -190,7 +199,8 @@ class Estimator(nn.Module):
         return layer_norm(s) * (1 + scale[:, None]) + shift[:, None]
 
     def forward(self, inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Returns float32 velocities whatever the weights' dtype."""
+        """t [B], or [1] for one time broadcast to every row; returns float32 velocities
+        whatever the weights' dtype."""
         features = timestep_features(t)
         s = self.proj_in(inp)
         s = self._stage(
@@ -225,26 +235,33 @@ class FlowMatching(nn.Module):
         mu: torch.Tensor,
         noise: torch.Tensor,
         ic: torch.Tensor,
-        prefix: int,
+        prefix: int | Sequence[int],
         *,
         num_steps: int,
-        guidance_scale: float,
+        guidance_scale: float | Sequence[float],
     ) -> torch.Tensor:
         """Integrate dx/dt = v from x = noise at t = 0 to t = 1; returns float32 latents [B, T, C].
 
-        The first `prefix` frames follow the straight path from noise to the in-context target
-        `ic` (float32, zeros past the prefix) and end exactly on it. Guidance is batched as
-        [uncond; cond], the unconditional half with mu = 0.
+        Each row is a window of its own song: `prefix` and `guidance_scale` are one for every row
+        or one per row. A row's first `prefix` frames follow the straight path from noise to the
+        in-context target `ic` (float32, zeros past the prefix) and end exactly on it. Guidance
+        is batched as [uncond of every row; cond of every row], the unconditional half with
+        mu = 0. The rows share the time grid, and a row's result does not depend on the others.
         """
         estimator = self.fast_estimator or self.estimator
-        x = noise.clone()
+        device = noise.device
+        prefix = torch.as_tensor(prefix, device=device).reshape(-1, 1, 1)
+        in_prefix = torch.arange(noise.shape[1], device=device)[None, :, None] < prefix
+        scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device)
+        scale = scale.reshape(-1, 1, 1)
+        x = noise
         mu_in = torch.cat([torch.zeros_like(mu), mu])
-        t_span = torch.linspace(0, 1, num_steps + 1, device=noise.device)
+        t_span = torch.linspace(0, 1, num_steps + 1, device=device)
         for t, t_next in zip(t_span[:-1], t_span[1:], strict=True):
-            x[:, :prefix] = (1 - (1 - SIGMA_MIN) * t) * noise[:, :prefix] + t * ic[:, :prefix]
+            x = torch.where(in_prefix, (1 - (1 - SIGMA_MIN) * t) * noise + t * ic, x)
             inp = torch.cat([x, ic], dim=-1).repeat(2, 1, 1)
-            v = estimator(torch.cat([inp, mu_in], dim=-1), t.expand(inp.shape[0]))
+            # One time for every row, embedded once and broadcast (AdaLNSingle says why).
+            v = estimator(torch.cat([inp, mu_in], dim=-1), t[None])
             v_uncond, v_cond = v.chunk(2)
-            x = x + (t_next - t) * (v_uncond + guidance_scale * (v_cond - v_uncond))
-        x[:, :prefix] = ic[:, :prefix]
-        return x
+            x = x + (t_next - t) * (v_uncond + scale * (v_cond - v_uncond))
+        return torch.where(in_prefix, ic, x)

@@ -1,8 +1,11 @@
 """The codec's optional fast path: the DiT estimator at its one fixed window shape, captured as a
 CUDA graph (optionally compiled with torch.compile first) and replayed for every ODE step.
 
-A window is always [2 (CFG), 744, in_channels] at the same dtype, so one graph serves every
-step of every window and the ten steps of a window cost ten launches instead of thousands.
+A window of one song is always [2 (CFG), 744, in_channels] at the same dtype, so one graph
+serves every step of every window and the ten steps of a window cost ten launches instead of
+thousands. B songs' windows decoded together (`detokenize_many`) are [2B, 744, in_channels]:
+the graph is keyed by the input's shape, so a batch of another size captures its own graph, in
+place of the last one (every round of the same size reuses it).
 `FlowMatching.sample` calls it where it would call the estimator; results equal the plain
 estimator's up to the kernels' rounding. On the CPU, `graphs=False` runs the (compiled)
 estimator directly: that is how the tests check this path without a GPU.

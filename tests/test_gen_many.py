@@ -1,0 +1,209 @@
+"""`heartmula-rt gen --count N` and `--batch-file`: many songs in one batch, end to end on the
+tiny fixture, against the Python API; every bad line refused before a model loads; Ctrl-C in
+either stage keeps every song's work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+import tqdm
+
+import heartmula_rt
+import heartmula_rt.pipeline
+from heartmula_rt import cli
+from heartmula_rt.audio import write_audio
+from heartmula_rt.request import SongRequest
+
+SAMPLES_PER_FRAME = 3840
+TAGS, LYRICS = "piano,happy", "[verse]\nla la la\n"
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt: Path):
+    return heartmula_rt.load_pipeline(tiny_ckpt, device="cpu")
+
+
+def _as_written(pipe, wav: torch.Tensor, path: Path) -> bytes:
+    path.parent.mkdir(exist_ok=True)
+    write_audio(path, wav, pipe.sample_rate)
+    return path.read_bytes()
+
+
+def test_count_makes_takes_as_the_api_does(pipe, tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "song.wav"
+    args = ["gen", "--model-path", str(tiny_ckpt), "--tags", TAGS, "--lyrics", LYRICS]
+    args += ["--max-seconds", "1", "--topk", "20", "--seed", "5", "--count", "3"]
+    code, stdout, err = run([*args, "-o", str(out)], capsys)
+    assert code == 0 and stdout == "", err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["song-1.wav", "song-2.wav", "song-3.wav"]  # no codes file left behind
+    for i in (1, 2, 3):
+        assert f"take {i}: seed {4 + i}" in err
+    assert "wrote 3 songs" in err.strip().splitlines()[-1]
+
+    requests = [
+        SongRequest.of(TAGS, LYRICS, max_seconds=1, topk=20, seed=seed) for seed in (5, 6, 7)
+    ]
+    frames = pipe.generate_frames_batch(requests, rows=6)  # 3 guided songs at once
+    made = []
+    for i, (request, codes) in enumerate(zip(requests, frames, strict=True), start=1):
+        wav = pipe.decode_frames(codes, request.codec, seed=request.sampling.seed)
+        expected = _as_written(pipe, wav, tmp_path / "api" / f"{i}.wav")
+        assert (tmp_path / f"song-{i}.wav").read_bytes() == expected
+        made.append(expected)
+    assert len(set(made)) == 3  # each take its own seed
+
+
+def _write_lines(path: Path, songs: list[dict | str]) -> Path:
+    path.write_text(
+        "\n".join(s if isinstance(s, str) else json.dumps(s) for s in songs) + "\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_batch_file_songs_each_with_their_own_settings(
+    pipe, tiny_ckpt: Path, tmp_path: Path, capsys
+) -> None:
+    songs = [
+        {"tags": "rock", "lyrics": "[verse]\nhey\n", "output": str(tmp_path / "a.flac"),
+         "seconds": 0.8, "seed": 1, "cfg_scale": 1.0, "topk": 5},
+        "",  # blank lines are skipped
+        {"tags": "jazz", "lyrics": "[chorus]\nnight\n", "output": str(tmp_path / "b.wav"),
+         "temperature": 0.8, "num_steps": 3},
+    ]  # fmt: skip
+    batch = _write_lines(tmp_path / "songs.jsonl", songs)
+    code, _, err = run(
+        ["gen", "--model-path", str(tiny_ckpt), "--batch-file", str(batch),
+         "--max-seconds", "0.4", "--seed", "40"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"{batch} line 3: seed 41" in err  # no seed of its own: --seed plus its index
+    requests = [
+        SongRequest.of("rock", "[verse]\nhey\n", max_seconds=0.8, seed=1, cfg_scale=1.0, topk=5),
+        SongRequest.of("jazz", "[chorus]\nnight\n", max_seconds=0.4, temperature=0.8,
+                       num_steps=3, seed=41),
+    ]  # fmt: skip
+    frames = pipe.generate_frames_batch(requests, rows=3)
+    for name, request, codes in zip(("a.flac", "b.wav"), requests, frames, strict=True):
+        wav = pipe.decode_frames(codes, request.codec, seed=request.sampling.seed)
+        assert (tmp_path / name).read_bytes() == _as_written(pipe, wav, tmp_path / "api" / name)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "line 2: not a JSON object"),
+        ('["a"]', "line 2: not a JSON object but list"),
+        ('{"tags": "x", "output": "b.wav", "top_k": 3}', "line 2: unknown field 'top_k'"),
+        ('{"tags": "x"}', 'line 2: no output: give each song an "output" file name'),
+        ('{"tags": "x", "output": "b.wav", "topk": 0}', "line 2: topk must be a whole number"),
+        ('{"tags": "", "lyrics": " ", "output": "b.wav"}', "line 2: tags and lyrics are both"),
+        ('{"tags": "x", "output": "b.mid"}', "line 2: unknown output extension '.mid'"),
+        ('{"tags": "x", "output": "a.wav"}', "line 1 and songs.jsonl line 2 both write a.wav"),
+    ],
+)
+def test_a_bad_line_is_refused_before_loading(
+    line: str, message: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _write_lines(tmp_path / "songs.jsonl", ['{"tags": "x", "output": "a.wav"}', line])
+    # No such model folder: an error about it would mean the file was read too late.
+    args = ["gen", "--model-path", str(tmp_path / "none"), "--batch-file", "songs.jsonl"]
+    code, _, err = run(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["songs.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--count", "2", "--batch-file", "x.jsonl"], "give --count or --batch-file, not both"),
+        (["--count", "0", "-o", "a.wav"], "--count must be at least 1"),
+        (["--count", "2", "-o", "-"], "leave out --stream and -o -"),
+        (["--count", "2"], "--count needs -o/--output"),
+        (["--batch-file", "x.jsonl", "-o", "a.wav"], "leave out --tags, --lyrics and -o"),
+        (["--batch-file", "missing.jsonl"], "--batch-file missing.jsonl does not exist"),
+        (["--count", "2", "--batch", "0", "-o", "a.wav"], "songs at once must be a whole"),
+        (["--batch", "2", "-o", "a.wav"], "--batch sets songs at once for --count or"),
+    ],
+)
+def test_bad_many_song_flags(extra: list[str], message: str, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tags = [] if "--batch-file" in extra else ["--tags", "x"]
+    code, _, err = run(["gen", "--model-path", str(tmp_path / "none"), *tags, *extra], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _interrupt_bar(monkeypatch, desc: str, at: int) -> None:
+    """Ctrl-C from the progress bar `desc` once it has counted `at`."""
+    real_update = tqdm.tqdm.update
+
+    def update(self, n=1):
+        if self.desc == desc and self.n >= at:
+            raise KeyboardInterrupt
+        return real_update(self, n)
+
+    monkeypatch.setattr(tqdm.tqdm, "update", update)
+
+
+def test_ctrl_c_in_the_lm_writes_every_song_so_far(
+    tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    short, long = tmp_path / "short.wav", tmp_path / "long.wav"
+    batch = _write_lines(
+        tmp_path / "songs.jsonl",
+        [
+            {"tags": "rock", "output": str(short), "seconds": 0.4, "seed": 1},  # 6 frames
+            {"tags": "pop", "output": str(long), "seconds": 4, "seed": 2},  # up to 51
+        ],
+    )
+    _interrupt_bar(monkeypatch, "LM", 20)  # once the short song has ended
+    code, _, err = run(["gen", "--model-path", str(tiny_ckpt), "--batch-file", str(batch)], capsys)
+    assert code == 130, err
+    assert sf.info(str(short)).frames == 6 * SAMPLES_PER_FRAME  # whole: it had ended
+    partial = tmp_path / "long.partial.wav"
+    assert not long.exists() and partial.is_file()
+    assert 6 * SAMPLES_PER_FRAME < sf.info(str(partial)).frames < 51 * SAMPLES_PER_FRAME
+    assert not list(tmp_path.glob("*.codes.npz"))  # every song's audio was written
+
+
+def test_ctrl_c_in_the_codec_keeps_every_songs_frames(
+    tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    out = tmp_path / "song.wav"
+    args = ["gen", "--model-path", str(tiny_ckpt), "--tags", TAGS, "--max-seconds", "0.8"]
+    args += ["--seed", "3", "--count", "2", "-o", str(out)]
+    assert run(args, capsys)[0] == 0
+    whole = {i: (tmp_path / f"song-{i}.wav").read_bytes() for i in (1, 2)}
+    for i in (1, 2):
+        (tmp_path / f"song-{i}.wav").unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(heartmula_rt.pipeline.Pipeline, "decode_frames_batch", interrupted)
+        code, _, err = run(args, capsys)
+    kept = [tmp_path / f"song-{i}.codes.npz" for i in (1, 2)]
+    assert code == 130 and all(k.is_file() for k in kept), err
+    assert "frames of 2 songs are kept" in err and "heartmula-rt decode" in err
+    for i, codes in enumerate(kept, start=1):
+        target = tmp_path / f"song-{i}.wav"
+        code, _, err = run(
+            ["decode", str(codes), "--model-path", str(tiny_ckpt), "-o", str(target)], capsys
+        )
+        assert code == 0, err
+        assert target.read_bytes() == whole[i] and not codes.exists()
