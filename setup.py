@@ -10,7 +10,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ and quant/ live at the top of the repo but install inside the package.
-    packages=["heartmula_rt", "heartmula_rt.codec", "heartmula_rt.kernels", "heartmula_rt.quant"],
+    packages=[
+        "heartmula_rt",
+        "heartmula_rt.codec",
+        "heartmula_rt.kernels",
+        "heartmula_rt.quant",
+        "heartmula_rt.serve",
+    ],
+    package_data={"heartmula_rt.serve": ["static/*"]},
     package_dir={
         "heartmula_rt": "heartmula_rt",
         "heartmula_rt.kernels": "kernels",
@@ -30,7 +37,20 @@ setup(
     extras_require={
         # triton: CPU builds of torch lack it; tests run its kernels with TRITON_INTERPRET=1.
         # bitsandbytes: its CPU NF4 matmul checks the GPU path's re-packing.
-        "test": ["pytest", "scipy", "ruff", "matplotlib", "triton>=3.2", "bitsandbytes>=0.50"],
+        # httpx and selenium: the server's tests over real HTTP and in a real browser (Debian's
+        # chromium and chromium-driver, which .ci/run installs).
+        "test": [
+            "pytest",
+            "scipy",
+            "ruff",
+            "matplotlib",
+            "triton>=3.2",
+            "bitsandbytes>=0.50",
+            "httpx",
+            "selenium>=4.10",
+        ],
+        # `heartmula-rt serve`: the HTTP service and its web page.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         # --quant nf4 at speed on a GPU.
         "nf4": ["bitsandbytes>=0.50"],
         # benchmarks/: the GPU micro-benchmarks, and `heartmula-rt bench --plot`.

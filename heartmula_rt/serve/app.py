@@ -1,0 +1,333 @@
+"""The HTTP API of `heartmula-rt serve` (FastAPI), over one `SongService`.
+
+Routes: `POST /v1/songs`, `GET /v1/songs`, `GET|DELETE /v1/songs/{id}`, `GET
+/v1/songs/{id}/audio` (a live WAV while the song is made, the finished file after),
+`GET /v1/songs/{id}/events` (server-sent progress), `GET /v1/info`, `GET /health`,
+`GET /metrics` (Prometheus text), and the web page at `/` (static/). README says what each
+returns. Errors are JSON `{"detail": "one sentence"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from .. import __version__
+from ..audio import WavStream
+from ..errors import UserError
+from ..request import CodecParams, SamplingParams
+from .jobs import FINAL, Job
+from .service import AUDIO_FORMATS, DEFAULT_FORMAT, QueueFull, SongService
+
+MAX_BODY_BYTES = 64 * 1024  # tags and a long lyric sheet are a few KiB
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
+KEY_COOKIE = "heartmula_rt_key"
+STATIC = Path(__file__).with_name("static")
+CANCEL_WAIT_S = 30.0  # a cancelled song ends at the engine's next frame boundary
+
+
+class SongBody(BaseModel):
+    """The body of `POST /v1/songs` (documentation: the service checks it as the CLI does)."""
+
+    tags: str = Field("", description="comma-separated tags, e.g. piano,happy,wedding")
+    lyrics: str = Field("", description="the lyrics as text, with [verse], [chorus], … markers")
+    seconds: float | None = Field(None, description="the longest the song may be (server's cap)")
+    seed: int | None = Field(None, description="random if not given; returned with the job")
+    topk: int = SamplingParams.topk
+    temperature: float = SamplingParams.temperature
+    cfg_scale: float = SamplingParams.cfg_scale
+    num_steps: int = CodecParams.num_steps
+    guidance_scale: float = CodecParams.guidance_scale
+    format: str = Field(DEFAULT_FORMAT, description=f"one of {', '.join(AUDIO_FORMATS)}")
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def job_view(job: Job, now: float | None = None) -> dict[str, Any]:
+    """A job as the API shows it."""
+    now = time.time() if now is None else now
+    done = job.state == "done"
+    end = job.finished or now
+    base = f"/v1/songs/{job.id}"
+    return {
+        "id": job.id,
+        "state": job.state,
+        "created_at": job.created,
+        "request": {**job.request, "format": job.format},
+        "seed": job.seed,
+        "progress": {
+            "frames": job.frames,
+            "max_frames": job.max_frames,
+            "fraction": 1.0 if done else min(1.0, job.frames / job.max_frames),
+            "audio_seconds": job.audio_seconds,
+        },
+        "timings": {
+            "queue_wait_s": None if job.started is None else job.started - job.created,
+            "time_to_first_audio_s": None
+            if job.first_audio is None
+            else job.first_audio - job.created,
+            "elapsed_s": end - job.created,
+            "rtf": None
+            if job.started is None or not job.audio_seconds
+            else (end - job.started) / job.audio_seconds,
+        },
+        "error": job.error,
+        "audio": job.audio is not None or job.state in ("queued", "running"),
+        "urls": {"self": base, "audio": f"{base}/audio", "events": f"{base}/events"},
+    }
+
+
+def _wav_stream(pieces: Iterator[np.ndarray], sample_rate: int) -> Iterator[bytes]:
+    """A 16-bit WAV of unknown length: its header at once, then each piece as it comes."""
+    sink = _Chunks()
+    wav = WavStream(sink, sample_rate)
+    yield sink.take()
+    for piece in pieces:
+        if piece.shape[1]:
+            wav.write(piece)
+            yield sink.take()
+
+
+class _Chunks:
+    """A byte sink that is not seekable (so `WavStream` writes "length unknown")."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def flush(self) -> None:
+        pass
+
+    def seekable(self) -> bool:
+        return False
+
+    def take(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+def make_app(service: SongService, *, api_key: str | None = None) -> FastAPI:
+    """The API over `service`; with `api_key`, every route but /health needs it (header
+    `Authorization: Bearer KEY` or `X-API-Key: KEY`, query `?key=KEY`, or the cookie the page
+    gets when opened with `?key=`)."""
+    app = FastAPI(
+        title="heartmula-rt",
+        version=__version__,
+        description="Songs from HeartMuLa, heard while they are made.",
+    )
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next: Any) -> Any:
+        if api_key is None or request.url.path == "/health":
+            return await call_next(request)
+        auth = request.headers.get("authorization", "")
+        given = (
+            request.headers.get("x-api-key")
+            or (auth[7:] if auth.lower().startswith("bearer ") else None)
+            or request.query_params.get("key")
+            or request.cookies.get(KEY_COOKIE)
+            or ""
+        )
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            return _error(
+                401, "this server needs an API key: give it as 'Authorization: Bearer KEY'"
+            )
+        response = await call_next(request)
+        if request.url.path == "/" and request.query_params.get("key"):
+            response.set_cookie(KEY_COOKIE, api_key, httponly=True, samesite="strict")
+        return response
+
+    @app.post(
+        "/v1/songs",
+        status_code=202,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SongBody.model_json_schema()}},
+            }
+        },
+        responses={422: {"description": "a bad field, said in one sentence"}, 429: {}},
+    )
+    async def create_song(request: Request) -> JSONResponse:
+        """Queue a song; 202 with the job, its seed and its URLs."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return _error(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return _error(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        try:
+            fields = json.loads(body)
+        except ValueError as e:
+            return _error(422, f"the body is not JSON ({e})")
+        try:
+            job = await run_in_threadpool(service.submit, fields)
+        except UserError as e:
+            return _error(422, str(e))
+        except QueueFull as e:
+            return _error(429, str(e), {"Retry-After": str(e.retry_after)})
+        view = job_view(job)
+        return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["self"]})
+
+    @app.get("/v1/songs")
+    def list_songs(limit: int = 50) -> dict[str, Any]:
+        """The newest songs first, every state."""
+        now = time.time()
+        jobs = [service.job(j.id) or j for j in service.store.recent(max(1, min(limit, 500)))]
+        return {"songs": [job_view(j, now) for j in jobs]}
+
+    def _job_or_404(job_id: str) -> Job | JSONResponse:
+        job = service.job(job_id)
+        return job if job is not None else _error(404, f"no song {job_id}")
+
+    @app.get("/v1/songs/{job_id}")
+    def get_song(job_id: str) -> Any:
+        job = _job_or_404(job_id)
+        return job if isinstance(job, JSONResponse) else job_view(job)
+
+    @app.delete("/v1/songs/{job_id}")
+    def cancel_song(job_id: str) -> Any:
+        """Cancel a queued or running song; returns once it has ended (its rows are free)."""
+        job = _job_or_404(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+        if not service.cancel(job_id):
+            return _error(409, f"song {job_id} is already {job.state}")
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while (job := service.job(job_id)).state not in FINAL and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return job_view(job)
+
+    @app.get("/v1/songs/{job_id}/audio", response_model=None)
+    def song_audio(job_id: str) -> Any:
+        """While queued or running: a WAV of unknown length, the audio so far and then each
+        piece as it is made. Once ended: the file in the song's format."""
+        job = _job_or_404(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+        live = service.live_audio(job_id)
+        if live is not None:
+            try:
+                pieces = live.listen()
+            except FileNotFoundError:  # it ended just now: its file is written
+                job = service.job(job_id)
+            else:
+                return StreamingResponse(
+                    _wav_stream(pieces, service.pipe.sample_rate),
+                    media_type=MEDIA_TYPES["wav"],
+                    headers={"Cache-Control": "no-store"},
+                )
+        path = service.audio_path(job)
+        if path is None or not path.is_file():
+            why = f": {job.error}" if job.error else ""
+            return _error(404, f"song {job_id} has no audio ({job.state}{why})")
+        return FileResponse(
+            path,
+            media_type=MEDIA_TYPES[job.format],
+            headers={"Content-Disposition": f'inline; filename="song-{job_id}.{job.format}"'},
+        )
+
+    @app.get("/v1/songs/{job_id}/events")
+    async def song_events(job_id: str, request: Request) -> Any:
+        """Server-sent events: `progress` with the job whenever it changes (at least every
+        second), then `end` with its final state."""
+        job = _job_or_404(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+
+        async def events() -> Any:
+            last, sent = None, 0.0
+            while not await request.is_disconnected():
+                job = service.job(job_id)
+                view = job_view(job)
+                key = (job.state, job.frames, job.audio_seconds)
+                if key != last or time.monotonic() - sent >= 1.0:
+                    kind = "end" if job.state in FINAL else "progress"
+                    yield f"event: {kind}\ndata: {json.dumps(view)}\n\n"
+                    last, sent = key, time.monotonic()
+                    if kind == "end":
+                        return
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.get("/v1/info")
+    def info() -> dict[str, Any]:
+        """What this server takes: limits, formats and the settings' defaults."""
+        return {
+            "version": __version__,
+            "model": str(service.pipe.config.model_path or service.pipe.config.synthetic),
+            "device": str(service.pipe.device),
+            "max_seconds": service.config.max_seconds,
+            "songs_at_once": service.songs_at_once,
+            "formats": list(AUDIO_FORMATS),
+            "defaults": SongBody().model_dump(),
+        }
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> str:
+        return prometheus_text(service)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app
+
+
+def prometheus_text(service: SongService) -> str:
+    """/metrics in Prometheus's text format."""
+    stats = service.stats()
+    lines = [
+        "# HELP heartmula_queue_length Songs waiting for LM rows.",
+        "# TYPE heartmula_queue_length gauge",
+        f"heartmula_queue_length {stats['queued']}",
+        "# HELP heartmula_active_songs Songs being made.",
+        "# TYPE heartmula_active_songs gauge",
+        f"heartmula_active_songs {stats['running']}",
+        "# HELP heartmula_lm_rows LM rows of the batch.",
+        "# TYPE heartmula_lm_rows gauge",
+        f"heartmula_lm_rows {stats['rows']}",
+        "# HELP heartmula_frames_per_second LM frames made per second over the last 10 s.",
+        "# TYPE heartmula_frames_per_second gauge",
+        f"heartmula_frames_per_second {stats['frames_per_s']:.3f}",
+        "# HELP heartmula_songs Songs by state, since the database was made.",
+        "# TYPE heartmula_songs gauge",
+        *(f'heartmula_songs{{state="{s}"}} {n}' for s, n in stats["jobs"].items()),
+    ]
+    memory = service.gpu_memory()
+    if memory is not None:
+        lines += [
+            "# HELP heartmula_gpu_memory_bytes GPU memory torch has allocated and reserved.",
+            "# TYPE heartmula_gpu_memory_bytes gauge",
+            f'heartmula_gpu_memory_bytes{{kind="allocated"}} {memory[0]}',
+            f'heartmula_gpu_memory_bytes{{kind="reserved"}} {memory[1]}',
+        ]
+    return "\n".join(lines) + "\n"

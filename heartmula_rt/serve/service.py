@@ -1,0 +1,408 @@
+"""The song service behind `heartmula-rt serve`: one pipeline, one background thread running its
+batching scheduler for every client's songs, and each song's audio kept as it is made.
+
+Data flows one way: an HTTP body → `SongRequest` → a job record (jobs.py) and a `SongRun` posted
+to the scheduler → the engine's thread, where each song's new frames go through its own
+`LiveDecoder` (the streaming codec: a window decoded as soon as its codes are certain, between
+LM frames) → its `LiveAudio`, a file that any number of listeners read while it grows → the
+finished file in the asked format. Nothing of a song lives only in memory: its codes are saved
+beside its audio every window (`<id>.codes.npz`), its audio as float32 samples (`<id>.pcm`), so
+a killed server's songs are `interrupted` on restart with their audio so far written out.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..audio import FORMATS, write_audio
+from ..codes import save_codes
+from ..config import DEFAULT_SONGS_AT_ONCE, PROMPT_TOKENS
+from ..decode import song_codes
+from ..errors import UserError
+from ..pipeline import codec_noise
+from ..request import FRAME_MS, SongRequest, max_frames_for, request_from_json
+from ..scheduler import Scheduler, SongRun
+from ..stream import LiveDecoder
+from .jobs import FINAL, Job, JobStore
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
+AUDIO_FORMATS = tuple(ext.lstrip(".") for ext in FORMATS)
+DEFAULT_FORMAT = "mp3"
+CHANNELS = 2
+FRAME_BYTES = 4 * CHANNELS  # one float32 sample of every channel
+# Frames/s is reported over this many seconds of the service's recent work.
+RATE_WINDOW_S = 10.0
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` songs; `retry_after` seconds is a fair time to try again."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the queue is full; try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What a service may take on: `folder` holds every job's files and the job database."""
+
+    folder: Path
+    songs_at_once: int | None = None  # default: what a `vram` plan holds, else 8
+    max_queue: int = 32  # songs waiting for rows, beyond those running
+    max_seconds: float = 240.0  # the longest song a request may ask for
+
+
+class LiveAudio:
+    """One song's audio as it is decoded: float32 [2, n] pieces appended to a file of
+    interleaved samples, read from the start by any number of listeners meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 (open for the song's whole life)
+        self.samples = 0  # per channel, complete on disk
+        self.done = False
+        self._changed = threading.Condition()
+
+    def append(self, piece: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(piece.T, dtype="<f4").tobytes())
+        self._file.flush()
+        with self._changed:
+            self.samples += piece.shape[1]
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        self._file.close()
+        with self._changed:
+            self.done = True
+            self._changed.notify_all()
+
+    def listen(self, wait_s: float = 1.0) -> Iterator[np.ndarray]:
+        """The song's samples [2, n] from its start, each piece as soon as it is written, to
+        its end. The file is opened here, so a listener reads it to the end even once the
+        finished song's file has replaced it. An empty piece comes after `wait_s` without
+        news, so that a server can notice a listener that has gone."""
+        f = open(self.path, "rb")  # noqa: SIM115 (closed by the generator)
+
+        def pieces() -> Iterator[np.ndarray]:
+            read = 0
+            with f:
+                while True:
+                    with self._changed:
+                        if self.samples == read and not self.done:
+                            self._changed.wait(wait_s)
+                        end, done = self.samples, self.done
+                    raw = f.read((end - read) * FRAME_BYTES)
+                    read = end
+                    yield np.frombuffer(raw, dtype="<f4").reshape(-1, CHANNELS).T
+                    if done:
+                        return
+
+        return pieces()
+
+
+def read_pcm(path: Path) -> np.ndarray:
+    """The samples [2, n] of a `LiveAudio` file, to its last whole sample."""
+    raw = path.read_bytes()
+    usable = len(raw) // FRAME_BYTES * FRAME_BYTES  # a killed writer's last sample may be torn
+    return np.frombuffer(raw[:usable], dtype="<f4").reshape(-1, CHANNELS).T
+
+
+class _Song:
+    """A job the service holds in memory while it is queued or running."""
+
+    def __init__(self, job: Job, request: SongRequest, run: SongRun, audio: LiveAudio) -> None:
+        self.job, self.request, self.run, self.audio = job, request, run, audio
+        self.decoder: LiveDecoder | None = None
+        self.cancelled = False  # by its client (not by the server closing)
+        self.error: str | None = None
+
+
+class SongService:
+    """Songs from any thread, made together by one background thread (`start()`/`close()`)."""
+
+    def __init__(self, pipe: Pipeline, store: JobStore, config: ServiceConfig) -> None:
+        self.pipe, self.store, self.config = pipe, store, config
+        self.folder = Path(config.folder)
+        self.max_frames = max_frames_for(config.max_seconds)
+        plan = pipe.plan
+        self.songs_at_once = config.songs_at_once or (
+            DEFAULT_SONGS_AT_ONCE if plan is None else plan.max_songs
+        )
+        limit = pipe.lm_config.backbone.max_seq_len
+        # Every song's rows as if guided, and room for a long lyric sheet's prompt.
+        self.scheduler = Scheduler(
+            2 * self.songs_at_once, min(PROMPT_TOKENS + self.max_frames + 1, limit)
+        )
+        self._songs: dict[str, _Song] = {}  # queued and running, by job id
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._made: deque[tuple[float, int]] = deque()  # (when, frames) of recent steps
+        self._thread = threading.Thread(target=self._serve, name="heartmula-rt serve", daemon=True)
+
+    # -- the client side (any thread) --------------------------------------------------------
+
+    def submit(self, body: object) -> Job:
+        """Check an HTTP body's song and queue it; `UserError` says what is wrong with it,
+        `QueueFull` that there is no room now."""
+        request, extra = request_from_json(body, {}, also=("format",))
+        fmt = extra.get("format", DEFAULT_FORMAT)
+        if fmt not in AUDIO_FORMATS:
+            raise UserError(f"format must be one of {', '.join(AUDIO_FORMATS)}, not {fmt!r}")
+        if request.sampling.max_frames > self.max_frames:
+            raise UserError(
+                f"seconds must be at most {self.config.max_seconds:g} on this server, not "
+                f"{request.sampling.max_frames * FRAME_MS / 1000:g}"
+            )
+        if request.sampling.seed is None:  # chosen here, so that it is kept with the job
+            request = request.with_settings(seed=secrets.randbits(31))
+        prompt = self.pipe.prompt(request)
+        self.scheduler.check(SongRun(prompt, request.sampling))
+        job = Job(
+            id=secrets.token_hex(8),
+            request=_request_fields(request),
+            format=fmt,
+            max_frames=request.sampling.max_frames + 1,
+        )
+        with self._lock:
+            if self._closing:
+                raise QueueFull(5)
+            if len(self.scheduler_waiting()) >= self.config.max_queue:
+                raise QueueFull(self._retry_after())
+            self.store.add(job)
+            self._post(job, request, prompt)
+        return job
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running song (its rows are freed at the engine's next frame
+        boundary); False if it is not queued or running."""
+        with self._lock:
+            song = self._songs.get(job_id)
+            if song is None:
+                return False
+            song.cancelled = True
+            self.scheduler.cancel(song.run)
+        self._wake.set()
+        return True
+
+    def job(self, job_id: str) -> Job | None:
+        """The job as it stands now: its live progress if held here, else its record."""
+        song = self._songs.get(job_id)
+        return song.job if song is not None else self.store.get(job_id)
+
+    def live_audio(self, job_id: str) -> LiveAudio | None:
+        song = self._songs.get(job_id)
+        return None if song is None else song.audio
+
+    def audio_path(self, job: Job) -> Path | None:
+        """The job's written audio file, if any."""
+        return None if job.audio is None else self.folder / job.audio
+
+    def scheduler_waiting(self) -> list[_Song]:
+        return [s for s in self._songs.values() if s.job.state == "queued"]
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for /metrics: queue length, songs running, frames/s, jobs per state."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [n for t, n in self._made if now - t <= RATE_WINDOW_S]
+            songs = list(self._songs.values())
+        return {
+            "queued": sum(s.job.state == "queued" for s in songs),
+            "running": sum(s.job.state == "running" for s in songs),
+            "frames_per_s": sum(recent) / RATE_WINDOW_S,
+            "jobs": self.store.counts(),
+            "rows": self.scheduler.rows,
+        }
+
+    def gpu_memory(self) -> tuple[int, int] | None:
+        """(allocated, reserved) bytes of the GPU the pipeline runs on; None on the CPU."""
+        device = self.pipe.device
+        if device.type != "cuda":
+            return None
+        return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover what a previous server left (running songs → interrupted, their audio so far
+        written; queued songs queued again), then start making songs."""
+        for job in self.store.in_states("running"):
+            self._write(job, "interrupted")
+        for job in self.store.in_states("queued"):
+            try:
+                request = _job_request(job)
+                prompt = self.pipe.prompt(request)
+            except UserError as e:  # e.g. a server now started with a smaller model
+                self.store.update(job.id, state="failed", error=str(e), finished=time.time())
+                continue
+            self._post(job, request, prompt)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop: songs running are cut where they are and kept as `interrupted`, queued ones
+        stay queued for the next start."""
+        with self._lock:
+            self._closing = True
+            for song in self._songs.values():
+                self.scheduler.cancel(song.run)
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # -- the engine's thread -----------------------------------------------------------------
+
+    def _post(self, job: Job, request: SongRequest, prompt: Any) -> None:
+        audio = LiveAudio(self.folder / f"{job.id}.pcm")
+        run = SongRun(prompt, request.sampling)
+        song = _Song(job, request, run, audio)
+        run.on_codes = lambda new: self._on_codes(song, new)
+        run.on_end = lambda why: self._on_end(song, why)
+        self._songs[job.id] = song
+        self.scheduler.submit(run)
+        self._wake.set()
+
+    def _serve(self) -> None:
+        torch.set_num_threads(self.pipe.threads)
+        while True:
+            if not self.scheduler.busy():
+                if self._closing:
+                    return
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                with self.pipe.lock, torch.no_grad():
+                    self.pipe.engine.run(self.scheduler)
+            except Exception as e:  # noqa: BLE001 (the songs in flight fail, the service goes on)
+                for run in list(self.scheduler.running):
+                    self._by_run(run).error = f"{type(e).__name__}: {e}"
+                    self.scheduler.finish(run, "failed")
+
+    def _on_codes(self, song: _Song, new: torch.Tensor) -> None:
+        job = song.job
+        if song.decoder is None:  # admitted: its first frame
+            job.state, job.started = "running", time.time()
+            self.store.update(job.id, state="running", started=job.started)
+            song.decoder = LiveDecoder(
+                self.pipe.codec,
+                song.request.codec,
+                generator=codec_noise(song.request.sampling.seed),
+                put=lambda piece: self._on_audio(song, piece),
+            )
+        job.frames += new.shape[1]
+        with self._lock:
+            self._made.append((time.monotonic(), new.shape[1]))
+            while self._made and time.monotonic() - self._made[0][0] > RATE_WINDOW_S:
+                self._made.popleft()
+        pieces_before = song.audio.samples
+        song.decoder.push(new)
+        if song.audio.samples != pieces_before:  # a window was decoded: keep the codes too
+            self._save(song)
+
+    def _on_audio(self, song: _Song, piece: np.ndarray) -> None:
+        job = song.job
+        if job.first_audio is None:
+            job.first_audio = time.time()
+            self.store.update(job.id, first_audio=job.first_audio)
+        song.audio.append(piece)
+        job.audio_seconds = song.audio.samples / self.pipe.sample_rate
+
+    def _save(self, song: _Song) -> None:
+        job = song.job
+        codes = song_codes(song.run, self.pipe.lm)
+        save_codes(self.folder / f"{job.id}.codes.npz", codes, job.seed, song.request.codec)
+        self.store.update(job.id, frames=job.frames, audio_seconds=job.audio_seconds)
+
+    def _by_run(self, run: SongRun) -> _Song:
+        return next(s for s in self._songs.values() if s.run is run)
+
+    def _on_end(self, song: _Song, why: str) -> None:
+        """A song has ended and its rows are free: its final file and record."""
+        job = song.job
+        if why in ("eos", "length"):
+            song.decoder.finish()  # the audio to its proper end
+        song.audio.close()
+        if why == "cancelled" and not song.cancelled and job.state == "queued":
+            (self.folder / f"{job.id}.pcm").unlink()  # the server closing: queued for next time
+        else:
+            if job.frames:
+                self._save(song)
+            state = {"eos": "done", "length": "done", "failed": "failed"}.get(why, "cancelled")
+            if why == "cancelled" and not song.cancelled:
+                state = "interrupted"  # the server closing
+            self._write(job, state, song.error)
+            job.state = state
+        with self._lock:
+            self._songs.pop(job.id, None)
+
+    def _write(self, job: Job, state: str, error: str | None = None) -> None:
+        """Write a song's final file (if it has audio) from its audio file so far, which goes,
+        and its record's final state."""
+        pcm = self.folder / f"{job.id}.pcm"
+        audio = None
+        if pcm.is_file():
+            wav = read_pcm(pcm)
+            if wav.shape[1]:
+                audio = f"{job.id}.{job.format}"
+                write_audio(
+                    self.folder / audio, torch.from_numpy(wav.copy()), self.pipe.sample_rate
+                )
+                job.audio_seconds = wav.shape[1] / self.pipe.sample_rate
+            pcm.unlink()
+        job.audio, job.finished, job.error = audio, time.time(), error
+        self.store.update(
+            job.id,
+            state=state,
+            audio=audio,
+            finished=job.finished,
+            error=error,
+            frames=job.frames,
+            audio_seconds=job.audio_seconds,
+        )
+
+    def _retry_after(self) -> int:
+        """Seconds until a queued song likely starts: the queue's songs over the rows, at the
+        pace of the songs running now (at least 1 s)."""
+        rate = sum(n for _, n in self._made) / RATE_WINDOW_S or 1.0
+        waiting = sum(s.job.max_frames for s in self.scheduler_waiting())
+        return max(1, math.ceil(waiting / rate))
+
+
+def _job_request(job: Job) -> SongRequest:
+    """The request a job record keeps (its frames exactly, whatever seconds rounds to)."""
+    fields = {k: v for k, v in job.request.items() if k != "seconds"}
+    request, _ = request_from_json(fields, {})
+    return request.with_settings(max_frames=job.max_frames - 1)
+
+
+def _request_fields(request: SongRequest) -> dict[str, Any]:
+    """A request as the job keeps it, in the fields of the HTTP body."""
+    s, c = request.sampling, request.codec
+    return {
+        "tags": request.tags,
+        "lyrics": request.lyrics,
+        "seconds": round(s.max_frames * FRAME_MS / 1000, 3),
+        "seed": s.seed,
+        "topk": s.topk,
+        "temperature": s.temperature,
+        "cfg_scale": s.cfg_scale,
+        "num_steps": c.num_steps,
+        "guidance_scale": c.guidance_scale,
+    }
+
+
+__all__ = ["AUDIO_FORMATS", "FINAL", "LiveAudio", "QueueFull", "ServiceConfig", "SongService"]
