@@ -13,7 +13,7 @@ import secrets
 import select
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # torch loads with the commands that run a model, not with `p
 
     from .batch_file import BatchSong
     from .bench import BenchConfig
+    from .codes import SongCodes
     from .pipeline import Pipeline, PipelineConfig
 
 EXIT_USER_ERROR = 2
@@ -118,6 +119,7 @@ def pipeline_config(args: argparse.Namespace, **fields: object) -> PipelineConfi
     options = {
         "model_path": _model_path(args.model_path),
         "device": args.device,
+        "codec_device": args.codec_device,
         "dtype": args.dtype,
         "codec_dtype": args.codec_dtype,
         "quant": args.quant,
@@ -164,24 +166,120 @@ def _note_stray_ids(frames: torch.Tensor, codebook_size: int) -> None:
         )
 
 
-def _decode_keeping_codes(
-    pipe: Pipeline, frames: torch.Tensor, out: Path, request: SongRequest
-) -> float | None:
-    """As `_decode_and_write`, with the frames saved first (codes.py) and kept if the codec
-    stage is interrupted (then None, said on stderr) or fails, so the LM's work survives;
-    removed once `out` is written."""
-    from .codes import codes_path, save_codes
+def _save_sidecar(
+    pipe: Pipeline, out: Path, frames: torch.Tensor, request: SongRequest, ended: str
+) -> Path:
+    """The song's codes beside its audio file `out` (codes.py); returns the sidecar's path."""
+    from .codes import SongCodes, sidecar_path
 
-    kept = codes_path(out)
-    save_codes(kept, frames, request.sampling.seed, request.codec)
+    path = sidecar_path(out)
+    SongCodes(frames, request, ended, pipe.fingerprint).save(path)
+    return path
+
+
+def _add_prefixes(path: Path, song: SongCodes, prefixes: torch.Tensor) -> None:
+    """The sidecar `song` written to `path` again, now with the codec's window prefixes of the
+    audio just written beside it (codes.py), so that an edit of the song decodes only the
+    windows it changes. A failure to write loses only them, and is said."""
     try:
-        seconds = _decode_and_write(pipe, frames, out, request.sampling.seed, request.codec)
+        replace(song, prefixes=prefixes).save(path)
+    except OSError as e:
+        print(
+            f"note: could not add the codec's window prefixes to {path} ({e.strerror or e}); "
+            "its codes are kept, but an edit of the song will decode every window",
+            file=sys.stderr,
+        )
+
+
+@dataclass(frozen=True)
+class _Original:
+    """An edited song's audio as it was decoded, read back from its lossless file, and the
+    codec's window prefixes from its sidecar: an edit's audio then decodes only the windows
+    from the first changed one (`Pipeline.redecode_frames`), the samples before it copied.
+    `changed_from`: the first frame the edit changes."""
+
+    path: Path
+    wav: torch.Tensor
+    prefixes: torch.Tensor
+    changed_from: int
+
+
+def _original_audio(
+    given: Path, sidecar: Path, song: SongCodes, changed_from: int, sample_rate: int
+) -> _Original | None:
+    """The song's audio and prefixes for an edit of `song` that changes its frames from
+    `changed_from` on (`given`: the SONG argument). None, said once on stderr, where they
+    cannot be had: `given` is the sidecar, which keeps no prefixes (a streamed song, an older
+    heartmula-rt's), or the audio is lossy (MP3, Ogg) or not the song of the codes."""
+    import soundfile as sf
+    import torch
+
+    from .codec.detokenize import num_output_samples
+    from .codes import SUFFIX
+
+    samples = num_output_samples(song.frames, sample_rate)
+
+    def unusable() -> str | None:
+        if given.name.endswith(SUFFIX):
+            return f"{given.name} holds the song's codes, not its audio"
+        if song.prefixes is None:
+            return f"{sidecar.name} keeps no codec prefixes (a streamed song, or an older one)"
+        if song.request.noise_seed is None:
+            return f"{sidecar.name} has no seed for the codec's noise"
+        if not given.is_file():
+            return f"{given} does not exist"
+        info = sf.info(str(given))
+        if info.format not in ("WAV", "WAVEX", "FLAC"):
+            lossy = info.format in ("MP3", "OGG")
+            return f"{given.name} is {'lossy' if lossy else 'not WAV or FLAC'}"
+        if (info.frames, info.channels, info.samplerate) != (samples, 2, sample_rate):
+            return (
+                f"{given.name} is not the audio of its codes ({info.frames} samples, "
+                f"{info.channels} channels at {info.samplerate} Hz; its {song.frames} frames make "
+                f"{samples}, 2 channels at {sample_rate} Hz)"
+            )
+        return None
+
+    try:
+        why = unusable()
+        if why is None:
+            data, _ = sf.read(str(given), dtype="float32", always_2d=True)
+            wav = torch.from_numpy(data.T.copy())
+            if wav.shape == (2, samples):
+                return _Original(given, wav, song.prefixes, changed_from)
+            why = f"{given.name} read as {list(wav.shape)} samples, not [2, {samples}]"
+    except (sf.SoundFileError, OSError) as e:
+        why = f"{given.name} cannot be read ({e})"
+    print(f"note: {why}: decoding every window", file=sys.stderr)
+    return None
+
+
+def _decode_keeping_codes(
+    pipe: Pipeline,
+    frames: torch.Tensor,
+    out: Path,
+    request: SongRequest,
+    ended: str,
+    original: _Original | None = None,
+) -> float | None:
+    """As `_decode_and_write`, with the song's sidecar (codes.py, how its LM part `ended`)
+    saved first beside `out` and kept: if the codec stage is interrupted (then None, said on
+    stderr) or fails, the LM's work survives, and `heartmula-rt decode` finishes it. Once the
+    audio is written, the sidecar is written again with the codec's window prefixes."""
+    from .codes import SongCodes
+
+    song = SongCodes(frames, request, ended, pipe.fingerprint)
+    kept = _save_sidecar(pipe, out, frames, request, ended)
+    try:
+        seconds, prefixes = _decode_and_write(
+            pipe, frames, out, request.noise_seed, request.codec, original
+        )
     except BaseException as e:
-        what = f"the LM's {frames.shape[1]} frames are kept in {kept}"
+        what = f"the LM's {frames.shape[1]} frames are saved in {kept}"
         how = f"`heartmula-rt decode {kept} -o {out}` makes the song from them"
         _codec_stage_stopped(e, what, how)
         return None
-    kept.unlink()
+    _add_prefixes(kept, song, prefixes)
     return seconds
 
 
@@ -198,21 +296,53 @@ def _codec_stage_stopped(e: BaseException, what: str, how: str) -> None:
 
 
 def _decode_and_write(
-    pipe: Pipeline, frames: torch.Tensor, out: Path, seed: int, params: CodecParams
-) -> float:
-    """Frames → waveform → file; returns the audio length in seconds."""
+    pipe: Pipeline,
+    frames: torch.Tensor,
+    out: Path,
+    seed: int,
+    params: CodecParams,
+    original: _Original | None = None,
+) -> tuple[float, torch.Tensor]:
+    """Frames → waveform → file; returns the audio length in seconds and the codec's window
+    prefixes. With `original` (an edit's song), only the windows from the first changed one
+    are decoded, and how many is said."""
     _note_stray_ids(frames, pipe.codec_config.codebook_size)
     bar = tqdm(total=None, desc="codec", unit="window", leave=False, file=sys.stderr)
+    decoded = 0
 
     def on_window(done: int, total: int) -> None:
+        nonlocal decoded
+        decoded = done
         bar.total = total
         bar.update(done - bar.n)
 
     try:
-        wav = pipe.decode_frames(frames, params, seed=seed, on_window=on_window)
+        if original is None:
+            wav, prefixes = pipe.decode_frames(
+                frames, params, seed=seed, on_window=on_window, return_prefixes=True
+            )
+        else:
+            wav, prefixes = pipe.redecode_frames(
+                frames,
+                params,
+                seed=seed,
+                changed_from=original.changed_from,
+                prefixes=original.prefixes,
+                original=original.wav,
+                on_window=on_window,
+            )
     finally:
         bar.close()
-    return _write_song(pipe, wav, out)
+    if original is not None:
+        from .codec.detokenize import HOP
+
+        windows = prefixes.shape[0]
+        kept = ""
+        if decoded < windows:  # windows c − 1 … decoded: the audio before window c is copied
+            copied = (windows - decoded + 1) * HOP * FRAME_MS / 1000
+            kept = f"; the audio before {copied:g} s is {original.path.name}'s"
+        print(f"codec: decoded {decoded} of {windows} windows{kept}", file=sys.stderr)
+    return _write_song(pipe, wav, out), prefixes
 
 
 def _write_song(pipe: Pipeline, wav: torch.Tensor, out: Path) -> float:
@@ -243,6 +373,7 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) ->
     """Stream the song into `out` (None: stdout) as it is made; see audio.WavStream for the
     file's life: `<stem>.partial.wav` while it grows, renamed to `out` once complete."""
     from .audio import WavStream, partial_path
+    from .codes import lm_end
 
     start = time.perf_counter()
     total = request.sampling.max_frames + 1
@@ -301,9 +432,14 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) ->
         print(f"{ended} before the first audio: nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
     if ended is not None:
+        if out is not None and stream.frames is not None:  # the codes beside the partial file
+            _save_sidecar(pipe, target, stream.frames, request, "interrupted")
         print(f"{ended}: wrote {target} ({wav.seconds:.1f} s of audio, partial)", file=sys.stderr)
         return EXIT_BROKEN_PIPE if ended.startswith("broken pipe") else EXIT_INTERRUPTED
     if out is not None:
+        if stream.frames is not None:
+            why = lm_end(stream.frames, request.sampling)
+            _save_sidecar(pipe, out, stream.frames, request, why)
         os.replace(target, out)
     if stream.frames is not None:
         _note_stray_ids(stream.frames, pipe.codec_config.codebook_size)
@@ -384,8 +520,8 @@ def _many_songs(args: argparse.Namespace) -> list[BatchSong] | None:
 
 def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
     """Every song of `songs` in one batch of the LM, then through the codec: each song's codes
-    are kept beside its output as it ends (codes.py) until its audio is written."""
-    from .codes import codes_path, save_codes
+    are saved beside its output as it ends (its sidecar, codes.py), and kept."""
+    from .codes import lm_end
     from .decode import BatchInterrupted
     from .pipeline import load_pipeline
 
@@ -416,7 +552,7 @@ def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
         file=sys.stderr,
     )
     made = [0] * len(songs)
-    ended: dict[int, torch.Tensor] = {}
+    ended: dict[int, str] = {}  # how each song that ended did
 
     def on_frame(i: int, n: int) -> None:
         bar.update(n - made[i])
@@ -424,8 +560,8 @@ def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
 
     def on_end(i: int, codes: torch.Tensor, why: str) -> None:
         song = songs[i]
-        save_codes(codes_path(song.output), codes, song.request.sampling.seed, song.request.codec)
-        ended[i] = codes
+        _save_sidecar(pipe, song.output, codes, song.request, why)
+        ended[i] = why
         bar.total -= requests[i].sampling.max_frames + 1 - codes.shape[1]  # an early EOS
         bar.refresh()
         bar.write(
@@ -445,7 +581,8 @@ def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
         f"({sum(f.shape[1] for f in frames) / lm_s:.1f} frames/s over all songs)",
         file=sys.stderr,
     )
-    seconds = _decode_many(pipe, songs, frames, [song.output for song in songs])
+    ends = [ended.get(i) or lm_end(frames[i], r.sampling) for i, r in enumerate(requests)]
+    seconds = _decode_many(pipe, songs, frames, [song.output for song in songs], ends)
     if seconds is None:
         return EXIT_INTERRUPTED
     wall = time.perf_counter() - start
@@ -458,13 +595,18 @@ def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
 
 
 def _decode_many(
-    pipe: Pipeline, songs: list[BatchSong], frames: list[torch.Tensor], outputs: list[Path]
+    pipe: Pipeline,
+    songs: list[BatchSong],
+    frames: list[torch.Tensor],
+    outputs: list[Path],
+    ends: list[str],
 ) -> float | None:
     """Decode each song's frames into its output, several songs at once; returns the seconds
-    of audio written, or None if Ctrl-C stopped the codec. A song's codes file (kept since its
-    LM part ended) goes once its audio is written; what was not written keeps it, as said."""
+    of audio written, or None if Ctrl-C stopped the codec. Each output's sidecar (saved as its
+    LM part ended, how: `ends`) stays, written again with the codec's window prefixes once its
+    audio is written; the songs not written are said, with how to finish them."""
     from .codec import DECODE_SONGS
-    from .codes import codes_path
+    from .codes import SongCodes, sidecar_path
 
     bar = tqdm(total=len(songs), desc="codec", unit="song", leave=False, file=sys.stderr)
     done, seconds = 0, 0.0
@@ -474,20 +616,22 @@ def _decode_many(
             part = range(first, min(first + group, len(songs)))
             for i in part:
                 _note_stray_ids(frames[i], pipe.codec_config.codebook_size)
-            wavs = pipe.decode_frames_batch(
+            decoded = pipe.decode_frames_batch(
                 [frames[i] for i in part],
                 [songs[i].request.codec for i in part],
-                seeds=[songs[i].request.sampling.seed for i in part],
+                seeds=[songs[i].request.noise_seed for i in part],
+                return_prefixes=True,
             )
-            for i, wav in zip(part, wavs, strict=True):
+            for i, (wav, prefixes) in zip(part, decoded, strict=True):
                 seconds += _write_song(pipe, wav, outputs[i])
-                codes_path(songs[i].output).unlink()
                 done += 1
+                song = SongCodes(frames[i], songs[i].request, ends[i], pipe.fingerprint)
+                _add_prefixes(sidecar_path(outputs[i]), song, prefixes)
                 bar.update()
     except BaseException as e:
         bar.close()
-        kept = [str(codes_path(song.output)) for song in songs[done:]]
-        what = f"the LM's frames of {len(kept)} songs are kept in {', '.join(kept)}"
+        kept = [str(sidecar_path(out)) for out in outputs[done:]]
+        what = f"the LM's frames of {len(kept)} songs are saved in {', '.join(kept)}"
         how = "`heartmula-rt decode FILE -o OUT` makes each song from its file"
         _codec_stage_stopped(e, what, how)
         return None
@@ -499,18 +643,17 @@ def _decode_interrupted(
     pipe: Pipeline,
     songs: list[BatchSong],
     frames: list[torch.Tensor],
-    ended: dict[int, torch.Tensor],
+    ended: dict[int, str],
 ) -> int:
     """Ctrl-C in the LM stage: songs that had ended are written to their outputs, songs cut
-    short to `<stem>.partial<ext>`, songs not started are left out."""
+    short to `<stem>.partial<ext>` (each with its sidecar), songs not started are left out."""
     from .audio import partial_path
-    from .codes import codes_path, save_codes
 
     started = [i for i, f in enumerate(frames) if f.shape[1]]
     for i in started:
-        if i not in ended:  # an ended song's codes were kept as it ended
-            request = songs[i].request
-            save_codes(codes_path(songs[i].output), frames[i], request.sampling.seed, request.codec)
+        if i not in ended:  # an ended song's codes were saved as it ended
+            partial = partial_path(songs[i].output)
+            _save_sidecar(pipe, partial, frames[i], songs[i].request, "interrupted")
     if not started:
         print("interrupted before the first frame: nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -525,6 +668,7 @@ def _decode_interrupted(
         [songs[i] for i in started],
         [frames[i] for i in started],
         [outputs[i] for i in started],
+        [ended.get(i, "interrupted") for i in started],
     )
     if seconds is not None:
         for i in started:
@@ -535,6 +679,7 @@ def _decode_interrupted(
 
 def cmd_gen(args: argparse.Namespace) -> int:
     from .audio import check_output_path, partial_path
+    from .codes import lm_end
     from .decode import GenerationInterrupted
     from .pipeline import load_pipeline
 
@@ -579,7 +724,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
         print(
             f"interrupted: decoding the {stop.frames.shape[-1]} frames made so far", file=sys.stderr
         )
-        seconds = _decode_keeping_codes(pipe, stop.frames, partial, request)
+        seconds = _decode_keeping_codes(pipe, stop.frames, partial, request, "interrupted")
         if seconds is None:
             return EXIT_INTERRUPTED
         print(f"wrote {partial} ({seconds:.1f} s of audio, partial)", file=sys.stderr)
@@ -587,7 +732,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
     bar.total = bar.n  # ended on EOS before the frame budget: show it as complete
     bar.close()
 
-    seconds = _decode_keeping_codes(pipe, frames, out, request)
+    seconds = _decode_keeping_codes(pipe, frames, out, request, lm_end(frames, request.sampling))
     if seconds is None:
         return EXIT_INTERRUPTED
     wall = time.perf_counter() - start
@@ -597,12 +742,16 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    """A song's audio from its sidecar (codes.py): its codes, seed and codec settings, checked
+    against the checkpoint's fingerprint (unless --force) before any model loads."""
+    from . import folder
     from .audio import check_output_path
-    from .codes import load_codes
+    from .codes import SongCodes, find_sidecar, sidecar_path
     from .pipeline import PipelineConfig, load_pipeline
 
     out = check_output_path(args.output)
-    frames, seed, params = load_codes(args.codes)
+    sidecar = find_sidecar(args.codes)
+    song = SongCodes.load(sidecar)
     config = PipelineConfig(
         model_path=_model_path(args.model_path),
         device=args.device,
@@ -610,11 +759,177 @@ def cmd_decode(args: argparse.Namespace) -> int:
         engine="plain",
     )
     _fetch_weights(config.model_path, args.model_path)
+    folder.check_model_path(config.model_path)
+    song.check_model(folder.fingerprint(config.model_path), sidecar, force=args.force)
     # The LM is loaded too: a pipeline is both models.
     pipe = load_pipeline(config)
-    seconds = _decode_and_write(pipe, frames, out, seed, params)
-    args.codes.unlink()  # its song is written
-    print(f"wrote {out}: {seconds:.1f} s of audio from {args.codes}", file=sys.stderr)
+    seconds, prefixes = _decode_and_write(
+        pipe, song.codes, out, song.request.noise_seed, song.request.codec
+    )
+    # The song's codes beside its audio (its own sidecar, or a copy beside another output),
+    # with the codec's window prefixes of this audio.
+    _add_prefixes(sidecar_path(out), song, prefixes)
+    print(f"wrote {out}: {seconds:.1f} s of audio from {sidecar}", file=sys.stderr)
+    return 0
+
+
+def parse_time(value: str, flag: str) -> float:
+    """A moment of a song: seconds (`65`, `65.5`) or `[h:]m:ss[.f]` (`1:05`)."""
+    try:
+        parts = [float(p) for p in value.split(":")]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or any(p >= 60 for p in parts[1:]):
+        raise UserError(f"{flag} takes seconds or m:ss such as 1:05, not {value!r}")
+    seconds = 0.0
+    for part in parts:
+        seconds = seconds * 60 + part
+    return seconds
+
+
+def _edited_song(args: argparse.Namespace) -> tuple[Path, SongCodes, SongRequest]:
+    """The song an edit starts from (its sidecar, checked), and its request with the texts the
+    command line gives instead (`--tags`, `--lyrics`, read as gen reads them)."""
+    from .codes import SongCodes, find_sidecar
+
+    if args.tags == "-" and args.lyrics == "-":
+        raise UserError("only one of --tags and --lyrics can read stdin (-)")
+    sidecar = find_sidecar(args.song)
+    song = SongCodes.load(sidecar)
+    texts = {
+        name: getattr(song.request, name) if value is None else read_text_arg(value, f"--{name}")
+        for name, value in (("tags", args.tags), ("lyrics", args.lyrics))
+    }
+    return sidecar, song, replace(song.request, **texts)
+
+
+def _edit_output(args: argparse.Namespace, sidecar: Path, what: str) -> Path:
+    """`-o`, else `<song's stem>-<what><its audio extension>` beside it (never an existing
+    file)."""
+    from .audio import check_output_path
+    from .codes import SUFFIX
+
+    if args.output is not None:
+        return check_output_path(args.output)
+    stem = sidecar.name[: -len(SUFFIX)]
+    given = Path(args.song)
+    ext = given.suffix if not given.name.endswith(SUFFIX) and given.suffix else ".wav"
+    out, n = sidecar.with_name(f"{stem}-{what}{ext}"), 1
+    while out.exists():
+        n += 1
+        out = sidecar.with_name(f"{stem}-{what}-{n}{ext}")
+    return check_output_path(out)
+
+
+def _edit_pipeline(args: argparse.Namespace, song: SongCodes, sidecar: Path) -> Pipeline:
+    """The pipeline an edit runs on, after the song's sidecar is checked against its
+    checkpoint (unless --force)."""
+    from . import folder
+    from .pipeline import load_pipeline
+
+    config = pipeline_config(args, engine=args.engine)
+    _fetch_weights(config.model_path, args.model_path)
+    folder.check_model_path(config.model_path)
+    song.check_model(folder.fingerprint(config.model_path), sidecar, force=args.force)
+    return load_pipeline(config)
+
+
+def _lm_bar(total: int, done: int) -> tqdm:
+    return tqdm(total=total, initial=done, desc="LM", unit="frame", file=sys.stderr)
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    """`extend` (the song made longer by --seconds, its texts the same or new) and `resume`
+    (an interrupted song made to its own length: with its seed, exactly the uninterrupted
+    song)."""
+    from .codes import lm_end
+    from .decode import GenerationInterrupted
+
+    resume = args.command == "resume"
+    sidecar, song, request = _edited_song(args)
+    sampling = request.sampling
+    if resume:
+        if song.ended in ("eos", "length"):
+            raise UserError(
+                f"{sidecar}: the song ended by its {song.ended}, so there is nothing to resume; "
+                "`heartmula-rt extend` makes it longer"
+            )
+        if song.frames > sampling.max_frames:
+            raise UserError(f"{sidecar}: the song already has all its {song.frames} frames")
+    else:
+        more = max_frames_for(args.seconds)
+        if more < 1:
+            raise UserError(f"--seconds must add at least one 80 ms frame, not {args.seconds}")
+        sampling = replace(sampling, max_frames=song.frames - 1 + more)
+    request = replace(request, sampling=sampling)
+    if args.seed is not None:
+        # New draws from here on, the song's codec noise: its windows sound as they did.
+        request = request.with_settings(seed=args.seed, noise_seed=song.request.noise_seed)
+        sampling = request.sampling
+    context = None if args.context_seconds is None else max_frames_for(args.context_seconds)
+    out = _edit_output(args, sidecar, "resumed" if resume else "extended")
+    pipe = _edit_pipeline(args, song, sidecar)
+    # The frames from the song's end on are new (its last window changes too).
+    original = _original_audio(Path(args.song), sidecar, song, song.frames, pipe.sample_rate)
+    total = sampling.max_frames + 1
+    bar = _lm_bar(total, song.frames)
+    try:
+        frames = pipe.continue_frames(
+            request, song.codes, context_frames=context, on_frame=lambda n: bar.update(n - bar.n)
+        )
+        ended = lm_end(frames, sampling)
+    except GenerationInterrupted as stop:
+        frames, ended = stop.frames, "interrupted"
+        print(f"interrupted: decoding the {frames.shape[1]} frames so far", file=sys.stderr)
+    finally:
+        bar.close()
+    seconds = _decode_keeping_codes(pipe, frames, out, request, ended, original)
+    if seconds is None:
+        return EXIT_INTERRUPTED
+    print(
+        f"wrote {out}: {seconds:.1f} s of audio, {frames.shape[1] - song.frames} frames after "
+        f"the song's {song.frames} (seed {sampling.seed})",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED if ended == "interrupted" else 0
+
+
+def cmd_regen(args: argparse.Namespace) -> int:
+    """A section of a song made again (`--from`, `--to`), `--count` takes in one batch."""
+    from .audio import check_output_path
+    from .codes import lm_end
+    from .edit import section
+
+    sidecar, song, request = _edited_song(args)
+    end_s = None if args.end is None else parse_time(args.end, "--to")
+    start, end = section(song.frames, parse_time(args.start, "--from"), end_s, ("--from", "--to"))
+    if args.count < 1:
+        raise UserError(f"--count must be at least 1, not {args.count}")
+    base = secrets.randbits(31) if args.seed is None else args.seed
+    seeds = [base + i for i in range(args.count)]
+    outs = []
+    for i in range(args.count):
+        name = "regen" if args.count == 1 else f"regen-{i + 1}"
+        out = _edit_output(args, sidecar, name)
+        if args.output is not None and args.count > 1:
+            out = check_output_path(out.with_name(f"{out.stem}-{i + 1}{out.suffix}"))
+        outs.append(out)
+    pipe = _edit_pipeline(args, song, sidecar)
+    original = _original_audio(Path(args.song), sidecar, song, start, pipe.sample_rate)
+    until = "the end" if end is None else f"{end * FRAME_MS / 1000:g} s"
+    print(
+        f"seeds {', '.join(map(str, seeds))}: {start * FRAME_MS / 1000:g} s to {until} made again",
+        file=sys.stderr,
+    )
+    takes = pipe.regenerate_frames(request, song.codes, start, end, seeds=seeds)
+    for seed, take, out in zip(seeds, takes, outs, strict=True):
+        # The song's codec noise: the windows before the section sound as they did.
+        take_request = request.with_settings(seed=seed, noise_seed=song.request.noise_seed)
+        ended = song.ended if end is not None else lm_end(take, take_request.sampling)
+        seconds = _decode_keeping_codes(pipe, take, out, take_request, ended, original)
+        if seconds is None:
+            return EXIT_INTERRUPTED
+        print(f"wrote {out}: {seconds:.1f} s of audio (seed {seed})", file=sys.stderr)
     return 0
 
 
@@ -664,6 +979,12 @@ def _add_model_options(
         choices=LM_DTYPES,
         default=None,
         help="LM weights (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    p.add_argument(
+        "--codec-device",
+        default=None,
+        help="put the codec on another device than the LM (cpu, cuda:N): it then decodes "
+        "beside the LM (default: --device)",
     )
     p.add_argument("--codec-dtype", choices=list(CODEC_PRECISIONS), default=None, help=codec_help)
     quant_help = (
@@ -827,6 +1148,16 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=ENGINES, default=None, help="LM decode loop (as for gen)")
     p.add_argument("--vram", default=None, help="GPU memory budget such as 12G (as for gen)")
     _add_model_options(p, codec_help="as for gen")
+    ray = p.add_argument_group("scale out on Ray Serve (pip install 'heartmula-rt[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve with model replicas on Ray Serve")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (1; or min/max below)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling's least")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling's most")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs a replica takes (1)")
+    ray.add_argument(
+        "--replica-gpus", type=float, default=None, help="GPUs a replica takes (1 on a GPU, else 0)"
+    )
+    ray.add_argument("--ray-address", default=None, help="a Ray cluster's (default: start one)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -846,7 +1177,87 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args, engine=args.engine, vram=args.vram, max_seconds=args.max_seconds, **songs
     )
     _fetch_weights(config.model_path, args.model_path)
+    if args.ray:
+        return _serve_on_ray(args, config, server, songs)
     return run_server(config, server)
+
+
+def _serve_on_ray(
+    args: argparse.Namespace, config: PipelineConfig, server: object, songs: dict
+) -> int:
+    """`serve --ray`: each replica makes its own `PipelineConfig` from these arguments (so
+    `--device auto` is its own GPU)."""
+    import functools
+
+    try:
+        from .serve.ray_app import ScaleConfig, run_ray_server
+    except ImportError as e:
+        raise UserError(
+            f"serve --ray needs Ray Serve ({e.name} is missing): pip install 'heartmula-rt[ray]'"
+        ) from None
+    gpus = args.replica_gpus
+    if gpus is None:
+        gpus = 1.0 if config.device.startswith("cuda") else 0.0
+    scale = ScaleConfig(
+        min_replicas=args.min_replicas or args.replicas,
+        max_replicas=args.max_replicas or max(args.replicas, args.min_replicas or 1),
+        num_cpus=args.replica_cpus,
+        num_gpus=gpus,
+    )
+    factory = functools.partial(
+        pipeline_config,
+        args,
+        engine=args.engine,
+        vram=args.vram,
+        max_seconds=args.max_seconds,
+        **songs,
+    )
+    return run_ray_server(factory, server, scale, args.ray_address)
+
+
+def _add_edit_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """`extend`, `resume`, `regen`: a song made by gen or serve, named by its audio file (its
+    codes sidecar beside it) or the sidecar itself."""
+    commands = {
+        "extend": "make a song longer: continue after its last frame (same or new lyrics, tags)",
+        "resume": "finish an interrupted song: with its seed, exactly the uninterrupted song",
+        "regen": "make a section of a song again; the rest is kept as it is",
+    }
+    for name, help_text in commands.items():
+        p = subparsers.add_parser(name, help=help_text)
+        p.add_argument("song", type=Path, help="the song's audio file (or its .codes.safetensors)")
+        if name != "resume":
+            p.add_argument("--tags", default=None, help="new tags (default: the song's)")
+            p.add_argument("--lyrics", default=None, help="new lyrics (default: the song's)")
+        if name == "extend":
+            p.add_argument("--seconds", type=float, required=True, help="how much longer")
+            p.add_argument(
+                "--context-seconds",
+                type=float,
+                default=None,
+                help="past the model's context, each run continues from the song's last this "
+                "many seconds (default 164, at most half a run)",
+            )
+        if name == "regen":
+            p.add_argument("--from", dest="start", required=True, help="where: seconds or m:ss")
+            p.add_argument(
+                "--to", dest="end", default=None, help="the section's end (default: the end)"
+            )
+            p.add_argument("--count", type=int, default=1, help="takes, made in one batch (1)")
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=None,
+            help="random (printed) for regen; the song's own for extend and resume",
+        )
+        p.add_argument("-o", "--output", type=Path, default=None, help="default: beside SONG")
+        p.add_argument("--force", action="store_true", help="use codes of another checkpoint")
+        p.add_argument("--model-path", type=Path, default=None, help="checkpoint folder")
+        p.add_argument("--engine", choices=ENGINES, default=None, help="as for gen")
+        _add_model_options(p, codec_help="as for gen")
+        p.set_defaults(func=cmd_regen if name == "regen" else cmd_extend)
+        if name == "resume":
+            p.set_defaults(tags=None, lyrics=None, seconds=None, context_seconds=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -967,9 +1378,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     dec = sub.add_parser(
-        "decode", help="finish a song from the codes file an interrupted gen kept (.codes.npz)"
+        "decode", help="a song's audio again from its codes (the .codes.safetensors beside it)"
     )
-    dec.add_argument("codes", type=Path, help="the <stem>.codes.npz file gen kept")
+    dec.add_argument(
+        "codes",
+        type=Path,
+        help="a song's <stem>.codes.safetensors sidecar, or its audio file (the sidecar beside "
+        "it is read)",
+    )
+    dec.add_argument(
+        "--force",
+        action="store_true",
+        help="decode codes made with another checkpoint than --model-path's",
+    )
     dec.add_argument("--model-path", type=Path, default=None, help="checkpoint folder (as for gen)")
     dec.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     dec.add_argument(
@@ -989,6 +1410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench_parser(sub)
     _add_serve_parser(sub)
+    _add_edit_parsers(sub)
     return parser
 
 

@@ -36,6 +36,9 @@ DEFAULT_PROMPT_LEN = 256
 PROMPT_TOKENS = 1024
 # Songs the LM makes at once when a batch does not say (a `vram` plan may hold fewer).
 DEFAULT_SONGS_AT_ONCE = 8
+# A song continued past the backbone's context goes on from its last this many frames (164 s),
+# fed again after its prompt (edit.py; `extend --context-seconds`).
+DEFAULT_CONTEXT_FRAMES = 2048
 # `heartmula-rt serve`: the environment variable that holds its API key.
 API_KEY_ENV = "HEARTMULA_RT_API_KEY"
 # Ring slots of every offloaded layer stack: one layer computing while the next one copies in.

@@ -74,7 +74,7 @@ class Sampler:
             logits = cfg_mix(logits[:1], logits[1:], p.cfg_scale)
         if p.topk == 1:
             return sample_topk(logits, 1, p.temperature)
-        self.generator.manual_seed(draw_seed(song.seed, song.made, codebook))
+        self.generator.manual_seed(draw_seed(song.seed, song.first_frame + song.made, codebook))
         return sample_topk(logits, p.topk, p.temperature, self.generator)
 
     def draws(self, placed: Sequence[tuple[int, SongRun]], rows: int) -> Draw:
@@ -128,6 +128,20 @@ def prefill(model: HeartMuLa, prompt: Prompt, cache: LMCache, draw: Draw) -> tup
     return sample_frame(model, last, logits, cache, draw), logits
 
 
+def feed_given(model: HeartMuLa, song: SongRun, cache: LMCache) -> Tensor:
+    """After its prompt, a continued song's given frames (`SongRun.given`) into its own rows'
+    cache, all but the last, one backbone step each: the very steps the song ran when it made
+    them alone, so its cache (and what it draws next) is what it was. They become its frames;
+    returns the last one [rows, n] on the device, for the next step to feed."""
+    given = song.given.to(model.device)
+    start = len(song.prompt)
+    for j in range(given.shape[0] - 1):
+        frame = given[j].expand(cache.rows, -1)
+        model.backbone_step(model.embed_frame(frame), start + j, cache)
+    song.frames.extend(song.given.clone().unbind(0))
+    return given[-1].expand(cache.rows, -1)
+
+
 def decode_one_frame(
     model: HeartMuLa,
     frames: Tensor,
@@ -152,7 +166,7 @@ def check_length(model: HeartMuLa, prompt: Prompt, max_frames: int) -> None:
         fits = limit - len(prompt) - 1  # frames that fit after this prompt (80 ms each)
         longest = (
             f"with this prompt the longest that fits is {fits} frames ({fits * 0.08:g} s, "
-            "--max-seconds / max_seconds)"
+            "--max-seconds / max_seconds; `heartmula-rt extend` continues a song past it)"
             if fits > 0
             else "shorten the lyrics"
         )
@@ -216,10 +230,13 @@ def run_batch(model: HeartMuLa, gen: GenConfig, scheduler: Scheduler) -> None:
             first, count = song.first_row, song.rows
             view = cache.rows_view(first, count)
             frame, _ = prefill(model, song.prompt, view, sampler.draws([(0, song)], count))
+            if song.given is None:
+                add_frames(song, frame[:1].cpu())
+            else:
+                frame = feed_given(model, song, view)
             frames[first : first + count] = frame
-            positions[first : first + count] = len(song.prompt)
+            positions[first : first + count] = len(song.prompt) + song.made - 1
             live[first : first + count] = 1
-            add_frames(song, frame[:1].cpu())
             if song.frames_left == 0:
                 vacate(song, "length")
         if not scheduler.running:
@@ -257,20 +274,14 @@ def generate_frames(
     frames made so far after each one, `on_codes(new)` (streaming) with the frames made since
     its last call, just before `on_frame`. Ctrl-C raises GenerationInterrupted with the
     frames made so far."""
-    return run_one(lambda s: run_batch(model, gen, s), model, prompt, sampling, on_frame, on_codes)
-
-
-def run_one(
-    run: Callable[[Scheduler], None],
-    model: HeartMuLa,
-    prompt: Prompt,
-    sampling: SamplingParams,
-    on_frame: OnFrame | None,
-    on_codes: OnCodes | None,
-) -> Tensor:
-    """One song through `run` (an engine's batch loop) in a batch of its own rows."""
-    check_length(model, prompt, sampling.max_frames)
     song = SongRun(prompt, sampling, on_frame, on_codes)
+    return run_one(lambda s: run_batch(model, gen, s), model, song)
+
+
+def run_one(run: Callable[[Scheduler], None], model: HeartMuLa, song: SongRun) -> Tensor:
+    """One song through `run` (an engine's batch loop) in a batch of its own rows; its codes
+    (a continued song's given frames first)."""
+    check_length(model, song.prompt, song.sampling.max_frames)
     scheduler = Scheduler(song.rows, max(song.positions, 1), one_song=True)
     scheduler.submit(song)
     try:

@@ -31,6 +31,7 @@ from .decode import (
     OnCodes,
     OnFrame,
     add_frames,
+    feed_given,
     generate_frames,
     prefill,
     run_batch,
@@ -81,6 +82,11 @@ class PlainEngine:
             self.model, prompt, self.gen_config, sampling, on_frame=on_frame, on_codes=on_codes
         )
 
+    def run_song(self, song: SongRun) -> Tensor:
+        """One song already made into a `SongRun` (a continued one, edit.py), alone in its
+        rows, as `generate_frames` runs it."""
+        return run_one(self.run, self.model, song)
+
 
 class StaticState:
     """The device tensors one batch frame step reads and writes, allocated once per (rows,
@@ -128,22 +134,24 @@ class StaticState:
 
     def prefill_draw(self, song: SongRun) -> Draw:
         """The fused sampler of `song`'s frame 0, over its own rows."""
-        ints, floats = self.song_state(song, 0, frame=0)
+        ints, floats = self.song_state(song, 0, frame=song.first_frame)
         self.first_ints[: song.rows].copy_(ints)
         self.first_floats[: song.rows].copy_(floats)
         return self.draw(self.first_ints[: song.rows], self.first_floats[: song.rows])
 
     @torch.inference_mode(False)
     def start(self, song: SongRun, frame: Tensor, pos: int) -> None:
-        """`song`'s rows from its frame 0 [n], to be fed at position `pos`."""
+        """`song`'s rows from its last frame so far [n] (its frame 0, or a continued song's last
+        given one), to be fed at position `pos`."""
         rows = slice(song.first_row, song.first_row + song.rows)
-        ints, floats = self.song_state(song, song.first_row, frame=1)
+        made = song.made
+        ints, floats = self.song_state(song, song.first_row, frame=song.first_frame + made)
         self.ints[rows] = ints.to(self.ints.device)
         self.floats[rows] = floats.to(self.floats.device)
-        self.codes[rows, 0] = frame
+        self.codes[rows, made - 1] = frame
         self.frame[rows] = frame
         self.pos[rows] = pos
-        self.index[rows] = 1
+        self.index[rows] = made
         self.eos_at[rows] = -1
         self.live[rows] = 1
 
@@ -284,8 +292,11 @@ class StaticEngine:
         """Prefill `song` into its rows (eager, between frames) and start them."""
         view = state.cache.rows_view(song.first_row, song.rows)
         frame, _ = prefill(self.model, song.prompt, view, state.prefill_draw(song))
-        state.start(song, frame[0], len(song.prompt))
-        add_frames(song, frame[:1].cpu())
+        if song.given is None:
+            add_frames(song, frame[:1].cpu())
+        else:
+            frame = feed_given(self.model, song, view)
+        state.start(song, frame[0], len(song.prompt) + song.made - 1)
 
     def _collect(self, state: StaticState, scheduler: Scheduler) -> None:
         """Read what every running song made since the last look (one host sync), and end the
@@ -344,7 +355,11 @@ class StaticEngine:
         on_codes: OnCodes | None = None,
     ) -> Tensor:
         """One song, PlainEngine's contract (its own draws: the fused sampler's)."""
-        return run_one(self.run, self.model, prompt, sampling, on_frame, on_codes)
+        return self.run_song(SongRun(prompt, sampling, on_frame, on_codes))
+
+    def run_song(self, song: SongRun) -> Tensor:
+        """As `PlainEngine.run_song`."""
+        return run_one(self.run, self.model, song)
 
 
 # Every engine has PlainEngine's `name` and `generate_frames`.

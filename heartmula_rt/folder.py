@@ -5,6 +5,7 @@ checkpoint.py streams the tensors themselves into models.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -137,6 +138,22 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
                     f"{path} is damaged or truncated: tensor {key!r} has no valid shape"
                 ) from None
     return shapes
+
+
+def fingerprint(root: Path) -> str:
+    """A short hex name of a checkpoint's weights, read without them: sha256 over the LM's and
+    the codec's config.json and each of their safetensors files' name and header (every
+    tensor's name, dtype, shape and offsets). Copies of one checkpoint share it; another config
+    or any tensor of another name, dtype or shape changes it (values are not read)."""
+    h = hashlib.sha256()
+    for sub in (LM_DIR, CODEC_DIR):
+        model_dir = Path(root) / sub
+        config = _read_json(model_dir / "config.json")
+        h.update(f"{sub}/config.json\0{json.dumps(config, sort_keys=True)}\0".encode())
+        for path in shard_files(model_dir):
+            header = json.dumps(_header(path), sort_keys=True)
+            h.update(f"{sub}/{path.name}\0{header}\0".encode())
+    return h.hexdigest()[:16]
 
 
 def weight_norm_half(m: re.Match) -> str:

@@ -7,13 +7,14 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
-from . import checkpoint, folder
+from . import checkpoint, edit, folder
 from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype
 from .config import (
     DEFAULT_SONGS_AT_ONCE,
@@ -120,6 +121,7 @@ class PipelineConfig:
     model_path: Path | None = None  # a checkpoint folder in the official layout (SPEC §1)
     synthetic: str | None = None  # or: random weights of this LM_PRESETS size, made on device
     device: str = "auto"  # auto: the first CUDA GPU if torch sees one, else the CPU
+    codec_device: str | None = None  # the codec's, if not `device` (the LM's): frames cross once
     dtype: str | None = None  # LM weights: bfloat16 on a GPU, float32 on the CPU
     codec_dtype: str | None = None  # codec.CODEC_DTYPES: mixed on a GPU, float32 on the CPU
     engine: str | None = None  # engine.ENGINES: graph on a GPU, plain on the CPU
@@ -146,7 +148,10 @@ class PipelineConfig:
         check_fast_path(self.quant, device)
         max_frames_for(self.max_seconds)
         check_songs(self.songs)
+        codec_device = device if self.codec_device is None else parse_device(self.codec_device)
         if self.vram is not None:
+            if codec_device != device:
+                raise UserError("--vram plans one GPU for both models: leave out --codec-device")
             if device.type != "cuda":
                 raise UserError(f"--vram budgets GPU memory; the device {device} is not a CUDA GPU")
             if self.quant != "none":
@@ -155,8 +160,9 @@ class PipelineConfig:
         resolved = {
             "model_path": None if self.model_path is None else Path(self.model_path),
             "device": str(device),
+            "codec_device": str(codec_device),
             "dtype": dtype_name(parse_dtype(self.dtype or default_dtype(device))),
-            "codec_dtype": check_codec_dtype(self.codec_dtype or default_codec_dtype(device)),
+            "codec_dtype": check_codec_dtype(self.codec_dtype or default_codec_dtype(codec_device)),
             "engine": engine,
             "threads": resolve_threads(self.threads),
         }
@@ -166,6 +172,10 @@ class PipelineConfig:
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+    @property
+    def torch_codec_device(self) -> torch.device:
+        return torch.device(self.codec_device)
 
     @property
     def lm_dtype(self) -> torch.dtype:
@@ -236,16 +246,26 @@ class Pipeline:
         """The `vram` memory plan this pipeline was loaded with."""
         return None if self.placement is None else self.placement.plan
 
-    def prompt(self, request: SongRequest) -> Prompt:
-        """The request's prompt rows (SPEC §2), refused if they and its frames do not fit the
-        model: everything a song of this request would be refused for, before it starts."""
+    @cached_property
+    def fingerprint(self) -> str:
+        """The checkpoint's fingerprint (`folder.fingerprint`), kept with every song's codes
+        (codes.py); `synthetic-<size>` for random weights."""
+        if self.config.model_path is None:
+            return f"synthetic-{self.config.synthetic}"
+        return folder.fingerprint(self.config.model_path)
+
+    def prompt(self, request: SongRequest, *, fit: bool = True) -> Prompt:
+        """The request's prompt rows (SPEC §2), refused if they and (with `fit`) its frames do
+        not fit the model: everything a song of this request would be refused for, before it
+        starts. A song continued past the context (edit.py) fits its runs itself."""
         prompt = build_prompt(self.tokenizer, self.gen_config, request.tags, request.lyrics)
         if int(prompt.ids.max()) >= self.lm_config.text_vocab_size:
             raise UserError(
                 f"tokenizer.json produces id {int(prompt.ids.max())}, outside the LM's text "
                 f"vocabulary of {self.lm_config.text_vocab_size}"
             )
-        check_length(self.lm, prompt, request.sampling.max_frames)
+        if fit:
+            check_length(self.lm, prompt, request.sampling.max_frames)
         return prompt
 
     def generate_frames(
@@ -293,7 +313,17 @@ class Pipeline:
             if on_end is not None:
                 run.on_end = lambda why, i=i, run=run: on_end(i, song_codes(run, self.lm), why)
         rows = self.batch_rows(requests, songs) if rows is None else rows
-        scheduler = Scheduler(rows, max(r.positions for r in runs))
+        return self.run_songs(runs, rows)
+
+    def run_songs(
+        self, runs: Sequence[SongRun], rows: int, *, one_song: bool = False
+    ) -> list[torch.Tensor]:
+        """Songs already made into `SongRun`s (continued ones too, edit.py), in one batch of
+        `rows` LM rows (`one_song`: one song alone in its rows, as `generate_frames` runs it):
+        their codes, in order. Ctrl-C raises `BatchInterrupted`."""
+        for run in runs:
+            check_length(self.lm, run.prompt, run.sampling.max_frames)
+        scheduler = Scheduler(rows, max(r.positions for r in runs), one_song=one_song)
         for run in runs:
             scheduler.submit(run)
         with self.lock:
@@ -303,6 +333,35 @@ class Pipeline:
             except KeyboardInterrupt:
                 raise BatchInterrupted([song_codes(r, self.lm) for r in runs]) from None
         return [song_codes(r, self.lm) for r in runs]
+
+    def continue_frames(
+        self,
+        request: SongRequest,
+        frames: torch.Tensor,
+        *,
+        context_frames: int | None = None,
+        on_frame: OnFrame | None = None,
+    ) -> torch.Tensor:
+        """A song's frames [8, k] continued with `request` (its tags and lyrics: the same or
+        new) to `request.sampling.max_frames` + 1 frames in all or its EOS, past the model's
+        context if need be, each run then keeping the song's last `context_frames` (default
+        `DEFAULT_CONTEXT_FRAMES`, at most half a run): edit.py (resume, extend). Ctrl-C
+        raises `GenerationInterrupted` with the whole song so far."""
+        return edit.continue_song(self, request, frames, context_frames, on_frame)
+
+    def regenerate_frames(
+        self,
+        request: SongRequest,
+        frames: torch.Tensor,
+        start: int,
+        end: int | None = None,
+        *,
+        seeds: Sequence[int],
+    ) -> list[torch.Tensor]:
+        """Takes of a song [8, T] with its frames from `start` made again, one per seed, in one
+        batch; frames before `start` are kept as they are. With `end`, each take's new section
+        is exactly `end - start` frames, followed by the song's own frames from `end`: edit.py."""
+        return edit.regenerate(self, request, frames, start, end, seeds)
 
     def batch_rows(self, requests: Sequence[SongRequest], songs: int | None = None) -> int:
         """LM rows for `songs` of `requests` at once, whichever they are (the rows of the
@@ -330,12 +389,66 @@ class Pipeline:
         *,
         seed: int | None = None,
         on_window: Callable[[int, int], None] | None = None,
-    ) -> torch.Tensor:
+        return_prefixes: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Codes [8, T] → float32 stereo waveform [2, N] at 48 kHz, on the CPU. A seed draws the
-        same noise on any device (`codec_noise`). `on_window(done, total)` after each window."""
+        same noise on any device (`codec_noise`). `on_window(done, total)` after each window.
+        `return_prefixes=True` returns (waveform, the codec's window prefixes float32 [W, 104,
+        256]), what `redecode_frames` needs to decode an edit of the song (the sidecar keeps
+        them, codes.py)."""
         report = None if on_window is None else lambda _, done, total: on_window(done, total)
-        wavs = self.decode_frames_batch([frames], params, seeds=[seed], songs=1, on_window=report)
+        wavs = self.decode_frames_batch(
+            [frames],
+            params,
+            seeds=[seed],
+            songs=1,
+            on_window=report,
+            return_prefixes=return_prefixes,
+        )
         return wavs[0]
+
+    def redecode_frames(
+        self,
+        frames: torch.Tensor,
+        params: CodecParams = DEFAULT_CODEC,
+        *,
+        seed: int,
+        changed_from: int,
+        prefixes: torch.Tensor,
+        original: torch.Tensor,
+        on_window: Callable[[int, int], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An edited song's (waveform, window prefixes), decoding only the codec windows the edit
+        changed (`HeartCodec.redecode`): `frames` [8, T'] are the new song, equal to the
+        original's in their first `changed_from` frames; `params` and `seed` (its `noise_seed`)
+        are the original's codec settings, `prefixes` [W, 104, 256] and `original` [2, N]
+        float32 what `decode_frames(..., return_prefixes=True)` gave for the original (its audio
+        read back from a lossless file will do: the samples before the first changed window
+        are copied from it). Equals `decode_frames(frames, params, seed=seed,
+        return_prefixes=True)` sample for sample where decoding is deterministic (this CPU at
+        one thread count). `on_window(done, total)` counts the windows decoded."""
+        if seed is None:
+            raise UserError(
+                "redecode_frames needs the seed of the original's codec noise (its noise_seed)"
+            )
+        with self.lock, self._codec_turn():
+            torch.set_num_threads(self.threads)
+            return self.codec.redecode(
+                frames,
+                params,
+                generator=codec_noise(seed),
+                changed_from=changed_from,
+                prefixes=prefixes,
+                original=original,
+                on_window=on_window,
+                return_prefixes=True,
+            )
+
+    def _codec_turn(self) -> contextlib.AbstractContextManager:
+        """The codec's turn on the GPU under a `vram` plan (the LM makes room), else nothing."""
+        if self.placement is None:
+            return contextlib.nullcontext()
+        return self.placement.codec_turn(self.lm, self.codec, self.engine.release)
 
     def decode_frames_batch(
         self,
@@ -345,28 +458,30 @@ class Pipeline:
         seeds: Sequence[int | None] | None = None,
         songs: int | None = None,
         on_window: Callable[[int, int, int], None] | None = None,
-    ) -> list[torch.Tensor]:
+        return_prefixes: bool = False,
+    ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
         """Several songs' codes [8, T] → their float32 stereo waveforms, each what
-        `decode_frames` gives it with its seed (None, or a None seed: fresh random noise).
+        `decode_frames` gives it with its seed (None, or a None seed: fresh random noise);
+        `return_prefixes=True`: each song's (waveform, window prefixes), as there.
 
         `songs` songs' windows go through the codec together (`HeartCodec.detokenize_many`;
         default `codec.DECODE_SONGS`). With a `vram` plan one window at a time, whatever `songs`
         says: the plan sizes the codec's phase for one window. `on_window(song, done, total)` is
         called after each window.
         """
-        turn = (
-            contextlib.nullcontext()
-            if self.placement is None
-            else self.placement.codec_turn(self.lm, self.codec, self.engine.release)
-        )
         if self.placement is not None:
             songs = 1
         seeds = [None] * len(frames_list) if seeds is None else seeds
         generators = [codec_noise(seed) for seed in seeds]
-        with self.lock, turn:
+        with self.lock, self._codec_turn():
             torch.set_num_threads(self.threads)
             return self.codec.detokenize_many(
-                frames_list, params, generators=generators, songs=songs, on_window=on_window
+                frames_list,
+                params,
+                generators=generators,
+                songs=songs,
+                on_window=on_window,
+                return_prefixes=return_prefixes,
             )
 
     def generate(self, song: SongArg, lyrics: str | None = None, **settings: Any) -> torch.Tensor:
@@ -374,7 +489,7 @@ class Pipeline:
         request = as_request(song, lyrics, settings)
         with self.lock:  # the song's LM and codec in one turn
             frames = self.generate_frames(request)
-            return self.decode_frames(frames, request.codec, seed=request.sampling.seed)
+            return self.decode_frames(frames, request.codec, seed=request.noise_seed)
 
     def stream(
         self,
@@ -395,7 +510,7 @@ class Pipeline:
             self.prompt(request),
             request.sampling,
             request.codec,
-            generator=codec_noise(request.sampling.seed),
+            generator=codec_noise(request.noise_seed),
             on_frame=on_frame,
             lock=self.lock,
             threads=self.threads,
@@ -450,8 +565,10 @@ def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeli
     else:
         models = _from_checkpoint(config, quant, load_device)
     lm, codec = models.lm, models.codec
+    if plan is None:
+        codec.to(config.torch_codec_device)  # a no-op where it was loaded
     # A plan moves the codec between host and GPU: no graph captured over its tensors.
-    prepare_codec(codec, config.codec_dtype, device, graphs=plan is None)
+    prepare_codec(codec, config.codec_dtype, config.torch_codec_device, graphs=plan is None)
     if plan is None and device.type == "cuda":
         use_fused_layers(lm)
     placement = None
@@ -502,8 +619,9 @@ def _from_checkpoint(config: PipelineConfig, quant: str, device: torch.device) -
     else:
         lm = load_quantized_lm(root / LM_DIR, quant, device=device, dtype=config.lm_dtype)
         lm_config = lm.config
+    codec_device = config.torch_codec_device if device == config.torch_device else device
     codec, codec_config = checkpoint.load_codec(
-        root / CODEC_DIR, device=device, dtype=config.codec_weights_dtype
+        root / CODEC_DIR, device=codec_device, dtype=config.codec_weights_dtype
     )
     return Models(lm, lm_config, codec, codec_config, gen_config, tokenizer)
 

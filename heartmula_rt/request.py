@@ -31,6 +31,12 @@ def _number(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_seed(name: str, seed: object) -> None:
+    whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+    if seed is not None and not (whole and 0 <= seed < 2**63):
+        raise UserError(f"{name} must be an integer in [0, 2**63), not {seed!r}")
+
+
 def max_frames_for(max_seconds: float) -> int:
     """The reference's frame budget: max_audio_length_ms // 80."""
     if not 0 < _number("max_seconds", max_seconds) < math.inf:
@@ -66,10 +72,7 @@ class SamplingParams:
             raise UserError(f"temperature must be a finite number above 0, not {self.temperature}")
         if not 0 <= _number("cfg_scale", self.cfg_scale) < math.inf:
             raise UserError(f"cfg_scale must be a finite number of 0 or more, not {self.cfg_scale}")
-        seed = self.seed
-        whole = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-        if seed is not None and not (whole and 0 <= seed < 2**63):
-            raise UserError(f"seed must be an integer in [0, 2**63), not {seed!r}")
+        _check_seed("seed", self.seed)
 
     @property
     def cfg_rows(self) -> int:
@@ -82,6 +85,9 @@ class CodecParams:
 
     num_steps: int = 10  # Euler steps of the flow-matching ODE per window
     guidance_scale: float = 1.25  # the DiT's classifier-free guidance
+    # The seed of the codec's noise; None: the song's seed. A section made again with another
+    # seed keeps the song's noise, so its unchanged windows sound the same (edit.py).
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         _whole("num_steps", self.num_steps, 1)
@@ -89,6 +95,7 @@ class CodecParams:
             raise UserError(
                 f"guidance_scale must be a finite number of 0 or more, not {self.guidance_scale}"
             )
+        _check_seed("noise_seed", self.noise_seed)
 
 
 _SAMPLING = {f.name for f in fields(SamplingParams)}
@@ -110,6 +117,12 @@ class SongRequest:
             if not isinstance(getattr(self, name), str):
                 raise UserError(f"{name} must be text, not {type(getattr(self, name)).__name__}")
         check_texts(self.tags, self.lyrics)
+
+    @property
+    def noise_seed(self) -> int | None:
+        """The seed of the codec's noise: `codec.noise_seed`, else the song's seed."""
+        given = self.codec.noise_seed
+        return self.sampling.seed if given is None else given
 
     @classmethod
     def of(cls, tags: str = "", lyrics: str = "", **settings: Any) -> SongRequest:
@@ -169,7 +182,8 @@ def request_from_json(
     if unknown:
         raise UserError(f"unknown field {unknown[0]!r}; use {', '.join(allowed)}")
     texts = {name: fields.get(name, "") for name in JSON_TEXTS}
-    settings = {**defaults, **{k: fields[k] for k in JSON_SETTINGS if k in fields}}
+    given = {k: fields[k] for k in JSON_SETTINGS if fields.get(k) is not None}  # null: default
+    settings = {**defaults, **given}
     if "seconds" in settings:
         settings["max_seconds"] = settings.pop("seconds")
     return SongRequest.of(**texts, **settings), {k: fields[k] for k in also if k in fields}

@@ -51,6 +51,11 @@ class SongRun:
     frames: list = field(default_factory=list)
     ended: str | None = None  # one of ENDS
     cancel: bool = False  # asked to end at the next frame boundary (`Scheduler.cancel`)
+    # A continued song (edit.py): frames [k, n] int64 (CPU) it starts from, fed after its
+    # prompt instead of drawn (they count in `max_frames`; callbacks report only new frames),
+    # and the song's index of its first frame: draws are seeded by (seed, first_frame + f, k).
+    given: Any = None
+    first_frame: int = 0
 
     def __post_init__(self) -> None:
         if self.seed < 0:

@@ -20,7 +20,7 @@ import heartmula_rt
 import heartmula_rt.audio
 from heartmula_rt import cli
 from heartmula_rt.audio import write_audio
-from heartmula_rt.codes import save_codes
+from heartmula_rt.codes import SongCodes
 from heartmula_rt.folder import LM_DIR
 from heartmula_rt.pipeline import PipelineConfig, default_dtype, parse_device
 from heartmula_rt.prompt import build_prompt
@@ -74,7 +74,8 @@ def test_gen_writes_each_format(
     data, _ = sf.read(str(out))
     assert data.shape == (expected_frames * SAMPLES_PER_FRAME, 2)
     assert "RTF" in err.strip().splitlines()[-1]
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
+    kept = [out.name, "song.codes.safetensors"]  # the song and its codes, no temporary
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_gen_is_reproducible_with_seed(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
@@ -112,6 +113,8 @@ def test_ctrl_c_writes_partial(tiny_ckpt: Path, tmp_path: Path, capsys, monkeypa
     assert not out.exists() and partial.is_file()
     assert sf.info(str(partial)).frames == 6 * SAMPLES_PER_FRAME
     assert "partial" in err
+    kept = SongCodes.load(tmp_path / "song.partial.codes.safetensors")  # its codes beside it
+    assert (kept.frames, kept.ended) == (6, "interrupted")
 
 
 def test_ctrl_c_in_the_codec_keeps_the_frames(
@@ -131,14 +134,14 @@ def test_ctrl_c_in_the_codec_keeps_the_frames(
     with monkeypatch.context() as m:
         m.setattr(tqdm.tqdm, "update", update)
         code, _, err = run(gen_args(tiny_ckpt, out), capsys)
-    kept = tmp_path / "song.codes.npz"
+    kept = tmp_path / "song.codes.safetensors"
     assert code == 130 and not out.exists() and kept.is_file()
-    assert f"frames are kept in {kept}" in err and "heartmula-rt decode" in err
+    assert f"frames are saved in {kept}" in err and "heartmula-rt decode" in err
     code, _, err = run(
         ["decode", str(kept), "--model-path", str(tiny_ckpt), "-o", str(out)], capsys
     )
     assert code == 0, err
-    assert out.read_bytes() == whole.read_bytes() and not kept.exists()
+    assert out.read_bytes() == whole.read_bytes() and kept.is_file()
 
 
 def test_a_failed_codec_keeps_the_frames(tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch):
@@ -149,8 +152,8 @@ def test_a_failed_codec_keeps_the_frames(tiny_ckpt: Path, tmp_path: Path, capsys
     code, _, err = run(gen_args(tiny_ckpt, tmp_path / "song.wav"), capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("heartmula-rt: error: could not write song.wav")
-    assert last.endswith(f"frames are kept in {tmp_path / 'song.codes.npz'}")
-    assert (tmp_path / "song.codes.npz").is_file() and not (tmp_path / "song.wav").exists()
+    assert last.endswith(f"frames are saved in {tmp_path / 'song.codes.safetensors'}")
+    assert (tmp_path / "song.codes.safetensors").is_file() and not (tmp_path / "song.wav").exists()
 
 
 def test_version(capsys) -> None:
@@ -168,8 +171,9 @@ def test_stray_codec_ids_noted_once_per_song(tiny_ckpt: Path, tmp_path: Path, ca
     with caplog.at_level(logging.INFO):
         pipe.decode_frames(codes, CodecParams(num_steps=1))
     assert not caplog.records
-    save_codes(tmp_path / "song.codes.npz", codes, seed=0)
-    args = ["decode", str(tmp_path / "song.codes.npz"), "--model-path", str(tiny_ckpt)]
+    request = SongRequest.of("piano", seed=0)
+    SongCodes(codes, request, "eos", pipe.fingerprint).save(tmp_path / "song.codes.safetensors")
+    args = ["decode", str(tmp_path / "song.codes.safetensors"), "--model-path", str(tiny_ckpt)]
     code, _, err = run([*args, "-o", str(tmp_path / "song.wav")], capsys)
     assert code == 0 and err.count("replaced 2 codec ids ≥ 1024") == 1
 
@@ -374,7 +378,7 @@ def test_download_offline_says_how(tmp_path: Path, monkeypatch, capfd) -> None:
 def test_one_device_default_for_the_api_and_the_cli() -> None:
     """`auto` everywhere: a GPU user calling load_pipeline(path) gets the GPU, as gen does."""
     api = PipelineConfig.device  # the default load_pipeline's options take
-    for command in (["gen", "-o", "x.wav"], ["decode", "x.codes.npz", "-o", "x.wav"]):
+    for command in (["gen", "-o", "x.wav"], ["decode", "x.codes.safetensors", "-o", "x.wav"]):
         assert cli.build_parser().parse_args(command).device == api == "auto"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert parse_device("auto").type == expected

@@ -16,6 +16,7 @@ import heartmula_rt
 import heartmula_rt.pipeline
 from heartmula_rt import cli
 from heartmula_rt.audio import write_audio
+from heartmula_rt.codes import SongCodes
 from heartmula_rt.request import SongRequest
 
 SAMPLES_PER_FRAME = 3840
@@ -46,7 +47,8 @@ def test_count_makes_takes_as_the_api_does(pipe, tiny_ckpt: Path, tmp_path: Path
     code, stdout, err = run([*args, "-o", str(out)], capsys)
     assert code == 0 and stdout == "", err
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["song-1.wav", "song-2.wav", "song-3.wav"]  # no codes file left behind
+    kept = [f"song-{i}{ext}" for i in (1, 2, 3) for ext in (".codes.safetensors", ".wav")]
+    assert names == kept  # each song with its codes, nothing else
     for i in (1, 2, 3):
         assert f"take {i}: seed {4 + i}" in err
     assert "wrote 3 songs" in err.strip().splitlines()[-1]
@@ -177,7 +179,10 @@ def test_ctrl_c_in_the_lm_writes_every_song_so_far(
     partial = tmp_path / "long.partial.wav"
     assert not long.exists() and partial.is_file()
     assert 6 * SAMPLES_PER_FRAME < sf.info(str(partial)).frames < 51 * SAMPLES_PER_FRAME
-    assert not list(tmp_path.glob("*.codes.npz"))  # every song's audio was written
+    # Each file written has its codes beside it: how its LM part ended.
+    assert SongCodes.load(tmp_path / "short.codes.safetensors").ended == "length"
+    assert SongCodes.load(tmp_path / "long.partial.codes.safetensors").ended == "interrupted"
+    assert not (tmp_path / "long.codes.safetensors").exists()
 
 
 def test_ctrl_c_in_the_codec_keeps_every_songs_frames(
@@ -197,13 +202,13 @@ def test_ctrl_c_in_the_codec_keeps_every_songs_frames(
     with monkeypatch.context() as m:
         m.setattr(heartmula_rt.pipeline.Pipeline, "decode_frames_batch", interrupted)
         code, _, err = run(args, capsys)
-    kept = [tmp_path / f"song-{i}.codes.npz" for i in (1, 2)]
+    kept = [tmp_path / f"song-{i}.codes.safetensors" for i in (1, 2)]
     assert code == 130 and all(k.is_file() for k in kept), err
-    assert "frames of 2 songs are kept" in err and "heartmula-rt decode" in err
+    assert "frames of 2 songs are saved" in err and "heartmula-rt decode" in err
     for i, codes in enumerate(kept, start=1):
         target = tmp_path / f"song-{i}.wav"
         code, _, err = run(
             ["decode", str(codes), "--model-path", str(tiny_ckpt), "-o", str(target)], capsys
         )
         assert code == 0, err
-        assert target.read_bytes() == whole[i] and not codes.exists()
+        assert target.read_bytes() == whole[i] and codes.is_file()

@@ -25,7 +25,7 @@ import torch
 import heartmula_rt
 from heartmula_rt import cli
 from heartmula_rt.audio import write_audio
-from heartmula_rt.codes import load_codes
+from heartmula_rt.codes import SongCodes
 from heartmula_rt.request import SongRequest
 
 pytest.importorskip("fastapi", reason="the server's extra: pip install -e '.[serve]'")
@@ -106,8 +106,11 @@ def test_concurrent_clients_all_done_or_refused(server, client, pipe, tmp_path: 
         request = SongRequest.of(body["tags"], body["lyrics"], max_seconds=0.8, topk=20,
                                  seed=body["seed"])  # fmt: skip
         frames = pipe.generate_frames_batch([request], rows=rows)[0]
-        kept, seed, _ = load_codes(server.folder / f"{job['id']}.codes.npz")
-        assert seed == body["seed"] and torch.equal(kept, frames)
+        sidecar = server.folder / f"{job['id']}.codes.safetensors"
+        kept = SongCodes.load(sidecar, model=pipe.fingerprint)  # the server's checkpoint
+        assert kept.request == request and kept.ended in ("eos", "length")
+        seed = kept.seed
+        assert seed == body["seed"] and torch.equal(kept.codes, frames)
         expected = tmp_path / f"{job['id']}.wav"
         write_audio(expected, pipe.decode_frames(frames, seed=seed), pipe.sample_rate)
         assert audio.content == expected.read_bytes()
@@ -262,8 +265,8 @@ def test_a_killed_server_keeps_its_songs(tiny_ckpt: Path, tmp_path: Path) -> Non
             assert partial.status_code == 200, partial.text
             wav, _ = sf.read(io.BytesIO(partial.content))
             assert len(wav) >= SAMPLES_PER_FRAME  # at least the audio it had made
-            codes, seed, _ = load_codes(tmp_path / f"{long['id']}.codes.npz")
-            assert seed == 5 and codes.shape[1] > 0  # its frames, kept as it went
+            kept = SongCodes.load(tmp_path / f"{long['id']}.codes.safetensors")
+            assert kept.seed == 5 and kept.frames > 0  # its frames, kept as it went
             # The song that was still queued is made after the restart.
             assert wait_for(c, queued[0]["id"], ("done",))["state"] == "done"
             assert np.isfinite(wav).all()
@@ -285,6 +288,59 @@ def test_a_stopped_server_keeps_its_song_as_interrupted(tiny_ckpt: Path, tmp_pat
             job = c.get(f"/v1/songs/{long['id']}").json()
             assert job["state"] == "interrupted", job
             assert job["progress"]["frames"] < job["progress"]["max_frames"]
-            assert (tmp_path / f"{long['id']}.codes.npz").is_file()
+            kept = SongCodes.load(tmp_path / f"{long['id']}.codes.safetensors")
+            assert kept.ended == "interrupted"
     finally:
         server.stop()
+
+
+def test_edits_of_a_finished_song(server, client) -> None:
+    original = client.post("/v1/songs", json={**SONG, "seconds": 2, "seed": 12, "format": "wav"})
+    first = wait_for(client, original.json()["id"], ("done",))
+    base = SongCodes.load(server.folder / f"{first['id']}.codes.safetensors").codes
+
+    extended = client.post(f"/v1/songs/{first['id']}/extend", json={"seconds": 1})
+    assert extended.status_code == 202, extended.text
+    job = wait_for(client, extended.json()["id"], ("done", "failed"))
+    assert job["state"] == "done" and job["edit"]["of"] == first["id"]
+    assert job["seed"] == 12  # the song's own seed by default
+    longer = SongCodes.load(server.folder / f"{job['id']}.codes.safetensors").codes
+    assert torch.equal(longer[:, : base.shape[1]], base)
+    wav, _ = sf.read(io.BytesIO(client.get(job["urls"]["audio"]).content))
+    assert len(wav) == longer.shape[1] * SAMPLES_PER_FRAME
+
+    regen = client.post(f"/v1/songs/{first['id']}/regen", json={"from": 0.8, "to": 1.6, "seed": 5})
+    assert regen.status_code == 202, regen.text
+    job = wait_for(client, regen.json()["id"], ("done", "failed"))
+    assert job["state"] == "done" and job["progress"]["frames"] == base.shape[1]
+    take = SongCodes.load(server.folder / f"{job['id']}.codes.safetensors").codes
+    assert take.shape == base.shape
+    assert torch.equal(take[:, :10], base[:, :10]) and torch.equal(take[:, 20:], base[:, 20:])
+    assert not torch.equal(take[:, 10:20], base[:, 10:20])
+
+    assert client.post("/v1/songs/nope/regen", json={"from": 1}).status_code == 404
+    outside = client.post(f"/v1/songs/{first['id']}/regen", json={"from": 9})
+    assert outside.status_code == 422 and "outside the song" in outside.json()["detail"]
+    unknown = client.post(f"/v1/songs/{first['id']}/extend", json={"seconds": 1, "x": 1})
+    assert unknown.status_code == 422 and "unknown field 'x'" in unknown.json()["detail"]
+    running = client.post("/v1/songs", json={**SONG, "seconds": 4, "seed": 13}).json()
+    busy = client.post(f"/v1/songs/{running['id']}/extend", json={"seconds": 1})
+    assert busy.status_code == 409 and "edit it once it has ended" in busy.json()["detail"]
+    wait_for(client, running["id"], ("done",))
+
+
+def test_the_codec_on_its_own_device(tiny_ckpt: Path) -> None:
+    pipe = heartmula_rt.load_pipeline(tiny_ckpt, device="cpu", codec_device="cpu")
+    assert pipe.config.codec_device == "cpu" and pipe.config.codec_dtype == "float32"
+    assert pipe.codec.flow_matching.cond_feature_emb.weight.device.type == "cpu"
+
+
+def test_defaults_and_a_request_sent_back(client) -> None:
+    job = client.post("/v1/songs", json={"tags": "piano", "seconds": None, "seed": 2})
+    assert job.status_code == 202, job.text  # no length: the server's longest
+    assert job.json()["request"]["seconds"] == 4
+    again = client.post("/v1/songs", json=job.json()["request"])  # the same song, asked again
+    assert again.status_code == 202, again.text
+    assert again.json()["request"] == job.json()["request"]
+    for view in (job.json(), again.json()):
+        client.delete(view["urls"]["self"])

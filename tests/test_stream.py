@@ -199,7 +199,8 @@ def test_cli_stream_writes_the_same_file(tiny_ckpt: Path, tmp_path: Path, capsys
     assert gen(tiny_ckpt, str(tmp_path / "plain.wav")) == 0
     assert gen(tiny_ckpt, str(tmp_path / "song.wav"), "--stream") == 0
     assert "first audio after" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.wav", "song.wav"]  # renamed
+    names = ["plain.codes.safetensors", "plain.wav", "song.codes.safetensors", "song.wav"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # renamed, each with its codes
     assert (tmp_path / "song.wav").read_bytes() == (tmp_path / "plain.wav").read_bytes()
 
 

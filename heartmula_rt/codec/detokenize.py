@@ -10,6 +10,12 @@ code is decoded.
 (heartmula_rt/stream.py) gives it codes as the LM makes them, and both get the same samples.
 `WindowDecoder.decode_rounds` decodes several songs' windows together (`detokenize_many`), each
 song getting the samples it gets alone.
+
+Re-decoding an edited song (`HeartCodec.redecode`): a decoder made with `keep_prefixes=True`
+records the in-context prefix each window hands to the next; one made with `resume=k` and
+window k−1's recorded prefix picks the song up at window k, drawing and dropping the k windows'
+noise before it, and hands out audio from window k+1's region on (window k is decoded again only
+for the crossfade into window k+1).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 
 HOP = 320  # codes between window starts
 OVERLAP = WINDOW - HOP  # 52 codes shared by neighbouring windows
+PREFIX = LATENTS_PER_CODE * OVERLAP  # 104 latent frames a window hands to the next
 
 
 def check_codes(codes: torch.Tensor, codebook_size: int, num_quantizers: int = 8) -> torch.Tensor:
@@ -91,6 +98,12 @@ def extend_codes(codes: torch.Tensor, length: int) -> torch.Tensor:
     return codes.repeat(1, reps)[:, :length]
 
 
+def first_window_with(code: int) -> int:
+    """The first window whose codes [w·320, w·320 + 372) include code index `code` ≥ 0 (of the
+    codes as padded by plan_windows); every window before it lies in codes [0, code)."""
+    return 0 if code < WINDOW else (code - WINDOW) // HOP + 1
+
+
 def num_output_samples(num_codes: int, sample_rate: int) -> int:
     """T codes' worth of audio, T · sample_rate / 12.5, in exact integer arithmetic.
 
@@ -107,17 +120,41 @@ class LatentChain:
 
     Noise contract: exactly one CPU `torch.randn((1, 744, C), generator=generator)` per window,
     in the song's window order, then moved to the model's device; nothing else draws from the
-    generator, so a song's noise does not depend on the songs decoded beside it.
+    generator, so a song's noise does not depend on the songs decoded beside it. `skip(k)`
+    draws and drops k windows' noise, for a chain picked up at window k.
+
+    With `keep_prefixes`, `prefixes` lists the in-context prefix each window hands to the next
+    (its final latents' last 104 frames, float32 [104, C], on the model's device), in order.
     """
 
-    def __init__(self, flow: FlowMatching, params: CodecParams, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        flow: FlowMatching,
+        params: CodecParams,
+        generator: torch.Generator,
+        *,
+        keep_prefixes: bool = False,
+    ) -> None:
         self.flow, self.params, self.generator = flow, params, generator
-        self.previous: torch.Tensor | None = None  # the last window's latents [1, 744, C]
+        # The last window's latents [1, 744, C] (or, picked up at a window, the prefix it starts
+        # from, [1, 104, C]): the next window's in-context prefix is its last 104 frames.
+        self.previous: torch.Tensor | None = None
+        self.prefixes: list[torch.Tensor] | None = [] if keep_prefixes else None
+
+    def skip(self, windows: int) -> None:
+        """Draw and drop `windows` windows' noise, as decoding them would have."""
+        for _ in range(windows):
+            torch.randn(noise_shape(self.flow), generator=self.generator, dtype=torch.float32)
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         """One window's valid codes [Q, 372] → its final latents [1, 744, C] float32 (before
         the decoder's rounding), on the model's device."""
         return sample_windows([self], [codes])
+
+
+def noise_shape(flow: FlowMatching) -> tuple[int, int, int]:
+    """One window's noise draw: (1, 744, C)."""
+    return (1, LATENTS_PER_CODE * WINDOW, flow.latent_channels)
 
 
 def sample_windows(chains: Sequence[LatentChain], codes: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -133,8 +170,7 @@ def sample_windows(chains: Sequence[LatentChain], codes: Sequence[torch.Tensor])
     flow = chains[0].flow
     device = flow.cond_feature_emb.weight.device
     mu = flow.condition(torch.stack(list(codes)).to(device))
-    frames, prefix = LATENTS_PER_CODE * WINDOW, LATENTS_PER_CODE * OVERLAP
-    shape = (1, frames, flow.latent_channels)
+    prefix, shape = PREFIX, noise_shape(flow)
     noise = torch.cat(
         [torch.randn(shape, generator=c.generator, dtype=torch.float32) for c in chains]
     ).to(device)
@@ -159,6 +195,8 @@ def sample_windows(chains: Sequence[LatentChain], codes: Sequence[torch.Tensor])
         )
     for row, chain in enumerate(chains):
         chain.previous = latents[row : row + 1]
+        if chain.prefixes is not None:  # a copy: a view would keep the whole window alive
+            chain.prefixes.append(latents[row, -prefix:].clone())
     return latents
 
 
@@ -202,6 +240,15 @@ class WindowDecoder:
 
     `push` is `add` then `decode_rounds` of this decoder alone, `finish` is `close`, the same,
     then `rest`; `decode_rounds` over several decoders decodes several songs' windows together.
+
+    `keep_prefixes=True` records each decoded window's in-context prefix for the next window
+    (`prefixes()`). `resume=k` picks the song up at window k (for `HeartCodec.redecode`): the
+    decoder draws and drops k windows' noise, starts window k from `prefix` (window k−1's
+    recorded prefix, float32 [104, C]; None for k = 0) and still takes the song's codes from
+    the first, but decodes windows k, k+1, … only, and its audio starts at sample (k+1)·hop, the
+    start of window k+1's region: window k is decoded only for its tail, which window k+1
+    crossfades with (its own first samples would need window k−1's tail). `on_window(done)`
+    counts the song's windows, the skipped ones included.
     """
 
     def __init__(
@@ -214,12 +261,15 @@ class WindowDecoder:
         generator: torch.Generator | None = None,
         on_window: Callable[[int], None] | None = None,
         chunk: int = DECODE_CHUNK,
+        keep_prefixes: bool = False,
+        resume: int | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> None:
         if generator is None:
             generator = torch.Generator()
             generator.seed()  # fresh, non-deterministic; the global RNG is left alone
         self.scalar, self.config, self.on_window, self.chunk = scalar, config, on_window, chunk
-        self.chain = LatentChain(flow, params, generator)
+        self.chain = LatentChain(flow, params, generator, keep_prefixes=keep_prefixes)
         self.streams = config.out_channels // config.latent_hidden_dim
         samples_per_code = LATENTS_PER_CODE * scalar.samples_per_frame
         self.window_len, self.hop, self.overlap = (
@@ -229,9 +279,48 @@ class WindowDecoder:
         self.ramp = torch.linspace(0, 1, self.overlap, device=device)
         self.codes = torch.zeros(config.num_quantizers, 0, dtype=torch.long)  # as received
         self.pending: deque[torch.Tensor] = deque()  # planned windows' codes, not yet decoded
-        self.windows = 0  # windows decoded so far
+        self.windows = 0  # windows decoded so far (a resumed decoder: of the song)
         self.tail: torch.Tensor | None = None  # the last window's overlap, not yet crossfaded
         self.left: int | None = None  # samples still to emit, once the length is known
+        self.mute = False  # the next window is decoded for its tail only (resume)
+        if resume is not None:
+            self._resume(resume, prefix, device)
+        elif prefix is not None:
+            raise UserError("an in-context prefix is given only with resume=<window>")
+
+    def _resume(self, window: int, prefix: torch.Tensor | None, device: torch.device) -> None:
+        """Pick the song up at `window`, starting it from `prefix` (see the class)."""
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise UserError(f"resume must be a window index ≥ 0, not {window!r}")
+        want = [PREFIX, self.chain.flow.latent_channels]
+        if window == 0 and prefix is not None:
+            raise UserError("window 0 has no in-context prefix: give prefix=None with resume=0")
+        if window > 0 and (
+            not isinstance(prefix, torch.Tensor)
+            or prefix.dtype != torch.float32
+            or list(prefix.shape) != want
+        ):
+            got = "None" if prefix is None else f"{prefix.dtype} {list(prefix.shape)}"
+            raise UserError(
+                f"resume={window} needs window {window - 1}'s in-context prefix, "
+                f"float32 {want}, not {got}"
+            )
+        self.chain.skip(window)
+        if prefix is not None:
+            self.chain.previous = prefix.to(device)[None]
+        self.windows, self.mute = window, True
+
+    def prefixes(self) -> torch.Tensor:
+        """The in-context prefix each window decoded so far hands to the next (its final
+        latents' last 104 frames), float32 [windows, 104, C] on the CPU, in window order; a
+        resumed decoder's start at its resume window. Needs `keep_prefixes=True`. On a GPU, call
+        it on the stream the decoder ran on."""
+        kept = self.chain.prefixes
+        if kept is None:
+            raise UserError("this decoder keeps no prefixes: make it with keep_prefixes=True")
+        if not kept:
+            return torch.empty(0, PREFIX, self.chain.flow.latent_channels)
+        return torch.stack(kept).cpu()
 
     def push(self, codes: torch.Tensor) -> list[torch.Tensor]:
         """Add codes [Q, n] (stray ids allowed); decode the windows that became certain."""
@@ -311,7 +400,11 @@ class WindowDecoder:
         self.tail = wav[:, self.hop :]
         if self.on_window is not None:
             self.on_window(self.windows)
-        return self._emit(wav[:, : self.hop])
+        piece = self._emit(wav[:, : self.hop])
+        if self.mute:  # a resumed decoder's first window: its tail only (see the class)
+            self.mute = False
+            return []
+        return piece
 
     def _emit(self, wav: torch.Tensor) -> list[torch.Tensor]:
         """The piece to hand out: cut at the song's end once that is known, never empty."""

@@ -27,10 +27,13 @@ from pydantic import BaseModel, Field
 from .. import __version__
 from ..audio import WavStream
 from ..errors import UserError
-from ..request import CodecParams, SamplingParams
+from ..request import JSON_SETTINGS, JSON_TEXTS, CodecParams, SamplingParams
 from .jobs import FINAL, Job
-from .service import AUDIO_FORMATS, DEFAULT_FORMAT, QueueFull, SongService
+from .service import AUDIO_FORMATS, DEFAULT_FORMAT, Conflict, QueueFull, SongService
 
+# A job's request as the API shows it: the fields of a body that makes the same song (an edit's:
+# its LM run's, the section or extension; its `edit` says of what).
+BODY_FIELDS = (*JSON_TEXTS, *JSON_SETTINGS)
 MAX_BODY_BYTES = 64 * 1024  # tags and a long lyric sheet are a few KiB
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
 KEY_COOKIE = "heartmula_rt_key"
@@ -67,7 +70,10 @@ def job_view(job: Job, now: float | None = None) -> dict[str, Any]:
         "id": job.id,
         "state": job.state,
         "created_at": job.created,
-        "request": {**job.request, "format": job.format},
+        "request": {
+            **{k: v for k, v in job.request.items() if k in BODY_FIELDS},
+            "format": job.format,
+        },
         "seed": job.seed,
         "progress": {
             "frames": job.frames,
@@ -86,6 +92,8 @@ def job_view(job: Job, now: float | None = None) -> dict[str, Any]:
             else (end - job.started) / job.audio_seconds,
         },
         "error": job.error,
+        "edit": job.edit,
+        "replica": job.replica,  # the replica that makes it (serve --ray), else None
         "audio": job.audio is not None or job.state in ("queued", "running"),
         "urls": {"self": base, "audio": f"{base}/audio", "events": f"{base}/events"},
     }
@@ -99,7 +107,9 @@ def _wav_stream(pieces: Iterator[np.ndarray], sample_rate: int) -> Iterator[byte
     for piece in pieces:
         if piece.shape[1]:
             wav.write(piece)
-            yield sink.take()
+        # An empty piece too: each step hands control back, so a listener who has gone is
+        # noticed within a second, not only when the next audio comes.
+        yield sink.take()
 
 
 class _Chunks:
@@ -167,6 +177,10 @@ def make_app(service: SongService, *, api_key: str | None = None) -> FastAPI:
     )
     async def create_song(request: Request) -> JSONResponse:
         """Queue a song; 202 with the job, its seed and its URLs."""
+        return await _queued(request, service.submit)
+
+    async def _queued(request: Request, queue: Any) -> JSONResponse:
+        """The JSON body (at most MAX_BODY_BYTES) given to `queue`, its job as a 202."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return _error(413, f"the body is over {MAX_BODY_BYTES} bytes")
@@ -180,13 +194,30 @@ def make_app(service: SongService, *, api_key: str | None = None) -> FastAPI:
         except ValueError as e:
             return _error(422, f"the body is not JSON ({e})")
         try:
-            job = await run_in_threadpool(service.submit, fields)
+            job = await run_in_threadpool(queue, fields)
+        except LookupError as e:
+            return _error(404, f"no song {e.args[0]}")
+        except Conflict as e:
+            return _error(409, str(e))
         except UserError as e:
             return _error(422, str(e))
         except QueueFull as e:
             return _error(429, str(e), {"Retry-After": str(e.retry_after)})
         view = job_view(job)
         return JSONResponse(view, status_code=202, headers={"Location": view["urls"]["self"]})
+
+    @app.post("/v1/songs/{job_id}/extend", status_code=202)
+    async def extend_song(job_id: str, request: Request) -> JSONResponse:
+        """A finished song made longer: `{"seconds": S}` and any of tags, lyrics (new ones
+        from here on), seed (default: the song's), format; 202 with the new song's job."""
+        return await _queued(request, lambda body: service.edit(job_id, "extend", body))
+
+    @app.post("/v1/songs/{job_id}/regen", status_code=202)
+    async def regen_song(job_id: str, request: Request) -> JSONResponse:
+        """A section of a finished song made again: `{"from": S}` or `{"from": S, "to": E}`
+        (seconds; with `to` the section keeps its length and the rest follows) and any of tags,
+        lyrics, seed (default: random), format; 202 with the new song's job."""
+        return await _queued(request, lambda body: service.edit(job_id, "regen", body))
 
     @app.get("/v1/songs")
     def list_songs(limit: int = 50) -> dict[str, Any]:

@@ -4,11 +4,14 @@ server lists every past job.
 `JobStore` is the interface the service uses; `SqliteJobStore` its one implementation, a file
 in the server's output folder (the standard library's sqlite3, WAL journal, one connection
 guarded by a lock: the service's threads and the HTTP threads share it). A store shared by
-several machines would implement the same methods over a database server.
+several machines would implement the same methods over a database server (PostgreSQL, say:
+one `jobs` table of these columns; ray_app.py's replicas and ingress then share it instead of
+the file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -40,6 +43,11 @@ class Job:
     finished: float | None = None
     error: str | None = None
     audio: str | None = None  # the audio file's name in the output folder, once written
+    # An edit of another job's song (edit.py): {"of": its id, "kind": "extend" | "regen",
+    # "start": the first frame made again (regen), "end": the section's end or None}.
+    edit: dict[str, Any] | None = None
+    # Which replica makes it, when several do (ray_app.py: its Ray Serve replica's id).
+    replica: str | None = None
 
     @property
     def seed(self) -> int:
@@ -65,7 +73,7 @@ class JobStore(Protocol):
 
 
 _COLUMNS = tuple(f.name for f in fields(Job))
-_JSON = {"request"}
+_JSON = {"request", "edit"}
 
 
 class SqliteJobStore:
@@ -74,7 +82,9 @@ class SqliteJobStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            self.path, timeout=30, check_same_thread=False, isolation_level=None
+        )  # timeout: other processes (ray_app.py's replicas) may be writing
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed job
         self._db.execute(
@@ -82,8 +92,12 @@ class SqliteJobStore:
             "id TEXT PRIMARY KEY, request TEXT NOT NULL, format TEXT NOT NULL, "
             "max_frames INTEGER NOT NULL, state TEXT NOT NULL, frames INTEGER NOT NULL, "
             "audio_seconds REAL NOT NULL, created REAL NOT NULL, started REAL, "
-            "first_audio REAL, finished REAL, error TEXT, audio TEXT)"
+            "first_audio REAL, finished REAL, error TEXT, audio TEXT, edit TEXT, replica TEXT)"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "replica" not in columns:  # a database made before jobs had a replica
+            with contextlib.suppress(sqlite3.OperationalError):  # another process just did
+                self._db.execute("ALTER TABLE jobs ADD COLUMN replica TEXT")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created)")
 
     def add(self, job: Job) -> None:

@@ -6,19 +6,22 @@ to the scheduler → the engine's thread, where each song's new frames go throug
 `LiveDecoder` (the streaming codec: a window decoded as soon as its codes are certain, between
 LM frames) → its `LiveAudio`, a file that any number of listeners read while it grows → the
 finished file in the asked format. Nothing of a song lives only in memory: its codes are saved
-beside its audio every window (`<id>.codes.npz`), its audio as float32 samples (`<id>.pcm`), so
-a killed server's songs are `interrupted` on restart with their audio so far written out.
+beside its audio every window and at its end (its sidecar `<id>.codes.safetensors`, codes.py,
+kept), its audio as float32 samples (`<id>.pcm`), so a killed server's songs are `interrupted`
+on restart with their audio so far written out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
 import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +29,13 @@ import numpy as np
 import torch
 
 from ..audio import FORMATS, write_audio
-from ..codes import save_codes
+from ..codes import SongCodes, sidecar_path
 from ..config import DEFAULT_SONGS_AT_ONCE, PROMPT_TOKENS
 from ..decode import song_codes
+from ..edit import section
 from ..errors import UserError
 from ..pipeline import codec_noise
-from ..request import FRAME_MS, SongRequest, max_frames_for, request_from_json
+from ..request import DEFAULT_MAX_SECONDS, FRAME_MS, SongRequest, max_frames_for, request_from_json
 from ..scheduler import Scheduler, SongRun
 from ..stream import LiveDecoder
 from .jobs import FINAL, Job, JobStore
@@ -120,11 +124,27 @@ def read_pcm(path: Path) -> np.ndarray:
     return np.frombuffer(raw[:usable], dtype="<f4").reshape(-1, CHANNELS).T
 
 
-class _Song:
-    """A job the service holds in memory while it is queued or running."""
+class Conflict(UserError):
+    """A request that cannot apply to the song as it stands (HTTP 409)."""
 
-    def __init__(self, job: Job, request: SongRequest, run: SongRun, audio: LiveAudio) -> None:
-        self.job, self.request, self.run, self.audio = job, request, run, audio
+
+# The fields of an edit's body (`SongService.edit`), beside tags, lyrics, seed and format.
+EDIT_FIELDS = {"extend": ("seconds",), "regen": ("from", "to")}
+
+
+class _Song:
+    """A job the service holds in memory while it is queued or running; an edit's song starts
+    from `given` frames [8, k] of its original, and (a section) ends with its `tail`."""
+
+    def __init__(
+        self,
+        job: Job,
+        request: SongRequest,
+        run: SongRun,
+        audio: LiveAudio,
+        tail: torch.Tensor | None = None,
+    ) -> None:
+        self.job, self.request, self.run, self.audio, self.tail = job, request, run, audio, tail
         self.decoder: LiveDecoder | None = None
         self.cancelled = False  # by its client (not by the server closing)
         self.error: str | None = None
@@ -135,6 +155,7 @@ class SongService:
 
     def __init__(self, pipe: Pipeline, store: JobStore, config: ServiceConfig) -> None:
         self.pipe, self.store, self.config = pipe, store, config
+        self.fingerprint = pipe.fingerprint  # every sidecar's `model`, read once here
         self.folder = Path(config.folder)
         self.max_frames = max_frames_for(config.max_seconds)
         plan = pipe.plan
@@ -152,16 +173,21 @@ class SongService:
         self._closing = False
         self._made: deque[tuple[float, int]] = deque()  # (when, frames) of recent steps
         self._thread = threading.Thread(target=self._serve, name="heartmula-rt serve", daemon=True)
+        # The codec's own thread: it decodes songs' windows while the LM goes on (on its own
+        # device with `codec_device`), each song's work in order.
+        self._codec_work: queue.Queue = queue.Queue()
+        self._codec_thread = threading.Thread(
+            target=self._decode, name="heartmula-rt codec", daemon=True
+        )
 
     # -- the client side (any thread) --------------------------------------------------------
 
     def submit(self, body: object) -> Job:
         """Check an HTTP body's song and queue it; `UserError` says what is wrong with it,
         `QueueFull` that there is no room now."""
-        request, extra = request_from_json(body, {}, also=("format",))
+        longest = {"max_seconds": min(DEFAULT_MAX_SECONDS, self.config.max_seconds)}
+        request, extra = request_from_json(body, longest, also=("format",))
         fmt = extra.get("format", DEFAULT_FORMAT)
-        if fmt not in AUDIO_FORMATS:
-            raise UserError(f"format must be one of {', '.join(AUDIO_FORMATS)}, not {fmt!r}")
         if request.sampling.max_frames > self.max_frames:
             raise UserError(
                 f"seconds must be at most {self.config.max_seconds:g} on this server, not "
@@ -169,13 +195,27 @@ class SongService:
             )
         if request.sampling.seed is None:  # chosen here, so that it is kept with the job
             request = request.with_settings(seed=secrets.randbits(31))
+        return self._queue(request, fmt, None, (None, None), request.sampling.max_frames + 1)
+
+    def _queue(
+        self,
+        request: SongRequest,
+        fmt: str,
+        edit: dict[str, Any] | None,
+        parts: tuple[torch.Tensor | None, torch.Tensor | None],
+        total: int,
+    ) -> Job:
+        """Check a song (and an edit's `parts`) fits, record its job and queue it."""
+        if fmt not in AUDIO_FORMATS:
+            raise UserError(f"format must be one of {', '.join(AUDIO_FORMATS)}, not {fmt!r}")
         prompt = self.pipe.prompt(request)
         self.scheduler.check(SongRun(prompt, request.sampling))
         job = Job(
             id=secrets.token_hex(8),
             request=_request_fields(request),
             format=fmt,
-            max_frames=request.sampling.max_frames + 1,
+            max_frames=total,
+            edit=edit,
         )
         with self._lock:
             if self._closing:
@@ -183,8 +223,80 @@ class SongService:
             if len(self.scheduler_waiting()) >= self.config.max_queue:
                 raise QueueFull(self._retry_after())
             self.store.add(job)
-            self._post(job, request, prompt)
+            self._post(job, request, prompt, parts)
         return job
+
+    def edit(self, job_id: str, kind: str, body: object) -> Job:
+        """Queue an edit of a finished song (edit.py): `extend` (`seconds` more) or `regen`
+        (the section `from` [`to`] seconds made again), with the song's tags, lyrics and seed
+        unless the body gives others. `Conflict` if the song has no codes to edit."""
+        base = self.job(job_id)
+        if base is None:
+            raise LookupError(job_id)
+        if base.state not in FINAL:
+            raise Conflict(f"song {job_id} is {base.state}: edit it once it has ended")
+        path = self._sidecar(base)
+        if not path.is_file():
+            raise Conflict(f"song {job_id} has no codes to edit ({base.state})")
+        original = SongCodes.load(path, model=self.fingerprint)
+        if not isinstance(body, dict):
+            raise UserError(f"not a JSON object but {type(body).__name__}")
+        allowed = ("tags", "lyrics", "seed", "format", *EDIT_FIELDS[kind])
+        unknown = sorted(set(body) - set(allowed))
+        if unknown:
+            raise UserError(f"unknown field {unknown[0]!r}; use {', '.join(allowed)}")
+        texts = {k: body.get(k, getattr(original.request, k)) for k in ("tags", "lyrics")}
+        sampling = original.request.sampling
+        if kind == "extend":
+            if "seconds" not in body:
+                raise UserError("give seconds: how much longer")
+            more = max_frames_for(_seconds(body, "seconds"))
+            if not 1 <= more <= self.max_frames:
+                raise UserError(
+                    f"seconds must add from one 80 ms frame to {self.config.max_seconds:g} s on "
+                    f"this server, not {body['seconds']}"
+                )
+            sampling = replace(sampling, max_frames=original.frames - 1 + more)
+            edit = {"of": base.id, "kind": kind, "start": original.frames, "end": None}
+        else:
+            if "from" not in body:
+                raise UserError("give from: where the section starts, in seconds")
+            end_s = None if body.get("to") is None else _seconds(body, "to")
+            start, end = section(original.frames, _seconds(body, "from"), end_s)
+            if end is not None:  # exactly the section: no EOS inside it
+                sampling = replace(sampling, max_frames=end - 1, stop_at_eos=False)
+            sampling = replace(sampling, seed=None)  # a new take: a new seed by default
+            edit = {"of": base.id, "kind": kind, "start": start, "end": end}
+        if "seed" in body:
+            sampling = replace(sampling, seed=body["seed"])
+        request = SongRequest.of(**texts).with_settings(
+            **{k: v for k, v in asdict(sampling).items() if k != "seed"},
+            num_steps=original.request.codec.num_steps,
+            guidance_scale=original.request.codec.guidance_scale,
+            noise_seed=original.request.noise_seed,  # unchanged windows sound the same
+            seed=sampling.seed if sampling.seed is not None else secrets.randbits(31),
+        )
+        fmt = body.get("format", base.format)
+        parts = self._edit_parts(edit, original)
+        total = request.sampling.max_frames + 1 + (0 if parts[1] is None else parts[1].shape[1])
+        return self._queue(request, fmt, edit, parts, total)
+
+    def _sidecar(self, job: Job) -> Path:
+        return sidecar_path(self.folder / f"{job.id}.{job.format}")
+
+    def _edit_parts(
+        self, edit: dict[str, Any] | None, original: SongCodes | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """An edit's (given frames, tail) from its original's sidecar."""
+        if edit is None:
+            return None, None
+        if original is None:
+            base = self.store.get(edit["of"])
+            if base is None:
+                raise UserError(f"the song {edit['of']} this one edits is gone")
+            original = SongCodes.load(self._sidecar(base), model=self.fingerprint)
+        codes, end = original.codes, edit["end"]
+        return codes[:, : edit["start"]], None if end is None else codes[:, end:]
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running song (its rows are freed at the engine's next frame
@@ -197,6 +309,14 @@ class SongService:
             self.scheduler.cancel(song.run)
         self._wake.set()
         return True
+
+    def adopt(self, job: Job) -> None:
+        """Queue a recorded job that another service left queued (its replica has gone:
+        ray_app.py), as `start` queues its own."""
+        request = _job_request(job)
+        prompt, parts = self.pipe.prompt(request), self._edit_parts(job.edit)
+        with self._lock:
+            self._post(job, request, prompt, parts)
 
     def job(self, job_id: str) -> Job | None:
         """The job as it stands now: its live progress if held here, else its record."""
@@ -246,10 +366,12 @@ class SongService:
             try:
                 request = _job_request(job)
                 prompt = self.pipe.prompt(request)
+                parts = self._edit_parts(job.edit)
             except UserError as e:  # e.g. a server now started with a smaller model
                 self.store.update(job.id, state="failed", error=str(e), finished=time.time())
                 continue
-            self._post(job, request, prompt)
+            self._post(job, request, prompt, parts)
+        self._codec_thread.start()
         self._thread.start()
 
     def close(self) -> None:
@@ -262,15 +384,26 @@ class SongService:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
+        if self._codec_thread.is_alive():
+            self._codec_work.put(None)  # after every song's end
+            self._codec_thread.join()
 
     # -- the engine's thread -----------------------------------------------------------------
 
-    def _post(self, job: Job, request: SongRequest, prompt: Any) -> None:
+    def _post(
+        self,
+        job: Job,
+        request: SongRequest,
+        prompt: Any,
+        parts: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    ) -> None:
+        """Queue a job's song; an edit's `parts` are its given frames and its tail."""
+        given, tail = parts
         audio = LiveAudio(self.folder / f"{job.id}.pcm")
-        run = SongRun(prompt, request.sampling)
-        song = _Song(job, request, run, audio)
+        run = SongRun(prompt, request.sampling, given=None if given is None else given.T)
+        song = _Song(job, request, run, audio, tail)
         run.on_codes = lambda new: self._on_codes(song, new)
-        run.on_end = lambda why: self._on_end(song, why)
+        run.on_end = lambda why: self._codec_work.put((self._end, song, why))
         self._songs[job.id] = song
         self.scheduler.submit(run)
         self._wake.set()
@@ -293,25 +426,62 @@ class SongService:
                     self.scheduler.finish(run, "failed")
 
     def _on_codes(self, song: _Song, new: torch.Tensor) -> None:
+        """The engine's thread: a song's new frames, counted, handed to the codec's thread."""
         job = song.job
-        if song.decoder is None:  # admitted: its first frame
+        if job.state == "queued":  # admitted: its first frame
             job.state, job.started = "running", time.time()
             self.store.update(job.id, state="running", started=job.started)
-            song.decoder = LiveDecoder(
-                self.pipe.codec,
-                song.request.codec,
-                generator=codec_noise(song.request.sampling.seed),
-                put=lambda piece: self._on_audio(song, piece),
-            )
+            if song.run.given is not None:  # an edit: the kept frames come first
+                job.frames += song.run.given.shape[0]
         job.frames += new.shape[1]
         with self._lock:
             self._made.append((time.monotonic(), new.shape[1]))
             while self._made and time.monotonic() - self._made[0][0] > RATE_WINDOW_S:
                 self._made.popleft()
+        self._codec_work.put((self._push, song, new))
+
+    # -- the codec's thread ------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        torch.set_num_threads(self.pipe.threads)
+        while (work := self._codec_work.get()) is not None:
+            step, song, arg = work
+            try:
+                with torch.no_grad():
+                    step(song, arg)
+            except Exception as e:  # noqa: BLE001 (this song fails, the others go on)
+                song.error = song.error or f"{type(e).__name__}: {e}"
+                if step == self._push:  # its rows go at the next frame boundary, its end fails
+                    self.scheduler.cancel(song.run)
+                else:
+                    self._fail(song)
+
+    def _fail(self, song: _Song) -> None:
+        """A song whose end could not be written: its record says so, whatever is on disk."""
+        job = song.job
+        job.state, job.error, job.finished = "failed", song.error, time.time()
+        with contextlib.suppress(Exception):
+            song.audio.close()
+        self.store.update(job.id, state="failed", error=job.error, finished=job.finished)
+        with self._lock:
+            self._songs.pop(job.id, None)
+
+    def _push(self, song: _Song, new: torch.Tensor) -> None:
+        if song.error is not None:  # its codec failed: nothing more to decode
+            return
+        if song.decoder is None:
+            song.decoder = LiveDecoder(
+                self.pipe.codec,
+                song.request.codec,
+                generator=codec_noise(song.request.noise_seed),
+                put=lambda piece: self._on_audio(song, piece),
+            )
+            if song.run.given is not None:  # an edit: the kept frames come first
+                song.decoder.push(song.run.given.T)
         pieces_before = song.audio.samples
         song.decoder.push(new)
         if song.audio.samples != pieces_before:  # a window was decoded: keep the codes too
-            self._save(song)
+            self._save(song, "interrupted")  # what they are if the server dies now
 
     def _on_audio(self, song: _Song, piece: np.ndarray) -> None:
         job = song.job
@@ -321,29 +491,37 @@ class SongService:
         song.audio.append(piece)
         job.audio_seconds = song.audio.samples / self.pipe.sample_rate
 
-    def _save(self, song: _Song) -> None:
+    def _save(self, song: _Song, ended: str) -> None:
+        """The song's sidecar, its LM part `ended` as codes.py says, and its progress."""
         job = song.job
         codes = song_codes(song.run, self.pipe.lm)
-        save_codes(self.folder / f"{job.id}.codes.npz", codes, job.seed, song.request.codec)
+        path = sidecar_path(self.folder / f"{job.id}.{job.format}")
+        SongCodes(codes, song.request, ended, self.fingerprint).save(path)
         self.store.update(job.id, frames=job.frames, audio_seconds=job.audio_seconds)
 
     def _by_run(self, run: SongRun) -> _Song:
         return next(s for s in self._songs.values() if s.run is run)
 
-    def _on_end(self, song: _Song, why: str) -> None:
+    def _end(self, song: _Song, why: str) -> None:
         """A song has ended and its rows are free: its final file and record."""
         job = song.job
+        if song.error is not None:  # its codec (or the batch) failed
+            why = "failed"
         if why in ("eos", "length"):
+            if song.tail is not None:  # a section: the original's frames after it follow
+                song.run.frames.extend(song.tail.T.unbind(0))
+                job.frames += song.tail.shape[1]
+                song.decoder.push(song.tail)
             song.decoder.finish()  # the audio to its proper end
         song.audio.close()
         if why == "cancelled" and not song.cancelled and job.state == "queued":
             (self.folder / f"{job.id}.pcm").unlink()  # the server closing: queued for next time
         else:
-            if job.frames:
-                self._save(song)
             state = {"eos": "done", "length": "done", "failed": "failed"}.get(why, "cancelled")
             if why == "cancelled" and not song.cancelled:
                 state = "interrupted"  # the server closing
+            if job.frames:
+                self._save(song, "interrupted" if state == "interrupted" else why)
             self._write(job, state, song.error)
             job.state = state
         with self._lock:
@@ -352,27 +530,7 @@ class SongService:
     def _write(self, job: Job, state: str, error: str | None = None) -> None:
         """Write a song's final file (if it has audio) from its audio file so far, which goes,
         and its record's final state."""
-        pcm = self.folder / f"{job.id}.pcm"
-        audio = None
-        if pcm.is_file():
-            wav = read_pcm(pcm)
-            if wav.shape[1]:
-                audio = f"{job.id}.{job.format}"
-                write_audio(
-                    self.folder / audio, torch.from_numpy(wav.copy()), self.pipe.sample_rate
-                )
-                job.audio_seconds = wav.shape[1] / self.pipe.sample_rate
-            pcm.unlink()
-        job.audio, job.finished, job.error = audio, time.time(), error
-        self.store.update(
-            job.id,
-            state=state,
-            audio=audio,
-            finished=job.finished,
-            error=error,
-            frames=job.frames,
-            audio_seconds=job.audio_seconds,
-        )
+        write_final(self.store, self.folder, job, state, self.pipe.sample_rate, error)
 
     def _retry_after(self) -> int:
         """Seconds until a queued song likely starts: the queue's songs over the rows, at the
@@ -382,11 +540,47 @@ class SongService:
         return max(1, math.ceil(waiting / rate))
 
 
+def write_final(
+    store: JobStore, folder: Path, job: Job, state: str, sample_rate: int, error: str | None = None
+) -> None:
+    """A song's final file (if it has audio) written from its audio file so far (`FOLDER/ID.pcm`,
+    which goes), and its record's final `state`: the service's end of every song, and how a
+    song whose maker has gone (a killed replica, ray_app.py) is kept as `interrupted`."""
+    pcm = folder / f"{job.id}.pcm"
+    audio = None
+    if pcm.is_file():
+        wav = read_pcm(pcm)
+        if wav.shape[1]:
+            audio = f"{job.id}.{job.format}"
+            write_audio(folder / audio, torch.from_numpy(wav.copy()), sample_rate)
+            job.audio_seconds = wav.shape[1] / sample_rate
+    # The record names the file before the live audio goes: a listener who comes now gets one.
+    job.audio, job.finished, job.error = audio, time.time(), error
+    store.update(
+        job.id,
+        state=state,
+        audio=audio,
+        finished=job.finished,
+        error=error,
+        frames=job.frames,
+        audio_seconds=job.audio_seconds,
+    )
+    pcm.unlink(missing_ok=True)
+
+
+def _seconds(body: dict[str, Any], name: str) -> float:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{name} must be a number of seconds, not {value!r}")
+    return float(value)
+
+
 def _job_request(job: Job) -> SongRequest:
     """The request a job record keeps (its frames exactly, whatever seconds rounds to)."""
-    fields = {k: v for k, v in job.request.items() if k != "seconds"}
+    exact = ("seconds", "max_frames", "stop_at_eos", "noise_seed")
+    fields = {k: v for k, v in job.request.items() if k not in exact}
     request, _ = request_from_json(fields, {})
-    return request.with_settings(max_frames=job.max_frames - 1)
+    return request.with_settings(**{k: job.request[k] for k in exact[1:]})
 
 
 def _request_fields(request: SongRequest) -> dict[str, Any]:
@@ -402,6 +596,10 @@ def _request_fields(request: SongRequest) -> dict[str, Any]:
         "cfg_scale": s.cfg_scale,
         "num_steps": c.num_steps,
         "guidance_scale": c.guidance_scale,
+        # Beyond the body's fields, what an edit's song needs to be made again after a restart.
+        "max_frames": s.max_frames,
+        "stop_at_eos": s.stop_at_eos,
+        "noise_seed": c.noise_seed,
     }
 
 
