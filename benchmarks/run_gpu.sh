@@ -21,11 +21,18 @@
 #            SNR against float32), and a streamed song's time to first audio (~90 s)
 #   micro    only when named: pytest benchmarks/ (sampler, decode frame, codec window, each
 #            quantized linear's plain / fast / compiled forward, which picks the int8 kernel)
+#   serve    only when named: `heartmula-rt serve` under load (benchmarks/serve_bench.py) on a
+#            random 3B bf16 checkpoint made here (/tmp/serve-3B, ~7 GB of disk), graph engine,
+#            --batch 8: 8 clients, one 40 s song each (past one codec window, 29.8 s, so first
+#            audio comes before the song's end): songs/min, frames/s, queue wait, time to first
+#            audio (~200 s). Needs fastapi, uvicorn and httpx (and their dependencies) in the
+#            image or carried in .whl
 #
 # Results go to $OUT (else benchmarks/results/gpu): run.log (everything printed), tests.xml (the
 # tests' JUnit report) and one bench JSON per step (`..._decode.json`, `..._quant.json`,
 # `..._vram-12G.json`, `..._vram-8G.json`, `..._codec.json`, `..._batch.json`): 8 files, the
-# device tool's limit.
+# device tool's limit (`micro` and `serve` add `micro.json` and `..._serve.json`: name them in a
+# call of their own).
 # Commit the JSON files under benchmarks/results/. BUDGET_S (540) sets the deadline.
 #
 # The device image has torch, triton, pytest and numpy but not soundfile (the CLI imports it) or
@@ -37,6 +44,8 @@
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     soundfile cffi pycparser bitsandbytes
+#   (for `serve` also, with their dependencies: the same download without --no-deps of
+#    fastapi uvicorn httpx)
 #   mkdir -p .shared && rsync -a --exclude 'codec_T*' ../shared/fixtures .shared/
 # then call with `.whl` and `.shared` in the carry list, and a timeout_s of about 600.
 set -uo pipefail # no -e: one failed step must not cost the others
@@ -85,8 +94,21 @@ setup_env() {
     python3 -m pip install -q --no-deps --no-build-isolation -e . || return 1
     python3 -c 'import heartmula_rt, soundfile; print("heartmula_rt", heartmula_rt.__file__)'
 }
+# A random 3B checkpoint folder (made once per machine: a cut run leaves only the .part
+# folder), then 8 clients on its server, within the step's BUDGET seconds (its first argument).
+serve_bench() {
+    local budget=$1 ckpt=/tmp/serve-3B
+    if [ ! -d "$ckpt" ]; then
+        rm -rf "$ckpt.part"
+        python3 tools/make_checkpoint.py "$ckpt.part" --lm 3B --codec full --dtype bfloat16 &&
+            mv "$ckpt.part" "$ckpt" || return 1
+    fi
+    python3 benchmarks/serve_bench.py --model-path "$ckpt" --no-eos --engine graph --batch 8 \
+        --clients 8 --songs-per-client 1 --seconds 40 --warmup 2 \
+        --deadline-s $((budget - SECONDS - 30)) --out-dir "$OUT" --name serve
+}
 [ -d .whl ] && export PYTHONPATH=/tmp/site
-export -f bench setup_env
+export -f bench setup_env serve_bench
 
 step env 60 setup_env
 for s in $STEPS; do
@@ -117,8 +139,9 @@ for s in $STEPS; do
             --warmup 1 --no-codec --name batch
         ;;
     micro) step micro 240 python3 -m pytest -q benchmarks/ --benchmark-json="$OUT/micro.json" ;;
+    serve) step serve 300 serve_bench 300 ;;
     *)
-        echo "unknown step $s: use tests, decode, quant, vram, codec, batch or micro"
+        echo "unknown step $s: use tests, decode, quant, vram, codec, batch, micro or serve"
         failed+=("$s")
         ;;
     esac
