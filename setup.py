@@ -51,6 +51,10 @@ setup(
         ],
         # `heartmula-rt serve`: the HTTP service and its web page.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        # `heartmula-rt serve --ray`: the same API over model replicas on Ray Serve (with
+        # .[serve]); only heartmula_rt/serve/ray_app.py imports it. 2.60: the version tested
+        # (an ingress whose app is built when its replica starts needs a recent Serve).
+        "ray": ["ray[serve]>=2.60"],
         # --quant nf4 at speed on a GPU.
         "nf4": ["bitsandbytes>=0.50"],
         # benchmarks/: the GPU micro-benchmarks, and `heartmula-rt bench --plot`.

@@ -254,6 +254,35 @@ def _original_audio(
     return None
 
 
+SAVE_EVERY_S = 10.0  # at most this much of the LM's work is lost if the process dies
+
+
+class _KeptFrames:
+    """A song's frames as the LM makes them, saved as the sidecar beside `out` (ended
+    `interrupted`) every `SAVE_EVERY_S`: if the process dies, `heartmula-rt resume` finishes
+    the song from it. Its end overwrites that sidecar with the whole song's."""
+
+    def __init__(self, pipe: Pipeline, out: Path, request: SongRequest) -> None:
+        self.pipe, self.out, self.request = pipe, out, request
+        self.parts: list[torch.Tensor] = []
+        self.saved_at = time.monotonic()
+        self.path: Path | None = None
+
+    def add(self, new: torch.Tensor) -> None:
+        import torch
+
+        self.parts.append(new)
+        if time.monotonic() - self.saved_at >= SAVE_EVERY_S:
+            codes = torch.cat(self.parts, dim=1)
+            self.path = _save_sidecar(self.pipe, self.out, codes, self.request, "interrupted")
+            self.saved_at = time.monotonic()
+
+    def drop(self) -> None:
+        """The song's frames went elsewhere (a `.partial` file's sidecar): this one goes."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def _decode_keeping_codes(
     pipe: Pipeline,
     frames: torch.Tensor,
@@ -569,10 +598,20 @@ def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
             file=sys.stderr,
         )
 
+    kept = [_KeptFrames(pipe, song.output, song.request) for song in songs]
     try:
-        frames = pipe.generate_frames_batch(requests, rows=rows, on_frame=on_frame, on_end=on_end)
+        frames = pipe.generate_frames_batch(
+            requests,
+            rows=rows,
+            on_frame=on_frame,
+            on_end=on_end,
+            on_codes=lambda i, new: kept[i].add(new),
+        )
     except BatchInterrupted as stop:
         bar.close()
+        for i, keeper in enumerate(kept):
+            if i not in ended:  # its frames go to its .partial file's sidecar
+                keeper.drop()
         return _decode_interrupted(pipe, songs, stop.frames, ended)
     bar.close()
     lm_s = time.perf_counter() - start
@@ -713,10 +752,14 @@ def cmd_gen(args: argparse.Namespace) -> int:
         return _stream_and_write(pipe, out, request)
 
     bar = tqdm(total=request.sampling.max_frames + 1, desc="LM", unit="frame", file=sys.stderr)
+    kept = _KeptFrames(pipe, out, request)
     try:
-        frames = pipe.generate_frames(request, on_frame=lambda n: bar.update(n - bar.n))
+        frames = pipe.generate_frames(
+            request, on_frame=lambda n: bar.update(n - bar.n), on_codes=kept.add
+        )
     except GenerationInterrupted as stop:
         bar.close()
+        kept.drop()
         if stop.frames.shape[-1] == 0:
             print("interrupted before the first frame: nothing written", file=sys.stderr)
             return EXIT_INTERRUPTED

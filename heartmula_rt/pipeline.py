@@ -26,7 +26,7 @@ from .config import (
     default_codec_dtype,
     default_dtype,
 )
-from .decode import BatchInterrupted, OnFrame, check_length, song_codes
+from .decode import BatchInterrupted, OnCodes, OnFrame, check_length, song_codes
 from .engine import (
     Engine,
     check_engine,
@@ -274,9 +274,12 @@ class Pipeline:
         lyrics: str | None = None,
         *,
         on_frame: OnFrame | None = None,
+        on_codes: OnCodes | None = None,
         **settings: Any,
     ) -> torch.Tensor:
         """Sample audio codes: int64 [8, T] on the CPU, frame 0 included, EOS frame dropped.
+        `on_codes(new)` gets the frames made since its last call ([8, k]), `on_frame(n)` the
+        count so far.
 
         With a seed, sampling repeats exactly with the same engine on the same device (engines
         draw their random numbers differently; greedy decoding, topk=1, agrees across them).
@@ -285,7 +288,9 @@ class Pipeline:
         prompt = self.prompt(request)
         with self.lock:
             torch.set_num_threads(self.threads)  # per thread: the caller's may differ from load's
-            return self.engine.generate_frames(prompt, request.sampling, on_frame=on_frame)
+            return self.engine.generate_frames(
+                prompt, request.sampling, on_frame=on_frame, on_codes=on_codes
+            )
 
     def generate_frames_batch(
         self,
@@ -295,6 +300,7 @@ class Pipeline:
         rows: int | None = None,
         on_frame: Callable[[int, int], None] | None = None,
         on_end: Callable[[int, torch.Tensor, str], None] | None = None,
+        on_codes: Callable[[int, torch.Tensor], None] | None = None,
     ) -> list[torch.Tensor]:
         """Sample several songs' codes in one batch: a list of int64 [8, T] CPU tensors, in
         order. `songs` run at once (default: all of them, at most `DEFAULT_SONGS_AT_ONCE`, and
@@ -302,7 +308,8 @@ class Pipeline:
         `rows` instead sets the LM rows exactly (1 per song, 2 with guidance): a song's frames
         are those it makes alone in a batch of the same rows, whatever shares it (decode.py).
         `on_frame(i, made)` is called as song i makes frames, `on_end(i, codes, why)` when it
-        ends (`why`: "eos" or "length"), both from the calling thread. Ctrl-C raises
+        ends (`why`: "eos" or "length"), `on_codes(i, new)` with its new frames, all from the
+        calling thread. Ctrl-C raises
         `BatchInterrupted` with every song's frames so far."""
         if not requests:
             return []
@@ -312,6 +319,8 @@ class Pipeline:
                 run.on_frame = lambda made, i=i: on_frame(i, made)
             if on_end is not None:
                 run.on_end = lambda why, i=i, run=run: on_end(i, song_codes(run, self.lm), why)
+            if on_codes is not None:
+                run.on_codes = lambda new, i=i: on_codes(i, new)
         rows = self.batch_rows(requests, songs) if rows is None else rows
         return self.run_songs(runs, rows)
 

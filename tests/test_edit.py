@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import tqdm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -346,3 +347,33 @@ def test_regen_of_a_lossy_song_decodes_every_window(
         write_audio(tmp_path / "whole.mp3", whole)
         assert out.read_bytes() == (tmp_path / "whole.mp3").read_bytes()
         assert torch.equal(take.prefixes, prefixes)
+
+
+def test_a_crash_keeps_the_frames_and_resume_finishes_the_song(
+    tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    model = ["--model-path", tiny_ckpt]
+    args = ["gen", *model, "--tags", TAGS, "--max-seconds", "2", "--seed", "8"]
+    assert run_cli([*args, "-o", tmp_path / "whole.wav"], capsys)[0] == 0
+    whole = SongCodes.load(tmp_path / "whole.codes.safetensors")
+
+    monkeypatch.setattr(cli, "SAVE_EVERY_S", 0.0)  # save at every frame
+    real_update = tqdm.tqdm.update
+
+    def crash(self, n=1):
+        if self.desc == "LM" and self.n >= 12:
+            raise RuntimeError("the machine went away")
+        return real_update(self, n)
+
+    monkeypatch.setattr(tqdm.tqdm, "update", crash)
+    with pytest.raises(RuntimeError, match="went away"):
+        cli.main([str(a) for a in [*args, "-o", tmp_path / "cut.wav"]])
+    monkeypatch.undo()
+    cut = SongCodes.load(tmp_path / "cut.codes.safetensors")
+    assert cut.ended == "interrupted" and 12 <= cut.frames < whole.frames
+    assert torch.equal(cut.codes, whole.codes[:, : cut.frames])
+    assert not (tmp_path / "cut.wav").exists()
+    code, err = run_cli(["resume", tmp_path / "cut.codes.safetensors", *model], capsys)
+    assert code == 0, err
+    resumed = SongCodes.load(tmp_path / "cut-resumed.codes.safetensors")
+    assert torch.equal(resumed.codes, whole.codes)

@@ -301,14 +301,10 @@ class HeartCodec(nn.Module):
             or prefixes.shape[0] == 0
             or list(prefixes.shape[1:]) != [PREFIX, width]
         ):
-            got = (
-                type(prefixes).__name__
-                if not isinstance(prefixes, torch.Tensor)
-                else f"{prefixes.dtype} {list(prefixes.shape)}"
-            )
             raise UserError(
                 f"prefixes must be float32 [W, {PREFIX}, {width}], one per window of the original "
-                f"song as detokenize(..., return_prefixes=True) returns them, not {got}"
+                f"song as detokenize(..., return_prefixes=True) returns them, not "
+                f"{_described(prefixes)}"
             )
         streams = cfg.out_channels // cfg.latent_hidden_dim
         per_code = num_output_samples(1, cfg.sample_rate)
@@ -318,14 +314,9 @@ class HeartCodec(nn.Module):
             or original.dim() != 2
             or original.shape[0] != streams
         ):
-            got = (
-                type(original).__name__
-                if not isinstance(original, torch.Tensor)
-                else f"{original.dtype} {list(original.shape)}"
-            )
             raise UserError(
                 f"original must be the original song's float32 waveform [{streams}, N] as "
-                f"detokenize returned it, not {got}"
+                f"detokenize returned it, not {_described(original)}"
             )
         old_codes, extra = divmod(original.shape[1], per_code)
         old_windows = len(plan_windows(old_codes)[1]) if old_codes else 0
@@ -399,3 +390,10 @@ class HeartCodec(nn.Module):
         """One window's latents [1, F, 256] → float32 [2, F·1920] on the latents' device."""
         streams = self.config.out_channels // self.config.latent_hidden_dim
         return _windows.decode_window(self.scalar_model, latents, streams, chunk)
+
+
+def _described(value: object) -> str:
+    """A tensor's dtype and shape, or what else the value is, for a refusal."""
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} {list(value.shape)}"
+    return type(value).__name__

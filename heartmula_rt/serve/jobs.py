@@ -38,7 +38,7 @@ class Job:
     frames: int = 0  # LM frames made, frame 0 included
     audio_seconds: float = 0.0  # audio decoded so far (of the final file, once final)
     created: float = field(default_factory=time.time)
-    started: float | None = None  # admitted into the LM's rows
+    started: float | None = None  # its first frame, once admitted and prefilled
     first_audio: float | None = None
     finished: float | None = None
     error: str | None = None

@@ -533,11 +533,17 @@ class SongService:
         write_final(self.store, self.folder, job, state, self.pipe.sample_rate, error)
 
     def _retry_after(self) -> int:
-        """Seconds until a queued song likely starts: the queue's songs over the rows, at the
-        pace of the songs running now (at least 1 s)."""
-        rate = sum(n for _, n in self._made) / RATE_WINDOW_S or 1.0
-        waiting = sum(s.job.max_frames for s in self.scheduler_waiting())
-        return max(1, math.ceil(waiting / rate))
+        """Seconds until the queue likely has room (called with the lock held): a queued song
+        is admitted when a running one ends, so the time the nearest end takes at the pace of
+        the last 10 s (5 s while that pace is not known yet)."""
+        now = time.monotonic()
+        made = sum(n for t, n in self._made if now - t <= RATE_WINDOW_S)
+        running = [s.job for s in self._songs.values() if s.job.state == "running"]
+        if not made or not running:
+            return 5
+        per_song = made / RATE_WINDOW_S / len(running)  # frames/s of each running song
+        nearest = min(max(job.max_frames - job.frames, 0) for job in running)
+        return max(1, math.ceil(nearest / per_song))
 
 
 def write_final(
