@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .codes import SongCodes
 from .config import DEFAULT_CONTEXT_FRAMES
 from .decode import GenerationInterrupted, OnFrame, song_codes
 from .errors import UserError
@@ -63,7 +64,10 @@ def section(
     return start, end
 
 
-def _check_frames(frames: torch.Tensor, pipe: Pipeline) -> torch.Tensor:
+def _check_frames(frames: torch.Tensor | SongCodes, pipe: Pipeline) -> torch.Tensor:
+    """A song's frames: a tensor, or a sidecar's (codes.py)."""
+    if isinstance(frames, SongCodes):
+        frames = frames.codes
     n = pipe.lm_config.audio_num_codebooks
     if not isinstance(frames, torch.Tensor) or frames.dim() != 2 or frames.shape[0] != n:
         shape = list(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__

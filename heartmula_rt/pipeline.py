@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from . import checkpoint, edit, folder
 from .codec import CODEC_DTYPES, HeartCodec, check_codec_dtype
+from .codes import SongCodes
 from .config import (
     DEFAULT_SONGS_AT_ONCE,
     LM_DTYPES,
@@ -346,30 +347,31 @@ class Pipeline:
     def continue_frames(
         self,
         request: SongRequest,
-        frames: torch.Tensor,
+        frames: torch.Tensor | SongCodes,
         *,
         context_frames: int | None = None,
         on_frame: OnFrame | None = None,
     ) -> torch.Tensor:
-        """A song's frames [8, k] continued with `request` (its tags and lyrics: the same or
-        new) to `request.sampling.max_frames` + 1 frames in all or its EOS, past the model's
-        context if need be, each run then keeping the song's last `context_frames` (default
-        `DEFAULT_CONTEXT_FRAMES`, at most half a run): edit.py (resume, extend). Ctrl-C
-        raises `GenerationInterrupted` with the whole song so far."""
+        """A song's frames [8, k] (or its `SongCodes`) continued with `request` (its tags and
+        lyrics: the same or new) to `request.sampling.max_frames` + 1 frames in all or its EOS,
+        past the model's context if need be, each run then keeping the song's last
+        `context_frames` (default `DEFAULT_CONTEXT_FRAMES`, at most half a run): edit.py
+        (resume, extend). Ctrl-C raises `GenerationInterrupted` with the whole song so far."""
         return edit.continue_song(self, request, frames, context_frames, on_frame)
 
     def regenerate_frames(
         self,
         request: SongRequest,
-        frames: torch.Tensor,
+        frames: torch.Tensor | SongCodes,
         start: int,
         end: int | None = None,
         *,
         seeds: Sequence[int],
     ) -> list[torch.Tensor]:
-        """Takes of a song [8, T] with its frames from `start` made again, one per seed, in one
-        batch; frames before `start` are kept as they are. With `end`, each take's new section
-        is exactly `end - start` frames, followed by the song's own frames from `end`: edit.py."""
+        """Takes of a song [8, T] (or its `SongCodes`) with its frames from `start` made again,
+        one per seed, in one batch; frames before `start` are kept as they are. With `end`,
+        each take's new section is exactly `end - start` frames, followed by the song's own
+        frames from `end`: edit.py."""
         return edit.regenerate(self, request, frames, start, end, seeds)
 
     def batch_rows(self, requests: Sequence[SongRequest], songs: int | None = None) -> int:

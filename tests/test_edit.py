@@ -377,3 +377,10 @@ def test_a_crash_keeps_the_frames_and_resume_finishes_the_song(
     assert code == 0, err
     resumed = SongCodes.load(tmp_path / "cut-resumed.codes.safetensors")
     assert torch.equal(resumed.codes, whole.codes)
+
+
+def test_a_sidecar_continues_as_its_frames_do(pipe) -> None:
+    request = song(16)
+    whole = pipe.generate_frames(request)
+    kept = SongCodes(whole[:, :6], request, "interrupted", pipe.fingerprint)
+    assert torch.equal(pipe.continue_frames(request, kept), whole)
