@@ -95,14 +95,32 @@ def main() -> int:
         }
         for name, results in runs.items()
     }
+    first = runs["after"][0]
     report = {
         "device": platform.processor() or "cpu",
+        "torch": first["torch"],
+        "commit": commits["after"],
         "command": shlex.join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "revisions": revisions,
         "commits": commits,
         "bench_args": bench_args,
         "median_lm_frames_per_s": summary,
+        # One run per revision and bench run: the median over the rounds, and each round's.
+        "runs": [
+            {
+                **{k: run[k] for k in ("engine", "quant", "dtype")},
+                "name": f"{name}:{run['name']}",
+                "revision": revisions[name],
+                "lm_frames_per_s": summary[name][run["name"]],
+                "raw_lm_frames_per_s": [
+                    next(r["lm_frames_per_s"] for r in result["runs"] if r["name"] == run["name"])
+                    for result in results
+                ],
+            }
+            for name, results in runs.items()
+            for run in results[0]["runs"]
+        ],
         "results": runs,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -111,6 +111,10 @@ def main() -> None:
         runs.append(
             {
                 "path": path,
+                # the codec alone: no LM engine, nothing quantized, no LM frames
+                "engine": None,
+                "quant": None,
+                "lm_frames_per_s": None,
                 "threads": threads,
                 "songs": n,
                 "raw_s": seconds,

@@ -176,6 +176,7 @@ def main() -> None:
                     "setting": name,
                     "engine": raw[name][0]["engine"],
                     "quant": raw[name][0]["quant"],
+                    "lm_frames_per_s": None,  # every path times the codec too
                     "threads": raw[name][0]["threads"],
                     "wait_policy": wait,
                     "median_s": {path: statistics.median(s) for path, s in seconds.items()},

@@ -57,7 +57,7 @@ def main() -> None:
     for name, command in commands:
         raw = [round(seconds(command), 3) for _ in range(args.repeats)]
         # a plan runs no LM engine and quantizes nothing
-        run = {"name": name, "engine": None, "quant": None}
+        run = {"name": name, "engine": None, "quant": None, "lm_frames_per_s": None}
         runs.append({**run, "median_s": statistics.median(raw), "raw_s": raw})
         print(runs[-1], file=sys.stderr)
     result = {

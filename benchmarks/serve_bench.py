@@ -588,6 +588,17 @@ def main(argv: list[str] | None = None) -> int:
             "no_eos": args.no_eos,
             "deadline_s": args.deadline_s,
         },
+        # The run in the fields every results file has (benchmarks/README.md); `summary` has all.
+        "runs": [
+            {
+                "name": f"serve-{info.get('engine', 'default')}",
+                "engine": info.get("engine"),
+                "quant": info.get("quant"),
+                "songs_at_once": info.get("songs_at_once"),
+                "lm_frames_per_s": summary.get("lm_frames_per_s"),
+                "songs_per_min": summary.get("songs_per_min"),
+            }
+        ],
         "load_average": {"start": load_start, "end": load_average()},
         "cpu_count": os.cpu_count(),
         "summary": summary,

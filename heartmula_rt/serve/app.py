@@ -310,6 +310,8 @@ def make_app(service: SongService, *, api_key: str | None = None) -> FastAPI:
             "version": __version__,
             "model": str(service.pipe.config.model_path or service.pipe.config.synthetic),
             "device": str(service.pipe.device),
+            "engine": service.pipe.config.engine,
+            "quant": service.pipe.config.quant,
             "max_seconds": service.config.max_seconds,
             "songs_at_once": service.songs_at_once,
             "formats": list(AUDIO_FORMATS),
