@@ -20,7 +20,7 @@ and the file's metadata, text to text:
   not know;
 - `request`: the song's request as a JSON object: `tags`, `lyrics`, the sampling settings
   `max_frames`, `topk`, `temperature`, `cfg_scale`, `seed`, `stop_at_eos`, and the codec
-  settings `num_steps`, `guidance_scale`: the `SongRequest` exactly (`request_to_json`);
+  settings `num_steps`, `guidance_scale`: the `SongRequest` exactly (`request_record`);
 - `seed`: the song's seed (the LM's draws and the codec's noise), as in `request`;
 - `frames`: T;
 - `ended`: how the LM part ended (`ENDS`): `eos`, `length` (its `max_frames`), `interrupted`
@@ -85,7 +85,7 @@ def find_sidecar(path: Path) -> Path:
     return sidecar
 
 
-def request_to_json(request: SongRequest) -> dict[str, Any]:
+def request_record(request: SongRequest) -> dict[str, Any]:
     """A request as the sidecar's `request` object: its texts and every setting by name."""
     return {
         "tags": request.tags,
@@ -95,7 +95,7 @@ def request_to_json(request: SongRequest) -> dict[str, Any]:
     }
 
 
-def request_from_json(fields: dict[str, Any]) -> SongRequest:
+def request_of_record(fields: dict[str, Any]) -> SongRequest:
     """The request of a sidecar's `request` object (`UserError` if it is not one)."""
     if not isinstance(fields, dict):
         raise UserError(f"not a JSON object but {type(fields).__name__}")
@@ -145,7 +145,7 @@ class SongCodes:
         return {
             "format": FORMAT,
             "version": str(VERSION),
-            "request": json.dumps(request_to_json(self.request), ensure_ascii=False),
+            "request": json.dumps(request_record(self.request), ensure_ascii=False),
             "seed": json.dumps(self.seed),
             "frames": str(self.frames),
             "ended": self.ended,
@@ -255,7 +255,7 @@ def _from_file(
     if meta["ended"] not in ENDS:
         raise UserError(f"{damaged}: unknown end {meta['ended']!r}; one of {', '.join(ENDS)}")
     try:
-        request = request_from_json(json.loads(meta["request"]))
+        request = request_of_record(json.loads(meta["request"]))
     except (json.JSONDecodeError, UserError, TypeError) as e:
         raise UserError(f"{damaged}: its request is not a song's ({e})") from None
     wrong = _wrong_prefixes(prefixes, codes.shape[1])

@@ -14,6 +14,18 @@ from pathlib import Path
 import httpx
 
 START_TIMEOUT_S = 120.0
+WAIT_S = 180.0  # the longest a test waits for a song to reach a state
+
+
+def wait_for(client: httpx.Client, job_id: str, states: tuple[str, ...], wait_s=WAIT_S) -> dict:
+    """The song's job once it is in one of `states` (polled over the API)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/songs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"song {job_id} never reached {states}: {job}")
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ pytest.importorskip("fastapi", reason="the server's extra: pip install -e '.[ser
 
 import httpx  # noqa: E402
 import soundfile as sf  # noqa: E402
-from serving import ServerProcess, free_port  # noqa: E402
+from serving import ServerProcess, free_port, wait_for  # noqa: E402
 
 from heartmula_rt import cli  # noqa: E402
 from heartmula_rt.pipeline import PipelineConfig  # noqa: E402
@@ -43,7 +43,7 @@ def test_the_command(tiny_ckpt: Path, tmp_path: Path) -> None:
     )
     with process, httpx.Client(base_url=process.url, timeout=WAIT_S) as c:
         job = c.post("/v1/songs", json={**SONG, "seed": 2, "format": "wav"}).json()
-        done = wait_for(c, job["id"], ("done", "failed"))
+        done = wait_for(c, job["id"], ("done", "failed"), WAIT_S)
         assert done["state"] == "done" and done["replica"].startswith("SERVE_REPLICA::")
         assert check_audio(c, done) == done["progress"]["frames"] * SAMPLES_PER_FRAME
         assert c.get("/v1/info").json()["max_seconds"] == 4
@@ -90,16 +90,6 @@ def client(server):
         yield c
 
 
-def wait_for(client: httpx.Client, job_id: str, states: tuple[str, ...], wait_s=WAIT_S) -> dict:
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/songs/{job_id}").json()
-        if job["state"] in states:
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"song {job_id} never reached {states}: {job}")
-
-
 def check_audio(client: httpx.Client, job: dict) -> int:
     """The song's file: valid, 48 kHz stereo, frames × 3840 samples; its length."""
     answer = client.get(f"/v1/songs/{job['id']}/audio")
@@ -115,7 +105,7 @@ def test_songs_spread_over_both_replicas(client) -> None:
         answer = client.post("/v1/songs", json={**SONG, "seed": seed, "format": "wav"})
         assert answer.status_code == 202, answer.text
         jobs.append(answer.json())
-    done = [wait_for(client, j["id"], ("done", "failed")) for j in jobs]
+    done = [wait_for(client, j["id"], ("done", "failed"), WAIT_S) for j in jobs]
     assert [j["state"] for j in done] == ["done"] * 4, done
     replicas = {j["replica"] for j in done}
     assert len(replicas) == 2 and None not in replicas, replicas
@@ -172,7 +162,7 @@ def test_killed_replica_interrupts_its_song_others_go_on(client, server) -> None
     assert not listener.is_alive() and b"".join(live)[:4] == b"RIFF"  # the live stream ended
     assert any(o.json()["replica"] != victim for o in others)
     for other in others:
-        final = wait_for(client, other.json()["id"], ("done", "failed", "interrupted"))
+        final = wait_for(client, other.json()["id"], ("done", "failed", "interrupted"), WAIT_S)
         if final["replica"] == victim:  # ended with the victim, or before it
             assert final["state"] in ("interrupted", "done"), final
             continue
@@ -181,7 +171,7 @@ def test_killed_replica_interrupts_its_song_others_go_on(client, server) -> None
     # The survivor (or the replica Serve starts in the victim's place) still makes songs.
     after = client.post("/v1/songs", json={**SONG, "seed": 11, "format": "wav"})
     assert after.status_code == 202, after.text
-    assert wait_for(client, after.json()["id"], ("done",))["replica"] != victim
+    assert wait_for(client, after.json()["id"], ("done",), WAIT_S)["replica"] != victim
 
 
 def test_killed_replica_queue_goes_to_another(client) -> None:

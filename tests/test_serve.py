@@ -29,22 +29,11 @@ from heartmula_rt.codes import SongCodes
 from heartmula_rt.request import SongRequest
 
 pytest.importorskip("fastapi", reason="the server's extra: pip install -e '.[serve]'")
-from serving import ServerProcess  # noqa: E402
+from serving import WAIT_S, ServerProcess, wait_for  # noqa: E402
 
 SAMPLES_PER_FRAME = 3840
 SONGS_AT_ONCE = 2
-WAIT_S = 180.0
 SONG = {"tags": "piano,happy", "lyrics": "[verse]\nla la la\n", "seconds": 0.8, "topk": 20}
-
-
-def wait_for(client: httpx.Client, job_id: str, states: tuple[str, ...]) -> dict:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/songs/{job_id}").json()
-        if job["state"] in states:
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"song {job_id} never reached {states}: {job}")
 
 
 @pytest.fixture(scope="module")

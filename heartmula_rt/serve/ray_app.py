@@ -135,6 +135,8 @@ class SongReplica:
             "sample_rate": pipe.sample_rate,
             "model": str(pipe.config.model_path or pipe.config.synthetic),
             "device": str(pipe.device),
+            "engine": pipe.config.engine,
+            "quant": pipe.config.quant,
             "songs_at_once": self.service.songs_at_once,
             "rows": self.service.scheduler.rows,
         }
@@ -246,7 +248,9 @@ class ReplicaRouter:
         self.pipe = SimpleNamespace(
             sample_rate=info["sample_rate"],
             device=f"{info['device']} (Ray Serve replicas)",
-            config=SimpleNamespace(model_path=info["model"], synthetic=None),
+            config=SimpleNamespace(
+                model_path=info["model"], synthetic=None, engine=info["engine"], quant=info["quant"]
+            ),
         )
         self._live: dict[str, _Live] = {}
         self._lock = threading.Lock()

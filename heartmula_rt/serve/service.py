@@ -220,7 +220,7 @@ class SongService:
         with self._lock:
             if self._closing:
                 raise QueueFull(5)
-            if len(self.scheduler_waiting()) >= self.config.max_queue:
+            if len(self._queued()) >= self.config.max_queue:
                 raise QueueFull(self._retry_after())
             self.store.add(job)
             self._post(job, request, prompt, parts)
@@ -331,7 +331,8 @@ class SongService:
         """The job's written audio file, if any."""
         return None if job.audio is None else self.folder / job.audio
 
-    def scheduler_waiting(self) -> list[_Song]:
+    def _queued(self) -> list[_Song]:
+        """The songs waiting for rows."""
         return [s for s in self._songs.values() if s.job.state == "queued"]
 
     def stats(self) -> dict[str, Any]:
@@ -495,7 +496,7 @@ class SongService:
         """The song's sidecar, its LM part `ended` as codes.py says, and its progress."""
         job = song.job
         codes = song_codes(song.run, self.pipe.lm)
-        path = sidecar_path(self.folder / f"{job.id}.{job.format}")
+        path = self._sidecar(job)
         SongCodes(codes, song.request, ended, self.fingerprint).save(path)
         self.store.update(job.id, frames=job.frames, audio_seconds=job.audio_seconds)
 
