@@ -27,12 +27,16 @@
 #            audio comes before the song's end): songs/min, frames/s, queue wait, time to first
 #            audio (~200 s). Needs fastapi, uvicorn and httpx (and their dependencies) in the
 #            image or carried in .whl
+#   overlap  only when named: the LM and the codec as a pipeline (benchmarks/pipeline_overlap.py)
+#            on the same random 3B checkpoint, graph engine, 4 songs of 40 s: the LM's frames/s
+#            alone, with the codec on its own thread, and in turn with it; the codec on a second
+#            GPU where the machine has one, else on the same (~240 s). Needs what `serve` needs
 #
 # Results go to $OUT (else benchmarks/results/gpu): run.log (everything printed), tests.xml (the
 # tests' JUnit report) and one bench JSON per step (`..._decode.json`, `..._quant.json`,
 # `..._vram-12G.json`, `..._vram-8G.json`, `..._codec.json`, `..._batch.json`): 8 files, the
-# device tool's limit (`micro` and `serve` add `micro.json` and `..._serve.json`: name them in a
-# call of their own).
+# device tool's limit (`micro`, `serve` and `overlap` add `micro.json`, `..._serve.json` and
+# `..._overlap.json`: name them in a call of their own).
 # Commit the JSON files under benchmarks/results/. BUDGET_S (540) sets the deadline.
 #
 # The device image has torch, triton, pytest and numpy but not soundfile (the CLI imports it) or
@@ -94,21 +98,33 @@ setup_env() {
     python3 -m pip install -q --no-deps --no-build-isolation -e . || return 1
     python3 -c 'import heartmula_rt, soundfile; print("heartmula_rt", heartmula_rt.__file__)'
 }
-# A random 3B checkpoint folder (made once per machine: a cut run leaves only the .part
-# folder), then 8 clients on its server, within the step's BUDGET seconds (its first argument).
+# A random 3B checkpoint folder, made once per machine (a cut run leaves only the .part folder).
+CKPT=/tmp/serve-3B
+make_3b() {
+    [ -d "$CKPT" ] && return
+    rm -rf "$CKPT.part"
+    python3 tools/make_checkpoint.py "$CKPT.part" --lm 3B --codec full --dtype bfloat16 &&
+        mv "$CKPT.part" "$CKPT"
+}
+# 8 clients on a server of that checkpoint, within the step's BUDGET seconds (its argument).
 serve_bench() {
-    local budget=$1 ckpt=/tmp/serve-3B
-    if [ ! -d "$ckpt" ]; then
-        rm -rf "$ckpt.part"
-        python3 tools/make_checkpoint.py "$ckpt.part" --lm 3B --codec full --dtype bfloat16 &&
-            mv "$ckpt.part" "$ckpt" || return 1
-    fi
-    python3 benchmarks/serve_bench.py --model-path "$ckpt" --no-eos --engine graph --batch 8 \
+    local budget=$1
+    make_3b || return 1
+    python3 benchmarks/serve_bench.py --model-path "$CKPT" --no-eos --engine graph --batch 8 \
         --clients 8 --songs-per-client 1 --seconds 40 --warmup 2 \
         --deadline-s $((budget - SECONDS - 30)) --out-dir "$OUT" --name serve
 }
+overlap_bench() {
+    local codec=cuda:0
+    make_3b || return 1
+    (($(nvidia-smi -L | wc -l) > 1)) && codec=cuda:1
+    python3 benchmarks/pipeline_overlap.py --model-path "$CKPT" --device cuda:0 \
+        --codec-device "$codec" --engine graph --songs 4 --seconds 40 --rounds 2 \
+        --out-dir "$OUT" --name overlap
+}
 [ -d .whl ] && export PYTHONPATH=/tmp/site
-export -f bench setup_env serve_bench
+export CKPT
+export -f bench setup_env make_3b serve_bench overlap_bench
 
 step env 60 setup_env
 for s in $STEPS; do
@@ -140,8 +156,9 @@ for s in $STEPS; do
         ;;
     micro) step micro 240 python3 -m pytest -q benchmarks/ --benchmark-json="$OUT/micro.json" ;;
     serve) step serve 300 serve_bench 300 ;;
+    overlap) step overlap 300 overlap_bench ;;
     *)
-        echo "unknown step $s: use tests, decode, quant, vram, codec, batch, micro or serve"
+        echo "unknown step $s: use tests, decode, quant, vram, codec, batch, micro, serve or overlap"
         failed+=("$s")
         ;;
     esac

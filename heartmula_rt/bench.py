@@ -447,6 +447,11 @@ class BenchConfig:
                 raise UserError("--vram plans the quantization itself: leave out --quant")
             if self.pipeline.torch_device.type != "cuda":
                 raise UserError("--vram budgets GPU memory: bench it on a CUDA device")
+            if self.pipeline.codec_device != self.pipeline.device:
+                raise UserError(
+                    "bench --vram measures one GPU's plans (a comma list of budgets): leave out "
+                    "--codec-device"
+                )
             for budget in self.vram_budgets:
                 parse_vram(budget)
 

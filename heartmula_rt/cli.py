@@ -34,7 +34,13 @@ from .config import (
     default_model_path,
 )
 from .errors import UserError
-from .planner import checkpoint_configs, format_plan, parse_vram, plan_memory, preset_configs
+from .planner import (
+    checkpoint_configs,
+    device_budgets,
+    format_plan,
+    plan_memory,
+    preset_configs,
+)
 from .request import (
     DEFAULT_MAX_SECONDS,
     FRAME_MS,
@@ -977,7 +983,10 @@ def cmd_regen(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    budget = parse_vram(args.vram)
+    two_gpus = args.codec_device == "gpu" or (args.codec_device is None and "," in args.vram)
+    apart = args.codec_device is not None or two_gpus
+    budget, codec_budget = device_budgets(args.vram, codec_apart=apart, codec_on_gpu=two_gpus)
+    codec_device = "cpu" if apart and not two_gpus else "cuda"
     sampling = SamplingParams(cfg_scale=args.cfg_scale, max_frames=max_frames_for(args.max_seconds))
     if args.model_path is None:
         lm_config, codec_config = preset_configs()
@@ -991,7 +1000,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cfg_rows=sampling.cfg_rows,
         songs=args.songs,
         lm_dtype=args.dtype or default_dtype("cuda"),
-        codec_dtype=CODEC_PRECISIONS[args.codec_dtype or default_codec_dtype("cuda")][0],
+        codec_dtype=CODEC_PRECISIONS[args.codec_dtype or default_codec_dtype(codec_device)][0],
+        codec_apart=apart,
+        codec_budget_bytes=codec_budget,
     )
     print(format_plan(plan))
     return 0
@@ -1014,8 +1025,11 @@ def _add_model_options(
     takes several quantization modes, `quant_list`)."""
     p.add_argument(
         "--device",
+        "--lm-device",
+        dest="device",
         default="auto",
-        help="auto (the default: cuda if torch sees a GPU, else cpu), cpu, cuda or cuda:N",
+        help="the LM's device (and the codec's, unless --codec-device): auto (the default: "
+        "cuda if torch sees a GPU, else cpu), cpu, cuda or cuda:N",
     )
     p.add_argument(
         "--dtype",
@@ -1189,7 +1203,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "holds)",
     )
     p.add_argument("--engine", choices=ENGINES, default=None, help="LM decode loop (as for gen)")
-    p.add_argument("--vram", default=None, help="GPU memory budget such as 12G (as for gen)")
+    p.add_argument("--vram", default=None, help="GPU memory budget(s) such as 12G (as for gen)")
     _add_model_options(p, codec_help="as for gen")
     ray = p.add_argument_group("scale out on Ray Serve (pip install 'heartmula-rt[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve with model replicas on Ray Serve")
@@ -1198,7 +1212,11 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling's most")
     ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs a replica takes (1)")
     ray.add_argument(
-        "--replica-gpus", type=float, default=None, help="GPUs a replica takes (1 on a GPU, else 0)"
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="GPUs a replica takes (default: its pipeline's, 1 on a GPU, 2 with --codec-device on "
+        "another, else 0)",
     )
     ray.add_argument("--ray-address", default=None, help="a Ray cluster's (default: start one)")
     p.set_defaults(func=cmd_serve)
@@ -1239,8 +1257,8 @@ def _serve_on_ray(
             f"serve --ray needs Ray Serve ({e.name} is missing): pip install 'heartmula-rt[ray]'"
         ) from None
     gpus = args.replica_gpus
-    if gpus is None:
-        gpus = 1.0 if config.device.startswith("cuda") else 0.0
+    if gpus is None:  # the GPUs its pipeline names (Ray numbers a replica's own from cuda:0)
+        gpus = float(len({d for d in (config.device, config.codec_device) if d.startswith("cuda")}))
     scale = ScaleConfig(
         min_replicas=args.min_replicas or args.replicas,
         max_replicas=args.max_replicas or max(args.replicas, args.min_replicas or 1),
@@ -1341,7 +1359,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--vram",
         default=None,
         help="GPU memory budget such as 12G: the planner then chooses quantization and "
-        "placement (see `heartmula-rt plan`)",
+        "placement (see `heartmula-rt plan`); with --codec-device on a second GPU, each one's, "
+        "or two such as 12G,8G: the LM's GPU's, then the codec's",
     )
     gen.add_argument(
         "-o",
@@ -1383,7 +1402,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser(
         "plan", help="print the memory plan and predicted peak of a --vram budget (no weights)"
     )
-    plan.add_argument("--vram", required=True, help="GPU memory budget, such as 6G or 12GiB")
+    plan.add_argument(
+        "--vram",
+        required=True,
+        help="GPU memory budget, such as 6G or 12GiB; two, such as 12G,8G: the LM's GPU and the "
+        "codec's GPU",
+    )
+    plan.add_argument(
+        "--codec-device",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="the codec on another device than the LM's GPU: cpu (not planned) or gpu (a second "
+        "GPU, with the same budget unless --vram gives two); two budgets imply gpu",
+    )
     plan.add_argument(
         "--max-seconds",
         type=float,

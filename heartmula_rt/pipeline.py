@@ -41,10 +41,11 @@ from .fused import use_fused_layers
 from .lm import HeartMuLa
 from .placement import Placement
 from .planner import (
+    DEFAULT_OVERHEADS,
     MemoryPlan,
     checkpoint_configs,
+    device_budgets,
     dtype_name,
-    parse_vram,
     plan_memory,
     preset_configs,
 )
@@ -95,6 +96,11 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def _same_gpu(a: torch.device, b: torch.device) -> bool:
+    """Whether two CUDA devices are one GPU, "cuda" being torch's default, cuda:0."""
+    return a.type == b.type == "cuda" and (a.index or 0) == (b.index or 0)
+
+
 def resolve_threads(threads: int | None = None) -> int:
     """The CPU threads torch's ops get: `threads`, or by default one fewer than the cores this
     process may run on (its affinity mask, which containers and `taskset` narrow), at least 1
@@ -127,7 +133,9 @@ class PipelineConfig:
     codec_dtype: str | None = None  # codec.CODEC_DTYPES: mixed on a GPU, float32 on the CPU
     engine: str | None = None  # engine.ENGINES: graph on a GPU, plain on the CPU
     quant: str = "none"  # quant.QUANT_MODES
-    vram: str | None = None  # a GPU memory budget ("12G"): the planner chooses the rest
+    # A GPU memory budget ("12G"; with the codec on a GPU of its own, each one's, or "12G,8G":
+    # the LM's, then the codec's): the planner chooses the rest.
+    vram: str | None = None
     max_seconds: float = DEFAULT_MAX_SECONDS  # the longest song a `vram` plan makes room for
     stream: bool = False  # the pipeline will stream: a plan that cannot is refused at load
     songs: int = 1  # songs at once (`generate_frames_batch`) a `vram` plan makes room for
@@ -150,14 +158,14 @@ class PipelineConfig:
         max_frames_for(self.max_seconds)
         check_songs(self.songs)
         codec_device = device if self.codec_device is None else parse_device(self.codec_device)
+        if _same_gpu(codec_device, device):  # "cuda" and "cuda:0" are one device
+            codec_device = device
         if self.vram is not None:
-            if codec_device != device:
-                raise UserError("--vram plans one GPU for both models: leave out --codec-device")
             if device.type != "cuda":
                 raise UserError(f"--vram budgets GPU memory; the device {device} is not a CUDA GPU")
             if self.quant != "none":
                 raise UserError("--vram chooses the quantization itself: leave out --quant")
-            parse_vram(self.vram)
+            _vram_budgets(self.vram, device, codec_device)
         resolved = {
             "model_path": None if self.model_path is None else Path(self.model_path),
             "device": str(device),
@@ -476,11 +484,11 @@ class Pipeline:
         `return_prefixes=True`: each song's (waveform, window prefixes), as there.
 
         `songs` songs' windows go through the codec together (`HeartCodec.detokenize_many`;
-        default `codec.DECODE_SONGS`). With a `vram` plan one window at a time, whatever `songs`
-        says: the plan sizes the codec's phase for one window. `on_window(song, done, total)` is
-        called after each window.
+        default `codec.DECODE_SONGS`). With a `vram` plan that counts a GPU's memory for the
+        codec, one window at a time, whatever `songs` says: the plan sizes it for one window.
+        `on_window(song, done, total)` is called after each window.
         """
-        if self.placement is not None:
+        if self.plan is not None and self.plan.codec_windows_planned:
             songs = 1
         seeds = [None] * len(frames_list) if seeds is None else seeds
         generators = [codec_noise(seed) for seed in seeds]
@@ -584,7 +592,7 @@ def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeli
         use_fused_layers(lm)
     placement = None
     if plan is not None:
-        placement = Placement(plan, device)
+        placement = Placement(plan, device, config.torch_codec_device)
         placement.place_lm(lm)
         placement.place_codec(codec)
     if models.lm_config.audio_vocab_size <= models.codec_config.codebook_size:
@@ -666,20 +674,33 @@ def check_streamable(plan: MemoryPlan | None) -> None:
         )
 
 
+def _vram_budgets(vram: str, device: torch.device, codec_device: torch.device) -> tuple:
+    """`vram`'s budgets (`planner.device_budgets`) for an LM on `device` and a codec on
+    `codec_device`."""
+    apart = codec_device != device
+    return device_budgets(vram, codec_apart=apart, codec_on_gpu=codec_device.type == "cuda")
+
+
 def plan_for(config: PipelineConfig) -> MemoryPlan:
     """The memory plan of `config.vram` for these models, from their configs alone (a
-    checkpoint's config files and headers)."""
+    checkpoint's config files and headers): one GPU's, or with the codec on a device of its
+    own, the LM's GPU's with the codec's GPU's inside it (`MemoryPlan.codec_device_plan`)."""
     if config.model_path is None:
         lm_config, codec_config = preset_configs(config.synthetic)
     else:
         lm_config, codec_config = checkpoint_configs(config.model_path)
+    device, codec_device = config.torch_device, config.torch_codec_device
+    budget, codec_budget = _vram_budgets(config.vram, device, codec_device)
     return plan_memory(
-        parse_vram(config.vram),
+        budget,
         lm_config,
         codec_config,
         max_frames=max_frames_for(config.max_seconds),
         songs=config.songs,
         lm_dtype=config.dtype,
         codec_dtype=config.codec_weights_dtype,
-        overheads=measure_overheads(config.torch_device),
+        overheads=measure_overheads(device),
+        codec_apart=codec_device != device,
+        codec_budget_bytes=codec_budget,
+        codec_overheads=measure_overheads(codec_device) if codec_budget else DEFAULT_OVERHEADS,
     )

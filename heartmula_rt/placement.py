@@ -23,15 +23,21 @@ from .quant.fast import use_fast_kernels
 
 
 class Placement:
-    """A plan applied on `device`: places the host-loaded models, and takes turns between them
-    around each codec decode.
+    """A plan applied on `device` (the LM's, and the codec's unless the plan puts it apart on
+    `codec_device`): places the host-loaded models, and takes turns between them around each
+    codec decode.
 
     It holds each model's `HostCopy` (the pinned host mirror made at its first turn), so the
     mirrors live as long as their owner (the Pipeline) and go with it.
     """
 
-    def __init__(self, plan: MemoryPlan, device: torch.device) -> None:
+    def __init__(
+        self, plan: MemoryPlan, device: torch.device, codec_device: torch.device | None = None
+    ) -> None:
         self.plan, self.device = plan, torch.device(device)
+        self.codec_device = self.device if codec_device is None else torch.device(codec_device)
+        if (plan.codec_placement == "apart") != (self.codec_device != self.device):
+            raise ValueError("a plan with the codec apart needs a codec device of its own")
         self._mirrors: dict[str, HostCopy] = {}  # "lm", "codec"
 
     def place_lm(self, lm: HeartMuLa) -> None:
@@ -58,15 +64,18 @@ class Placement:
     def place_codec(self, codec: HeartCodec) -> None:
         """Put a host-loaded codec where the plan keeps it between songs: on the GPU if
         resident; with its DiT blocks wrapped in rings if offloaded (the rest moves in per
-        song)."""
-        if self.plan.codec_placement == "resident":
-            codec.to(self.device)
-        elif self.plan.codec_placement == "offload":
+        song); apart, on its own device, the DiT blocks in rings if that GPU's plan streams
+        them, the rest there for good."""
+        placement, own = self.plan.codec_placement, self.plan.codec_device_plan
+        if placement == "offload" or (own is not None and own.dit_streamed):
             est = codec.flow_matching.estimator
             for name in ("transformer_blocks", "transformer_blocks_2"):
                 blocks = getattr(est, name)
                 if not isinstance(blocks, OffloadedLayers):
-                    setattr(est, name, OffloadedLayers(blocks, self.device, slots=OFFLOAD_SLOTS))
+                    ring = OffloadedLayers(blocks, self.codec_device, slots=OFFLOAD_SLOTS)
+                    setattr(est, name, ring)
+        if placement in ("resident", "apart"):
+            codec.to(self.codec_device)
 
     @contextmanager
     def codec_turn(
@@ -76,22 +85,26 @@ class Placement:
 
         `release_lm_cache` frees the engine's KV cache and graphs (`engine.release`). Moves
         between host and GPU go through each model's `HostCopy`: the LM's weights leave the GPU
-        without a copy back, and each return is one pinned host-to-device copy.
+        without a copy back, and each return is one pinned host-to-device copy. A codec apart
+        on its own device takes no turn: nothing moves.
         """
-        plan, cuda = self.plan, self.device.type == "cuda"
+        plan = self.plan
+        turns = plan.codec_placement != "apart"
+        cuda = turns and self.device.type == "cuda"
+        moves = plan.codec_placement in ("after_lm", "offload")
         if plan.lm_during_codec != "kept":
             release_lm_cache()
         if plan.lm_during_codec == "released":
             exclude = () if plan.text_embeddings_on_gpu else ("text_embeddings.",)
             self._mirror("lm", lm, exclude).evict()  # offloaded layers stay pinned as they are
-        if plan.codec_placement != "resident":
+        if moves:
             self._mirror("codec", codec).restore()
         if cuda:
             torch.cuda.empty_cache()  # what the LM left cached goes back for the codec
         try:
             yield
         finally:
-            if plan.codec_placement != "resident":
+            if moves:
                 self._mirror("codec", codec).evict()
             if plan.lm_during_codec == "released":
                 self._mirror("lm", lm).restore()

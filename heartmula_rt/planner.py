@@ -14,6 +14,11 @@ layout whose larger phase fits: bf16 LM before int8 before int4 (nf4 only if sma
 resident before moved in after the LM before its DiT streamed from host memory, and the LM's own
 backbone layers streamed (offload.py) only as the last resort.
 
+With the codec on another device (`--codec-device`), each device is planned on its own budget
+(`--vram 12G,8G`: the LM's GPU, then the codec's): the LM's plan holds no codec
+(`codec_placement` "apart", the two never take turns), and the codec's GPU has a
+`CodecDevicePlan`, its codec resident or its DiT streamed; a codec on the CPU is not planned.
+
 A plan is for `songs` songs at once (scheduler.py): each has its own KV cache rows (1, or 2 with
 guidance), a decode frame runs every row over the whole cache, and a prompt step one song's rows.
 Each plan also says how many songs of its length its layout holds in the budget (`max_songs`).
@@ -39,7 +44,7 @@ from .config import (
     LMConfig,
 )
 from .errors import UserError
-from .footprint import codec_sizes, lm_sizes
+from .footprint import CodecSizes, codec_sizes, lm_sizes
 from .scheduler import check_songs
 
 GiB = 2**30
@@ -61,7 +66,8 @@ TABLE_BUDGETS_GIB = (4, 6, 8, 12, 16, 24)
 # bound on the search (a roomy GPU holds hundreds of short unguided songs).
 MAX_SONGS = 64
 
-CODEC_PLACEMENTS = ("resident", "after_lm", "offload")
+# "apart": on another device than the LM's, with its own plan there (`CodecDevicePlan`) or none.
+CODEC_PLACEMENTS = ("resident", "after_lm", "offload", "apart")
 LM_DURING_CODEC = ("kept", "cache_freed", "released")
 
 
@@ -76,6 +82,30 @@ def parse_vram(text: str) -> int:
     if value <= 0:
         raise UserError(f"--vram {text!r} must be more than zero")
     return int(value)
+
+
+def device_budgets(vram: str, *, codec_apart: bool, codec_on_gpu: bool) -> tuple[int, int | None]:
+    """`--vram`'s budgets in bytes: the LM's GPU's, and the codec's GPU's where the codec has a
+    GPU of its own (`codec_apart` and `codec_on_gpu`; None otherwise). One budget with two GPUs
+    is each one's; two are the LM's, then the codec's."""
+    budgets = [parse_vram(b) for b in vram.split(",")]
+    if len(budgets) > 2:
+        raise UserError(
+            f"--vram {vram!r} gives {len(budgets)} budgets; give one, or two: the LM's GPU's, "
+            "then the codec's"
+        )
+    if len(budgets) == 2 and not codec_apart:
+        raise UserError(
+            "--vram with two budgets is for two GPUs, the LM's then the codec's: put the codec "
+            "on a GPU of its own with --codec-device cuda:N"
+        )
+    if len(budgets) == 2 and not codec_on_gpu:
+        raise UserError(
+            "--vram with two budgets is for two GPUs, and the codec's device is the CPU: give "
+            "the LM's GPU's budget alone"
+        )
+    codec_budget = budgets[-1] if codec_apart and codec_on_gpu else None
+    return budgets[0], codec_budget
 
 
 def headroom_bytes(budget_bytes: int) -> int:
@@ -202,6 +232,8 @@ class MemoryPlan:
     # The most songs of max_frames at once (at most MAX_SONGS) that this layout holds in the
     # budget; plan_memory fills it.
     max_songs: int = 1
+    # With codec_placement "apart" on a GPU: that GPU's plan (None: the codec is on the CPU).
+    codec_device_plan: CodecDevicePlan | None = None
 
     def __post_init__(self) -> None:  # dtypes given as torch dtypes are kept by name
         object.__setattr__(self, "lm_dtype", dtype_name(self.lm_dtype))
@@ -219,6 +251,10 @@ class MemoryPlan:
 
     @property
     def codec_phase_peak(self) -> int:
+        """Reserved by torch on this GPU while the codec decodes (nothing when it is apart:
+        the LM's phase goes on meanwhile)."""
+        if self.codec_placement == "apart":
+            return 0
         return _with_slack(self.codec_phase_bytes) + self.overheads.codec_phase()
 
     @property
@@ -236,8 +272,43 @@ class MemoryPlan:
 
     @property
     def codec_beside_lm(self) -> bool:
-        """Whether the codec can decode while the LM runs (streaming): both stay on the GPU."""
-        return self.codec_placement == "resident" and self.lm_during_codec == "kept"
+        """Whether the codec can decode while the LM runs (streaming): both stay on the GPU,
+        or the codec has a device of its own."""
+        apart = self.codec_placement == "apart"
+        return apart or (self.codec_placement == "resident" and self.lm_during_codec == "kept")
+
+    @property
+    def codec_windows_planned(self) -> bool:
+        """Whether a GPU's memory is planned for the codec's windows (one at a time): not when
+        it runs on the CPU."""
+        return self.codec_placement != "apart" or self.codec_device_plan is not None
+
+
+@dataclass(frozen=True)
+class CodecDevicePlan:
+    """The codec alone on a GPU of its own, within that GPU's budget: resident, or its DiT
+    blocks streamed from pinned host memory (the rest resident) where it does not fit."""
+
+    budget_bytes: int
+    codec_dtype: str  # the DiT blocks'
+    dit_streamed: bool
+    codec_phase_bytes: int  # model tensors allocated by torch while it decodes a window
+    overheads: DeviceOverheads = DEFAULT_OVERHEADS  # that GPU's
+
+    @property
+    def codec_phase_peak(self) -> int:
+        return _with_slack(self.codec_phase_bytes) + self.overheads.codec_phase()
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return self.overheads.cuda_context + self.codec_phase_peak
+
+    @property
+    def headroom_bytes(self) -> int:
+        return headroom_bytes(self.budget_bytes)
+
+    def fits(self) -> bool:
+        return self.predicted_peak_bytes + self.headroom_bytes <= self.budget_bytes
 
 
 def _with_slack(allocated: int) -> int:
@@ -259,19 +330,52 @@ def _sized(plan: MemoryPlan, lm_config: LMConfig, codec_config: CodecConfig) -> 
     lm_running = lm_weights + lm.kv_cache + lm.frame_workspace + lm.workspace + lm_ring
     lm_phase = lm_running + (codec.weights if plan.codec_placement == "resident" else 0)
     lm_left = {"kept": lm_running, "cache_freed": lm_weights, "released": 0}[plan.lm_during_codec]
-    if plan.codec_placement == "offload":
-        # The ring is freed after each pass, so the scalar decoder can reuse its memory.
-        resident = codec.weights - codec.dit_blocks
-        codec_running = resident + max(
-            codec.dit_ring + codec.dit_activations, codec.scalar_activations
-        )
-    else:
-        codec_running = codec.weights + max(codec.dit_activations, codec.scalar_activations)
+    codec_here = 0
+    if plan.codec_placement != "apart":
+        codec_here = _codec_running(codec, dit_streamed=plan.codec_placement == "offload")
     return replace(
         plan,
         kv_bytes=lm.kv_cache,
         lm_phase_bytes=lm_phase,
-        codec_phase_bytes=lm_left + codec_running,
+        codec_phase_bytes=lm_left + codec_here,
+    )
+
+
+def _codec_running(codec: CodecSizes, *, dit_streamed: bool) -> int:
+    """The codec's tensors while it decodes a window: its weights on the GPU (all, or all but
+    the DiT blocks and their ring) and the larger stage's activations."""
+    if dit_streamed:
+        # The ring is freed after each pass, so the scalar decoder can reuse its memory.
+        resident = codec.weights - codec.dit_blocks
+        return resident + max(codec.dit_ring + codec.dit_activations, codec.scalar_activations)
+    return codec.weights + max(codec.dit_activations, codec.scalar_activations)
+
+
+def plan_codec_device(
+    budget_bytes: int,
+    codec_config: CodecConfig,
+    *,
+    codec_dtype: object = "float32",
+    overheads: DeviceOverheads = DEFAULT_OVERHEADS,
+) -> CodecDevicePlan:
+    """The codec alone on a GPU of `budget_bytes`: resident if it fits with its headroom, else
+    its DiT blocks streamed; UserError naming the minimum if neither fits."""
+    dtype = dtype_name(codec_dtype)
+    codec = codec_sizes(codec_config, dtype)
+    plan = None
+    for streamed in (False, True):
+        plan = CodecDevicePlan(
+            budget_bytes=budget_bytes,
+            codec_dtype=dtype,
+            dit_streamed=streamed,
+            codec_phase_bytes=_codec_running(codec, dit_streamed=streamed),
+            overheads=overheads,
+        )
+        if plan.fits():
+            return plan
+    raise UserError(
+        f"--vram {budget_bytes / GiB:.2f} GiB for the codec's GPU is below the minimum of "
+        f"{_minimum_gib(plan)} for this codec"
     )
 
 
@@ -305,6 +409,8 @@ _CHEAP_LAYOUTS = (
 )
 # Streaming the DiT from host memory costs a copy of its blocks per ODE step.
 _CODEC_OFFLOAD_LAYOUTS = ((False, "offload", "cache_freed"), (False, "offload", "released"))
+# The codec on another device: the LM has its GPU to itself and never makes way.
+_APART_LAYOUTS = ((True, "apart", "kept"), (False, "apart", "kept"))
 
 
 def _quant_order(config: LMConfig, dtype: str, rows: int, positions: int) -> Iterator[str]:
@@ -328,9 +434,11 @@ def candidate_plans(
     codec_dtype: object,
     overheads: DeviceOverheads = DEFAULT_OVERHEADS,
     songs: int = 1,
+    codec_apart: bool = False,
 ) -> Iterator[MemoryPlan]:
     """Every plan the planner considers for `songs` songs at once, fastest first (the last is
-    the most frugal). The dtypes are torch dtypes or their names."""
+    the most frugal); with `codec_apart`, plans of the LM's GPU alone. The dtypes are torch
+    dtypes or their names."""
     lm_dtype, codec_dtype = dtype_name(lm_dtype), dtype_name(codec_dtype)
     positions = kv_positions(lm_config, max_frames)
     base = {
@@ -360,7 +468,8 @@ def candidate_plans(
         )
         return _sized(bare, lm_config, codec_config)
 
-    for layouts in (_CHEAP_LAYOUTS, _CODEC_OFFLOAD_LAYOUTS):
+    groups = (_APART_LAYOUTS,) if codec_apart else (_CHEAP_LAYOUTS, _CODEC_OFFLOAD_LAYOUTS)
+    for layouts in groups:
         for quant in _quant_order(lm_config, lm_dtype, cfg_rows, positions):
             for layout in layouts:
                 yield plan(quant, layout)
@@ -369,7 +478,7 @@ def candidate_plans(
         key=lambda q: lm_sizes(lm_config, lm_dtype, q, cfg_rows, positions).weights,
     )
     for offloaded in range(1, lm_config.backbone.num_layers + 1):
-        yield plan(smallest, _CODEC_OFFLOAD_LAYOUTS[-1], offloaded)
+        yield plan(smallest, groups[-1][-1], offloaded)
 
 
 def plan_memory(
@@ -383,12 +492,26 @@ def plan_memory(
     lm_dtype: object = "bfloat16",
     codec_dtype: object = "float32",
     overheads: DeviceOverheads = DEFAULT_OVERHEADS,
+    codec_apart: bool = False,
+    codec_budget_bytes: int | None = None,
+    codec_overheads: DeviceOverheads = DEFAULT_OVERHEADS,
 ) -> MemoryPlan:
     """The fastest plan that fits `songs` songs at once of `max_frames` frames in
     `budget_bytes` with its headroom (`overheads`: measured on the GPU where there is one,
     `measure_overheads`), with the most songs its layout holds (`max_songs`); UserError naming
-    the minimum if none does, and for several songs how many fit."""
+    the minimum if none does, and for several songs how many fit.
+
+    `codec_apart`: the codec runs on another device, so the budget is the LM's alone; on a GPU
+    of its own with `codec_budget_bytes` (and that GPU's `codec_overheads`), planned there
+    (`plan_codec_device`, the plan's `codec_device_plan`), else on the CPU, unplanned."""
     check_songs(songs)
+    if codec_budget_bytes is not None and not codec_apart:
+        raise ValueError("a codec budget is for a codec apart from the LM")
+    codec_device_plan = None
+    if codec_budget_bytes is not None:
+        codec_device_plan = plan_codec_device(
+            codec_budget_bytes, codec_config, codec_dtype=codec_dtype, overheads=codec_overheads
+        )
     last = None
     for last in candidate_plans(
         lm_config,
@@ -400,10 +523,13 @@ def plan_memory(
         codec_dtype=codec_dtype,
         overheads=overheads,
         songs=songs,
+        codec_apart=codec_apart,
     ):
         if last.fits():
-            return replace(last, max_songs=_most_songs(last, lm_config, codec_config))
-    below = f"--vram {budget_bytes / GiB:.2f} GiB is below the minimum of {_minimum_gib(last)}"
+            most = _most_songs(last, lm_config, codec_config)
+            return replace(last, max_songs=most, codec_device_plan=codec_device_plan)
+    gpu = " for the LM's GPU" if codec_apart else ""
+    below = f"--vram {budget_bytes / GiB:.2f} GiB{gpu} is below the minimum of {_minimum_gib(last)}"
     if songs == 1:
         raise UserError(f"{below} for this model and songs of {max_frames} frames")
     one = _with_songs(last, 1, lm_config, codec_config)
@@ -414,13 +540,13 @@ def plan_memory(
     )
 
 
-def _minimum_budget(plan: MemoryPlan) -> int:
+def _minimum_budget(plan: MemoryPlan | CodecDevicePlan) -> int:
     """The smallest budget `plan` fits with its headroom (which grows with the budget)."""
     peak = plan.predicted_peak_bytes
     return max(peak + HEADROOM_MIN_BYTES, math.ceil(peak / (1 - HEADROOM_FRACTION)))
 
 
-def _minimum_gib(plan: MemoryPlan) -> str:
+def _minimum_gib(plan: MemoryPlan | CodecDevicePlan) -> str:
     """`_minimum_budget` as printed, rounded up so that it is enough."""
     return f"{math.ceil(_minimum_budget(plan) / GiB * 100) / 100:.2f} GiB"
 
@@ -463,12 +589,24 @@ def format_plan(plan: MemoryPlan) -> str:
         "resident": "on the GPU throughout",
         "after_lm": "moved onto the GPU after the LM",
         "offload": "DiT blocks streamed from pinned host memory, the rest moved in after the LM",
+        "apart": "on a GPU of its own (below)"
+        if plan.codec_device_plan
+        else "on the CPU (not planned)",
     }[plan.codec_placement]
     during = {
         "kept": "kept",
         "cache_freed": "weights kept, KV cache freed",
         "released": "moved to host memory",
     }[plan.lm_during_codec]
+    whose = " on the LM's GPU" if plan.codec_placement == "apart" else ""
+    if plan.codec_placement == "apart":
+        codec_phase = "  codec phase: none on this GPU (the LM goes on while the codec decodes)"
+    else:
+        codec_phase = (
+            f"  codec phase: {_gib(plan.codec_phase_peak)} (tensors "
+            f"{_gib(plan.codec_phase_bytes)} +{ALLOCATOR_SLACK:.0%} allocator slack, cuBLAS "
+            "and cuDNN workspaces)"
+        )
     o = plan.overheads
     lm_extra = "" if plan.quant != "int8" else f", Triton autotune {_mib(o.triton_autotune)}"
     source = "measured on this GPU" if o.measured else "default figures, no GPU measured"
@@ -481,7 +619,7 @@ def format_plan(plan: MemoryPlan) -> str:
     counted = "" if most < MAX_SONGS else f" for {most}, the most counted"
     return "\n".join(
         [
-            f"memory plan for --vram {plan.budget_bytes / GiB:g}G "
+            f"memory plan for --vram {plan.budget_bytes / GiB:g}G{whose} "
             f"({planned} of up to {plan.max_frames} frames{at_once}):",
             f"  LM: {dtype}, quantization {plan.quant}; {layers}; text embeddings {text}",
             f"  KV cache: {plan.kv_positions} positions × {_count(plan.kv_rows, 'row')} "
@@ -493,13 +631,32 @@ def format_plan(plan: MemoryPlan) -> str:
             f"{_mib(o.triton_autotune)} (int8 LM phase)",
             f"  LM phase: {_gib(plan.lm_phase_peak)} (tensors {_gib(plan.lm_phase_bytes)} "
             f"+{ALLOCATOR_SLACK:.0%} allocator slack, cuBLAS workspaces{lm_extra})",
-            f"  codec phase: {_gib(plan.codec_phase_peak)} (tensors "
-            f"{_gib(plan.codec_phase_bytes)} +{ALLOCATOR_SLACK:.0%} allocator slack, cuBLAS "
-            "and cuDNN workspaces)",
+            codec_phase,
             f"  predicted peak: {_gib(plan.predicted_peak_bytes)} (the larger phase + the CUDA "
             f"context); headroom kept free: {_gib(plan.headroom_bytes)} "
             f"(max({HEADROOM_FRACTION:.0%} of the budget, {_mib(HEADROOM_MIN_BYTES)}))",
             f"  room for {room} of up to {plan.max_frames} frames at once in this plan "
             f"({most * per_song} LM rows{counted})",
+            *_codec_device_lines(plan.codec_device_plan),
         ]
     )
+
+
+def _codec_device_lines(plan: CodecDevicePlan | None) -> list[str]:
+    """The codec's own GPU's plan, for `format_plan`."""
+    if plan is None:
+        return []
+    where = (
+        f"{plan.codec_dtype} DiT blocks streamed from pinned host memory, the rest resident"
+        if plan.dit_streamed
+        else f"resident ({plan.codec_dtype} DiT blocks)"
+    )
+    source = "measured on that GPU" if plan.overheads.measured else "default figures"
+    return [
+        f"codec's GPU, --vram {plan.budget_bytes / GiB:g}G:",
+        f"  codec: {where}; one window at a time",
+        f"  codec phase: {_gib(plan.codec_phase_peak)} (tensors {_gib(plan.codec_phase_bytes)} "
+        f"+{ALLOCATOR_SLACK:.0%} allocator slack, cuBLAS and cuDNN workspaces, {source})",
+        f"  predicted peak: {_gib(plan.predicted_peak_bytes)} (+ the CUDA context); headroom "
+        f"kept free: {_gib(plan.headroom_bytes)}",
+    ]

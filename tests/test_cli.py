@@ -385,6 +385,14 @@ def test_one_device_default_for_the_api_and_the_cli() -> None:
     assert default_dtype(parse_device("auto")) == ("bfloat16" if expected == "cuda" else "float32")
 
 
+def test_the_lms_device_by_either_name() -> None:
+    """--lm-device is --device (the LM's; the codec's too unless --codec-device)."""
+    for command in ("gen", "serve", "bench"):
+        for flag in ("--device", "--lm-device"):
+            args = cli.build_parser().parse_args([command, flag, "cuda:1", "--codec-device", "cpu"])
+            assert (args.device, args.codec_device) == ("cuda:1", "cpu")
+
+
 def test_song_defaults_live_in_the_request(tiny_ckpt: Path) -> None:
     """gen leaves every song setting it is not given to `SamplingParams`; load_pipeline's
     options to `PipelineConfig`."""

@@ -21,7 +21,7 @@ from heartmula_rt.folder import CODEC_DIR, LM_DIR
 from heartmula_rt.offload import HostCopy, OffloadedLayers
 from heartmula_rt.pipeline import check_streamable
 from heartmula_rt.placement import Placement
-from heartmula_rt.planner import MemoryPlan
+from heartmula_rt.planner import CodecDevicePlan, MemoryPlan
 from heartmula_rt.prompt import Prompt
 from heartmula_rt.request import CodecParams, SamplingParams
 from heartmula_rt.synthetic import synthetic_gen_config
@@ -136,6 +136,32 @@ def test_planned_codec_decodes_the_same_audio(tiny_ckpt: Path) -> None:
     with Placement(resident, CPU).codec_turn(lm, plain, lambda: released.append(True)):
         again = plain.detokenize(codes, TWO_STEPS, generator=torch.Generator().manual_seed(1))
     assert released == [True] and torch.equal(again, expected)
+
+
+def test_a_codec_apart_decodes_the_same_audio_on_its_own_device(tiny_ckpt: Path) -> None:
+    codes = torch.randint(0, 1024, (8, 150), generator=torch.Generator().manual_seed(3))
+    plain, _ = load_codec(tiny_ckpt / CODEC_DIR)
+    expected = plain.detokenize(codes, TWO_STEPS, generator=torch.Generator().manual_seed(1))
+    lm, config = load_lm(tiny_ckpt / LM_DIR)
+    own = CodecDevicePlan(
+        budget_bytes=0, codec_dtype="float32", dit_streamed=True, codec_phase_bytes=0
+    )
+    plan = replace(
+        frugal_plan(config.backbone.num_layers, 0),
+        codec_placement="apart",
+        lm_during_codec="kept",
+        codec_device_plan=own,
+    )
+    # The LM's device is another one (not used here); the codec's is the CPU, its DiT streamed.
+    placement = Placement(plan, torch.device("meta"), CPU)
+    codec, _ = load_codec(tiny_ckpt / CODEC_DIR)
+    placement.place_codec(codec)
+    assert isinstance(codec.flow_matching.estimator.transformer_blocks, OffloadedLayers)
+    released = []
+    with placement.codec_turn(lm, codec, lambda: released.append(True)):
+        wav = codec.detokenize(codes, TWO_STEPS, generator=torch.Generator().manual_seed(1))
+    assert released == [] and not placement._mirrors  # no turn taken: nothing moved
+    assert torch.equal(wav, expected)
 
 
 def test_placed_models_go_with_their_placement(tiny_ckpt: Path) -> None:

@@ -1,8 +1,9 @@
-"""`serve --ray` for real: a local Ray instance on this machine's CPU (2 CPUs), the tiny
-checkpoint in two CPU replicas (one thread each) behind the same HTTP API, driven over real
-HTTP by httpx: songs spread over both replicas (each job says which), all busy → 429, cancel,
-and a replica killed mid-song (its song `interrupted` with its audio so far, the other
-replica's songs done, new songs still made). Bounded in time (a few minutes)."""
+"""`serve --ray` for real: a local Ray cluster of two nodes on this machine's CPU (2 CPUs each),
+the tiny checkpoint in two CPU replicas (one thread each) behind the same HTTP API, all on the
+driver's node, driven over real HTTP by httpx: songs spread over both replicas (each job says
+which), all busy → 429, cancel, and a replica killed mid-song (its song `interrupted` with its
+audio so far, the other replica's songs done, new songs still made). Bounded in time (a few
+minutes)."""
 
 from __future__ import annotations
 
@@ -62,14 +63,20 @@ def test_scale_is_checked_before_anything_starts(tiny_ckpt: Path, capsys) -> Non
 @pytest.fixture(scope="module")
 def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     from ray import serve
+    from ray.cluster_utils import Cluster
 
     from heartmula_rt.serve import ray_app
 
     folder = tmp_path_factory.mktemp("ray-serve")
     port = free_port()
+    # Two nodes: this one (the store's and the folder's) and another with room to spare, which
+    # must get none of the application's actors.
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
+    )
+    cluster.add_node(num_cpus=2)
     ray.init(
-        num_cpus=2,
-        include_dashboard=False,
+        address=cluster.address,
         log_to_driver=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}},
     )
@@ -82,6 +89,7 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture
@@ -114,6 +122,22 @@ def test_songs_spread_over_both_replicas(client) -> None:
     listed = {j["id"]: j for j in client.get("/v1/songs").json()["songs"]}
     assert all(listed[j["id"]]["replica"] == j["replica"] for j in done)
     assert "heartmula_songs" in client.get("/metrics").text
+
+
+def test_every_actor_stays_on_the_machine_of_the_store(client) -> None:
+    from ray._private import state  # the actor table with each actor's node (no dashboard)
+
+    here = ray.get_runtime_context().get_node_id()
+    assert sum(node["Alive"] for node in ray.nodes()) == 2
+    ours = [
+        actor
+        for actor in state.actors().values()
+        if actor["State"] == "ALIVE"
+        and actor["ActorClassName"].startswith("ServeReplica:heartmula")
+    ]
+    kinds = sorted(actor["ActorClassName"].rsplit(":", 1)[1] for actor in ours)
+    assert kinds == ["Ingress", "SongReplica", "SongReplica"], kinds
+    assert {actor["Address"]["NodeID"] for actor in ours} == {here}
 
 
 def test_all_busy_429_then_cancel(client) -> None:

@@ -23,9 +23,10 @@ file; its sidecar, saved every window, has its frames), each it still had queued
 another replica (`SongService.adopt`), and the other replicas go on. Serve starts a new replica
 in its place. Songs are refused with 429 when every replica's queue is full.
 
-One machine: the store is `FOLDER/jobs.sqlite3` (SQLite, WAL: several processes may write it).
-A cluster of several machines needs a `JobStore` over a database server (PostgreSQL: jobs.py)
-and the folder on shared storage (NFS, or replicas streaming their audio through Ray).
+One machine: the store is `FOLDER/jobs.sqlite3` (SQLite, WAL: several processes may write it),
+so every actor is placed on the machine that runs `serve --ray`, even in a cluster of several.
+Using the others needs a `JobStore` over a database server (PostgreSQL: jobs.py) and the folder
+on shared storage (NFS, or replicas streaming their audio through Ray).
 """
 
 from __future__ import annotations
@@ -463,9 +464,13 @@ def build_app(
     scale: ScaleConfig,
     api_key: str | None = None,
 ) -> Any:
-    """The Serve application: `scale`'s replicas of `pipeline`, behind the ingress."""
+    """The Serve application: `scale`'s replicas of `pipeline`, behind the ingress, all on
+    this machine (the one whose folder holds the store and the songs' files)."""
     scale.check()
     songs = service.songs_at_once or 8
+    # Every Ray node is labelled with its id: this one's keeps every actor here, whatever
+    # other machines the cluster has.
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     replicas = SongReplica.options(
         autoscaling_config={
             "min_replicas": scale.min_replicas,
@@ -481,9 +486,14 @@ def build_app(
         # (rare: a full replica answers 429 itself, at once). Not too few: Serve counts calls
         # being assigned as waiting, so a burst of clients would be refused with room left.
         max_queued_requests=HANDLE_QUEUE,
-        ray_actor_options={"num_cpus": scale.num_cpus, "num_gpus": scale.num_gpus},
+        ray_actor_options={
+            "num_cpus": scale.num_cpus,
+            "num_gpus": scale.num_gpus,
+            "label_selector": here,
+        },
     ).bind(pipeline, service)
-    return Ingress.bind(replicas, service, api_key)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "label_selector": here})
+    return ingress.bind(replicas, service, api_key)
 
 
 def start(
