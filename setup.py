@@ -38,9 +38,11 @@ setup(
         # triton: CPU builds of torch lack it; tests run its kernels with TRITON_INTERPRET=1.
         # bitsandbytes: its CPU NF4 matmul checks the GPU path's re-packing.
         # httpx and selenium: the server's tests over real HTTP and in a real browser (Debian's
-        # chromium and chromium-driver, which .ci/run installs).
+        # chromium and chromium-driver, which .ci/run installs). pytest-xdist: a test file per
+        # core (README, "Tests").
         "test": [
             "pytest",
+            "pytest-xdist",
             "scipy",
             "ruff",
             "matplotlib",

@@ -132,7 +132,8 @@ for s in $STEPS; do
     tests)
         step tests 180 python3 -m pytest -q -x --junitxml="$OUT/tests.xml" \
             tests/test_fused_sampler.py tests/test_engine.py tests/test_quant_fast.py \
-            tests/test_stream.py tests/test_codec_mixed.py tests/test_offload.py
+            tests/test_stream.py tests/test_codec_mixed.py tests/test_offload.py \
+            tests/test_planner_devices.py
         ;;
     decode)
         step decode 120 bench --engines plain,graph --max-seconds 20 --repeats 3 --warmup 1 \

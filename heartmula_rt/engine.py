@@ -238,7 +238,9 @@ class StaticEngine:
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: the codec's thread (serve) may allocate and copy on its own streams
+            # meanwhile; the default, global, forbids that in every thread of the process.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._step_fn(state, kv_len)
             self._graphs[key] = graph
         graph.replay()

@@ -189,3 +189,16 @@ def test_placement_checks_the_codec_device_against_the_plan() -> None:
         Placement(apart, torch.device("cpu"))
     with pytest.raises(ValueError, match="codec device of its own"):
         Placement(plan(12), torch.device("cpu"), torch.device("meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_split_plan_on_a_gpu_decodes_on_the_codec_device(tiny_ckpt) -> None:
+    """The LM planned on the GPU, the codec on the CPU: the frames cross once, and the codec
+    gives the audio a CPU-only pipeline gives the same frames."""
+    split = pipeline.load_pipeline(tiny_ckpt, device="cuda", codec_device="cpu", vram="4G")
+    assert split.plan.codec_placement == "apart" and split.plan.codec_beside_lm
+    assert next(split.codec.parameters()).device.type == "cpu"
+    assert next(split.lm.parameters()).device.type == "cuda"
+    frames = split.generate_frames("piano", "[verse]\nla la", max_seconds=2, seed=3)
+    on_cpu = pipeline.load_pipeline(tiny_ckpt, device="cpu", threads=split.threads)
+    assert torch.equal(split.decode_frames(frames, seed=1), on_cpu.decode_frames(frames, seed=1))

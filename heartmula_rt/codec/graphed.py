@@ -83,6 +83,7 @@ class GraphedEstimator:
                 self.fn(self._inp, self._t)
         torch.cuda.current_stream(inp.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the LM's thread goes on meanwhile (serve), as in engine.py.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._out = self.fn(self._inp, self._t)
         self._graph = graph
