@@ -540,8 +540,9 @@ def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeli
     """Load a checkpoint folder in the official layout (SPEC §1), or what a `PipelineConfig`
     says (random weights of a preset size, `synthetic`, for benchmarks and tests).
 
-    `options` are `PipelineConfig`'s fields: `device` is `auto` (a CUDA GPU if torch sees one,
-    else the CPU; as `heartmula-rt gen`), `cpu`, `cuda` or `cuda:N`. `dtype` is the LM's weight
+    `options` are `PipelineConfig`'s fields: `device` (or `lm_device`), the LM's and by default
+    the codec's, is `auto` (a CUDA GPU if torch sees one, else the CPU; as `heartmula-rt gen`),
+    `cpu`, `cuda` or `cuda:N`; `codec_device` puts the codec on another. `dtype` is the LM's weight
     dtype (bfloat16 on a GPU, float32 on the CPU); `codec_dtype` one of `codec.CODEC_DTYPES`
     (`mixed` on a GPU, `float32` on the CPU); both load tensor by tensor. On a GPU (without a
     `vram` plan, which moves the codec) the codec's estimator is replayed as a CUDA graph.
@@ -566,6 +567,10 @@ def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeli
             raise UserError("give a PipelineConfig or options, not both")
         config = source
     else:
+        if "lm_device" in options:  # the LM's device by the name that pairs with codec_device
+            if "device" in options:
+                raise UserError("give device or lm_device (one name of the LM's device), not both")
+            options["device"] = options.pop("lm_device")
         config = PipelineConfig(model_path=Path(source), **options)
     torch.set_num_threads(config.threads)  # loading converts tensors on the CPU too
     device = config.torch_device
