@@ -30,8 +30,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +42,10 @@ from urllib.parse import urlsplit
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # heartmula_rt from this checkout when it is not installed
+
+from heartmula_rt.serve.process import ServerProcess  # noqa: E402
+
 WAV_HEADER_BYTES = 44
 BYTES_PER_SECOND = 48_000 * 2 * 2  # 16-bit stereo at 48 kHz, as the live stream sends it
 FINAL = ("done", "failed", "cancelled", "interrupted")
@@ -71,59 +73,6 @@ SERVER_OPTIONS = {
 
 
 # -- the server --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`heartmula-rt serve --model-path MODEL --folder FOLDER --port <free> ARGS...`, its output
-    in FOLDER/server.log; `start()` returns once /health answers, `stop()` sends SIGTERM."""
-
-    def __init__(self, model: Path, folder: Path, args: list[str]) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "heartmula_rt.cli", "serve", "--model-path"]
-        self.command += [str(model.resolve()), "--folder", str(folder.resolve())]
-        self.command += ["--port", str(self.port), *args]
-        self.process: subprocess.Popen | None = None
-
-    def start(self, deadline: float) -> float:
-        """Seconds from the start to /health answering."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        begin = time.monotonic()
-        with open(self.folder / "server.log", "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=log)
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.process.returncode}):\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - begin
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"the server did not answer before the deadline:\n{self.log()}")
-
-    def log(self, tail: int = 4000) -> str:
-        path = self.folder / "server.log"
-        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
-
-    def stop(self) -> int | None:
-        """SIGTERM (its running songs are kept as interrupted), SIGKILL after 30 s."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=30)
-            return None
 
 
 def without_eos(model: Path, view: Path) -> Path:
@@ -513,13 +462,15 @@ def main(argv: list[str] | None = None) -> int:
         model_path = args.model_path
         if args.no_eos:
             model_path = without_eos(args.model_path, folder / "model-no-eos")
-        server = Server(model_path, folder, passed)
+        server = ServerProcess(model_path, folder, *passed)
     ok = False
     try:
         start_s = None
         if server is not None:
             print(f"starting: {shlex.join(server.command)}", flush=True)
-            start_s = server.start(deadline)
+            started = time.monotonic()
+            server.start(timeout_s=deadline - started)
+            start_s = time.monotonic() - started
             print(f"the server answers after {start_s:.1f} s", flush=True)
         url = args.url or server.url
         try:
@@ -621,5 +572,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))  # heartmula_rt from this checkout when it is not installed
     sys.exit(main())

@@ -14,15 +14,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from serving import ServerProcess
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -49,54 +47,13 @@ if CHROMEDRIVER is not None:
     from selenium.webdriver.support.ui import WebDriverWait
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`heartmula-rt serve` on the tiny checkpoint; its base URL. Killed at the end."""
+    """`heartmula-rt serve` on the tiny checkpoint, with an API key; its base URL."""
     folder = tmp_path_factory.mktemp("serve")
-    port = _free_port()
-    log = (folder / "server.log").open("wb")
-    args = [
-        sys.executable, "-m", "heartmula_rt.cli", "serve", "--model-path", str(tiny_ckpt),
-        "--host", "127.0.0.1", "--port", str(port), "--folder", str(folder / "songs"),
-        "--max-seconds", "4", "--api-key", KEY,
-    ]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def output() -> str:
-        log.flush()
-        return (folder / "server.log").read_text(errors="replace")[-3000:]
-
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{output()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the server did not answer /health in {START_TIMEOUT_S:g} s:\n{output()}"
-                )
-            time.sleep(0.25)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    process = ServerProcess(tiny_ckpt, folder / "songs", "--max-seconds", "4", "--api-key", KEY)
+    with process.start(START_TIMEOUT_S):
+        yield process.url
 
 
 @pytest.fixture(scope="module")
