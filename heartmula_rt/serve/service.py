@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..audio import FORMATS, write_audio
-from ..codes import SongCodes, sidecar_path
+from ..codes import SongCodes, request_of_record, request_record, sidecar_path
 from ..config import DEFAULT_SONGS_AT_ONCE, PROMPT_TOKENS
 from ..decode import song_codes
 from ..edit import section
@@ -583,31 +583,16 @@ def _seconds(body: dict[str, Any], name: str) -> float:
 
 
 def _job_request(job: Job) -> SongRequest:
-    """The request a job record keeps (its frames exactly, whatever seconds rounds to)."""
-    exact = ("seconds", "max_frames", "stop_at_eos", "noise_seed")
-    fields = {k: v for k, v in job.request.items() if k not in exact}
-    request, _ = request_from_json(fields, {})
-    return request.with_settings(**{k: job.request[k] for k in exact[1:]})
+    """The request a job record keeps: the sidecar's exact record (its frames exactly, whatever
+    `seconds` rounds to)."""
+    return request_of_record({k: v for k, v in job.request.items() if k != "seconds"})
 
 
 def _request_fields(request: SongRequest) -> dict[str, Any]:
-    """A request as the job keeps it, in the fields of the HTTP body."""
-    s, c = request.sampling, request.codec
-    return {
-        "tags": request.tags,
-        "lyrics": request.lyrics,
-        "seconds": round(s.max_frames * FRAME_MS / 1000, 3),
-        "seed": s.seed,
-        "topk": s.topk,
-        "temperature": s.temperature,
-        "cfg_scale": s.cfg_scale,
-        "num_steps": c.num_steps,
-        "guidance_scale": c.guidance_scale,
-        # Beyond the body's fields, what an edit's song needs to be made again after a restart.
-        "max_frames": s.max_frames,
-        "stop_at_eos": s.stop_at_eos,
-        "noise_seed": c.noise_seed,
-    }
+    """A request as the job keeps it: the sidecar's record (codes.py), and `seconds` for the
+    API's view of it (app.py shows the fields of a body that makes the same song)."""
+    seconds = round(request.sampling.max_frames * FRAME_MS / 1000, 3)
+    return {**request_record(request), "seconds": seconds}
 
 
 __all__ = ["AUDIO_FORMATS", "FINAL", "LiveAudio", "QueueFull", "ServiceConfig", "SongService"]
