@@ -554,9 +554,9 @@ def _many_songs(args: argparse.Namespace) -> list[BatchSong] | None:
 
 
 def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
-    """Every song of `songs` in one batch of the LM, then through the codec: each song's codes
-    are saved beside its output as it ends (its sidecar, codes.py), and kept."""
-    from .codes import lm_end
+    """Every song of `songs` in one batch of the LM, each through the codec as it ends (on the
+    codec's thread: beside the LM with the codec on another device, else after it): each
+    song's codes are saved beside its output as it ends (its sidecar, codes.py), and kept."""
     from .decode import BatchInterrupted
     from .pipeline import load_pipeline
 
@@ -593,10 +593,13 @@ def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
         bar.update(n - made[i])
         made[i] = n
 
+    codec = _CodecBeside(pipe, len(songs))  # each song's audio as soon as its LM part ends
+
     def on_end(i: int, codes: torch.Tensor, why: str) -> None:
         song = songs[i]
         _save_sidecar(pipe, song.output, codes, song.request, why)
         ended[i] = why
+        codec.put(i, (song, codes, song.output, why))
         bar.total -= requests[i].sampling.max_frames + 1 - codes.shape[1]  # an early EOS
         bar.refresh()
         bar.write(
@@ -613,12 +616,15 @@ def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
             on_end=on_end,
             on_codes=lambda i, new: kept[i].add(new),
         )
-    except BatchInterrupted as stop:
+    except BaseException as e:
         bar.close()
+        codec.stop()  # the songs that had ended are written, or kept in their sidecars
+        if not isinstance(e, BatchInterrupted):
+            raise
         for i, keeper in enumerate(kept):
             if i not in ended:  # its frames go to its .partial file's sidecar
                 keeper.drop()
-        return _decode_interrupted(pipe, songs, stop.frames, ended)
+        return _decode_interrupted(pipe, songs, e.frames, ended, codec.written)
     bar.close()
     lm_s = time.perf_counter() - start
     print(
@@ -626,10 +632,15 @@ def _gen_many(args: argparse.Namespace, songs: list[BatchSong]) -> int:
         f"({sum(f.shape[1] for f in frames) / lm_s:.1f} frames/s over all songs)",
         file=sys.stderr,
     )
-    ends = [ended.get(i) or lm_end(frames[i], r.sampling) for i, r in enumerate(requests)]
-    seconds = _decode_many(pipe, songs, frames, [song.output for song in songs], ends)
-    if seconds is None:
+    try:
+        codec.finish()
+    except KeyboardInterrupt as e:
+        codec.error = e
+    if codec.error is not None:  # a Ctrl-C is said; an error is said and raised again
+        unwritten = [s.output for i, s in enumerate(songs) if i not in codec.written]
+        _codec_stopped_for(codec.error, unwritten)
         return EXIT_INTERRUPTED
+    seconds = sum(codec.written.values())
     wall = time.perf_counter() - start
     print(
         f"wrote {len(songs)} songs: {seconds:.1f} s of audio in {wall:.1f} s "
@@ -651,7 +662,6 @@ def _decode_many(
     LM part ended, how: `ends`) stays, written again with the codec's window prefixes once its
     audio is written; the songs not written are said, with how to finish them."""
     from .codec import DECODE_SONGS
-    from .codes import SongCodes, sidecar_path
 
     bar = tqdm(total=len(songs), desc="codec", unit="song", leave=False, file=sys.stderr)
     done, seconds = 0, 0.0
@@ -659,29 +669,124 @@ def _decode_many(
     try:
         for first in range(0, len(songs), group):
             part = range(first, min(first + group, len(songs)))
-            for i in part:
-                _note_stray_ids(frames[i], pipe.codec_config.codebook_size)
-            decoded = pipe.decode_frames_batch(
-                [frames[i] for i in part],
-                [songs[i].request.codec for i in part],
-                seeds=[songs[i].request.noise_seed for i in part],
-                return_prefixes=True,
+            written = _decode_group(
+                pipe, [(songs[i], frames[i], outputs[i], ends[i]) for i in part], bar
             )
-            for i, (wav, prefixes) in zip(part, decoded, strict=True):
-                seconds += _write_song(pipe, wav, outputs[i])
-                done += 1
-                song = SongCodes(frames[i], songs[i].request, ends[i], pipe.fingerprint)
-                _add_prefixes(sidecar_path(outputs[i]), song, prefixes)
-                bar.update()
+            seconds, done = seconds + sum(written), done + len(written)
     except BaseException as e:
         bar.close()
-        kept = [str(sidecar_path(out)) for out in outputs[done:]]
-        what = f"the LM's frames of {len(kept)} songs are saved in {', '.join(kept)}"
-        how = "`heartmula-rt decode FILE -o OUT` makes each song from its file"
-        _codec_stage_stopped(e, what, how)
+        _codec_stopped_for(e, outputs[done:])
         return None
     bar.close()
     return seconds
+
+
+_Decodable = tuple["BatchSong", "torch.Tensor", Path, str]  # a song, its frames, output, end
+
+
+def _decode_group(pipe: Pipeline, group: list[_Decodable], bar: tqdm) -> list[float]:
+    """Songs decoded together (`decode_frames_batch`), each written to its output with the
+    codec's window prefixes added to its sidecar; each one's seconds of audio."""
+    from .codes import SongCodes, sidecar_path
+
+    for _, frames, _, _ in group:
+        _note_stray_ids(frames, pipe.codec_config.codebook_size)
+    decoded = pipe.decode_frames_batch(
+        [frames for _, frames, _, _ in group],
+        [song.request.codec for song, _, _, _ in group],
+        seeds=[song.request.noise_seed for song, _, _, _ in group],
+        return_prefixes=True,
+    )
+    seconds = []
+    for (song, frames, out, ended), (wav, prefixes) in zip(group, decoded, strict=True):
+        seconds.append(_write_song(pipe, wav, out))
+        codes = SongCodes(frames, song.request, ended, pipe.fingerprint)
+        _add_prefixes(sidecar_path(out), codes, prefixes)
+        bar.update()
+    return seconds
+
+
+def _codec_stopped_for(e: BaseException, outputs: list[Path]) -> None:
+    """`_codec_stage_stopped` for songs whose `outputs` were not written: their sidecars."""
+    from .codes import sidecar_path
+
+    kept = [str(sidecar_path(out)) for out in outputs]
+    what = f"the LM's frames of {len(kept)} songs are saved in {', '.join(kept)}"
+    how = "`heartmula-rt decode FILE -o OUT` makes each song from its file"
+    _codec_stage_stopped(e, what, how)
+
+
+class _CodecBeside:
+    """The codec's stage of `gen --count`/`--batch-file` on a thread of its own: each song is
+    decoded and written as soon as its LM part ends, songs ended meanwhile together (up to
+    `DECODE_SONGS`). With the codec on another device (`Pipeline.codec_lock`) that is while the
+    LM goes on with the others; on the LM's device it waits for the LM's batch to end.
+
+    `stop()` takes no more songs (the group being decoded is finished) and `finish()` waits for
+    every song put; `written` maps each song written to its seconds of audio, and `error` holds
+    what stopped the thread (then no song is decoded after it)."""
+
+    def __init__(self, pipe: Pipeline, total: int) -> None:
+        import queue
+        import threading
+
+        self.pipe = pipe
+        self.written: dict[int, float] = {}
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._stopped = threading.Event()
+        self._bar = tqdm(total=total, desc="codec", unit="song", leave=False, file=sys.stderr)
+        self._thread = threading.Thread(target=self._run, name="heartmula-rt codec", daemon=True)
+        self._thread.start()
+
+    def put(self, i: int, song: _Decodable) -> None:
+        self._queue.put((i, song))
+
+    def _run(self) -> None:
+        import queue
+
+        from .codec import DECODE_SONGS
+
+        while (first := self._queue.get()) is not None:
+            with self.pipe.codec_lock:  # the codec's turn: take what has ended meanwhile too
+                if self._stopped.is_set():
+                    return
+                group, end = [first], False
+                while len(group) < DECODE_SONGS:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        end = True
+                        break
+                    group.append(item)
+                try:
+                    seconds = _decode_group(self.pipe, [song for _, song in group], self._bar)
+                except BaseException as e:  # noqa: BLE001 (said by finish(), with the sidecars)
+                    self.error = e
+                    return
+                self.written.update(zip((i for i, _ in group), seconds, strict=True))
+                if end:
+                    return
+
+    def stop(self) -> None:
+        """Take no more songs; return once the group being decoded is written."""
+        self._stopped.set()
+        self._queue.put(None)
+        self._thread.join()
+        self._bar.close()
+
+    def finish(self) -> None:
+        """Return once every song put is written, or the thread has stopped on an error."""
+        self._queue.put(None)
+        try:
+            self._thread.join()
+        except BaseException:  # a Ctrl-C while waiting: no more songs after this one
+            self._stopped.set()
+            raise
+        finally:
+            self._bar.close()
 
 
 def _decode_interrupted(
@@ -689,18 +794,23 @@ def _decode_interrupted(
     songs: list[BatchSong],
     frames: list[torch.Tensor],
     ended: dict[int, str],
+    written: dict[int, float],
 ) -> int:
-    """Ctrl-C in the LM stage: songs that had ended are written to their outputs, songs cut
-    short to `<stem>.partial<ext>` (each with its sidecar), songs not started are left out."""
+    """Ctrl-C in the LM stage: songs that had ended are written to their outputs (but those
+    the codec's thread has `written` already), songs cut short to `<stem>.partial<ext>` (each
+    with its sidecar), songs not started are left out."""
     from .audio import partial_path
 
-    started = [i for i, f in enumerate(frames) if f.shape[1]]
+    for i in written:
+        print(f"wrote {songs[i].output} ({frames[i].shape[1]} frames)", file=sys.stderr)
+    started = [i for i, f in enumerate(frames) if f.shape[1] and i not in written]
     for i in started:
         if i not in ended:  # an ended song's codes were saved as it ended
             partial = partial_path(songs[i].output)
             _save_sidecar(pipe, partial, frames[i], songs[i].request, "interrupted")
     if not started:
-        print("interrupted before the first frame: nothing written", file=sys.stderr)
+        if not written:
+            print("interrupted before the first frame: nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(
         f"interrupted: decoding the frames made so far ({len(ended)} of {len(songs)} songs "

@@ -223,7 +223,10 @@ class Pipeline:
 
     Safe to share between threads: each call that runs a model holds `lock` (a song's stream
     holds it from its first frame to its last piece, `generate` for the LM and the codec), so
-    calls from several threads run one at a time, in turn, each as it would alone.
+    calls from several threads run one at a time, in turn, each as it would alone. A codec on
+    another device than the LM's (`codec_device`; a plan's codec "apart") has a lock of its own,
+    `codec_lock`: its calls (`decode_frames`, `decode_frames_batch`, `redecode_frames`) then run
+    beside the LM's, one at a time among themselves.
     """
 
     lm: HeartMuLa
@@ -236,6 +239,12 @@ class Pipeline:
     engine: Engine
     placement: Placement | None = None  # the `vram` plan applied, with the models' host mirrors
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    # `lock` itself while the codec shares the LM's device (__post_init__).
+    codec_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.config.codec_device == self.config.device:
+            self.codec_lock = self.lock
 
     @property
     def device(self) -> torch.device:
@@ -450,7 +459,7 @@ class Pipeline:
             raise UserError(
                 "redecode_frames needs the seed of the original's codec noise (its noise_seed)"
             )
-        with self.lock, self._codec_turn():
+        with self.codec_lock, self._codec_turn():
             torch.set_num_threads(self.threads)
             return self.codec.redecode(
                 frames,
@@ -492,7 +501,7 @@ class Pipeline:
             songs = 1
         seeds = [None] * len(frames_list) if seeds is None else seeds
         generators = [codec_noise(seed) for seed in seeds]
-        with self.lock, self._codec_turn():
+        with self.codec_lock, self._codec_turn():
             torch.set_num_threads(self.threads)
             return self.codec.detokenize_many(
                 frames_list,

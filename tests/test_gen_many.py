@@ -5,6 +5,7 @@ either stage keeps every song's work."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import heartmula_rt
 import heartmula_rt.pipeline
 from heartmula_rt import cli
 from heartmula_rt.audio import write_audio
+from heartmula_rt.codec import HeartCodec
 from heartmula_rt.codes import SongCodes
 from heartmula_rt.request import SongRequest
 
@@ -161,8 +163,14 @@ def _interrupt_bar(monkeypatch, desc: str, at: int) -> None:
     monkeypatch.setattr(tqdm.tqdm, "update", update)
 
 
+# The codec on the LM's device (its thread waits for the LM's batch), and on another (the
+# host's other name: it decodes beside the LM).
+CODEC_DEVICES = pytest.mark.parametrize("codec_device", [[], ["--codec-device", "cpu:0"]])
+
+
+@CODEC_DEVICES
 def test_ctrl_c_in_the_lm_writes_every_song_so_far(
-    tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch
+    tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch, codec_device: list[str]
 ) -> None:
     short, long = tmp_path / "short.wav", tmp_path / "long.wav"
     batch = _write_lines(
@@ -173,7 +181,8 @@ def test_ctrl_c_in_the_lm_writes_every_song_so_far(
         ],
     )
     _interrupt_bar(monkeypatch, "LM", 20)  # once the short song has ended
-    code, _, err = run(["gen", "--model-path", str(tiny_ckpt), "--batch-file", str(batch)], capsys)
+    args = ["gen", "--model-path", str(tiny_ckpt), "--batch-file", str(batch), *codec_device]
+    code, _, err = run(args, capsys)
     assert code == 130, err
     assert sf.info(str(short)).frames == 6 * SAMPLES_PER_FRAME  # whole: it had ended
     partial = tmp_path / "long.partial.wav"
@@ -185,12 +194,13 @@ def test_ctrl_c_in_the_lm_writes_every_song_so_far(
     assert not (tmp_path / "long.codes.safetensors").exists()
 
 
+@CODEC_DEVICES
 def test_ctrl_c_in_the_codec_keeps_every_songs_frames(
-    tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch
+    tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch, codec_device: list[str]
 ) -> None:
     out = tmp_path / "song.wav"
     args = ["gen", "--model-path", str(tiny_ckpt), "--tags", TAGS, "--max-seconds", "0.8"]
-    args += ["--seed", "3", "--count", "2", "-o", str(out)]
+    args += ["--seed", "3", "--count", "2", "-o", str(out), *codec_device]
     assert run(args, capsys)[0] == 0
     whole = {i: (tmp_path / f"song-{i}.wav").read_bytes() for i in (1, 2)}
     for i in (1, 2):
@@ -212,3 +222,47 @@ def test_ctrl_c_in_the_codec_keeps_every_songs_frames(
         )
         assert code == 0, err
         assert target.read_bytes() == whole[i] and codes.is_file()
+
+
+def test_the_codec_on_its_own_device_decodes_beside_the_lm(
+    tiny_ckpt: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """With the codec on another device, the first song is decoded while the LM makes the
+    second (the LM waits at the first song's end until the codec is at work: on one device it
+    would wait for ever), and the songs are those one device makes."""
+    args = ["gen", "--model-path", str(tiny_ckpt), "--tags", TAGS, "--max-seconds", "1"]
+    args += ["--topk", "20", "--seed", "5", "--count", "2", "--batch", "1"]
+    alone, beside = tmp_path / "alone" / "song.wav", tmp_path / "beside" / "song.wav"
+    alone.parent.mkdir()
+    beside.parent.mkdir()
+    assert run([*args, "-o", str(alone)], capsys)[0] == 0
+
+    decoding = threading.Event()
+    real_decode = HeartCodec.detokenize_many
+
+    def detokenize_many(self, *a, **kw):
+        decoding.set()  # inside the codec's lock
+        return real_decode(self, *a, **kw)
+
+    real_batch = heartmula_rt.pipeline.Pipeline.generate_frames_batch
+    overlapped = []
+
+    def generate_frames_batch(self, requests, *, on_end, **kw):
+        def end(i, codes, why):
+            on_end(i, codes, why)
+            if i == 0:  # the LM holds its lock until the last song: the codec must not need it
+                overlapped.append(decoding.wait(60))
+
+        return real_batch(self, requests, on_end=end, **kw)
+
+    monkeypatch.setattr(HeartCodec, "detokenize_many", detokenize_many)
+    monkeypatch.setattr(
+        heartmula_rt.pipeline.Pipeline, "generate_frames_batch", generate_frames_batch
+    )
+    code, _, err = run([*args, "--codec-device", "cpu:0", "-o", str(beside)], capsys)
+    assert code == 0 and overlapped == [True], err
+    for i in (1, 2):
+        name = f"song-{i}.wav"
+        assert (beside.parent / name).read_bytes() == (alone.parent / name).read_bytes()
+        kept = SongCodes.load(beside.parent / f"song-{i}.codes.safetensors")
+        assert kept.prefixes is not None  # the sidecar completed once its audio was written
