@@ -106,6 +106,20 @@ def js_errors(driver: webdriver.Chrome) -> list[str]:
     ]
 
 
+def song_finished(driver: webdriver.Chrome) -> bool:
+    """Whether the page shows its song done (100%); its error banner, if shown, fails the test."""
+
+    def find(css: str):
+        return driver.find_element(By.CSS_SELECTOR, css)
+
+    if find("#error").is_displayed():
+        raise AssertionError(f"error banner: {find('#error-text').text}")
+    return (
+        find("#progress-bar").get_attribute("aria-valuenow") == "100"
+        and "done" in find("#progress-text").text
+    )
+
+
 def test_page_makes_a_song_heard_while_made_and_gives_its_settings_back(
     server: str, browser: webdriver.Chrome, artifacts: Path
 ) -> None:
@@ -169,14 +183,6 @@ def test_page_makes_a_song_heard_while_made_and_gives_its_settings_back(
 
     find("#generate").click()
 
-    def finished(d) -> bool:
-        if find("#error").is_displayed():
-            raise AssertionError(f"error banner: {find('#error-text').text}")
-        return (
-            find("#progress-bar").get_attribute("aria-valuenow") == "100"
-            and "done" in find("#progress-text").text
-        )
-
     # The player was given the song's live audio at once.
     WebDriverWait(d, 10).until(
         lambda d: "/audio" in d.execute_script("return document.getElementById('player').src")
@@ -185,7 +191,7 @@ def test_page_makes_a_song_heard_while_made_and_gives_its_settings_back(
     match = re.search(r"/v1/songs/([0-9a-f]+)/audio", src)
     assert match and f"key={KEY}" in src, src  # an <audio> cannot send the key as a header
     song_id = match.group(1)
-    WebDriverWait(d, SONG_TIMEOUT_S, poll_frequency=0.25).until(finished)
+    WebDriverWait(d, SONG_TIMEOUT_S, poll_frequency=0.25).until(song_finished)
     assert not find("#error").is_displayed()
 
     # What the page asked for, as the server kept it.
@@ -258,14 +264,6 @@ def test_page_regenerates_a_selected_section_and_extends_a_song(
     def find(css: str):
         return d.find_element(By.CSS_SELECTOR, css)
 
-    def finished(d) -> bool:
-        if find("#error").is_displayed():
-            raise AssertionError(f"error banner: {find('#error-text').text}")
-        return (
-            find("#progress-bar").get_attribute("aria-valuenow") == "100"
-            and "done" in find("#progress-text").text
-        )
-
     def done(song_id: str) -> dict:
         deadline = time.monotonic() + SONG_TIMEOUT_S
         while (job := api.get(f"/v1/songs/{song_id}").json())["state"] in ("queued", "running"):
@@ -292,7 +290,7 @@ def test_page_regenerates_a_selected_section_and_extends_a_song(
         song_id = playing_id(d)
         src = d.execute_script("return document.getElementById('player').src")
         assert re.search(r"[?&]t=\d+", src), src  # its live audio, as Generate's song
-        WebDriverWait(d, SONG_TIMEOUT_S, poll_frequency=0.25).until(finished)
+        WebDriverWait(d, SONG_TIMEOUT_S, poll_frequency=0.25).until(song_finished)
         return done(song_id)
 
     def shown() -> tuple[float, float]:
