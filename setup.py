@@ -12,10 +12,15 @@ setup(
     # kernels/ and quant/ live at the top of the repo but install inside the package.
     packages=[
         "heartmula_rt",
-        "heartmula_rt.codec",
+        "heartmula_rt.model",
+        "heartmula_rt.model.codec",
+        "heartmula_rt.memory",
+        "heartmula_rt.runtime",
+        "heartmula_rt.cli",
+        "heartmula_rt.serve",
+        "heartmula_rt.bench",
         "heartmula_rt.kernels",
         "heartmula_rt.quant",
-        "heartmula_rt.serve",
     ],
     package_data={"heartmula_rt.serve": ["static/*"]},
     package_dir={

@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from cpu_threads import cpu_model, runnable_tasks  # noqa: E402
 
 from heartmula_rt.bench import _commit  # noqa: E402
-from heartmula_rt.checkpoint import load_codec  # noqa: E402
-from heartmula_rt.codec.detokenize import WINDOW  # noqa: E402
 from heartmula_rt.config import LATENTS_PER_CODE  # noqa: E402
-from heartmula_rt.folder import CODEC_DIR  # noqa: E402
+from heartmula_rt.model.checkpoint import load_codec  # noqa: E402
+from heartmula_rt.model.codec.detokenize import WINDOW  # noqa: E402
+from heartmula_rt.model.folder import CODEC_DIR  # noqa: E402
 from heartmula_rt.request import CodecParams  # noqa: E402
 
 

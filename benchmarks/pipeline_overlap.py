@@ -49,7 +49,7 @@ from serve_bench import SONGS, without_eos  # noqa: E402
 import heartmula_rt  # noqa: E402
 from heartmula_rt.bench import _commit, _device_name, _triton_version, write_results  # noqa: E402
 from heartmula_rt.request import request_from_json  # noqa: E402
-from heartmula_rt.scheduler import Scheduler, SongRun  # noqa: E402
+from heartmula_rt.runtime.scheduler import Scheduler, SongRun  # noqa: E402
 from heartmula_rt.serve.jobs import SqliteJobStore  # noqa: E402
 from heartmula_rt.serve.service import FINAL, ServiceConfig, SongService  # noqa: E402
 

@@ -18,12 +18,12 @@ from heartmula_rt.quant.fast import fast_module
 from heartmula_rt.quant.formats import FORMATS
 
 from heartmula_rt.config import WINDOW
-from heartmula_rt.decode import decode_one_frame, prefill, song_draw
-from heartmula_rt.engine import make_engine
-from heartmula_rt.prompt import Prompt
+from heartmula_rt.model.prompt import Prompt
+from heartmula_rt.model.sampling import cfg_mix, sample_topk
+from heartmula_rt.model.synthetic import Models, synthetic_models, synthetic_prompt
 from heartmula_rt.request import SamplingParams
-from heartmula_rt.sampling import cfg_mix, sample_topk
-from heartmula_rt.synthetic import Models, synthetic_models, synthetic_prompt
+from heartmula_rt.runtime.decode import decode_one_frame, prefill, song_draw
+from heartmula_rt.runtime.engine import make_engine
 
 pytest.importorskip("pytest_benchmark")
 if not torch.cuda.is_available():

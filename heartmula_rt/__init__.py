@@ -18,15 +18,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The public names load lazily (PEP 562), so that `heartmula-rt plan` and --help need no torch.
 _EXPORTS = {
-    "BatchInterrupted": "decode",
+    "BatchInterrupted": "runtime.decode",
     "CodecParams": "request",
-    "GenerationInterrupted": "decode",
-    "Pipeline": "pipeline",
-    "PipelineConfig": "pipeline",
+    "GenerationInterrupted": "runtime.decode",
+    "Pipeline": "runtime.pipeline",
+    "PipelineConfig": "runtime.pipeline",
     "SamplingParams": "request",
     "SongRequest": "request",
     "UserError": "errors",
-    "load_pipeline": "pipeline",
+    "load_pipeline": "runtime.pipeline",
 }
 __all__ = sorted(_EXPORTS)
 

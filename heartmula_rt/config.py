@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from heartmula_rt.errors import UserError
 
 # The LM's decode engines (engine.py): the plain loop, one CUDA graph per frame, compiled first.
 ENGINES = ("plain", "graph", "compile")

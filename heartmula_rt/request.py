@@ -14,7 +14,7 @@ import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .errors import UserError
+from heartmula_rt.errors import UserError
 
 FRAME_MS = 80  # 12.5 LM frames per second
 DEFAULT_MAX_SECONDS = 240.0
@@ -47,6 +47,12 @@ def max_frames_for(max_seconds: float) -> int:
 def check_texts(tags: str, lyrics: str) -> None:
     if not tags.strip() and not lyrics.strip():
         raise UserError("tags and lyrics are both empty; give at least one of them")
+
+
+def check_songs(songs: object) -> None:
+    """Songs at once (of a batch, a plan, the codec): a whole number of at least 1."""
+    if isinstance(songs, bool) or not isinstance(songs, int) or songs < 1:
+        raise UserError(f"songs at once must be a whole number of at least 1, not {songs!r}")
 
 
 def cfg_rows(cfg_scale: float) -> int:

@@ -11,7 +11,7 @@ Each computes what its plain function computes, in the same precision steps:
 - `fused_silu_mul` = `silu(gate) · up`: the SiLU rounded to the dtype before the product, as
   the two eager ops round. One program per 1024 elements.
 
-The module swaps that use them are `heartmula_rt.fused`. Every launch goes through a
+The module swaps that use them are `heartmula_rt.model.fused`. Every launch goes through a
 `*_launch` function that turns tensor-likes (real tensors, or `triton.runtime.jit.MockTensor`)
 into (grid, args, kwargs); `aot_launches` lists the same calls for every shape the engines use,
 so what is compiled ahead of time is what runs. The launch functions read only shapes and
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..config import LM_PRESETS, LMConfig
+from heartmula_rt.config import LM_PRESETS, LMConfig
 
 Launch = tuple[tuple[int, ...], tuple, dict]  # (grid, args, kwargs) of one kernel launch
 SILU_MUL_BLOCK = 1024

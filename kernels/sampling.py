@@ -1,9 +1,10 @@
 """The fused sampler: CFG mixing, temperature, top-k and the categorical draw in one launch, for
 every row of a batch of songs with each song's own settings.
 
-It is the plain sampler of `heartmula_rt.sampling` (SPEC §4) with its state in device memory, so
-a CUDA graph replays it: each song's settings, seed and frame index (read by the kernel every
-call, so one captured graph serves any songs in any rows), with the codebook passed per call.
+It is the plain sampler of `heartmula_rt.model.sampling` (SPEC §4) with its state in device
+memory, so a CUDA graph replays it: each song's settings, seed and frame index (read by the
+kernel every call, so one captured graph serves any songs in any rows), with the codebook passed
+per call.
 A draw's Philox counters are (column, the song's frame, the codebook, 0) under the song's seed:
 a song's draws depend on nothing else (not on its rows or its neighbours), the static engine's
 twin of `sampling.draw_seed`.

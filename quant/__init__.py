@@ -1,6 +1,6 @@
-"""Weight-only quantization of the HeartMuLa LM (int8, NF4, int4) and its measured quality."""
+"""Weight-only quantization of the HeartMuLa LM (int8, NF4, int4), as module swaps."""
 
-from .formats import (
+from heartmula_rt.quant.formats import (
     QUANT_MODES,
     Int4Linear,
     Int8Linear,
@@ -10,7 +10,6 @@ from .formats import (
     check_mode,
     quantize_model,
 )
-from .quality import measure_quality
 
 __all__ = [
     "QUANT_MODES",
@@ -20,6 +19,5 @@ __all__ = [
     "QuantLinear",
     "QuantizedAudioHead",
     "check_mode",
-    "measure_quality",
     "quantize_model",
 ]

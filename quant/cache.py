@@ -21,16 +21,8 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-
-from heartmula_rt import __version__
-from heartmula_rt.checkpoint import load_into
-from heartmula_rt.folder import load_lm_config, shard_files
-from heartmula_rt.lm import HeartMuLa
-
-from .fast import use_fast_kernels
-from .formats import (
+from heartmula_rt.quant.fast import use_fast_kernels
+from heartmula_rt.quant.formats import (
     FORMATS,
     QuantizedAudioHead,
     check_mode,
@@ -38,6 +30,13 @@ from .formats import (
     quantized_linears,
     set_audio_head,
 )
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from heartmula_rt import __version__
+from heartmula_rt.model.checkpoint import load_into
+from heartmula_rt.model.folder import load_lm_config, shard_files
+from heartmula_rt.model.lm import HeartMuLa
 
 log = logging.getLogger(__name__)
 # Bump when the quantized layout changes: older caches then read as stale.

@@ -25,11 +25,17 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from heartmula_rt.quant.formats import (
+    INT4_MID,
+    Int4Linear,
+    Int8Linear,
+    NF4Linear,
+    QuantLinear,
+    unpack4,
+)
 from torch import Tensor, nn
 
 from heartmula_rt.errors import UserError
-
-from .formats import INT4_MID, Int4Linear, Int8Linear, NF4Linear, QuantLinear, unpack4
 
 # The torch release each tinygemm op first has in the form called here: CUDA's packing takes
 # two codes per uint8 from 2.5 on; the CPU twins were split off in 2.6.

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from heartmula_rt.config import INT4_GROUP, NF4_BLOCK, QUANT_MODES
 from heartmula_rt.errors import UserError
-from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.model.lm import HeartMuLa
 
 INT4_MID = 8  # the int4 code the group's zero stands for
 BLOCK_DTYPE = torch.bfloat16  # the 4-bit formats' per-block scales and zeros

@@ -13,10 +13,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.config import GenConfig
-from heartmula_rt.folder import LM_DIR, load_gen_config
-from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.model.checkpoint import load_lm
+from heartmula_rt.model.folder import LM_DIR, load_gen_config
+from heartmula_rt.model.lm import HeartMuLa
 
 # Without a GPU, Triton kernels run on the CPU through Triton's interpreter; it must be chosen
 # before any kernel is defined, so before heartmula_rt.kernels is first imported (lazily).

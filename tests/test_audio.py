@@ -12,8 +12,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from heartmula_rt.audio import FORMATS, WavStream, partial_path, write_audio
 from heartmula_rt.errors import UserError
+from heartmula_rt.runtime.audio import FORMATS, WavStream, partial_path, write_audio
 
 
 @pytest.mark.parametrize("ext", list(FORMATS))

@@ -15,12 +15,12 @@ from tokenizers import Tokenizer
 
 from heartmula_rt import load_pipeline
 from heartmula_rt.config import GenConfig
-from heartmula_rt.engine import PlainEngine, StaticEngine
 from heartmula_rt.errors import UserError
-from heartmula_rt.lm import HeartMuLa
-from heartmula_rt.prompt import build_prompt
+from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import SamplingParams, SongRequest
-from heartmula_rt.scheduler import Scheduler, SongRun
+from heartmula_rt.runtime.engine import PlainEngine, StaticEngine
+from heartmula_rt.runtime.scheduler import Scheduler, SongRun
 
 ROWS = 4
 POSITIONS = 160
@@ -57,7 +57,7 @@ def _engines(lm: HeartMuLa, gen: GenConfig) -> dict:
 
 @pytest.fixture(scope="module")
 def lm(tiny_ckpt) -> HeartMuLa:
-    from heartmula_rt.checkpoint import load_lm
+    from heartmula_rt.model.checkpoint import load_lm
 
     return load_lm(tiny_ckpt / "HeartMuLa-oss-3B")[0]
 

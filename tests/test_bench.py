@@ -15,13 +15,13 @@ import torch
 
 from heartmula_rt import bench as bench_module
 from heartmula_rt.bench import BenchConfig, run_bench
-from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.cli import build_parser
 from heartmula_rt.errors import UserError
-from heartmula_rt.folder import LM_DIR
-from heartmula_rt.pipeline import Pipeline, PipelineConfig, load_pipeline
+from heartmula_rt.model.checkpoint import load_lm
+from heartmula_rt.model.folder import LM_DIR
+from heartmula_rt.model.synthetic import synthetic_models
 from heartmula_rt.request import SamplingParams
-from heartmula_rt.synthetic import synthetic_models
+from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -24,7 +24,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from heartmula_rt.codec import HeartCodec
 from heartmula_rt.config import (
     CODEC_PRESETS,
     LATENTS_PER_CODE,
@@ -33,9 +32,10 @@ from heartmula_rt.config import (
     GenConfig,
     LMConfig,
 )
-from heartmula_rt.engine import StaticEngine
-from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.model.codec import HeartCodec
+from heartmula_rt.model.lm import HeartMuLa
 from heartmula_rt.request import SamplingParams
+from heartmula_rt.runtime.engine import StaticEngine
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
 

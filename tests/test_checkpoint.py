@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from heartmula_rt import checkpoint, folder, load_pipeline
-from heartmula_rt.checkpoint import load_codec, load_lm
-from heartmula_rt.codec import FLOAT32_PARTS, HeartCodec
+from heartmula_rt import load_pipeline
 from heartmula_rt.config import FLAVORS, CodecConfig, LMConfig
 from heartmula_rt.errors import UserError
-from heartmula_rt.folder import CODEC_DIR, LM_DIR
-from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.model import checkpoint, folder
+from heartmula_rt.model.checkpoint import load_codec, load_lm
+from heartmula_rt.model.codec import FLOAT32_PARTS, HeartCodec
+from heartmula_rt.model.folder import CODEC_DIR, LM_DIR
+from heartmula_rt.model.lm import HeartMuLa
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ import torch
 import tqdm
 
 import heartmula_rt
-import heartmula_rt.audio
+import heartmula_rt.runtime.audio
 from heartmula_rt import cli
-from heartmula_rt.audio import write_audio
-from heartmula_rt.codes import SongCodes
-from heartmula_rt.folder import LM_DIR
-from heartmula_rt.pipeline import PipelineConfig, default_dtype, parse_device
-from heartmula_rt.prompt import build_prompt
+from heartmula_rt.model.folder import LM_DIR
+from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
+from heartmula_rt.runtime.audio import write_audio
+from heartmula_rt.runtime.codes import SongCodes
+from heartmula_rt.runtime.pipeline import PipelineConfig, default_dtype, parse_device
 
 SAMPLES_PER_FRAME = 3840  # 48 kHz / 12.5 frames per second
 
@@ -148,7 +148,7 @@ def test_a_failed_codec_keeps_the_frames(tiny_ckpt: Path, tmp_path: Path, capsys
     def disk_full(*args, **kwargs):
         raise heartmula_rt.UserError("could not write song.wav (No space left on device)")
 
-    monkeypatch.setattr(heartmula_rt.audio, "write_audio", disk_full)
+    monkeypatch.setattr(heartmula_rt.runtime.audio, "write_audio", disk_full)
     code, _, err = run(gen_args(tiny_ckpt, tmp_path / "song.wav"), capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("heartmula-rt: error: could not write song.wav")

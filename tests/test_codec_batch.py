@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import heartmula_rt
-from heartmula_rt.checkpoint import load_codec
-from heartmula_rt.codec.detokenize import OVERLAP, WINDOW, plan_windows
-from heartmula_rt.codec.dit import FlowMatching
-from heartmula_rt.codec.scalar import ScalarModel
 from heartmula_rt.config import LATENTS_PER_CODE
 from heartmula_rt.errors import UserError
-from heartmula_rt.folder import CODEC_DIR
-from heartmula_rt.pipeline import Pipeline
+from heartmula_rt.model.checkpoint import load_codec
+from heartmula_rt.model.codec.detokenize import OVERLAP, WINDOW, plan_windows
+from heartmula_rt.model.codec.dit import FlowMatching
+from heartmula_rt.model.codec.scalar import ScalarModel
+from heartmula_rt.model.folder import CODEC_DIR
 from heartmula_rt.request import CodecParams
+from heartmula_rt.runtime.pipeline import Pipeline
 
 SAMPLES_PER_CODE = 3840
 PREFIX = LATENTS_PER_CODE * OVERLAP  # latent frames a window after a song's first starts from

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from heartmula_rt.checkpoint import load_codec
-from heartmula_rt.codec import CODEC_DTYPES, HeartCodec
-from heartmula_rt.codec.graphed import GraphedEstimator
-from heartmula_rt.codec.scalar import largest_activation_bytes
 from heartmula_rt.config import CODEC_PRESETS
 from heartmula_rt.errors import UserError
-from heartmula_rt.folder import CODEC_DIR
+from heartmula_rt.model.checkpoint import load_codec
+from heartmula_rt.model.codec import CODEC_DTYPES, HeartCodec
+from heartmula_rt.model.codec.graphed import GraphedEstimator
+from heartmula_rt.model.codec.scalar import largest_activation_bytes
+from heartmula_rt.model.folder import CODEC_DIR
 from heartmula_rt.request import CodecParams
 
 

@@ -12,18 +12,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from heartmula_rt.checkpoint import load_codec
-from heartmula_rt.codec import HeartCodec
-from heartmula_rt.codec.detokenize import (
+from heartmula_rt.config import CodecConfig
+from heartmula_rt.errors import UserError
+from heartmula_rt.model.checkpoint import load_codec
+from heartmula_rt.model.codec import HeartCodec
+from heartmula_rt.model.codec.detokenize import (
     HOP,
     WINDOW,
     extend_codes,
     plan_windows,
     sanitize_codes,
 )
-from heartmula_rt.config import CodecConfig
-from heartmula_rt.errors import UserError
-from heartmula_rt.folder import CODEC_DIR
+from heartmula_rt.model.folder import CODEC_DIR
 from heartmula_rt.request import CodecParams
 
 # Same place as conftest's fixtures_dir, needed at collection time to parametrize over the cases.

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from heartmula_rt.checkpoint import load_codec
-from heartmula_rt.codec import HeartCodec
-from heartmula_rt.codec.detokenize import HOP, OVERLAP, PREFIX, WINDOW, plan_windows
 from heartmula_rt.errors import UserError
-from heartmula_rt.folder import CODEC_DIR
+from heartmula_rt.model.checkpoint import load_codec
+from heartmula_rt.model.codec import HeartCodec
+from heartmula_rt.model.codec.detokenize import HOP, OVERLAP, PREFIX, WINDOW, plan_windows
+from heartmula_rt.model.folder import CODEC_DIR
 from heartmula_rt.request import CodecParams
 
 SAMPLES_PER_CODE = 3840

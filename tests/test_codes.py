@@ -16,11 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import heartmula_rt
-from heartmula_rt import cli, codes, folder
-from heartmula_rt.codes import SongCodes, find_sidecar, sidecar_path
+from heartmula_rt import cli
 from heartmula_rt.errors import UserError
-from heartmula_rt.pipeline import Pipeline, PipelineConfig
+from heartmula_rt.model import folder
 from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
+from heartmula_rt.runtime import codes
+from heartmula_rt.runtime.codes import SongCodes, find_sidecar, sidecar_path
+from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig
 
 REQUEST = SongRequest.of(
     "piano,happy",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import heartmula_rt
-from heartmula_rt.engine import StaticEngine
-from heartmula_rt.pipeline import Pipeline
+from heartmula_rt.runtime.engine import StaticEngine
+from heartmula_rt.runtime.pipeline import Pipeline
 
 TAGS, LYRICS = "piano", "la la"
 SONGS = [{"seed": seed, "max_seconds": 0.5, "num_steps": 1} for seed in range(4)]

@@ -8,13 +8,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.config import GenConfig
-from heartmula_rt.decode import GenerationInterrupted, generate_frames, prefill, song_draw
 from heartmula_rt.errors import UserError
-from heartmula_rt.lm import HeartMuLa
-from heartmula_rt.prompt import Prompt, build_prompt
+from heartmula_rt.model.checkpoint import load_lm
+from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.prompt import Prompt, build_prompt
 from heartmula_rt.request import SamplingParams
+from heartmula_rt.runtime.decode import GenerationInterrupted, generate_frames, prefill, song_draw
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import torch
 
 import heartmula_rt
 from heartmula_rt import SongRequest
-from heartmula_rt.audio import write_audio
-from heartmula_rt.codes import SongCodes
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import request_from_json
+from heartmula_rt.runtime.audio import write_audio
+from heartmula_rt.runtime.codes import SongCodes
 
 pytest.importorskip("fastapi", reason="the server's extra: pip install -e '.[serve]'")
 

@@ -20,12 +20,12 @@ from safetensors.torch import save_file
 
 import heartmula_rt
 from heartmula_rt import cli
-from heartmula_rt import scheduler as scheduler_module
-from heartmula_rt.audio import write_audio
-from heartmula_rt.codes import SongCodes
-from heartmula_rt.engine import StaticEngine
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import SongRequest
+from heartmula_rt.runtime import scheduler as scheduler_module
+from heartmula_rt.runtime.audio import write_audio
+from heartmula_rt.runtime.codes import SongCodes
+from heartmula_rt.runtime.engine import StaticEngine
 
 TAGS, LYRICS = "piano,happy", "[verse]\nla la la\n"
 SAMPLES_PER_FRAME = 3840

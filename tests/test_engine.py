@@ -15,16 +15,16 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import load_lm
 from heartmula_rt.config import GenConfig
-from heartmula_rt.decode import GenerationInterrupted
-from heartmula_rt.engine import PlainEngine, StaticEngine, make_engine
 from heartmula_rt.errors import UserError
-from heartmula_rt.folder import LM_DIR
-from heartmula_rt.lm import HeartMuLa
-from heartmula_rt.offload import OffloadedLayers
-from heartmula_rt.prompt import Prompt, build_prompt
+from heartmula_rt.memory.offload import OffloadedLayers
+from heartmula_rt.model.checkpoint import load_lm
+from heartmula_rt.model.folder import LM_DIR
+from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.prompt import Prompt, build_prompt
 from heartmula_rt.request import SamplingParams
+from heartmula_rt.runtime.decode import GenerationInterrupted
+from heartmula_rt.runtime.engine import PlainEngine, StaticEngine, make_engine
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,4 +213,4 @@ def test_one_side_stream_per_engine(
         engine.generate_frames(
             prompt, SamplingParams(max_frames=40, cfg_scale=cfg_scale, seed=0, stop_at_eos=False)
         )
-    assert streams_made == ["heartmula_rt.side_stream"]
+    assert streams_made == ["heartmula_rt.model.side_stream"]

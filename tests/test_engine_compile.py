@@ -20,10 +20,10 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 from heartmula_rt.config import GenConfig
-from heartmula_rt.engine import PlainEngine, StaticEngine
-from heartmula_rt.lm import HeartMuLa
-from heartmula_rt.prompt import Prompt, build_prompt
+from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.prompt import Prompt, build_prompt
 from heartmula_rt.request import SamplingParams
+from heartmula_rt.runtime.engine import PlainEngine, StaticEngine
 
 pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
 

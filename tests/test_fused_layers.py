@@ -1,4 +1,4 @@
-"""The fused twins of RMSNorm, RoPE and SiLU·mul (heartmula_rt.fused, kernels/fused_layers.py)
+"""The fused twins of RMSNorm, RoPE and SiLU·mul (heartmula_rt.model.fused, kernels/fused_layers.py)
 against the plain functions, and the static engine with them swapped in.
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, conftest.py).
@@ -15,21 +15,16 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from heartmula_rt.checkpoint import load_lm
-from heartmula_rt.engine import StaticEngine
-from heartmula_rt.folder import LM_DIR, load_gen_config
-from heartmula_rt.launches import count_frame_launches, meta_lm
-from heartmula_rt.lm import RMSNorm, Rope, RotaryEmbedding, SiluMul
-from heartmula_rt.prompt import build_prompt
+from heartmula_rt.model.checkpoint import load_lm
+from heartmula_rt.model.folder import LM_DIR, load_gen_config
+from heartmula_rt.model.lm import RMSNorm, Rope, RotaryEmbedding, SiluMul
+from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import SamplingParams
+from heartmula_rt.runtime.engine import StaticEngine
+from heartmula_rt.runtime.launches import count_frame_launches, meta_lm
 
 pytest.importorskip("triton", reason="the fused layers are Triton kernels")
-from heartmula_rt.fused import (  # noqa: E402
-    FusedRMSNorm,
-    FusedRope,
-    FusedSiluMul,
-    use_fused_layers,
-)
+from heartmula_rt.model.fused import FusedRMSNorm, FusedRope, FusedSiluMul, use_fused_layers
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

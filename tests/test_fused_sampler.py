@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from heartmula_rt.sampling import cfg_mix, sample_topk
+from heartmula_rt.model.sampling import cfg_mix, sample_topk
 
 sampling = pytest.importorskip("heartmula_rt.kernels.sampling", reason="needs triton")
 # On a GPU machine the kernel runs compiled; elsewhere under Triton's interpreter.

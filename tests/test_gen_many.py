@@ -14,12 +14,12 @@ import torch
 import tqdm
 
 import heartmula_rt
-import heartmula_rt.pipeline
+import heartmula_rt.runtime.pipeline
 from heartmula_rt import cli
-from heartmula_rt.audio import write_audio
-from heartmula_rt.codec import HeartCodec
-from heartmula_rt.codes import SongCodes
+from heartmula_rt.model.codec import HeartCodec
 from heartmula_rt.request import SongRequest
+from heartmula_rt.runtime.audio import write_audio
+from heartmula_rt.runtime.codes import SongCodes
 
 SAMPLES_PER_FRAME = 3840
 TAGS, LYRICS = "piano,happy", "[verse]\nla la la\n"
@@ -210,7 +210,7 @@ def test_ctrl_c_in_the_codec_keeps_every_songs_frames(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(heartmula_rt.pipeline.Pipeline, "decode_frames_batch", interrupted)
+        m.setattr(heartmula_rt.runtime.pipeline.Pipeline, "decode_frames_batch", interrupted)
         code, _, err = run(args, capsys)
     kept = [tmp_path / f"song-{i}.codes.safetensors" for i in (1, 2)]
     assert code == 130 and all(k.is_file() for k in kept), err
@@ -244,7 +244,7 @@ def test_the_codec_on_its_own_device_decodes_beside_the_lm(
         decoding.set()  # inside the codec's lock
         return real_decode(self, *a, **kw)
 
-    real_batch = heartmula_rt.pipeline.Pipeline.generate_frames_batch
+    real_batch = heartmula_rt.runtime.pipeline.Pipeline.generate_frames_batch
     overlapped = []
 
     def generate_frames_batch(self, requests, *, on_end, **kw):
@@ -257,7 +257,7 @@ def test_the_codec_on_its_own_device_decodes_beside_the_lm(
 
     monkeypatch.setattr(HeartCodec, "detokenize_many", detokenize_many)
     monkeypatch.setattr(
-        heartmula_rt.pipeline.Pipeline, "generate_frames_batch", generate_frames_batch
+        heartmula_rt.runtime.pipeline.Pipeline, "generate_frames_batch", generate_frames_batch
     )
     code, _, err = run([*args, "--codec-device", "cpu:0", "-o", str(beside)], capsys)
     assert code == 0 and overlapped == [True], err

@@ -1,4 +1,4 @@
-"""Counting the kernel launches of one LM frame on the meta device (heartmula_rt.launches)."""
+"""Counting the kernel launches of one LM frame on the meta device (runtime/launches.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heartmula_rt.launches import (
+from heartmula_rt.runtime.launches import (
     BOOL_MASK_LAUNCHES,
     SDPA,
     FrameLaunches,

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from heartmula_rt.decode import decode_one_frame, generate_frames, prefill, song_draw
-from heartmula_rt.folder import load_gen_config
-from heartmula_rt.lm import HeartMuLa
-from heartmula_rt.prompt import build_prompt
+from heartmula_rt.model.folder import load_gen_config
+from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import SamplingParams
+from heartmula_rt.runtime.decode import decode_one_frame, generate_frames, prefill, song_draw
 
 
 def _mula_cases(fixtures_dir: Path) -> list[dict]:

@@ -13,18 +13,18 @@ import pytest
 import torch
 from torch import nn
 
-from heartmula_rt import pipeline
-from heartmula_rt.checkpoint import load_codec, load_lm
-from heartmula_rt.engine import PlainEngine, check_engine_over_streaming
 from heartmula_rt.errors import UserError
-from heartmula_rt.folder import CODEC_DIR, LM_DIR
-from heartmula_rt.offload import HostCopy, OffloadedLayers
-from heartmula_rt.pipeline import check_streamable
-from heartmula_rt.placement import Placement
-from heartmula_rt.planner import CodecDevicePlan, MemoryPlan
-from heartmula_rt.prompt import Prompt
+from heartmula_rt.memory.offload import HostCopy, OffloadedLayers
+from heartmula_rt.memory.placement import Placement
+from heartmula_rt.memory.planner import CodecDevicePlan, MemoryPlan
+from heartmula_rt.model.checkpoint import load_codec, load_lm
+from heartmula_rt.model.folder import CODEC_DIR, LM_DIR
+from heartmula_rt.model.prompt import Prompt
+from heartmula_rt.model.synthetic import synthetic_gen_config
 from heartmula_rt.request import CodecParams, SamplingParams
-from heartmula_rt.synthetic import synthetic_gen_config
+from heartmula_rt.runtime import pipeline
+from heartmula_rt.runtime.engine import PlainEngine, check_engine_over_streaming
+from heartmula_rt.runtime.pipeline import check_streamable
 
 CPU = torch.device("cpu")
 TWO_STEPS = CodecParams(num_steps=2)

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from heartmula_rt import cli, lm, planner, sizing
-from heartmula_rt.codec import dit
+from heartmula_rt import cli
 from heartmula_rt.config import CODEC_PRECISIONS, CODEC_PRESETS
 from heartmula_rt.errors import UserError
-from heartmula_rt.offload import HostCopy
-from heartmula_rt.planner import (
+from heartmula_rt.memory import planner, sizing
+from heartmula_rt.memory.offload import HostCopy
+from heartmula_rt.memory.planner import (
     DEFAULT_OVERHEADS,
     HEADROOM_MIN_BYTES,
     MAX_SONGS,
@@ -39,7 +39,9 @@ from heartmula_rt.planner import (
     plan_memory,
     preset_configs,
 )
-from heartmula_rt.sizing import LiveBytes, measure_overheads
+from heartmula_rt.memory.sizing import LiveBytes, measure_overheads
+from heartmula_rt.model import lm
+from heartmula_rt.model.codec import dit
 
 LM_CONFIG, CODEC_CONFIG = preset_configs("3B")
 FRAMES_240S = 3000  # 240 s at 12.5 frames per second

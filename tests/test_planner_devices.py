@@ -11,10 +11,10 @@ import re
 import pytest
 import torch
 
-from heartmula_rt import cli, pipeline
+from heartmula_rt import cli
 from heartmula_rt.errors import UserError
-from heartmula_rt.placement import Placement
-from heartmula_rt.planner import (
+from heartmula_rt.memory.placement import Placement
+from heartmula_rt.memory.planner import (
     DEFAULT_OVERHEADS,
     GiB,
     candidate_plans,
@@ -24,6 +24,7 @@ from heartmula_rt.planner import (
     plan_memory,
     preset_configs,
 )
+from heartmula_rt.runtime import pipeline
 
 LM_CONFIG, CODEC_CONFIG = preset_configs("3B")
 FRAMES_240S = 3000

@@ -10,7 +10,7 @@ from tokenizers.processors import TemplateProcessing
 
 from heartmula_rt.config import GenConfig
 from heartmula_rt.errors import UserError
-from heartmula_rt.prompt import build_prompt
+from heartmula_rt.model.prompt import build_prompt
 
 GEN = GenConfig(text_bos_id=0, text_eos_id=1, audio_eos_id=1025, empty_id=0)
 BOS, EOS = GEN.text_bos_id, GEN.text_eos_id

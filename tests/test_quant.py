@@ -21,19 +21,19 @@ from heartmula_rt.quant import (
     NF4Linear,
     QuantizedAudioHead,
     QuantLinear,
-    measure_quality,
     quantize_model,
 )
 from heartmula_rt.quant.formats import NF4_CODEBOOK
 from torch import nn
 
+from heartmula_rt.bench.quality import measure_quality
 from heartmula_rt.config import LM_PRESETS, GenConfig, LMConfig
-from heartmula_rt.decode import generate_frames
 from heartmula_rt.errors import UserError
-from heartmula_rt.lm import HeartMuLa
+from heartmula_rt.memory.sizing import module_bytes
+from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.synthetic import synthetic_models, synthetic_prompt
 from heartmula_rt.request import SamplingParams
-from heartmula_rt.sizing import module_bytes
-from heartmula_rt.synthetic import synthetic_models, synthetic_prompt
+from heartmula_rt.runtime.decode import generate_frames
 
 FORMATS = {"int8": Int8Linear, "nf4": NF4Linear, "int4": Int4Linear}
 BF16_EPS = 2.0**-8  # bfloat16's relative rounding of the 4-bit formats' block parameters
@@ -211,7 +211,7 @@ def test_static_engine_runs_a_quantized_model(
     compile: bool, tiny_lm: HeartMuLa, gen: GenConfig
 ) -> None:
     pytest.importorskip("triton", reason="the static engine's sampler is a Triton kernel")
-    from heartmula_rt.engine import StaticEngine
+    from heartmula_rt.runtime.engine import StaticEngine
 
     model = quantize_model(copy.deepcopy(tiny_lm), "int4")
     prompt = synthetic_prompt(20, model.config.text_vocab_size)
@@ -260,7 +260,7 @@ def test_nf4_on_a_gpu_without_bitsandbytes_is_refused_before_loading(
     monkeypatch, tmp_path: Path
 ) -> None:
     import heartmula_rt
-    from heartmula_rt import pipeline
+    from heartmula_rt.runtime import pipeline
 
     _pretend_a_gpu(monkeypatch, pipeline)
     # A folder that does not exist: the refusal comes before anything is read.
@@ -269,7 +269,8 @@ def test_nf4_on_a_gpu_without_bitsandbytes_is_refused_before_loading(
 
 
 def test_bench_refuses_nf4_on_a_gpu_without_bitsandbytes(monkeypatch, tmp_path, capsys) -> None:
-    from heartmula_rt import cli, pipeline
+    from heartmula_rt import cli
+    from heartmula_rt.runtime import pipeline
 
     _pretend_a_gpu(monkeypatch, pipeline)  # bench's device is its PipelineConfig's
     args = ["bench", "--engines", "plain", "--quant", "int8,nf4", "--out-dir", str(tmp_path)]

@@ -12,8 +12,8 @@ import torch
 from heartmula_rt.quant import cache as qcache
 from heartmula_rt.quant import quantize_model
 
-from heartmula_rt.checkpoint import load_lm
-from heartmula_rt.folder import LM_DIR
+from heartmula_rt.model.checkpoint import load_lm
+from heartmula_rt.model.folder import LM_DIR
 
 
 @pytest.fixture

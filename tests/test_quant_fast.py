@@ -22,13 +22,13 @@ from heartmula_rt.quant.fast import (
 )
 from heartmula_rt.quant.formats import Int4Linear, Int8Linear, NF4Linear, QuantLinear
 
-from heartmula_rt.checkpoint import load_lm
-from heartmula_rt.engine import StaticEngine
 from heartmula_rt.errors import UserError
-from heartmula_rt.folder import LM_DIR
-from heartmula_rt.prompt import Prompt
+from heartmula_rt.model.checkpoint import load_lm
+from heartmula_rt.model.folder import LM_DIR
+from heartmula_rt.model.prompt import Prompt
+from heartmula_rt.model.synthetic import synthetic_prompt
 from heartmula_rt.request import SamplingParams
-from heartmula_rt.synthetic import synthetic_prompt
+from heartmula_rt.runtime.engine import StaticEngine
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = torch.device("cuda")  # as a target: which twin fast_module picks for a GPU

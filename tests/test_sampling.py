@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from scipy.stats import chisquare
 
-from heartmula_rt.sampling import cfg_mix, sample_topk
+from heartmula_rt.model.sampling import cfg_mix, sample_topk
 
 
 def test_topk1_is_argmax() -> None:

@@ -24,9 +24,9 @@ import torch
 
 import heartmula_rt
 from heartmula_rt import cli
-from heartmula_rt.audio import write_audio
-from heartmula_rt.codes import SongCodes
 from heartmula_rt.request import SongRequest
+from heartmula_rt.runtime.audio import write_audio
+from heartmula_rt.runtime.codes import SongCodes
 
 pytest.importorskip("fastapi", reason="the server's extra: pip install -e '.[serve]'")
 from serving import WAIT_S, ServerProcess, wait_for  # noqa: E402

@@ -13,11 +13,11 @@ import torch
 
 import heartmula_rt
 from heartmula_rt import cli
-from heartmula_rt.codec.detokenize import HOP, WINDOW
-from heartmula_rt.engine import PlainEngine, StaticEngine
-from heartmula_rt.pipeline import Pipeline
+from heartmula_rt.model.codec.detokenize import HOP, WINDOW
 from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
-from heartmula_rt.stream import SongStream
+from heartmula_rt.runtime.engine import PlainEngine, StaticEngine
+from heartmula_rt.runtime.pipeline import Pipeline
+from heartmula_rt.runtime.stream import SongStream
 
 SAMPLES_PER_CODE = 3840
 STEPS = 1  # one ODE step per window: the stream's bookkeeping, not the ODE, is under test
@@ -109,7 +109,7 @@ def test_gpu_songs_reuse_the_codec_stream(tiny_ckpt: Path, streams_made: list[st
     kwargs = {"max_seconds": 8, "seed": 2, "num_steps": STEPS}
     list(gpu.stream(TAGS, LYRICS, **kwargs))
     first_song = list(streams_made)
-    assert first_song.count("heartmula_rt.side_stream") == 2  # the engine's and the codec's
+    assert first_song.count("heartmula_rt.model.side_stream") == 2  # the engine's and the codec's
     list(gpu.stream(TAGS, LYRICS, **kwargs))
     assert streams_made == first_song  # the second song made none
 
@@ -223,7 +223,7 @@ def test_cli_stream_needs_wav(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
 LIFE_PRELUDE = """
 import gc, sys, threading
 import heartmula_rt
-from heartmula_rt.stream import SongStream
+from heartmula_rt.runtime.stream import SongStream
 from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
 
 pipe = heartmula_rt.load_pipeline(sys.argv[1], device="cpu")

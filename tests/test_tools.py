@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 import heartmula_rt
-from heartmula_rt import folder
-from heartmula_rt.folder import CODEC_DIR, LM_DIR
+from heartmula_rt.model import folder
+from heartmula_rt.model.folder import CODEC_DIR, LM_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -67,7 +67,7 @@ def test_loading_as_bf16_needs_about_one_shard_of_extra_memory(
     make_checkpoint_main([str(root), "--lm", "mid", "--shard-gb", str(shard_mb / 1000)])
     probe = textwrap.dedent(f"""
         import torch
-        from heartmula_rt.checkpoint import load_lm
+        from heartmula_rt.model.checkpoint import load_lm
 
         def kib(field):
             status = open("/proc/self/status").read()

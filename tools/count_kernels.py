@@ -4,7 +4,7 @@
 
 Prints the total and the backbone layers', decoder layer steps', sampler's and the rest's
 shares, for the plain layers and with the fused twins swapped in (`kernels.fused_layers`); the
-counting rule is `heartmula_rt.launches`'s docstring. Needs no GPU and no weights.
+counting rule is `heartmula_rt.runtime.launches`'s docstring. Needs no GPU and no weights.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import argparse
 import torch
 
 from heartmula_rt.config import LM_PRESETS
-from heartmula_rt.fused import use_fused_layers
-from heartmula_rt.launches import count_frame_launches, meta_lm, report
+from heartmula_rt.model.fused import use_fused_layers
+from heartmula_rt.runtime.launches import count_frame_launches, meta_lm, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{setting}, plain layers:")
     print(report(count_frame_launches(model, cfg=not args.no_cfg), args.top))
     use_fused_layers(model)
-    print(f"{setting}, fused layers (heartmula_rt.fused):")
+    print(f"{setting}, fused layers (heartmula_rt.model.fused):")
     print(report(count_frame_launches(model, cfg=not args.no_cfg), args.top))
     return 0
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from heartmula_rt.codec import HeartCodec
 from heartmula_rt.config import CODEC_PRESETS, LM_PRESETS, CodecConfig, LMConfig
-from heartmula_rt.folder import CODEC_DIR, LM_DIR
-from heartmula_rt.lm import HeartMuLa
-from heartmula_rt.synthetic import make_tokenizer, random_tensor, synthetic_gen_config
+from heartmula_rt.model.codec import HeartCodec
+from heartmula_rt.model.folder import CODEC_DIR, LM_DIR
+from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.synthetic import make_tokenizer, random_tensor, synthetic_gen_config
 
 # Every conv of the scalar decoder is weight-normed except the post-processor's plain `conv`.
 _WEIGHT_NORMED = re.compile(r"scalar_model\.decoder\.\d+(\.(?!conv\.)[\w.]+)?\.weight")

@@ -11,11 +11,12 @@ import copy
 from pathlib import Path
 
 import torch
-from heartmula_rt.quant import QUANT_MODES, measure_quality, quantize_model
+from heartmula_rt.quant import QUANT_MODES, quantize_model
 
-from heartmula_rt.checkpoint import load_lm
-from heartmula_rt.folder import LM_DIR, load_gen_config
-from heartmula_rt.synthetic import synthetic_models, synthetic_prompt
+from heartmula_rt.bench.quality import measure_quality
+from heartmula_rt.model.checkpoint import load_lm
+from heartmula_rt.model.folder import LM_DIR, load_gen_config
+from heartmula_rt.model.synthetic import synthetic_models, synthetic_prompt
 
 PROMPT_LEN = 40  # the tests' prompt length
 

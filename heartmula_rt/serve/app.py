@@ -24,12 +24,18 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from .. import __version__
-from ..audio import WavStream
-from ..errors import UserError
-from ..request import JSON_SETTINGS, JSON_TEXTS, CodecParams, SamplingParams
-from .jobs import FINAL, Job
-from .service import AUDIO_FORMATS, DEFAULT_FORMAT, Conflict, QueueFull, SongService
+from heartmula_rt import __version__
+from heartmula_rt.errors import UserError
+from heartmula_rt.request import JSON_SETTINGS, JSON_TEXTS, CodecParams, SamplingParams
+from heartmula_rt.runtime.audio import WavStream
+from heartmula_rt.serve.jobs import FINAL, Job
+from heartmula_rt.serve.service import (
+    AUDIO_FORMATS,
+    DEFAULT_FORMAT,
+    Conflict,
+    QueueFull,
+    SongService,
+)
 
 # A job's request as the API shows it: the fields of a body that makes the same song (an edit's:
 # its LM run's, the section or extension; its `edit` says of what).

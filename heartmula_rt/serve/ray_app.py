@@ -49,13 +49,20 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from ..errors import UserError
-from .jobs import FINAL, Job, SqliteJobStore
-from .server import DB_NAME, ServerConfig, check_server
-from .service import CHANNELS, FRAME_BYTES, Conflict, QueueFull, ServiceConfig, write_final
+from heartmula_rt.errors import UserError
+from heartmula_rt.serve.jobs import FINAL, Job, SqliteJobStore
+from heartmula_rt.serve.server import DB_NAME, ServerConfig, check_server
+from heartmula_rt.serve.service import (
+    CHANNELS,
+    FRAME_BYTES,
+    Conflict,
+    QueueFull,
+    ServiceConfig,
+    write_final,
+)
 
 if TYPE_CHECKING:
-    from ..pipeline import PipelineConfig
+    from heartmula_rt.runtime.pipeline import PipelineConfig
 
 APP_NAME = "heartmula-rt"
 REPLICA = "SongReplica"
@@ -118,8 +125,8 @@ class SongReplica:
     """One pipeline and its `SongService`, making the songs the router sends it."""
 
     def __init__(self, pipeline: PipelineConfig | Callable[[], PipelineConfig], service: Any):
-        from ..pipeline import load_pipeline
-        from .service import SongService
+        from heartmula_rt.runtime.pipeline import load_pipeline
+        from heartmula_rt.serve.service import SongService
 
         self.id = serve.get_replica_context().replica_id.to_full_id_str()
         config = pipeline() if callable(pipeline) else pipeline
@@ -435,7 +442,7 @@ class Ingress:
         self._replicas, self._service, self._api_key = replicas, service, api_key
 
     async def __serve_build_asgi_app__(self) -> Any:
-        from .app import make_app
+        from heartmula_rt.serve.app import make_app
 
         info = await self._replicas.info.remote()
         router = await asyncio.to_thread(ReplicaRouter, self._replicas, self._service, info)

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import API_KEY_ENV
-from ..errors import UserError
-from ..scheduler import check_songs
+from heartmula_rt.config import API_KEY_ENV
+from heartmula_rt.errors import UserError
+from heartmula_rt.request import check_songs
 
 if TYPE_CHECKING:
-    from ..pipeline import PipelineConfig
-    from .service import ServiceConfig
+    from heartmula_rt.runtime.pipeline import PipelineConfig
+    from heartmula_rt.serve.service import ServiceConfig
 
 DB_NAME = "jobs.sqlite3"
 
@@ -73,15 +73,15 @@ def run_server(pipeline: PipelineConfig, config: ServerConfig) -> int:
     try:
         import uvicorn
 
-        from .app import make_app
+        from heartmula_rt.serve.app import make_app
     except ImportError as e:
         raise UserError(
             f"serve needs the server's packages ({e.name} is missing): "
             "pip install 'heartmula-rt[serve]'"
         ) from None
-    from ..pipeline import load_pipeline
-    from .jobs import SqliteJobStore
-    from .service import SongService
+    from heartmula_rt.runtime.pipeline import load_pipeline
+    from heartmula_rt.serve.jobs import SqliteJobStore
+    from heartmula_rt.serve.service import SongService
 
     folder = Path(config.service.folder)
     try:

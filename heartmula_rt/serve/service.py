@@ -28,20 +28,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..audio import FORMATS, write_audio
-from ..codes import SongCodes, request_of_record, request_record, sidecar_path
-from ..config import DEFAULT_SONGS_AT_ONCE, PROMPT_TOKENS
-from ..decode import song_codes
-from ..edit import section
-from ..errors import UserError
-from ..pipeline import codec_noise
-from ..request import DEFAULT_MAX_SECONDS, FRAME_MS, SongRequest, max_frames_for, request_from_json
-from ..scheduler import Scheduler, SongRun
-from ..stream import LiveDecoder
-from .jobs import FINAL, Job, JobStore
+from heartmula_rt.config import DEFAULT_SONGS_AT_ONCE, PROMPT_TOKENS
+from heartmula_rt.errors import UserError
+from heartmula_rt.request import (
+    DEFAULT_MAX_SECONDS,
+    FRAME_MS,
+    SongRequest,
+    max_frames_for,
+    request_from_json,
+)
+from heartmula_rt.runtime.audio import FORMATS, write_audio
+from heartmula_rt.runtime.codes import SongCodes, request_of_record, request_record, sidecar_path
+from heartmula_rt.runtime.decode import song_codes
+from heartmula_rt.runtime.edit import section
+from heartmula_rt.runtime.pipeline import codec_noise
+from heartmula_rt.runtime.scheduler import Scheduler, SongRun
+from heartmula_rt.runtime.stream import LiveDecoder
+from heartmula_rt.serve.jobs import FINAL, Job, JobStore
 
 if TYPE_CHECKING:
-    from ..pipeline import Pipeline
+    from heartmula_rt.runtime.pipeline import Pipeline
 
 AUDIO_FORMATS = tuple(ext.lstrip(".") for ext in FORMATS)
 DEFAULT_FORMAT = "mp3"

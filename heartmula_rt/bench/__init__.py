@@ -1,0 +1,924 @@
+"""`heartmula-rt bench`: LM frames/s, codec time and end-to-end RTF of each engine, as JSON.
+
+One invocation measures the engines it is given side by side, on one model and one prompt, and
+writes one results file (fields: benchmarks/README.md). Each LM run makes every frame of the
+budget (`stop_at_eos=False`: random weights sample EOS early), so runs are comparable; the codec
+does not depend on the engine and is timed once, on the first engine's frames.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from heartmula_rt.config import WINDOW
+from heartmula_rt.errors import UserError
+from heartmula_rt.memory.planner import GiB, format_plan, parse_vram
+from heartmula_rt.memory.sizing import cuda_context_bytes, module_bytes
+from heartmula_rt.model.codec import HeartCodec
+from heartmula_rt.model.codec.scalar import DECODE_CHUNK, largest_activation_bytes
+from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.prompt import Prompt
+from heartmula_rt.model.synthetic import synthetic_prompt
+from heartmula_rt.quant import check_mode
+from heartmula_rt.request import FRAME_MS, SamplingParams, SongRequest
+from heartmula_rt.runtime.decode import check_length
+from heartmula_rt.runtime.engine import (
+    ENGINES,
+    Engine,
+    StaticEngine,
+    check_engine,
+    check_engine_over_streaming,
+    default_engine,
+    make_engine,
+)
+from heartmula_rt.runtime.pipeline import (
+    Pipeline,
+    PipelineConfig,
+    load_pipeline,
+    plan_for,
+    prepare_codec,
+)
+from heartmula_rt.runtime.scheduler import Scheduler, SongRun
+from heartmula_rt.runtime.stream import SongStream
+
+# The prompt of runs on a real checkpoint: the tags and lyrics of a typical short song.
+SAMPLE_TAGS = "pop,piano,female vocals,happy,wedding,romantic"
+SAMPLE_LYRICS = """[intro]
+
+[verse]
+the morning light is spilling through the window on the floor
+i hear you humming softly as you're walking through the door
+we never had a fortune but we always had a song
+and every little moment feels like where we both belong
+
+[chorus]
+so hold me in the kitchen while the coffee's getting cold
+we'll dance like we are twenty even when we're growing old
+and if the world keeps turning faster than we understand
+i'll find my way back home to you, i'll always hold your hand
+
+[verse]
+the seasons keep on changing and the city keeps on loud
+but you can always find me in the quiet of the crowd
+
+[bridge]
+la la la, oh, la la la
+
+[outro]
+"""
+DEFAULT_PROMPT_LEN = 256
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_copy_gbps(device: torch.device, repeats: int = 10, copies: int = 4) -> float:
+    """Device-to-device copy bandwidth in GB/s, bytes read plus written: what a frame that only
+    streams its weights once could reach. Median over `repeats` timings of `copies` copies."""
+    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):  # two warm-ups: first touch of the pages, clocks ramping up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(copies):
+            dst.copy_(src)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * nbytes * copies / statistics.median(times) / 1e9
+
+
+def _bytes(weight: nn.Module | Tensor) -> int:
+    """A plain Parameter's bytes, or its quantized replacement module's."""
+    if isinstance(weight, nn.Module):
+        return module_bytes(weight)
+    return weight.numel() * weight.element_size()
+
+
+def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, rows: int) -> int:
+    """Bytes one decode frame must read, with `kv_positions` backbone positions cached.
+
+    The backbone reads each weight once (of the audio embeddings only a frame's n rows; the text
+    embeddings not at all) and its cache; codebook 0's head is read once; the depth decoder and
+    its input projection run once per codebook 1..n-1, reading their weights every time, and each
+    of those codebooks reads its own slice of the audio head.
+    """
+    cfg = model.config
+    n, bb, dec = cfg.audio_num_codebooks, cfg.backbone, cfg.decoder
+    emb = model.audio_embeddings
+    weights = (
+        module_bytes(model.backbone)
+        + module_bytes(emb) * n // emb.num_embeddings
+        + module_bytes(model.codebook0_head)
+        + (n - 1) * (module_bytes(model.decoder) + module_bytes(model.projection))
+        + _bytes(model.audio_head)
+    )
+    # Keys and values, in the activations' dtype; the decoder's step i reads i + 1 positions.
+    decoder_positions = sum(i + 1 for i in range(1, n))
+    kv_per_position = 2 * rows * model.text_embeddings.weight.element_size()
+    kv = kv_per_position * (
+        bb.num_layers * bb.num_kv_heads * bb.head_dim * kv_positions
+        + dec.num_layers * dec.num_kv_heads * dec.head_dim * decoder_positions
+    )
+    return weights + kv
+
+
+def timed_generate(
+    engine: Engine, prompt: Prompt, sampling: SamplingParams, device: torch.device
+) -> tuple[Tensor, float, float]:
+    """(frames, prefill seconds, decode seconds) of one song; prefill ends at on_frame(1)."""
+    prefill_end = math.nan
+
+    def on_frame(n: int) -> None:
+        nonlocal prefill_end
+        if n == 1:
+            _sync(device)
+            prefill_end = time.perf_counter()
+
+    _sync(device)
+    start = time.perf_counter()
+    frames = engine.generate_frames(prompt, sampling, on_frame=on_frame)
+    _sync(device)
+    return frames, prefill_end - start, time.perf_counter() - prefill_end
+
+
+def time_codec(
+    codec: HeartCodec, frames: Tensor, device: torch.device, *, seed: int, repeats: int
+) -> list[float]:
+    """Seconds to decode `frames` as the pipeline does, after one warm-up window."""
+    codec.detokenize(frames[:, :WINDOW], generator=torch.Generator().manual_seed(seed))
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        codec.detokenize(frames, generator=torch.Generator().manual_seed(seed))
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def codec_variant(base: HeartCodec, mode: str, device: torch.device) -> HeartCodec:
+    """The float32 `base` at codec dtype `mode` (a copy unless float32), prepared as a loaded
+    pipeline prepares its codec (`pipeline.prepare_codec`)."""
+    codec = base if mode == "float32" else copy.deepcopy(base)
+    return prepare_codec(codec, mode, device)
+
+
+def snr_db(x: Tensor, reference: Tensor) -> float:
+    return 10 * math.log10(reference.pow(2).sum() / (x - reference).pow(2).sum())
+
+
+def bench_codec_dtypes(
+    codec32: HeartCodec, frames: Tensor, device: torch.device, *, seed: int, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Per codec dtype: decode time of `frames`, peak memory, and the waveform's SNR against
+    float32's (same weights: the bfloat16 variants are made from the float32 codec)."""
+    results, reference = {}, None
+    for mode in ("float32", "mixed", "bfloat16"):
+        codec = codec_variant(codec32, mode, device)
+        _reset_peak(device)
+        times = time_codec(codec, frames, device, seed=seed, repeats=repeats)
+        peak = _peak_vram_gib(device)
+        wav = codec.detokenize(frames, generator=torch.Generator().manual_seed(seed))
+        reference = wav if reference is None else reference
+        results[mode] = {
+            "codec_s": statistics.median(times),
+            "snr_db": None if mode == "float32" else snr_db(wav, reference),
+            "peak_vram_gib": peak,
+            "raw_codec_s": times,
+        }
+        print(f"codec {mode}: {results[mode]['codec_s']:.2f} s", file=sys.stderr)
+        del codec, wav
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def time_stream(
+    engine: Engine,
+    codec: HeartCodec,
+    prompt: Prompt,
+    sampling: SamplingParams,
+    device: torch.device,
+) -> tuple[float, float]:
+    """(seconds to the first audio, seconds to the last) of one streamed song, every frame of
+    the budget made (`stop_at_eos=False`, as the LM timings)."""
+    _sync(device)
+    start = time.perf_counter()
+    stream = SongStream(
+        engine,
+        codec,
+        prompt,
+        sampling,
+        generator=torch.Generator().manual_seed(sampling.seed),
+        threads=torch.get_num_threads(),  # the worker runs with the caller's count
+    )
+    for _ in stream:
+        pass
+    return stream.first_audio_s, time.perf_counter() - start
+
+
+def greedy_agreement(frames: Tensor, reference: Tensor) -> tuple[float, int | None]:
+    """(fraction of tokens equal to the reference's, first frame that differs or None)."""
+    same = frames == reference
+    differing = (~same).any(dim=0).nonzero()
+    return same.double().mean().item(), int(differing[0]) if len(differing) else None
+
+
+def _peak_vram_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def parse_engines(value: str | None, device: torch.device) -> list[str]:
+    """A comma list of engine names (checked by `BenchConfig`); by default the plain engine and
+    the device's default one."""
+    if value is None:
+        value = ",".join(dict.fromkeys(("plain", default_engine(device))))
+    return list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or "cpu"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def _commit() -> str | None:
+    """HEAD of the checkout this package runs from, "+dirty" if tracked files changed."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def write_results(out_dir: Path, name: str, result: dict[str, Any]) -> Path:
+    """`out_dir/{utc date}_{device}_{name}.json`, with a numbered suffix rather than overwrite."""
+    stem = f"{result['date'][:10]}_{_slug(result['device'])}_{_slug(name)}"
+    path, n = out_dir / f"{stem}.json", 1
+    while True:
+        try:
+            with path.open("x") as f:
+                json.dump(result, f, indent=2)
+                f.write("\n")
+            return path
+        except FileExistsError:
+            n += 1
+            path = out_dir / f"{stem}-{n}.json"
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror})") from None
+
+
+# Columns of the summary table: (title, run field, format).
+_TABLE = (
+    ("songs", "songs", "d"),
+    ("frames", "frames", "d"),
+    ("prefill ms", "prefill_ms", ".1f"),
+    ("frames/s", "lm_frames_per_s", ".2f"),
+    ("song f/s", "song_frames_per_s", ".2f"),
+    ("vs 1", "batch_speedup", ".2f"),
+    ("ms/frame", "ms_per_frame", ".2f"),
+    ("floor ms", "floor_ms_per_frame", ".2f"),
+    ("GB/s", "achieved_gbps", ".0f"),
+    ("codec s", "codec_s", ".2f"),
+    ("e2e RTF", "e2e_rtf", ".3f"),
+    ("VRAM GiB", "peak_vram_gib", ".1f"),
+    ("greedy", "greedy_agreement", ".4f"),
+)
+
+
+def format_table(runs: list[dict[str, Any]]) -> str:
+    """One line per run: the numbers to compare at a glance ("-" where not measured)."""
+    rows = [["run", *(title for title, _, _ in _TABLE)]]
+    for run in runs:
+        cells = ["-" if run.get(key) is None else format(run[key], spec) for _, key, spec in _TABLE]
+        rows.append([run["name"], *cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        " ".join(
+            [row[0].ljust(widths[0])]
+            + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        )
+        for row in rows
+    )
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results file written by `heartmula-rt bench`."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"results file {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+    except ValueError:
+        raise UserError(f"{path} is not a JSON file") from None
+    runs = result.get("runs") if isinstance(result, dict) else None
+    if not isinstance(runs, list) or not all(
+        isinstance(r, dict) and {"name", "lm_frames_per_s", "e2e_rtf"} <= r.keys() for r in runs
+    ):
+        raise UserError(f"{path} is not a results file of heartmula-rt bench")
+    return result
+
+
+def plot_results(files: list[Path], png: Path) -> None:
+    """Bars of LM frames/s and end-to-end RTF for every run of every results file."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    labels, fps, rtf = [], [], []
+    for path in files:
+        result = read_results(path)
+        for run in result["runs"]:
+            labels.append(f"{result.get('device', '?')} {run['name']}")
+            fps.append(run["lm_frames_per_s"])
+            rtf.append(math.nan if run["e2e_rtf"] is None else run["e2e_rtf"])
+    fig = Figure(figsize=(12, 1.5 + 0.4 * len(labels)), layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True)
+    rows = list(range(len(labels)))
+    left.bar_label(left.barh(rows, fps), fmt="%.1f", padding=2)
+    left.axvline(1000 / FRAME_MS, color="k", linestyle="--", linewidth=1)
+    left.set(yticks=rows, yticklabels=labels, xlabel="LM frames/s (dashed: real time, 12.5)")
+    left.invert_yaxis()  # first run on top
+    rtf_labels = ["" if math.isnan(r) else f"{r:.3f}" for r in rtf]  # no codec: no bar
+    right.bar_label(right.barh(rows, rtf), labels=rtf_labels, padding=2)
+    right.axvline(1, color="k", linestyle="--", linewidth=1)
+    right.set(xlabel="end-to-end RTF (below 1: faster than real time)")
+    for ax in (left, right):
+        ax.margins(x=0.12)  # room for the value labels
+    try:
+        fig.savefig(png, format="png")
+    except OSError as e:
+        raise UserError(f"cannot write {png} ({e.strerror})") from None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One `heartmula-rt bench` invocation, checked when made: what it loads (`pipeline`, the
+    same config `load_pipeline` takes; one pipeline per quantization mode or budget), what it
+    runs, and where the results go."""
+
+    pipeline: PipelineConfig  # quant and vram set per mode or budget
+    engines: tuple[str, ...]
+    quant_modes: tuple[str, ...] = ("none",)
+    vram_budgets: tuple[str, ...] = ()  # one pipeline planned per budget, one file each
+    sampling: SamplingParams = SamplingParams(seed=0, stop_at_eos=False)
+    prompt_len: int | None = None  # synthetic models: random prompt ids (DEFAULT_PROMPT_LEN)
+    repeats: int = 3
+    warmup: int = 1
+    codec_repeats: int = 1
+    codec: bool = True
+    greedy_frames: int = 0
+    batch_sizes: tuple[int, ...] = ()  # songs at once, each measured beside one song alone
+    out_dir: Path = Path("benchmarks/results")
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for flag, value, least in (
+            ("--repeats", self.repeats, 1),
+            ("--warmup", self.warmup, 0),
+            ("--codec-repeats", self.codec_repeats, 1),
+            ("--greedy-frames", self.greedy_frames, 0),
+        ):
+            if value < least:
+                raise UserError(f"{flag} must be at least {least}, not {value}")
+        if self.sampling.max_frames < 1:
+            raise UserError(f"--max-seconds must allow one frame ({FRAME_MS / 1000} s) at least")
+        if self.sampling.seed is None:
+            raise UserError("a benchmark needs a seed: every run samples the same way")
+        if not self.engines:
+            raise UserError(f"--engines names no engine; use a comma list of {', '.join(ENGINES)}")
+        for name in self.engines:
+            check_engine(name, self.pipeline.torch_device)
+        for mode in self.quant_modes:
+            replace(self.pipeline, quant=mode)  # each mode's pipeline checked now
+        if self.pipeline.model_path is not None and self.prompt_len is not None:
+            raise UserError(
+                "--prompt-len is for --synthetic models; a checkpoint's prompt is fixed"
+            )
+        if any(b < 1 for b in self.batch_sizes):
+            raise UserError(f"--batch takes songs at once of 1 or more, not {self.batch_sizes}")
+        if self.prompt_len is not None and self.prompt_len < 1:
+            raise UserError(f"the prompt length must be at least 1, not {self.prompt_len}")
+        if self.vram_budgets:
+            if self.batch_sizes:
+                raise UserError("--batch is measured without --vram: give one or the other")
+            if self.quant_modes != ("none",):
+                raise UserError("--vram plans the quantization itself: leave out --quant")
+            if self.pipeline.torch_device.type != "cuda":
+                raise UserError("--vram budgets GPU memory: bench it on a CUDA device")
+            if self.pipeline.codec_device != self.pipeline.device:
+                raise UserError(
+                    "bench --vram measures one GPU's plans (a comma list of budgets): leave out "
+                    "--codec-device"
+                )
+            for budget in self.vram_budgets:
+                parse_vram(budget)
+
+    def for_quant(self, quant: str) -> PipelineConfig:
+        """The pipeline of one quantization mode; its engine the first one benchmarked."""
+        return replace(self.pipeline, quant=quant, engine=self.engines[0])
+
+    def for_budget(self, budget: str) -> PipelineConfig:
+        """The pipeline of one budget, planned for songs as long as the benchmark's."""
+        # Half a frame more, so that rounding cannot lose one (max_frames_for rounds down).
+        seconds = (self.sampling.max_frames + 0.5) * FRAME_MS / 1000
+        return replace(self.pipeline, vram=budget, engine=self.engines[0], max_seconds=seconds)
+
+
+def bench_prompt(pipe: Pipeline, config: BenchConfig) -> Prompt:
+    """Random ids of `prompt_len` (DEFAULT_PROMPT_LEN) for synthetic models; for a checkpoint
+    the prompt of a built-in short song."""
+    if pipe.config.synthetic is not None:
+        length = DEFAULT_PROMPT_LEN if config.prompt_len is None else config.prompt_len
+        return synthetic_prompt(length, pipe.lm_config.text_vocab_size)
+    return pipe.prompt(SongRequest(SAMPLE_TAGS, SAMPLE_LYRICS, config.sampling))
+
+
+def _results_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the results folder {path} ({e.strerror})") from None
+    return path
+
+
+@dataclass
+class LMTiming:
+    """One engine's LM measurements: counted runs only, peak memory over all of them."""
+
+    frames: Tensor  # of the last run
+    prefill_s: list[float]
+    decode_s: list[float]
+    peak_vram_gib: float | None
+    greedy: tuple[float | None, int | None] = (None, None)
+
+
+def _time_lm(
+    engine: Engine, prompt: Prompt, device: torch.device, config: BenchConfig
+) -> tuple[Tensor, list[float], list[float]]:
+    """The last run's frames and each counted run's prefill and decode seconds: `warmup`
+    runs, then `repeats` counted ones, with the benchmark's sampling settings."""
+    prefill_s, decode_s = [], []
+    for i in range(config.warmup + config.repeats):
+        frames, prefill, decode = timed_generate(engine, prompt, config.sampling, device)
+        what = "warm-up" if i < config.warmup else f"run {i - config.warmup + 1}/{config.repeats}"
+        fps = (frames.shape[1] - 1) / decode
+        print(f"{engine.name} {what}: {fps:.2f} frames/s", file=sys.stderr)
+        if i >= config.warmup:
+            prefill_s.append(prefill)
+            decode_s.append(decode)
+    return frames, prefill_s, decode_s
+
+
+def timed_batch(
+    engine: Engine, prompt: Prompt, sampling: SamplingParams, songs: int, device: torch.device
+) -> tuple[list[float], float]:
+    """(each song's prefill seconds, decode seconds) of `songs` songs of `prompt` run together
+    (seeds `seed`, `seed + 1`, …), every one admitted at the start: the songs' prefills run
+    one after another, each its own prompt's length, and decoding starts after the last one."""
+    runs = [SongRun(prompt, replace(sampling, seed=sampling.seed + i)) for i in range(songs)]
+    firsts: list[float] = []
+
+    def on_frame(made: int) -> None:
+        if made == 1:
+            _sync(device)
+            firsts.append(time.perf_counter())
+
+    scheduler = Scheduler(songs * sampling.cfg_rows, len(prompt) + sampling.max_frames)
+    for run in runs:
+        run.on_frame = on_frame
+        scheduler.submit(run)
+    _sync(device)
+    start = time.perf_counter()
+    engine.run(scheduler)
+    _sync(device)
+    end = time.perf_counter()
+    prefills = [b - a for a, b in zip([start, *firsts], firsts, strict=False)]
+    return prefills, end - firsts[-1]
+
+
+def _time_batch(
+    engine: Engine, prompt: Prompt, device: torch.device, config: BenchConfig, songs: int
+) -> tuple[list[float], list[float]]:
+    """Each counted run's median prefill of one song and decode seconds of `songs` songs at
+    once (`warmup` runs first, not counted)."""
+    prefill_s, decode_s = [], []
+    frames = songs * config.sampling.max_frames
+    for i in range(config.warmup + config.repeats):
+        prefills, decode = timed_batch(engine, prompt, config.sampling, songs, device)
+        what = "warm-up" if i < config.warmup else f"run {i - config.warmup + 1}/{config.repeats}"
+        print(
+            f"{engine.name} {songs} songs {what}: {frames / decode:.2f} frames/s in all",
+            file=sys.stderr,
+        )
+        if i >= config.warmup:
+            prefill_s.append(statistics.median(prefills))
+            decode_s.append(decode)
+    return prefill_s, decode_s
+
+
+def _greedy(engine: Engine, prompt: Prompt, config: BenchConfig) -> Tensor:
+    greedy = replace(config.sampling, max_frames=config.greedy_frames, topk=1)
+    return engine.generate_frames(prompt, greedy)
+
+
+def _record(
+    engine: str,
+    lm: LMTiming,
+    settings: dict[str, Any],
+    *,
+    bytes_per_frame: int,
+    copy_gbps: float,
+    codec_s: list[float],
+    codec_peak: float | None,
+    vram_budget_gib: float | None = None,
+    songs: int = 1,
+) -> dict[str, Any]:
+    """One run's JSON object, fields in the order of benchmarks/README.md: one song, or
+    `songs` songs at once (then `bytes_per_frame` is what one frame of every song reads)."""
+    frames = lm.frames.shape[1]
+    decode = statistics.median(lm.decode_s)
+    prefill = statistics.median(lm.prefill_s)
+    fps = songs * (frames - 1) / decode
+    codec = statistics.median(codec_s) if codec_s else None
+    e2e = None if codec is None else prefill + decode + codec
+    peaks = [p for p in (lm.peak_vram_gib, codec_peak) if p is not None]
+    return {
+        "name": "-".join(
+            [engine, settings["dtype"]]
+            + [settings["quant"]] * (settings["quant"] != "none")
+            + [f"x{songs}"] * (songs > 1)
+        ),
+        "engine": engine,
+        **settings,
+        "songs": songs,
+        "rows": songs * settings["cfg_rows"],
+        "frames": frames,
+        "prefill_ms": prefill * 1000,
+        "lm_frames_per_s": fps,
+        "song_frames_per_s": fps / songs,
+        "batch_speedup": None,
+        "ms_per_frame": 1000 * songs / fps,
+        "bytes_per_frame": bytes_per_frame,
+        "achieved_gbps": bytes_per_frame * fps / songs / 1e9,
+        "copy_gbps": copy_gbps,
+        "floor_ms_per_frame": bytes_per_frame / copy_gbps / 1e6,
+        "codec_s": codec,
+        "e2e_s": e2e,
+        "e2e_rtf": None if e2e is None else e2e / (frames * FRAME_MS / 1000),
+        "ttfa_s": None,
+        "stream_s": None,
+        "peak_vram_gib": max(peaks) if peaks else None,
+        "vram_budget_gib": vram_budget_gib,
+        "greedy_agreement": lm.greedy[0],
+        "greedy_first_mismatch": lm.greedy[1],
+        "raw_decode_s": lm.decode_s,
+        "raw_prefill_s": lm.prefill_s,
+        "raw_codec_s": codec_s,
+    }
+
+
+def parse_quant_modes(value: str) -> list[str]:
+    """`--quant none,int8,int4`: each mode once, measured side by side in one run."""
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    if not modes:
+        raise UserError("--quant needs at least one mode")
+    for mode in modes:
+        check_mode(mode)
+    if len(set(modes)) != len(modes):
+        raise UserError(f"--quant names a mode twice: {value}")
+    return modes
+
+
+def parse_batch_sizes(value: str | None) -> tuple[int, ...]:
+    """`--batch 1,2,4,8`: songs at once, each size once, in the order given."""
+    if value is None:
+        return ()
+    sizes = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part.isdigit() or int(part) < 1:
+            raise UserError(f"--batch takes a comma list of song counts of 1 or more, not {value}")
+        sizes.append(int(part))
+    return tuple(dict.fromkeys(sizes))
+
+
+def _result(device: torch.device, model_name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A results file's object: where and how it was measured, then its runs."""
+    return {
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "commit": _commit(),
+        "command": shlex.join(sys.argv),
+        "threads": torch.get_num_threads(),
+        "model": model_name,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runs": runs,
+    }
+
+
+def _settings(config: BenchConfig, pipe: PipelineConfig, quant: str, prompt_len: int):
+    """The settings every run of a file records (benchmarks/README.md)."""
+    sampling = config.sampling
+    return {
+        "quant": quant,
+        "dtype": pipe.dtype,
+        "codec_dtype": pipe.codec_dtype,
+        "cfg_rows": sampling.cfg_rows,
+        "cfg_scale": sampling.cfg_scale,
+        "topk": sampling.topk,
+        "temperature": sampling.temperature,
+        "max_seconds": sampling.max_frames * FRAME_MS / 1000,
+        "prompt_len": prompt_len,
+    }
+
+
+def run_bench(config: BenchConfig) -> int:
+    """Every run `config` asks for, one results file per quantization sweep or budget."""
+    out_dir = _results_dir(config.out_dir)
+    torch.set_num_threads(config.pipeline.threads)
+    if config.vram_budgets:
+        return _bench_budgets(config, out_dir)
+    device = config.pipeline.torch_device
+    runs, codec_dtypes, model_name = [], None, ""
+    for i, quant in enumerate(config.quant_modes):
+        # The codec in float32: the other codec dtypes are made from it (`codec_variant`).
+        pipe = load_pipeline(replace(config.for_quant(quant), codec_dtype="float32"))
+        model_name = _model_name(pipe)
+        prompt = bench_prompt(pipe, config)
+        settings = _settings(config, config.pipeline, quant, len(prompt))
+        mode_runs, codec = _bench_quant_mode(config, pipe, prompt, settings, first=i == 0)
+        runs += mode_runs
+        codec_dtypes = codec_dtypes or codec
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = _result(device, model_name, runs)
+    result["codec"] = codec_dtypes
+    default_name = (
+        f"synthetic-{config.pipeline.synthetic}"
+        if config.pipeline.model_path is None
+        else config.pipeline.model_path.name
+    )
+    path = write_results(out_dir, config.name or default_name, result)
+    print(format_table(runs))
+    print(f"wrote {path}")
+    return 0
+
+
+def _model_name(pipe: Pipeline) -> str:
+    c = pipe.config
+    return f"synthetic {c.synthetic}" if c.model_path is None else str(c.model_path)
+
+
+def _bench_quant_mode(
+    config: BenchConfig,
+    pipe: Pipeline,
+    prompt: Prompt,
+    settings: dict[str, Any],
+    *,
+    first: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """One quantization mode's runs (one per engine), and, for the first mode only, the codec
+    measurements (the codec does not depend on the LM's quantization): its per-dtype results
+    and each engine's streamed song."""
+    device, sampling = pipe.device, config.sampling
+    check_length(pipe.lm, prompt, max(sampling.max_frames, config.greedy_frames))
+    engines = {pipe.engine.name: pipe.engine}  # the first one: the pipeline's own
+    for name in config.engines[1:]:
+        engines[name] = make_engine(name, pipe.lm, pipe.gen_config)
+    reference = None
+    if config.greedy_frames:
+        plain = engines.get("plain") or make_engine("plain", pipe.lm, pipe.gen_config)
+        reference = _greedy(plain, prompt, config)
+
+    timings: dict[str, LMTiming] = {}
+    for name, engine in engines.items():
+        _reset_peak(device)
+        frames, prefill_s, decode_s = _time_lm(engine, prompt, device, config)
+        peak = _peak_vram_gib(device)
+        greedy = (None, None)
+        if reference is not None:
+            greedy = greedy_agreement(_greedy(engine, prompt, config), reference)
+        timings[name] = LMTiming(frames, prefill_s, decode_s, peak, greedy)
+
+    codec_s, codec_peak, codec_dtypes, streams = [], None, None, {}
+    if first and config.codec:
+        frames = next(iter(timings.values())).frames
+        codec_dtypes = bench_codec_dtypes(
+            pipe.codec, frames, device, seed=sampling.seed, repeats=config.codec_repeats
+        )
+        codec_mode = config.pipeline.codec_dtype
+        codec_s = codec_dtypes[codec_mode]["raw_codec_s"]
+        codec_peak = codec_dtypes[codec_mode]["peak_vram_gib"]
+        codec = codec_variant(pipe.codec, codec_mode, device)
+        # Only the warm-up window (graph capture), as a loaded pipeline has done it once.
+        time_codec(codec, frames, device, seed=0, repeats=0)
+        for name, engine in engines.items():
+            streams[name] = time_stream(engine, codec, prompt, sampling, device)
+            print(f"{name} streamed: first audio after {streams[name][0]:.2f} s", file=sys.stderr)
+
+    rows, p = settings["cfg_rows"], len(prompt)
+    # The exact mean over the song: bytes grow linearly with the cached positions.
+    bytes_per_frame = round(
+        (
+            lm_bytes_per_frame(pipe.lm, p + 1, rows)
+            + lm_bytes_per_frame(pipe.lm, p + sampling.max_frames, rows)
+        )
+        / 2
+    )
+    copy_gbps = measure_copy_gbps(device)
+    runs = [
+        _record(
+            name,
+            lm,
+            settings,
+            bytes_per_frame=bytes_per_frame,
+            copy_gbps=copy_gbps,
+            codec_s=codec_s,
+            codec_peak=codec_peak,
+        )
+        for name, lm in timings.items()
+    ]
+    for run in runs:
+        run["ttfa_s"], run["stream_s"] = streams.get(run["engine"], (None, None))
+    if config.batch_sizes:
+        runs = _batch_runs(config, engines, timings, runs, prompt, settings, copy_gbps)
+    return runs, None if codec_dtypes is None else _codec_result(pipe, codec_dtypes)
+
+
+def _batch_runs(
+    config: BenchConfig,
+    engines: dict[str, Engine],
+    timings: dict[str, LMTiming],
+    singles: list[dict[str, Any]],
+    prompt: Prompt,
+    settings: dict[str, Any],
+    copy_gbps: float,
+) -> list[dict[str, Any]]:
+    """`--batch`: per engine, its one-song run (the product's path for one song) and then
+    `songs` songs at once for every other size, side by side, each with its speed-up over
+    the one song."""
+    runs = []
+    for single, (name, engine) in zip(singles, engines.items(), strict=True):
+        single["batch_speedup"] = 1.0
+        runs.append(single)
+        device = engine.model.device
+        for songs in config.batch_sizes:
+            if songs == 1:
+                continue
+            _reset_peak(device)
+            prefill_s, decode_s = _time_batch(engine, prompt, device, config, songs)
+            timing = LMTiming(timings[name].frames, prefill_s, decode_s, _peak_vram_gib(device))
+            positions = len(prompt) + config.sampling.max_frames
+            run = _record(
+                name,
+                timing,
+                settings,
+                # Every step of a batch of several songs reads its whole cache (scheduler.py).
+                bytes_per_frame=lm_bytes_per_frame(
+                    engine.model, cache_positions(engine, positions), songs * settings["cfg_rows"]
+                ),
+                copy_gbps=copy_gbps,
+                codec_s=[],
+                codec_peak=None,
+                songs=songs,
+            )
+            run["batch_speedup"] = run["lm_frames_per_s"] / single["lm_frames_per_s"]
+            runs.append(run)
+    return runs
+
+
+def cache_positions(engine: Engine, positions: int) -> int:
+    """The cache positions `engine` keeps (and a batch of several songs reads every step) for
+    songs needing `positions`: the static engine rounds its capacity up."""
+    return engine.capacity_for(positions) if isinstance(engine, StaticEngine) else positions
+
+
+def _codec_result(pipe: Pipeline, dtypes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The results file's `codec` object (benchmarks/README.md)."""
+    history, ahead = pipe.codec.scalar_model.context()
+    chunk_frames = DECODE_CHUNK + history + ahead
+    return {
+        "decode_chunk": DECODE_CHUNK,
+        "scalar_largest_activation_bytes": largest_activation_bytes(
+            pipe.codec_config, chunk_frames
+        ),
+        "scalar_largest_activation_bytes_unchunked": largest_activation_bytes(
+            pipe.codec_config, 2 * WINDOW
+        ),
+        "dtypes": dtypes,
+    }
+
+
+def _bench_budgets(config: BenchConfig, out_dir: Path) -> int:
+    """`--vram 4G,6G,...`: per budget, the pipeline `load_pipeline` makes for it (its models
+    placed as the plan says) with the budget enforced from before it loads
+    (`set_per_process_memory_fraction`), one results file (first engine only)."""
+    if config.pipeline.model_path is not None:
+        raise UserError("--vram plans synthetic models: leave out --model-path")
+    device = config.pipeline.torch_device
+    total = torch.cuda.get_device_properties(device).total_memory
+    # Every budget's plan first: one that cannot run is refused before any model is made.
+    plans = [plan_for(config.for_budget(b)) for b in config.vram_budgets]
+    for plan in plans:
+        check_engine_over_streaming(config.engines[0], plan.offloaded_lm_layers)
+    sampling = config.sampling
+    for budget, plan in zip(config.vram_budgets, plans, strict=True):
+        print(format_plan(plan), file=sys.stderr)
+        context = cuda_context_bytes(device)
+        torch.cuda.set_per_process_memory_fraction((plan.budget_bytes - context) / total, device)
+        try:
+            pipe = load_pipeline(config.for_budget(budget))
+            prompt = bench_prompt(pipe, config)
+            _reset_peak(device)
+            frames, prefill_s, decode_s = _time_lm(pipe.engine, prompt, device, config)
+            pipe.decode_frames(frames[:, :WINDOW], seed=sampling.seed)  # warm-up: one window
+            codec_s = []
+            for _ in range(config.codec_repeats):
+                _sync(device)
+                start = time.perf_counter()
+                pipe.decode_frames(frames, seed=sampling.seed)
+                _sync(device)
+                codec_s.append(time.perf_counter() - start)
+            # Both phases' peak, plus the CUDA context the allocator does not see, read again
+            # now: kernels loaded since the probe count, as the plan's headroom assumes.
+            context_after = cuda_context_bytes(device)
+            peak = _peak_vram_gib(device) + context_after / GiB
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        plan = pipe.plan
+        settings = _settings(config, pipe.config, plan.quant, len(prompt))
+        bytes_per_frame = lm_bytes_per_frame(
+            pipe.lm, len(prompt) + sampling.max_frames // 2, settings["cfg_rows"]
+        )
+        timing = LMTiming(frames, prefill_s, decode_s, peak)
+        run = _record(
+            config.engines[0],
+            timing,
+            settings,
+            bytes_per_frame=bytes_per_frame,
+            copy_gbps=measure_copy_gbps(device),
+            codec_s=codec_s,
+            codec_peak=None,
+            vram_budget_gib=plan.budget_bytes / GiB,
+        )
+        run["plan"] = format_plan(plan)
+        run["predicted_peak_gib"] = plan.predicted_peak_bytes / GiB
+        run["headroom_gib"] = plan.headroom_bytes / GiB
+        run["overheads"] = dataclasses.asdict(plan.overheads)
+        run["cuda_context_after_gib"] = context_after / GiB
+        result = _result(device, _model_name(pipe), [run])
+        path = write_results(out_dir, f"vram-{plan.budget_bytes / GiB:g}G", result)
+        print(format_table([run]))
+        print(f"wrote {path}")
+        del pipe, timing, frames  # this budget's models leave the GPU
+        torch.cuda.empty_cache()
+    return 0

@@ -1,0 +1,380 @@
+"""The HeartMuLa LM (SPEC §3): a Llama-3.2 backbone over prompt/frame rows and a small depth
+decoder that expands each backbone step into the 8 codebook tokens of one audio frame.
+
+Both transformers are torchtune-style decoders without token embedding or output head. KV caches
+are not module state: a batch allocates an `LMCache` with `HeartMuLa.new_cache` and passes it (or
+one song's rows of it) to every call, so one loaded model serves any number of rows (a song's 1,
+or 2 with CFG, several songs' side by side) and any length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heartmula_rt.config import LlamaFlavor, LMConfig
+from heartmula_rt.model.layers import apply_rope, rms_norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.scale, self.eps)
+
+
+# Llama-3 RoPE scaling constants (scale_factor comes from the flavor).
+_LOW_FREQ, _HIGH_FREQ, _OLD_CONTEXT = 1.0, 4.0, 8192.0
+
+
+class RotaryEmbedding:
+    """Llama-3 scaled RoPE on interleaved pairs (x[2i], x[2i+1]).
+
+    Not an nn.Module and holds no state_dict entries: the cos/sin tables are float32 and built
+    lazily on the device of first use, so the model can be constructed on the meta device.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float, scale_factor: float) -> None:
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.base = base
+        self.scale_factor = scale_factor
+        self._cos: Tensor | None = None
+        self._sin: Tensor | None = None
+
+    def _inv_freq(self) -> Tensor:
+        # float32 base frequencies, then the Llama-3 rescaling in float64 (as torchtune does it
+        # in Python floats), stored back as float32.
+        d, s = self.head_dim, self.scale_factor
+        theta = (1.0 / (self.base ** (torch.arange(0, d, 2).float() / d))).double()
+        wavelen = 2 * math.pi / theta
+        smooth = (_OLD_CONTEXT / wavelen - _LOW_FREQ) / (_HIGH_FREQ - _LOW_FREQ)
+        scaled = torch.where(
+            wavelen > _OLD_CONTEXT / _LOW_FREQ, theta / s, (1 - smooth) * theta / s + smooth * theta
+        )
+        scaled = torch.where(wavelen < _OLD_CONTEXT / _HIGH_FREQ, theta, scaled)
+        return scaled.float()
+
+    def tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin: float32 [max_seq_len, head_dim // 2] on `device`, built once per device."""
+        if self._cos is None or self._cos.device != device:
+            # Normal tensors even if first built under inference mode: they are kept.
+            with torch.inference_mode(False):
+                positions = torch.arange(self.max_seq_len, dtype=torch.float32)
+                angles = torch.outer(positions, self._inv_freq())
+                self._cos, self._sin = angles.cos().to(device), angles.sin().to(device)
+        return self._cos, self._sin
+
+
+class KVCache:
+    """Static keys/values of one attention layer for one request: [B, H_kv, max_len, D].
+
+    Only positions below the current end are ever read, so reusing a cache from position 0 (the
+    depth decoder does it every frame) needs no clearing.
+    """
+
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+
+    @classmethod
+    def zeros(
+        cls,
+        rows: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVCache:
+        shape = (rows, num_kv_heads, max_len, head_dim)
+        return cls(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v [B, H_kv, T, D] at positions start..start+T-1; return the filled prefix."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache of length {self.k.shape[2]} cannot hold position {end - 1}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def write_at(self, pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write each row's one new k/v [B, H_kv, 1, D] at that row's device-held position
+        `pos` [B] (int64); return the first `kv_len` positions (the caller masks, per row,
+        those past its position)."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[rows, :, pos] = k[:, :, 0]
+        self.v[rows, :, pos] = v[:, :, 0]
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+    def rows(self, first: int, count: int) -> KVCache:
+        """A view of rows first..first+count-1: one allocation serves every song of a batch."""
+        return KVCache(self.k[first : first + count], self.v[first : first + count])
+
+
+class Rope(nn.Module):
+    """RoPE on one layer's queries and keys, q [B, T, H, D] and k [B, T, H_kv, D], by the
+    angles of their positions, cos/sin [T, D/2]: `apply_rope` as a parameterless module, so its
+    fused twin (`kernels.fused_layers`) can be swapped in."""
+
+    def forward(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]: broadcast over heads
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def attention_mask(
+    start: int | Tensor, t: int, kv_len: int | None, *, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
+    """The additive mask (0 where attended, -inf where not) of `t` new positions at `start`
+    over the cached ones, in the activations' dtype, or None when every cached key is attended.
+
+    Made once per forward for all layers: SDPA would turn a boolean mask into this in every
+    layer. Device-held positions `start` [B] (one per row) read `kv_len` positions, each row's
+    past its own position masked: [B, 1, 1, kv_len]; an int `start` with several positions
+    (prefill) is causal: [t, start + t].
+    """
+    if isinstance(start, Tensor):
+        attended = torch.arange(kv_len, device=device)[None, :] <= start[:, None]
+        attended = attended.view(-1, 1, 1, kv_len)
+    elif t > 1:
+        q_pos = torch.arange(start, start + t, device=device)
+        attended = torch.arange(start + t, device=device)[None, :] <= q_pos[:, None]
+    else:
+        return None
+    return torch.zeros(attended.shape, dtype=dtype, device=device).masked_fill_(
+        ~attended, -math.inf
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, f: LlamaFlavor) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = f.num_heads, f.num_kv_heads, f.head_dim
+        self.q_proj = nn.Linear(f.embed_dim, f.num_heads * f.head_dim, bias=False)
+        self.k_proj = nn.Linear(f.embed_dim, f.num_kv_heads * f.head_dim, bias=False)
+        self.v_proj = nn.Linear(f.embed_dim, f.num_kv_heads * f.head_dim, bias=False)
+        self.output_proj = nn.Linear(f.num_heads * f.head_dim, f.embed_dim, bias=False)
+        self.rope = Rope()
+
+    def forward(
+        self,
+        x: Tensor,
+        start: int | Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache,
+        kv_len: int | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """`mask` is `attention_mask(start, T, kv_len, ...)`."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if isinstance(start, Tensor):
+            # One position per row, cos/sin [B, D/2]: rows as the positions of one sequence.
+            q, k = self.rope(q.view(1, b, *q.shape[2:]), k.view(1, b, *k.shape[2:]), cos, sin)
+            q, k = q.view(b, 1, *q.shape[2:]), k.view(b, 1, *k.shape[2:])
+        else:
+            q, k = self.rope(q, k, cos, sin)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if isinstance(start, Tensor):  # each row's one position, held on the device
+            k, v = cache.write_at(start, k, v, kv_len)
+        else:
+            k, v = cache.update(start, k, v)
+        # GQA: query head j reads kv head j // g, g = num_heads / num_kv_heads.
+        if t == 1:
+            # Decode: each kv head's g query heads become g query rows over that head, so SDPA
+            # reads every cached key once, with no expanded copy, on any backend.
+            g = self.num_heads // self.num_kv_heads
+            q = q.view(b, self.num_kv_heads, g, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.output_proj(y.reshape(b, 1, -1))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+        return self.output_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class SiluMul(nn.Module):
+    """`silu(gate) · up`, the SwiGLU product, as a module so its fused twin can be swapped in."""
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        return F.silu(gate) * up
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.silu_mul = SiluMul()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.silu_mul(self.w1(x), self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, f: LlamaFlavor) -> None:
+        super().__init__()
+        self.sa_norm = RMSNorm(f.embed_dim, f.norm_eps)
+        self.attn = Attention(f)
+        self.mlp_norm = RMSNorm(f.embed_dim, f.norm_eps)
+        self.mlp = MLP(f.embed_dim, f.intermediate_dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        start: int | Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache,
+        kv_len: int | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        h = x + self.attn(self.sa_norm(x), start, cos, sin, cache, kv_len, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama-3.2 decoder stack + final norm, over embeddings at positions start..start+T-1."""
+
+    def __init__(self, f: LlamaFlavor) -> None:
+        super().__init__()
+        self.flavor = f
+        self.layers = nn.ModuleList(TransformerBlock(f) for _ in range(f.num_layers))
+        self.norm = RMSNorm(f.embed_dim, f.norm_eps)
+        self.rope = RotaryEmbedding(f.head_dim, f.max_seq_len, f.rope_base, f.scale_factor)
+
+    def new_cache(
+        self, rows: int, max_len: int, *, dtype: torch.dtype, device: torch.device
+    ) -> list[KVCache]:
+        f = self.flavor
+        return [
+            KVCache.zeros(rows, max_len, f.num_kv_heads, f.head_dim, dtype=dtype, device=device)
+            for _ in range(f.num_layers)  # not self.layers: iterating offloaded layers streams them
+        ]
+
+    def forward(
+        self, x: Tensor, start: int | Tensor, cache: list[KVCache], kv_len: int | None = None
+    ) -> Tensor:
+        """`start` is an int (every row at positions start..start+T-1), or for one new
+        position per row an int64 device tensor [B] of each row's position; then the first
+        `kv_len` cached positions are read, each row's past its own masked (a static shape that
+        a CUDA graph or torch.compile can keep while the positions move)."""
+        cos, sin = self.rope.tables(x.device)
+        if isinstance(start, Tensor):
+            cos, sin = cos[start], sin[start]
+        else:
+            cos, sin = cos[start : start + x.shape[1]], sin[start : start + x.shape[1]]
+        mask = attention_mask(start, x.shape[1], kv_len, dtype=x.dtype, device=x.device)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x = layer(x, start, cos, sin, layer_cache, kv_len, mask)
+        return self.norm(x)
+
+
+@dataclass
+class LMCache:
+    """A batch's KV caches, one row per LM row: the backbone's over whole songs, the decoder's for
+    one frame."""
+
+    backbone: list[KVCache]
+    decoder: list[KVCache]
+    rows: int
+
+    def rows_view(self, first: int, count: int) -> LMCache:
+        """Views of rows first..first+count-1 of every cache (one song's, in a batch)."""
+        return LMCache(
+            backbone=[c.rows(first, count) for c in self.backbone],
+            decoder=[c.rows(first, count) for c in self.decoder],
+            rows=count,
+        )
+
+
+class HeartMuLa(nn.Module):
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        bb, dec = config.backbone, config.decoder
+        n, vocab = config.audio_num_codebooks, config.audio_vocab_size
+        self.backbone = Transformer(bb)
+        self.decoder = Transformer(dec)
+        self.text_embeddings = nn.Embedding(config.text_vocab_size, bb.embed_dim)
+        # Codebook k's token t lives at row t + k * audio_vocab_size.
+        self.audio_embeddings = nn.Embedding(vocab * n, bb.embed_dim)
+        self.unconditional_text_embedding = nn.Embedding(1, bb.embed_dim)
+        self.projection = nn.Linear(bb.embed_dim, dec.embed_dim, bias=False)
+        self.codebook0_head = nn.Linear(bb.embed_dim, vocab, bias=False)
+        # Input-major [n-1, decoder_dim, vocab], used as `d @ audio_head[i-1]` (not Linear layout).
+        self.audio_head = nn.Parameter(torch.empty(n - 1, dec.embed_dim, vocab))
+        self.muq_linear = nn.Linear(config.muq_dim, bb.embed_dim)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the LM computes: the audio embeddings' device (the text embeddings, used only
+        for the prompt, may stay on the CPU; see planner.py)."""
+        return self.audio_embeddings.weight.device
+
+    def new_cache(self, rows: int, backbone_len: int) -> LMCache:
+        """Caches for one request, on the device and in the dtype of the activations."""
+        kw = {"dtype": self.audio_embeddings.weight.dtype, "device": self.device}
+        return LMCache(
+            backbone=self.backbone.new_cache(rows, backbone_len, **kw),
+            decoder=self.decoder.new_cache(rows, self.config.audio_num_codebooks, **kw),
+            rows=rows,
+        )
+
+    def embed_prompt(self, ids: Tensor, slot_index: int, rows: int) -> Tensor:
+        """Prompt rows [rows, P, D] from the text column ids [P].
+
+        Row 0 is conditional: text embeddings with the SLOT set to `muq_linear(zeros)`, which is
+        its bias (reference-audio conditioning is not released). Row 1, with guidance, is the
+        unconditional row: every position, SLOT included, is the unconditional text embedding.
+        """
+        # The text embeddings may sit on the CPU: look up there, compute on the LM's device.
+        cond = self.text_embeddings(ids.to(self.text_embeddings.weight.device)).to(self.device)
+        cond[slot_index] = self.muq_linear.bias
+        embedded = [cond]
+        if rows == 2:
+            embedded.append(self.unconditional_text_embedding.weight[0].expand_as(cond))
+        return torch.stack(embedded)
+
+    def embed_audio(self, tokens: Tensor, codebook: int) -> Tensor:
+        """Embeddings of codebook `codebook`'s tokens (any shape) → [..., D]."""
+        return self.audio_embeddings(tokens + codebook * self.config.audio_vocab_size)
+
+    def embed_frame(self, frame: Tensor) -> Tensor:
+        """One frame row per cache row: frame [B, n] → sum of its codebook embeddings [B, 1, D]."""
+        offsets = torch.arange(frame.shape[1], device=frame.device) * self.config.audio_vocab_size
+        return self.audio_embeddings(frame + offsets).sum(dim=1, keepdim=True)
+
+    def backbone_step(
+        self, rows: Tensor, start: int | Tensor, cache: LMCache, kv_len: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Backbone over rows [B, T, D] at positions start..: (last hidden [B, D], c0 logits).
+        Device-held positions `start` [B] take one position per row and read `kv_len` cached
+        positions."""
+        last = self.backbone(rows, start, cache.backbone, kv_len)[:, -1]
+        return last, self.codebook0_head(last)
+
+    def decoder_step(self, x: Tensor, start: int, cache: LMCache, codebook: int) -> Tensor:
+        """Depth decoder over backbone-width inputs x [B, T, D] at positions start..: logits of
+        codebook `codebook` (1..n-1), [B, audio_vocab_size]."""
+        d = self.decoder(self.projection(x), start, cache.decoder)[:, -1]
+        return self.audio_head_logits(d, codebook)
+
+    def audio_head_logits(self, d: Tensor, codebook: int) -> Tensor:
+        """Codebook `codebook`'s logits from decoder outputs d [B, decoder_dim]; the head is the
+        stored Parameter or a quantized module that maps (d, codebook) the same way."""
+        head = self.audio_head
+        return d @ head[codebook - 1] if isinstance(head, Tensor) else head(d, codebook)
