@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -312,6 +313,32 @@ def write_results(out_dir: Path, name: str, result: dict[str, Any]) -> Path:
             path = out_dir / f"{stem}-{n}.json"
         except OSError as e:
             raise UserError(f"cannot write {path} ({e.strerror})") from None
+
+
+class ResultsFile:
+    """One results file written whole again after each run, so that a benchmark cut short (a
+    timeout) still leaves every run it finished."""
+
+    def __init__(self, out_dir: Path, name: str) -> None:
+        self.out_dir, self.name = out_dir, name
+        self.path: Path | None = None
+
+    def write(self, result: dict[str, Any]) -> Path:
+        if self.path is None:
+            self.path = write_results(self.out_dir, self.name, result)
+        else:
+            part = self.path.with_name(self.path.name + ".part")
+            try:
+                part.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+                part.replace(self.path)  # atomic: a kill mid-write keeps the last whole file
+            except OSError as e:
+                raise UserError(f"cannot write {self.path} ({e.strerror})") from None
+        print(f"saved {len(result['runs'])} run(s) to {self.path}", file=sys.stderr)
+        return self.path
+
+
+# Saves the runs measured so far (and the codec object, once measured) to the results file.
+Save = Callable[[list[dict[str, Any]], dict[str, Any] | None], Path]
 
 
 # Columns of the summary table: (title, run field, format).
@@ -688,26 +715,33 @@ def run_bench(config: BenchConfig) -> int:
         return _bench_budgets(config, out_dir)
     device = config.pipeline.torch_device
     runs, codec_dtypes, model_name = [], None, ""
+    default_name = (
+        f"synthetic-{config.pipeline.synthetic}"
+        if config.pipeline.model_path is None
+        else config.pipeline.model_path.name
+    )
+    results = ResultsFile(out_dir, config.name or default_name)
+
+    def save(more: list[dict[str, Any]], codec: dict[str, Any] | None) -> Path:
+        result = _result(device, model_name, runs + more)
+        result["codec"] = codec_dtypes or codec
+        return results.write(result)
+
     for i, quant in enumerate(config.quant_modes):
         # The codec in float32: the other codec dtypes are made from it (`codec_variant`).
         pipe = load_pipeline(replace(config.for_quant(quant), codec_dtype="float32"))
         model_name = _model_name(pipe)
         prompt = bench_prompt(pipe, config)
         settings = _settings(config, config.pipeline, quant, len(prompt))
-        mode_runs, codec = _bench_quant_mode(config, pipe, prompt, settings, first=i == 0)
+        mode_runs, codec = _bench_quant_mode(
+            config, pipe, prompt, settings, first=i == 0, save=save
+        )
         runs += mode_runs
         codec_dtypes = codec_dtypes or codec
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = _result(device, model_name, runs)
-    result["codec"] = codec_dtypes
-    default_name = (
-        f"synthetic-{config.pipeline.synthetic}"
-        if config.pipeline.model_path is None
-        else config.pipeline.model_path.name
-    )
-    path = write_results(out_dir, config.name or default_name, result)
+    path = save([], None)
     print(format_table(runs))
     print(f"wrote {path}")
     return 0
@@ -725,10 +759,12 @@ def _bench_quant_mode(
     settings: dict[str, Any],
     *,
     first: bool,
+    save: Save,
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """One quantization mode's runs (one per engine), and, for the first mode only, the codec
     measurements (the codec does not depend on the LM's quantization): its per-dtype results
-    and each engine's streamed song."""
+    and each engine's streamed song. `save` gets the mode's runs once its single songs are
+    measured and again after each batch size."""
     device, sampling = pipe.device, config.sampling
     check_length(pipe.lm, prompt, max(sampling.max_frames, config.greedy_frames))
     engines = {pipe.engine.name: pipe.engine}  # the first one: the pipeline's own
@@ -789,9 +825,20 @@ def _bench_quant_mode(
     ]
     for run in runs:
         run["ttfa_s"], run["stream_s"] = streams.get(run["engine"], (None, None))
+    codec_result = None if codec_dtypes is None else _codec_result(pipe, codec_dtypes)
+    save(runs, codec_result)
     if config.batch_sizes:
-        runs = _batch_runs(config, engines, timings, runs, prompt, settings, copy_gbps)
-    return runs, None if codec_dtypes is None else _codec_result(pipe, codec_dtypes)
+        runs = _batch_runs(
+            config,
+            engines,
+            timings,
+            runs,
+            prompt,
+            settings,
+            copy_gbps,
+            lambda done: save(done, codec_result),
+        )
+    return runs, codec_result
 
 
 def _batch_runs(
@@ -802,12 +849,13 @@ def _batch_runs(
     prompt: Prompt,
     settings: dict[str, Any],
     copy_gbps: float,
+    save: Callable[[list[dict[str, Any]]], Path],
 ) -> list[dict[str, Any]]:
     """`--batch`: per engine, its one-song run (the product's path for one song) and then
     `songs` songs at once for every other size, side by side, each with its speed-up over
-    the one song."""
+    the one song; `save` gets every run so far after each size."""
     runs = []
-    for single, (name, engine) in zip(singles, engines.items(), strict=True):
+    for i, (single, (name, engine)) in enumerate(zip(singles, engines.items(), strict=True)):
         single["batch_speedup"] = 1.0
         runs.append(single)
         device = engine.model.device
@@ -833,6 +881,7 @@ def _batch_runs(
             )
             run["batch_speedup"] = run["lm_frames_per_s"] / single["lm_frames_per_s"]
             runs.append(run)
+            save(runs + singles[i + 1 :])
     return runs
 
 
