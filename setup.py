@@ -48,6 +48,7 @@ setup(
         "test": [
             "pytest",
             "pytest-xdist",
+            "pytest-timeout",
             "scipy",
             "ruff",
             "matplotlib",

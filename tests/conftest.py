@@ -30,6 +30,16 @@ SHARED = Path(
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` (pytest.ini) skip where no CUDA GPU is."""
+    if torch.cuda.is_available():
+        return
+    needs_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(needs_gpu)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache_dirs(tmp_path_factory: pytest.TempPathFactory):
     """Quantized-model caches go to a temporary folder, fresh for the session, never the

@@ -9,12 +9,19 @@ before capturing it: the LM's frame step (`StaticEngine._step`; bf16, with and w
 with each quantized format) and the codec's estimator over one guided window
 (`codec/graphed.py`). Meta tensors hold no data, so anything that reads a value also fails
 there. Not visible here: CUDA API calls such as `torch.cuda.synchronize()`.
+
+How each owner captures is checked here too, with torch's CUDA calls replaced by recorders: both
+engines capture through `graphs.capture` (under their model's device, on their own side stream,
+holding the process's capture lock), and the codec keeps a graph per batch shape, the last
+`MAX_GRAPHS` used. The real captures run in the GPU tests (test_capture_gpu.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -32,7 +39,9 @@ from heartmula_rt.config import (
     GenConfig,
     LMConfig,
 )
+from heartmula_rt.model import graphs
 from heartmula_rt.model.codec import HeartCodec
+from heartmula_rt.model.codec.graphed import MAX_GRAPHS, GraphedEstimator
 from heartmula_rt.model.lm import HeartMuLa
 from heartmula_rt.request import SamplingParams
 from heartmula_rt.runtime.engine import StaticEngine
@@ -174,3 +183,157 @@ def test_the_guard_fires_on_what_a_capture_cannot_hold(
     monkeypatch.setattr(lm, "backbone_step", with_injection)
     with pytest.raises(CaptureUnsafe), capture_guard():
         step()
+
+
+class FakeStream:
+    """A CUDA stream as the owners use one: made per device, waited on."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+
+    def wait_stream(self, other: FakeStream) -> None:
+        pass
+
+
+@dataclass
+class Capture:
+    """One `torch.cuda.graph(...)` entered: its arguments, the device current then, and
+    whether the process's capture lock was held."""
+
+    pool: object
+    stream: object
+    mode: str
+    device: torch.device | None
+    locked: bool
+
+
+class FakeGraph:
+    replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+
+
+@pytest.fixture
+def captures(monkeypatch: pytest.MonkeyPatch) -> list[Capture]:
+    """torch's CUDA graph and stream calls as recorders: a capture runs its body once, for real
+    on the CPU, and is recorded; a replay only counts."""
+    made: list[Capture] = []
+    current: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def device(d: torch.device) -> Iterator[None]:
+        current.append(d)
+        yield
+        current.pop()
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, capture_error_mode="global") -> Iterator[None]:
+        locked = graphs.CAPTURE_LOCK.locked()
+        made.append(
+            Capture(pool, stream, capture_error_mode, current[-1] if current else None, locked)
+        )
+        yield
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "device", device)
+    monkeypatch.setattr(cuda, "graph", graph)
+    monkeypatch.setattr(cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(cuda, "Stream", FakeStream)
+    monkeypatch.setattr(cuda, "graph_pool_handle", lambda: (0, 1))
+    monkeypatch.setattr(cuda, "current_stream", lambda device=None: FakeStream(device))
+    monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+    return made
+
+
+def test_the_engine_captures_on_its_device_and_side_stream_under_the_lock(
+    tiny_lm: HeartMuLa, captures: list[Capture]
+) -> None:
+    engine = StaticEngine(tiny_lm, GenConfig())
+    state = engine._reserve(2, 64)
+    kv_len = engine._kv_len(0, state.capacity)
+    for _ in range(3):  # warm frame, capture, replay
+        engine._run_step(state, kv_len)
+    (capture,) = captures
+    assert capture == Capture(
+        pool=engine._pool,
+        stream=engine._side_stream.get(tiny_lm.device),
+        mode="thread_local",
+        device=tiny_lm.device,
+        locked=True,
+    )
+    assert engine._graphs[(2, kv_len)].replays == 2
+    assert not graphs.CAPTURE_LOCK.locked()
+
+
+def _velocity(inp: Tensor, t: Tensor) -> Tensor:
+    return inp * t[:, None, None]
+
+
+def test_the_codec_captures_on_its_device_and_side_stream_under_the_lock(
+    captures: list[Capture],
+) -> None:
+    fast = GraphedEstimator(_velocity)
+    inp = torch.randn(2, 8, 3)
+    t = torch.full((2,), 0.5)
+    assert torch.equal(fast(inp, t), _velocity(inp, t))
+    (capture,) = captures
+    assert capture == Capture(
+        pool=fast._pool,
+        stream=fast._side_stream.get(inp.device),
+        mode="thread_local",
+        device=inp.device,
+        locked=True,
+    )
+
+
+def test_the_codec_keeps_a_graph_per_batch_shape_least_recently_used_out(
+    captures: list[Capture],
+) -> None:
+    fast = GraphedEstimator(_velocity)
+
+    def call(batch: int) -> None:
+        fast(torch.randn(2 * batch, 8, 3), torch.full((2 * batch,), 0.5))
+
+    captured = []
+    for batch in (1, 2, 1, 2, 1, 3, 4, 5, 1, 2):
+        before = len(captures)
+        call(batch)
+        if len(captures) > before:
+            captured.append(batch)
+    # 1 and 2 alternate on their two graphs; 5 drops 2, the least recently used, so 1 replays
+    # and 2 is captured again, dropping 3.
+    assert MAX_GRAPHS == 4
+    assert captured == [1, 2, 3, 4, 5, 2]
+    assert [key[0][0] // 2 for key in fast._captured] == [4, 5, 1, 2]
+
+
+def test_captures_of_two_threads_take_turns(captures: list[Capture]) -> None:
+    """The LM's thread and the codec's thread each hold the lock for their whole capture."""
+    inside, trying, release = threading.Event(), threading.Event(), threading.Event()
+    order = []
+
+    def first() -> None:
+        with graphs.capture(FakeGraph(), torch.device("cpu"), FakeStream()):
+            order.append("first in")
+            inside.set()
+            release.wait(10)
+            order.append("first out")
+
+    def second() -> None:
+        inside.wait(10)
+        trying.set()
+        with graphs.capture(FakeGraph(), torch.device("cpu"), FakeStream()):
+            order.append("second in")
+
+    threads = [threading.Thread(target=f) for f in (first, second)]
+    for thread in threads:
+        thread.start()
+    trying.wait(10)
+    threads[1].join(0.2)  # time enough to get in, were the lock not held
+    blocked = threads[1].is_alive()
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert blocked and order == ["first in", "first out", "second in"]
+    assert len(captures) == 2 and all(c.locked for c in captures)

@@ -111,11 +111,11 @@ class Uncopyable:
 def test_a_codec_copies_with_its_fast_path_bound_to_the_copy(tiny_ckpt: Path) -> None:
     codec = load_codec(tiny_ckpt / CODEC_DIR)[0]
     fast = GraphedEstimator(codec.flow_matching.estimator, graphs=False)
-    fast._graph, fast._key = Uncopyable(), ("as if captured",)
+    fast._captured[("as if captured",)] = Uncopyable()
     codec.flow_matching.fast_estimator = fast
     copied = copy.deepcopy(codec)  # what bench does to make the bfloat16 variants
     fast_copy = copied.flow_matching.fast_estimator
-    assert fast_copy is not fast and fast_copy._graph is None and fast_copy._key is None
+    assert fast_copy is not fast and not fast_copy._captured
     with torch.no_grad():
         for p in copied.flow_matching.estimator.proj_out.parameters():
             p.mul_(2)
@@ -128,7 +128,7 @@ def test_a_codec_copies_with_its_fast_path_bound_to_the_copy(tiny_ckpt: Path) ->
         assert not torch.allclose(out, codec.flow_matching.estimator(inp, t))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_a_codec_with_a_captured_graph_copies_on_the_gpu(tiny_ckpt: Path, codes) -> None:
     codec = load_codec(tiny_ckpt / CODEC_DIR, device=torch.device("cuda"))[0]
     codec.use_fast_path("graph")
@@ -141,5 +141,7 @@ def test_a_codec_with_a_captured_graph_copies_on_the_gpu(tiny_ckpt: Path, codes)
     expected = decode(codec)  # captures the estimator's graph
     copied = copy.deepcopy(codec)
     torch.testing.assert_close(decode(copied), expected, rtol=1e-5, atol=1e-5)
-    graphs = [c.flow_matching.fast_estimator._graph for c in (codec, copied)]
-    assert graphs[0] is not graphs[1]  # the copy captured its own
+    (original,), (own,) = (
+        c.flow_matching.fast_estimator._captured.values() for c in (codec, copied)
+    )
+    assert own.graph is not original.graph  # the copy captured its own

@@ -177,11 +177,8 @@ def test_engine_choice(tiny_lm: HeartMuLa, gen: GenConfig) -> None:  # tiny_lm: 
             make_engine(name, tiny_lm, gen)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda
-@pytest.mark.parametrize("name", ["graph", "compile"])
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["graph", pytest.param("compile", marks=pytest.mark.inductor)])
 def test_gpu_engines_equal_the_reference_and_reuse_graphs(
     name: str, lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, fixtures_dir: Path
 ) -> None:
@@ -200,7 +197,7 @@ def test_gpu_engines_equal_the_reference_and_reuse_graphs(
     assert torch.equal(runs[0], runs[1])
 
 
-@cuda
+@pytest.mark.gpu
 def test_one_side_stream_per_engine(
     lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer, streams_made: list[str]
 ) -> None:

@@ -223,7 +223,7 @@ def test_host_copy_evicts_to_its_mirror_and_restores_equal_tensors() -> None:
         assert torch.equal(t, before[key]), key
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_host_copy_frees_the_gpu_and_comes_back_pinned() -> None:
     gpu = torch.device("cuda")
     model = nn.Linear(1024, 1024).to(gpu)

@@ -382,7 +382,7 @@ def test_overheads_from_gpu_readings() -> None:
     assert "measured on this GPU" in planner.format_plan(measured)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures a CUDA GPU")
+@pytest.mark.gpu
 def test_measure_overheads_on_the_gpu() -> None:
     o = measure_overheads(torch.device("cuda"))
     assert o.measured

@@ -192,7 +192,7 @@ def test_placement_checks_the_codec_device_against_the_plan() -> None:
         Placement(plan(12), torch.device("cpu"), torch.device("meta"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_a_split_plan_on_a_gpu_decodes_on_the_codec_device(tiny_ckpt) -> None:
     """The LM planned on the GPU, the codec on the CPU: the frames cross once, and the codec
     gives the audio a CPU-only pipeline gives the same frames."""

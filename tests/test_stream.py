@@ -91,7 +91,7 @@ def test_static_engine_makes_plain_calls_after_a_stream(pipe: Pipeline) -> None:
     assert torch.equal(engine.generate_frames(prompt, SamplingParams(**kwargs)), stream.frames)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_pipeline_streams_and_generates_in_any_order(tiny_ckpt: Path) -> None:
     # The graph engine and the codec's CUDA graph: their state kept across songs serves both
     # generate (inference mode in the codec) and the stream's worker (no_grad).
@@ -103,7 +103,7 @@ def test_gpu_pipeline_streams_and_generates_in_any_order(tiny_ckpt: Path) -> Non
     assert np.array_equal(gpu.generate(TAGS, LYRICS, **kwargs).numpy(), expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_gpu_songs_reuse_the_codec_stream(tiny_ckpt: Path, streams_made: list[str]) -> None:
     gpu = heartmula_rt.load_pipeline(tiny_ckpt, device="cuda", dtype="float32")
     kwargs = {"max_seconds": 8, "seed": 2, "num_steps": STEPS}

@@ -28,6 +28,7 @@ from torch import Tensor
 from heartmula_rt.config import CAPACITY_STEP, ENGINES, GenConfig
 from heartmula_rt.errors import UserError
 from heartmula_rt.memory.offload import OffloadedLayers
+from heartmula_rt.model.graphs import capture
 from heartmula_rt.model.lm import HeartMuLa
 from heartmula_rt.model.prompt import Prompt
 from heartmula_rt.model.side_stream import SideStream
@@ -199,7 +200,7 @@ class StaticEngine:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._warm: set[tuple[int, int]] = set()  # keys run once outside capture
         self._pool = None
-        self._side_stream = SideStream()  # every shape's first frame runs on it
+        self._side_stream = SideStream()  # every first frame of a shape, and captures
 
     # -- the step -------------------------------------------------------------------------
 
@@ -238,9 +239,8 @@ class StaticEngine:
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            # thread_local: the codec's thread (serve) may allocate and copy on its own streams
-            # meanwhile; the default, global, forbids that in every thread of the process.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            side = self._side_stream.get(self.device)
+            with capture(graph, self.device, side, pool=self._pool):
                 self._step_fn(state, kv_len)
             self._graphs[key] = graph
         graph.replay()
