@@ -56,6 +56,7 @@ setup(
             "bitsandbytes>=0.50",
             "httpx",
             "selenium>=4.10",
+            "peft>=0.13",  # tests/test_lora.py: its adapters are made by PEFT itself
         ],
         # `heartmula-rt serve`: the HTTP service and its web page.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],

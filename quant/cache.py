@@ -8,6 +8,10 @@ of the mode, the dtype, the runtime's cache format version and the checkpoint's 
 shard's name, size, modification time and safetensors header, plus config.json), so a rewritten
 checkpoint or a new runtime makes it stale. A stale or damaged cache is rebuilt with a one-line
 notice; a cache that cannot be written costs a notice, never the run.
+
+LoRA adapters loaded merged (`heartmula_rt.model.lora`) are folded into each weight between
+reading and quantizing it; their fingerprints and scales join the key, and a short hash of them
+the file name, so each set of adapters has a cache of its own beside the base model's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,6 +42,7 @@ from heartmula_rt import __version__
 from heartmula_rt.model.checkpoint import load_into
 from heartmula_rt.model.folder import load_lm_config, shard_files
 from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.lora import LoraAdapter, adapters_key, merged_weight
 
 log = logging.getLogger(__name__)
 # Bump when the quantized layout changes: older caches then read as stale.
@@ -63,16 +69,30 @@ def fingerprint(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_dir: Path, mode: str, dtype: torch.dtype) -> str:
+def cache_key(
+    model_dir: Path, mode: str, dtype: torch.dtype, lora: Sequence[LoraAdapter] = ()
+) -> str:
     parts = [mode, str(dtype), str(CACHE_FORMAT), __version__, fingerprint(model_dir)]
+    if lora:  # absent without adapters: the base model's key is what it always was
+        parts.append(adapters_key(lora))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def cache_path(model_dir: Path, mode: str, dtype: torch.dtype, cache_dir: Path) -> Path:
-    """One file per checkpoint folder, mode and dtype: a new key replaces the old file."""
+def cache_path(
+    model_dir: Path,
+    mode: str,
+    dtype: torch.dtype,
+    cache_dir: Path,
+    lora: Sequence[LoraAdapter] = (),
+) -> Path:
+    """One file per checkpoint folder, mode, dtype and set of merged adapters: a new key
+    replaces the old file."""
     folder = re.sub(r"[^A-Za-z0-9]+", "-", str(Path(model_dir).resolve())).strip("-")
     dtype_name = str(dtype).removeprefix("torch.")
-    return cache_dir / f"{folder}-{mode}-{dtype_name}.safetensors"
+    suffix = ""
+    if lora:
+        suffix = "-lora-" + hashlib.sha256(adapters_key(lora).encode()).hexdigest()[:16]
+    return cache_dir / f"{folder}-{mode}-{dtype_name}{suffix}.safetensors"
 
 
 def _load_cached(path: Path, key: str, model_dir: Path, mode: str, device: torch.device):
@@ -113,16 +133,30 @@ def _save(model: HeartMuLa, path: Path, key: str) -> None:
 
 @torch.no_grad()
 def quantize_checkpoint(
-    model_dir: Path, mode: str, *, device: torch.device, dtype: torch.dtype
+    model_dir: Path,
+    mode: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    lora: Sequence[LoraAdapter] = (),
 ) -> HeartMuLa:
     """The checkpoint's LM, each matmul weight quantized on `device` as it is read: the peak is
-    the quantized model plus one unquantized tensor (the audio head: one codebook)."""
+    the quantized model plus one unquantized tensor (the audio head: one codebook). `lora`'s
+    deltas are added to each weight first (`lora.merged_weight`, in float32)."""
     with torch.device("meta"):
         model = HeartMuLa(load_lm_config(model_dir))
     cls = FORMATS[mode]
     linears = {f"{name}.weight": name for name in quantized_linears(model)}
+    adapted = {f"{name}.weight": name for adapter in lora for name in adapter.modules}
 
     def quantize(key: str, tensor: torch.Tensor) -> bool:
+        if key in adapted:
+            merged = merged_weight(lora, adapted[key], tensor.to(device))
+            if key not in linears:  # kept unquantized (muq_linear): merged, in the LM dtype
+                weight = torch.nn.Parameter(merged.to(tensor.dtype), requires_grad=False)
+                model.get_submodule(adapted[key]).weight = weight
+                return True
+            tensor = merged
         if key in linears:
             model.set_submodule(linears[key], cls.from_weight(tensor.to(device)))
         elif key == "audio_head":
@@ -142,17 +176,18 @@ def load_quantized_lm(
     device: torch.device,
     dtype: torch.dtype,
     cache_dir: Path | None = None,
+    lora: Sequence[LoraAdapter] = (),
 ) -> HeartMuLa:
     """The checkpoint's LM quantized to `mode` on `device`: from the cache when it is current,
     else quantized while loading (`quantize_checkpoint`) and cached; then with the fast kernels
-    the device has (`quant.fast`)."""
+    the device has (`quant.fast`). `lora`: adapters merged before quantizing (cached apart)."""
     check_mode(mode)
     model_dir = Path(model_dir)
-    key = cache_key(model_dir, mode, dtype)
-    path = cache_path(model_dir, mode, dtype, cache_dir or default_cache_dir())
+    key = cache_key(model_dir, mode, dtype, lora)
+    path = cache_path(model_dir, mode, dtype, cache_dir or default_cache_dir(), lora)
     model = _load_cached(path, key, model_dir, mode, device)
     if model is None:
-        model = quantize_checkpoint(model_dir, mode, device=device, dtype=dtype)
+        model = quantize_checkpoint(model_dir, mode, device=device, dtype=dtype, lora=lora)
         _save(model, path, key)
     use_fast_kernels(model, dtype)
     return model
