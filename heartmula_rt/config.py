@@ -34,6 +34,9 @@ QUANT_MODES = ("none", "int8", "nf4", "int4")
 DEFAULT_PROMPT_LEN = 256
 # The prompt a memory plan makes room for: tags plus a long lyric sheet tokenize to well under it.
 PROMPT_TOKENS = 1024
+# A short prompt (a few tags, a line of lyrics): what the longest song a model makes is reckoned
+# after, when the real prompt is not known (planner.context_frames).
+SHORT_PROMPT_TOKENS = 16
 # Songs the LM makes at once when a batch does not say (a `vram` plan may hold fewer).
 DEFAULT_SONGS_AT_ONCE = 8
 # A song continued past the backbone's context goes on from its last this many frames (164 s),
@@ -43,6 +46,10 @@ DEFAULT_CONTEXT_FRAMES = 2048
 API_KEY_ENV = "HEARTMULA_RT_API_KEY"
 # Ring slots of every offloaded layer stack: one layer computing while the next one copies in.
 OFFLOAD_SLOTS = 2
+# The largest context a config.json may give (16x the 3B's 8192: 2.9 hours of frames). The
+# model's RoPE tables and a server's cache are sized by it when it loads, so a typo such as
+# 100000000000 would ask for terabytes; refused when the config is read.
+MAX_SEQ_LEN = 131072
 
 # Structure no config.json states, shared by the modules and footprint.py (which sizes them).
 NF4_BLOCK = 64  # weights per NF4 absmax (quant/formats.py)
@@ -105,6 +112,15 @@ FLAVORS: dict[str, LlamaFlavor] = {
 }
 
 
+def _whole_number(where: str, name: str, value: object, least: int, most: int | None = None) -> int:
+    """A config's whole number in [least, most], else one sentence naming it and its range."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or value < least or (most is not None and value > most):
+        span = f"from {least} to {most}" if most is not None else f"of at least {least}"
+        raise UserError(f"{where} {name} must be a whole number {span}, not {value!r}")
+    return value
+
+
 def resolve_flavor(value: str | Mapping[str, Any] | LlamaFlavor) -> LlamaFlavor:
     """A flavor from its known name, an object with the table's fields, or a LlamaFlavor."""
     if isinstance(value, LlamaFlavor):
@@ -119,6 +135,11 @@ def resolve_flavor(value: str | Mapping[str, Any] | LlamaFlavor) -> LlamaFlavor:
         missing = sorted(n for n in required if n not in value)
         if missing:
             raise UserError(f"model flavor object lacks {', '.join(missing)}")
+        whole = (f.name for f in fields(LlamaFlavor) if f.type in ("int", int))
+        for name in whole:
+            if name in value:
+                most = MAX_SEQ_LEN if name == "max_seq_len" else None
+                _whole_number("model flavor's", name, value[name], 1, most)
         flavor = LlamaFlavor(**{k: v for k, v in value.items() if k in names})
     else:
         raise UserError(f"model flavor must be a name or an object, not {type(value).__name__}")
@@ -147,7 +168,7 @@ class LMConfig:
             if key not in d:
                 raise UserError(f"HeartMuLa config.json lacks {key!r}")
         kwargs = {
-            f.name: int(d[f.name])
+            f.name: _whole_number("HeartMuLa config.json's", f.name, d[f.name], 1)
             for f in fields(cls)
             if f.name not in ("backbone", "decoder") and f.name in d
         }
@@ -168,8 +189,36 @@ class GenConfig:
     empty_id: int = 0
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GenConfig:
-        return cls(**{f.name: int(d[f.name]) for f in fields(cls) if f.name in d})
+    def from_dict(cls, d: Mapping[str, Any], lm: LMConfig | None = None) -> GenConfig:
+        """gen_config.json's ids; with `lm`, each checked against its vocabulary (a wrong id
+        would end every song at its first frame, or never)."""
+        ranges = cls.ranges(lm)
+        return cls(
+            **{
+                f.name: _whole_number("gen_config.json's", f.name, d[f.name], *ranges[f.name])
+                for f in fields(cls)
+                if f.name in d
+            }
+        )
+
+    @staticmethod
+    def ranges(lm: LMConfig | None = None) -> dict[str, tuple[int, int | None]]:
+        """Each id's (least, most): the text ids inside the text vocabulary, the audio EOS id
+        above 0 (a frame of any token >= it ends the song) and, like the empty (padding) id,
+        inside the audio vocabulary; without `lm`, only their least."""
+        text = None if lm is None else lm.text_vocab_size - 1
+        audio = None if lm is None else lm.audio_vocab_size - 1
+        return {
+            "text_bos_id": (0, text),
+            "text_eos_id": (0, text),
+            "audio_eos_id": (1, audio),
+            "empty_id": (0, audio),
+        }
+
+    def check(self, lm: LMConfig) -> None:
+        """Every id inside the vocabulary it indexes (`ranges`), else one sentence."""
+        for name, (least, most) in self.ranges(lm).items():
+            _whole_number("gen_config.json's", name, getattr(self, name), least, most)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from heartmula_rt.config import (
     LM_PRESETS,
     OFFLOAD_SLOTS,
     PROMPT_TOKENS,
+    SHORT_PROMPT_TOKENS,
     CodecConfig,
     LMConfig,
 )
@@ -195,6 +196,26 @@ def kv_positions(config: LMConfig, max_frames: int) -> int:
     (rounded up to its CAPACITY_STEP, at most the context)."""
     positions = PROMPT_TOKENS + max_frames + 1
     return min(math.ceil(positions / CAPACITY_STEP) * CAPACITY_STEP, config.backbone.max_seq_len)
+
+
+def context_frames(config: LMConfig, prompt_tokens: int = SHORT_PROMPT_TOKENS) -> int:
+    """Frames after frame 0 that the backbone's context holds after a prompt of
+    `prompt_tokens` (the longest song the model makes without `extend`; <= 0: none)."""
+    return config.backbone.max_seq_len - prompt_tokens - 1
+
+
+def planned_frames(
+    config: LMConfig, max_frames: int, prompt_tokens: int = SHORT_PROMPT_TOKENS
+) -> int:
+    """The frames a plan is for: `max_frames`, or fewer if the model's context holds fewer
+    (a plan for songs `gen` would refuse is no plan); UserError if it holds none."""
+    fits = context_frames(config, prompt_tokens)
+    if fits < 1:
+        raise UserError(
+            f"the model's context of {config.backbone.max_seq_len} positions holds no song "
+            f"after a prompt of {prompt_tokens} tokens"
+        )
+    return min(max_frames, fits)
 
 
 def dtype_name(dtype: object) -> str:
@@ -495,6 +516,7 @@ def plan_memory(
     codec_apart: bool = False,
     codec_budget_bytes: int | None = None,
     codec_overheads: DeviceOverheads = DEFAULT_OVERHEADS,
+    prompt_tokens: int = SHORT_PROMPT_TOKENS,
 ) -> MemoryPlan:
     """The fastest plan that fits `songs` songs at once of `max_frames` frames in
     `budget_bytes` with its headroom (`overheads`: measured on the GPU where there is one,
@@ -503,8 +525,12 @@ def plan_memory(
 
     `codec_apart`: the codec runs on another device, so the budget is the LM's alone; on a GPU
     of its own with `codec_budget_bytes` (and that GPU's `codec_overheads`), planned there
-    (`plan_codec_device`, the plan's `codec_device_plan`), else on the CPU, unplanned."""
+    (`plan_codec_device`, the plan's `codec_device_plan`), else on the CPU, unplanned.
+
+    The plan is for songs of `max_frames`, or of what the model's context holds after a prompt
+    of `prompt_tokens` if that is less (the plan's `max_frames` says which)."""
     check_songs(songs)
+    max_frames = planned_frames(lm_config, max_frames, prompt_tokens)
     if codec_budget_bytes is not None and not codec_apart:
         raise ValueError("a codec budget is for a codec apart from the LM")
     codec_device_plan = None

@@ -57,7 +57,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_gen_config(root: Path) -> GenConfig:
-    return GenConfig.from_dict(_read_json(Path(root) / "gen_config.json"))
+    """gen_config.json, its ids checked against the LM's vocabularies (its config.json, when
+    the folder has one): refused in one line naming the field and its range."""
+    lm_config = Path(root) / LM_DIR / "config.json"
+    lm = load_lm_config(lm_config.parent) if lm_config.is_file() else None
+    return GenConfig.from_dict(_read_json(Path(root) / "gen_config.json"), lm)
 
 
 def tokenizer_path(root: Path) -> Path:

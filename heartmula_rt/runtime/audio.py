@@ -45,6 +45,10 @@ def check_output_path(path: Path) -> Path:
         raise UserError(f"output folder {folder} does not exist")
     if path.is_dir():
         raise UserError(f"output path {path} is a folder")
+    from heartmula_rt.runtime.codes import sidecar_path  # here: codes.py is the heavier module
+
+    if sidecar_path(path).is_dir():  # found now, not once the song is made (issue #31)
+        raise UserError(f"{sidecar_path(path)}, where the song's codes go, is a folder")
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"output path {path} is not writable")
     try:  # permissions alone do not tell (read-only mounts, root): try to create a file there

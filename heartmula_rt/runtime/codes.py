@@ -178,6 +178,8 @@ class SongCodes:
         path = Path(path)
         if not path.exists():
             raise UserError(f"codes file {path} does not exist")
+        if path.is_dir():
+            raise UserError(f"codes file {path} is a folder, not a file")
         damaged = f"{path} is damaged or not a safetensors file"
         try:
             with safe_open(path, "pt") as f:
