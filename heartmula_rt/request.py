@@ -18,6 +18,11 @@ from heartmula_rt.errors import UserError
 
 FRAME_MS = 80  # 12.5 LM frames per second
 DEFAULT_MAX_SECONDS = 240.0
+# The longest song any request may ask for, whatever the model: a day. Far past any model's
+# context (extend goes on past it), and small enough that a length like 1e308 s is refused
+# here in one sentence rather than becoming a frame budget of 10**309 further down.
+LONGEST_SECONDS = 86400.0
+MAX_FRAMES = int(LONGEST_SECONDS * 1000) // FRAME_MS
 
 
 def _whole(name: str, value: object, least: int) -> None:
@@ -37,16 +42,73 @@ def _check_seed(name: str, seed: object) -> None:
         raise UserError(f"{name} must be an integer in [0, 2**63), not {seed!r}")
 
 
+def seconds_value(name: str, value: object, *, least: float = 0.0, positive: bool = False) -> float:
+    """A time in seconds a user gave (`--max-seconds`, an HTTP body's `seconds`, `from`, `to`):
+    a finite number from `least` (above it with `positive`) to LONGEST_SECONDS, else one
+    sentence naming `name`. NaN, infinities and lengths like 1e308 are refused here, before any
+    frame count is made of them."""
+    seconds = _number(name, value)
+    low = seconds > least if positive else seconds >= least
+    if not (low and seconds <= LONGEST_SECONDS):  # NaN fails every comparison
+        span = f"above {least:g} and at most" if positive else f"from {least:g} to"
+        raise UserError(
+            f"{name} must be a number of seconds {span} {LONGEST_SECONDS:g}, not {value!r}"
+        )
+    return seconds
+
+
 def max_frames_for(max_seconds: float) -> int:
     """The reference's frame budget: max_audio_length_ms // 80."""
-    if not 0 < _number("max_seconds", max_seconds) < math.inf:
-        raise UserError(f"max_seconds must be a positive number, not {max_seconds}")
+    max_seconds = seconds_value("max_seconds", max_seconds, positive=True)
     return int(max_seconds * 1000) // FRAME_MS
 
 
 def check_texts(tags: str, lyrics: str) -> None:
     if not tags.strip() and not lyrics.strip():
         raise UserError("tags and lyrics are both empty; give at least one of them")
+
+
+def check_text(name: str, text: object) -> None:
+    """`text` is text that can be written as UTF-8: a str with no lone surrogate. A JSON body's
+    "\\ud800" arrives as one, and so does a command line's invalid byte (Python keeps argv's
+    undecodable bytes as surrogate escapes); the tokenizer, the sidecar and the job database
+    would each fail on it later with a traceback."""
+    if not isinstance(text, str):
+        raise UserError(f"{name} must be text, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(
+            f"{name} is not valid Unicode text: character {e.start + 1} is "
+            f"{text[e.start]!r}, which UTF-8 cannot hold (an invalid byte or a lone surrogate)"
+        ) from None
+
+
+def prompt_too_long(
+    tag_tokens: int, lyric_tokens: int, max_frames: int, context: int
+) -> str | None:
+    """Why a prompt of `tag_tokens` tags and `lyric_tokens` lyrics (with its SLOT token between
+    them) plus `max_frames` frames after frame 0 does not fit a backbone of `context`
+    positions, None if it fits. When the texts alone leave no room for a frame, it says which
+    of them is the long one and by how many tokens the prompt is over; else how many frames
+    fit. The caller adds how its user changes a length (a flag, a field)."""
+    prompt = tag_tokens + 1 + lyric_tokens
+    if prompt + max_frames + 1 <= context:
+        return None
+    fits = context - prompt - 1  # frames after frame 0 that fit after this prompt
+    if fits > 0:
+        return (
+            f"the prompt ({prompt} tokens) plus {max_frames} frames is too long for the model's "
+            f"context of {context}; with this prompt the longest song that fits is {fits} "
+            f"frames ({fits * FRAME_MS / 1000:g} s)"
+        )
+    over = 1 - fits  # tokens to cut for one frame to fit
+    part, tokens = ("tags", tag_tokens) if tag_tokens >= lyric_tokens else ("lyrics", lyric_tokens)
+    return (
+        f"the {part} are too long: {tokens} tokens of a {prompt}-token prompt (tags {tag_tokens}, "
+        f"lyrics {lyric_tokens}), and the model's context of {context} has no room left for "
+        f"the song; shorten the {part} by at least {over} tokens"
+    )
 
 
 def check_songs(songs: object) -> None:
@@ -73,6 +135,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _whole("the number of frames", self.max_frames, 0)
+        if self.max_frames > MAX_FRAMES:
+            raise UserError(
+                f"the number of frames must be at most {MAX_FRAMES} ({LONGEST_SECONDS:g} s), "
+                f"not {self.max_frames}"
+            )
         _whole("topk", self.topk, 1)
         if not 0 < _number("temperature", self.temperature) < math.inf:
             raise UserError(f"temperature must be a finite number above 0, not {self.temperature}")
@@ -120,8 +187,7 @@ class SongRequest:
 
     def __post_init__(self) -> None:
         for name in ("tags", "lyrics"):
-            if not isinstance(getattr(self, name), str):
-                raise UserError(f"{name} must be text, not {type(getattr(self, name)).__name__}")
+            check_text(name, getattr(self, name))
         check_texts(self.tags, self.lyrics)
 
     @property
@@ -190,6 +256,6 @@ def request_from_json(
     texts = {name: fields.get(name, "") for name in JSON_TEXTS}
     given = {k: fields[k] for k in JSON_SETTINGS if fields.get(k) is not None}  # null: default
     settings = {**defaults, **given}
-    if "seconds" in settings:
-        settings["max_seconds"] = settings.pop("seconds")
+    if "seconds" in settings:  # checked under the name its writer gave it
+        settings["max_seconds"] = seconds_value("seconds", settings.pop("seconds"), positive=True)
     return SongRequest.of(**texts, **settings), {k: fields[k] for k in also if k in fields}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import struct
 import sys
 from collections.abc import Callable
@@ -54,6 +56,36 @@ def cache_dirs(tmp_path_factory: pytest.TempPathFactory):
             del os.environ[variable]
         else:
             os.environ[variable] = old
+
+
+def child_processes(parent: int) -> list[tuple[int, str]]:
+    """(pid, command line) of `parent`'s living child processes, from /proc (zombies, already
+    ended, are not counted; nor torch's compile workers, a pool torch keeps for the process's
+    life)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, UnicodeDecodeError):
+            continue  # it ended meanwhile
+        state, ppid = fields[0], int(fields[1])
+        if ppid == parent and state != "Z" and "compile_worker" not in command:
+            children.append((int(stat.parent.name), command.strip()))
+    return children
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left():
+    """At the session's end, after every fixture that starts a server or a browser has stopped
+    it: no child process of the tests is left running (each is killed, and the session fails
+    naming them)."""
+    yield
+    left = child_processes(os.getpid())
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"the tests left processes running: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -52,8 +52,11 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """`heartmula-rt serve` on the tiny checkpoint, with an API key; its base URL."""
     folder = tmp_path_factory.mktemp("serve")
     process = ServerProcess(tiny_ckpt, folder / "songs", "--max-seconds", "4", "--api-key", KEY)
-    with process.start(START_TIMEOUT_S):
+    process.start(START_TIMEOUT_S)  # once: `with` would start it again (issue #31, item 20)
+    try:
         yield process.url
+    finally:
+        process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,12 @@ Routes: `POST /v1/songs`, `GET /v1/songs`, `GET|DELETE /v1/songs/{id}`, `GET
 `GET /v1/songs/{id}/events` (server-sent progress), `GET /v1/info`, `GET /health`,
 `GET /metrics` (Prometheus text), and the web page at `/` (static/). README says what each
 returns. Errors are JSON `{"detail": "one sentence"}`.
+
+No other site drives it (docs/serving-security.md): a keyless server answers only requests
+that name it by a loopback host (or one it was told to allow), so a page of another site
+whose name has been rebound to 127.0.0.1 gets nothing; a request that changes anything (POST,
+DELETE) from a page of another origin is refused; and a body must be declared JSON, which a
+cross-site form cannot do without the browser asking first.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -28,6 +35,7 @@ from heartmula_rt import __version__
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import JSON_SETTINGS, JSON_TEXTS, CodecParams, SamplingParams
 from heartmula_rt.runtime.audio import WavStream
+from heartmula_rt.serve.hosts import host_refusal
 from heartmula_rt.serve.jobs import FINAL, Job
 from heartmula_rt.serve.service import (
     AUDIO_FORMATS,
@@ -45,6 +53,7 @@ MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp
 KEY_COOKIE = "heartmula_rt_key"
 STATIC = Path(__file__).with_name("static")
 CANCEL_WAIT_S = 30.0  # a cancelled song ends at the engine's next frame boundary
+CHANGES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # methods that change the server's state
 
 
 class SongBody(BaseModel):
@@ -105,6 +114,23 @@ def job_view(job: Job, now: float | None = None) -> dict[str, Any]:
     }
 
 
+def origin_refusal(request: Request) -> str | None:
+    """Why a request that changes something is refused as coming from another site's page: its
+    Origin (else its Referer's) is given and is not this server's own (the scheme and the Host
+    the request names); None if it is the server's own or says none (curl, scripts)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        referer = request.headers.get("referer")
+        if not referer:
+            return None
+        parts = urlsplit(referer)
+        origin = f"{parts.scheme}://{parts.netloc}"
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}".lower()
+    if origin.strip().lower() == own:
+        return None
+    return f"this server takes changes only from its own page, not from {origin!r}"
+
+
 def _wav_stream(pieces: Iterator[np.ndarray], sample_rate: int) -> Iterator[bytes]:
     """A 16-bit WAV of unknown length: its header at once, then each piece as it comes."""
     sink = _Chunks()
@@ -139,10 +165,15 @@ class _Chunks:
         return data
 
 
-def make_app(service: SongService, *, api_key: str | None = None) -> FastAPI:
+def make_app(
+    service: SongService, *, api_key: str | None = None, allow_hosts: tuple[str, ...] = ()
+) -> FastAPI:
     """The API over `service`; with `api_key`, every route but /health needs it (header
     `Authorization: Bearer KEY` or `X-API-Key: KEY`, query `?key=KEY`, or the cookie the page
-    gets when opened with `?key=`)."""
+    gets when opened with `?key=`). Without one, only requests naming a loopback host or one of
+    `allow_hosts` are answered (421). With or without, a POST or DELETE from another origin's
+    page is refused (403)."""
+    allow_hosts = tuple(name.lower() for name in allow_hosts)
     app = FastAPI(
         title="heartmula-rt",
         version=__version__,
@@ -170,6 +201,20 @@ def make_app(service: SongService, *, api_key: str | None = None) -> FastAPI:
             response.set_cookie(KEY_COOKIE, api_key, httponly=True, samesite="strict")
         return response
 
+    # Added after check_key, so it runs before it: a foreign Host or Origin learns nothing,
+    # not even whether a key is needed.
+    @app.middleware("http")
+    async def check_site(request: Request, call_next: Any) -> Any:
+        if api_key is None:
+            refused = host_refusal(request.headers.get("host"), allow_hosts)
+            if refused is not None:
+                return _error(421, refused)
+        if request.method in CHANGES:
+            refused = origin_refusal(request)
+            if refused is not None:
+                return _error(403, refused)
+        return await call_next(request)
+
     @app.post(
         "/v1/songs",
         status_code=202,
@@ -187,6 +232,14 @@ def make_app(service: SongService, *, api_key: str | None = None) -> FastAPI:
 
     async def _queued(request: Request, queue: Any) -> JSONResponse:
         """The JSON body (at most MAX_BODY_BYTES) given to `queue`, its job as a 202."""
+        # Declared JSON: a page of another site can send text/plain or a form without asking
+        # the browser first, but not application/json.
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            given = repr(media) if media else "none"
+            return _error(
+                415, f"the body must be JSON with Content-Type application/json, not {given}"
+            )
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return _error(413, f"the body is over {MAX_BODY_BYTES} bytes")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+MAIN = "import sys; from heartmula_rt.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def free_port() -> int:
@@ -37,7 +38,9 @@ class ServerProcess:
         self.folder = Path(folder)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "heartmula_rt.cli", "serve", "--model-path"]
+        # `heartmula-rt` as its console script runs it: `main` of the cli package (which a
+        # `python -m` would need a __main__ module for).
+        self.command = [sys.executable, "-c", MAIN, "serve", "--model-path"]
         self.command += [str(Path(model).resolve()), "--folder", str(self.folder.resolve())]
         self.command += ["--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
@@ -45,7 +48,10 @@ class ServerProcess:
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> ServerProcess:
         """Start it and return once `/health` answers; RuntimeError with its log if it exits
-        or does not answer within `timeout_s` (then it is killed)."""
+        or does not answer within `timeout_s` (then it is killed). RuntimeError too if it is
+        running already (one object, one server)."""
+        if self.running():
+            raise RuntimeError(f"the server on port {self.port} is running already")
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "server.log", "ab") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=log, env=self.env)
@@ -86,8 +92,14 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(timeout=STOP_TIMEOUT_S)
 
+    def running(self) -> bool:
+        """Whether its process has been started and has not exited."""
+        return self.process is not None and self.process.poll() is None
+
     def __enter__(self) -> ServerProcess:
-        return self.start()
+        # `with process.start():` is the same as `with process:`: starting it again would make
+        # a second server, fail on the port, and leave the first one running.
+        return self if self.running() else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

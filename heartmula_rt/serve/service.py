@@ -35,7 +35,9 @@ from heartmula_rt.request import (
     FRAME_MS,
     SongRequest,
     max_frames_for,
+    prompt_too_long,
     request_from_json,
+    seconds_value,
 )
 from heartmula_rt.runtime.audio import FORMATS, write_audio
 from heartmula_rt.runtime.codes import SongCodes, request_of_record, request_record, sidecar_path
@@ -45,6 +47,7 @@ from heartmula_rt.runtime.pipeline import codec_noise
 from heartmula_rt.runtime.scheduler import Scheduler, SongRun
 from heartmula_rt.runtime.stream import LiveDecoder
 from heartmula_rt.serve.jobs import FINAL, Job, JobStore
+from heartmula_rt.serve.limits import check_limits
 
 if TYPE_CHECKING:
     from heartmula_rt.runtime.pipeline import Pipeline
@@ -73,6 +76,15 @@ class ServiceConfig:
     songs_at_once: int | None = None  # default: what a `vram` plan holds, else 8
     max_queue: int = 32  # songs waiting for rows, beyond those running
     max_seconds: float = 240.0  # the longest song a request may ask for
+    # Every other field a client sets is bounded too (limits.py), so that no request can stall
+    # the others: 64 ODE steps is 6x the default, the scales' defaults are 1.5 and 1.25.
+    max_num_steps: int = 64
+    max_guidance_scale: float = 20.0
+    max_cfg_scale: float = 20.0
+    max_temperature: float = 10.0
+    max_topk: int | None = None  # None: the model's audio vocabulary
+    max_tags_chars: int = 1000
+    max_lyrics_chars: int = 16000  # a long lyric sheet is a few thousand
 
 
 class LiveAudio:
@@ -212,9 +224,26 @@ class SongService:
         total: int,
     ) -> Job:
         """Check a song (and an edit's `parts`) fits, record its job and queue it."""
-        if fmt not in AUDIO_FORMATS:
+        if not isinstance(fmt, str) or fmt not in AUDIO_FORMATS:
             raise UserError(f"format must be one of {', '.join(AUDIO_FORMATS)}, not {fmt!r}")
-        prompt = self.pipe.prompt(request)
+        vocabulary = self.pipe.lm_config.audio_vocab_size
+        topk = min(self.config.max_topk or vocabulary, vocabulary)
+        check_limits(request, self.config, max_topk=topk)
+        if total - 1 > self.max_frames:  # an edit of a song made under a larger cap, say
+            raise UserError(
+                f"the song would be {(total - 1) * FRAME_MS / 1000:g} s long; this server makes "
+                f"songs of at most {self.config.max_seconds:g} s"
+            )
+        # Checked here rather than by `pipe.prompt`, whose sentence names the CLI's flags.
+        prompt = self.pipe.prompt(request, fit=False)
+        too_long = prompt_too_long(
+            prompt.slot_index,
+            len(prompt) - prompt.slot_index - 1,
+            request.sampling.max_frames,
+            self.pipe.lm_config.backbone.max_seq_len,
+        )
+        if too_long is not None:
+            raise UserError(too_long)
         self.scheduler.check(SongRun(prompt, request.sampling))
         job = Job(
             id=secrets.token_hex(8),
@@ -256,11 +285,14 @@ class SongService:
         if kind == "extend":
             if "seconds" not in body:
                 raise UserError("give seconds: how much longer")
-            more = max_frames_for(_seconds(body, "seconds"))
-            if not 1 <= more <= self.max_frames:
+            more = max_frames_for(_seconds(body, "seconds", positive=True))
+            room = self.max_frames - (original.frames - 1)  # the new song is capped, not the part
+            if not 1 <= more <= room:
+                most = f"{room * FRAME_MS / 1000:g} s" if room > 0 else "nothing"
                 raise UserError(
-                    f"seconds must add from one 80 ms frame to {self.config.max_seconds:g} s on "
-                    f"this server, not {body['seconds']}"
+                    f"this server makes songs of at most {self.config.max_seconds:g} s and this "
+                    f"one is {(original.frames - 1) * FRAME_MS / 1000:g} s: seconds may add "
+                    f"{most}, not {body['seconds']}"
                 )
             sampling = replace(sampling, max_frames=original.frames - 1 + more)
             edit = {"of": base.id, "kind": kind, "start": original.frames, "end": None}
@@ -581,11 +613,9 @@ def write_final(
     pcm.unlink(missing_ok=True)
 
 
-def _seconds(body: dict[str, Any], name: str) -> float:
-    value = body[name]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UserError(f"{name} must be a number of seconds, not {value!r}")
-    return float(value)
+def _seconds(body: dict[str, Any], name: str, *, positive: bool = False) -> float:
+    """A time in a body: a finite number of seconds (no NaN, no 1e308), else one sentence."""
+    return seconds_value(name, body[name], positive=positive)
 
 
 def _job_request(job: Job) -> SongRequest:

@@ -263,10 +263,18 @@
 
   // ---- the error banner --------------------------------------------------------------------
 
-  function showError(message) {
+  // An answer to what the user just did (Generate, an edit) is shown beside the button they
+  // pressed, where they are looking: at the page's top it could be scrolled out of sight.
+  // Other news (a song that failed, a server gone) goes to the top.
+  const errorHome = el.error.previousElementSibling;
+
+  function showError(message, near = null) {
     clearInterval(state.retryTimer);
     el.errorText.textContent = message;
+    (near || errorHome).after(el.error);
+    el.error.classList.toggle("banner-inline", Boolean(near));
     el.error.hidden = false;
+    if (near) el.error.scrollIntoView({ block: "nearest" });
   }
 
   function hideError() {
@@ -275,13 +283,13 @@
     el.errorText.textContent = "";
   }
 
-  function showApiError(err, what) {
+  function showApiError(err, what, near = null) {
     const detail = err instanceof ApiError ? err.message : String(err);
     const sentence = detail.charAt(0).toUpperCase() + detail.slice(1);
     if (err.status === 429) {
       const wait = parseRetryAfter(err.retryAfter);
       if (wait === null) {
-        showError(`${sentence}.`.replace(/\.\.$/, "."));
+        showError(`${sentence}.`.replace(/\.\.$/, "."), near);
         return;
       }
       const at = new Date(Date.now() + wait * 1000);
@@ -292,13 +300,13 @@
           : `${sentence}. You can retry now.`;
         if (left <= 0) clearInterval(state.retryTimer);
       };
-      showError("");
+      showError("", near);
       tick();
       state.retryTimer = setInterval(tick, 1000);
       return;
     }
     const prefix = err.status === 401 ? "Not allowed: " : what ? `${what}: ` : "";
-    showError(`${prefix}${prefix ? detail : sentence}`);
+    showError(`${prefix}${prefix ? detail : sentence}`, near);
   }
 
   function parseRetryAfter(value) {
@@ -701,7 +709,7 @@
     try {
       startJob(await api("/v1/songs", { method: "POST", json: body }));
     } catch (err) {
-      showApiError(err, "The song was not queued");
+      showApiError(err, "The song was not queued", $(".generate-row"));
     } finally {
       el.generate.disabled = false;
       el.generateLabel.textContent = "Generate";
@@ -1539,7 +1547,8 @@
       startJob(view);
       toast(kind === "regen" ? `Making it again: ${editLabel(view)}` : `Making it longer: ${editLabel(view)}`);
     } catch (err) {
-      showApiError(err, kind === "regen" ? "The section was not regenerated" : "The song was not extended");
+      const what = kind === "regen" ? "The section was not regenerated" : "The song was not extended";
+      showApiError(err, what, button.closest(".edit-row"));
     } finally {
       edit.busy = false;
       label.textContent = idle;
