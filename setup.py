@@ -68,6 +68,10 @@ setup(
         "nf4": ["bitsandbytes>=0.50"],
         # benchmarks/: the GPU micro-benchmarks, and `heartmula-rt bench --plot`.
         "bench": ["pytest-benchmark", "matplotlib"],
+        # Reference audio (--ref-audio, `heartmula-rt embed`): MuQ-MuLan through the muq package
+        # (whose 0.1.0 needs transformers 4, and pulls torchaudio: install the torch wheel first,
+        # so pip keeps it) and soxr to resample. docs/reference-audio.md.
+        "ref": ["muq>=0.1.0", "transformers>=4.40,<5", "soxr>=0.3"],
     },
     entry_points={"console_scripts": ["heartmula-rt=heartmula_rt.cli:main"]},
 )

@@ -171,6 +171,69 @@ class CodecParams:
         _check_seed("noise_seed", self.noise_seed)
 
 
+REFERENCE_DIM = 512  # MuQ-MuLan's embedding, the LM's muq_dim (SPEC §2)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference clip's MuQ-MuLan embedding and how strongly it steers the song: the
+    conditional row's prompt SLOT becomes `muq_linear(strength · embedding)` (SPEC §2).
+    Strength 0 is no reference at all: the SLOT keeps `muq_linear(0)`, bit for bit.
+
+    The embedding is kept as plain floats (no torch here): made from a list, a tuple, a numpy
+    array or a 1-d tensor, and written to a sidecar or a JSON body as a list (`record`)."""
+
+    embedding: tuple[float, ...]
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        given = self.embedding
+        if isinstance(given, (str, bytes)) or not hasattr(given, "__len__"):
+            raise UserError(
+                f"a reference embedding must be {REFERENCE_DIM} numbers, not {type(given).__name__}"
+            )
+        if len(given) != REFERENCE_DIM:
+            raise UserError(
+                f"a reference embedding must have {REFERENCE_DIM} numbers (MuQ-MuLan's), "
+                f"not {len(given)}"
+            )
+        try:
+            values = tuple(float(v) for v in given if not isinstance(v, bool))
+        except (TypeError, ValueError):
+            values = ()
+        if len(values) != REFERENCE_DIM:
+            raise UserError("a reference embedding must hold only numbers")
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise UserError(
+                f"a reference embedding must hold finite numbers; number {bad + 1} is {values[bad]}"
+            )
+        strength = _number("the reference strength", self.strength)
+        if not 0 <= strength <= 1:
+            raise UserError(f"the reference strength must be from 0 to 1, not {self.strength}")
+        # Frozen: the checked, converted values replace what was given.
+        object.__setattr__(self, "embedding", values)
+        object.__setattr__(self, "strength", strength)
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes the prompt at all (strength above 0)."""
+        return self.strength > 0
+
+    def record(self) -> dict[str, Any]:
+        """As JSON: {"embedding": [512 floats], "strength": s} (a sidecar, an HTTP body)."""
+        return {"embedding": list(self.embedding), "strength": self.strength}
+
+    @classmethod
+    def of_record(cls, record: object) -> Reference:
+        """The inverse of `record`; anything else is one sentence."""
+        if not isinstance(record, dict) or set(record) - {"embedding", "strength"}:
+            raise UserError('a reference must be {"embedding": [numbers], "strength": number}')
+        if "embedding" not in record:
+            raise UserError("a reference needs its embedding")
+        return cls(record["embedding"], record.get("strength", 1.0))
+
+
 _SAMPLING = {f.name for f in fields(SamplingParams)}
 _CODEC = {f.name for f in fields(CodecParams)}
 
@@ -184,8 +247,11 @@ class SongRequest:
     lyrics: str = ""
     sampling: SamplingParams = field(default_factory=SamplingParams)
     codec: CodecParams = field(default_factory=CodecParams)
+    reference: Reference | None = None  # a reference clip's embedding; None: none (SPEC §2)
 
     def __post_init__(self) -> None:
+        if self.reference is not None and not isinstance(self.reference, Reference):
+            raise UserError(f"reference must be a Reference, not {type(self.reference).__name__}")
         for name in ("tags", "lyrics"):
             check_text(name, getattr(self, name))
         check_texts(self.tags, self.lyrics)
@@ -197,10 +263,17 @@ class SongRequest:
         return self.sampling.seed if given is None else given
 
     @classmethod
-    def of(cls, tags: str = "", lyrics: str = "", **settings: Any) -> SongRequest:
+    def of(
+        cls,
+        tags: str = "",
+        lyrics: str = "",
+        *,
+        reference: Reference | None = None,
+        **settings: Any,
+    ) -> SongRequest:
         """The keyword form: `max_seconds` (or `max_frames`) and any field of `SamplingParams`
         or `CodecParams` by name; what is not given keeps its default."""
-        return cls(tags, lyrics).with_settings(**settings)
+        return cls(tags, lyrics, reference=reference).with_settings(**settings)
 
     def with_settings(self, *, max_seconds: float | None = None, **settings: Any) -> SongRequest:
         """This request with some sampling or codec fields changed, named as `of` takes them."""

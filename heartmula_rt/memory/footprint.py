@@ -309,3 +309,43 @@ def codec_sizes(config: CodecConfig, dtype: str) -> CodecSizes:
         dit_activations=_dit_peak(c, nbytes),
         scalar_activations=_scalar_peak(c),
     )
+
+
+# -- the reference embedder (MuQ-MuLan, model/reference.py) ---------------------------------
+
+# OpenMuQ/MuQ-MuLan-large in float32 as published: its checkpoint holds every tower (0.7 B
+# parameters); once loaded, the text tower (XLM-R base and its transformer, about 1.36 GB) is
+# dropped and the audio side (MuQ-large, 0.3 B, and its projections) stays.
+MULAN_BYTES = 2_650_000_000
+MULAN_AUDIO_BYTES = 1_300_000_000
+# MuQ's front end on one 10 s clip at 24 kHz: a 128-band mel spectrogram every 240 samples,
+# then two residual conv blocks of 512 channels, the first at half the bands and frames; the
+# conformer after them sees 250 positions, far less.
+MULAN_CLIP_SAMPLES = 240_000
+MULAN_HOP, MULAN_MELS, MULAN_CONV = 240, 128, 512
+MULAN_CONV_ALIVE = 6  # a block's conv, norm and residual outputs alive at once, at most
+
+
+@dataclass(frozen=True)
+class EmbedderSizes:
+    """Bytes of reference-audio embedding."""
+
+    load_peak: int  # host memory while loading: the model built, and its checkpoint read
+    weights: int  # what stays on the embedder's device
+    workspace: int  # one 10 s clip's activations
+
+    @property
+    def running(self) -> int:
+        return self.weights + self.workspace
+
+
+def embedder_sizes() -> EmbedderSizes:
+    """MuQ-MuLan's bytes, float32 (the model card warns half precision gives NaN). Loading
+    builds every tower and then reads the pickled checkpoint whole beside it (not mapped)."""
+    frames = MULAN_CLIP_SAMPLES // MULAN_HOP + 1
+    conv = MULAN_CONV * (MULAN_MELS // 2) * (frames // 2 + 1) * F32
+    return EmbedderSizes(
+        load_peak=2 * MULAN_BYTES,
+        weights=MULAN_AUDIO_BYTES,
+        workspace=MULAN_CONV_ALIVE * conv + MULAN_CLIP_SAMPLES * F32,
+    )

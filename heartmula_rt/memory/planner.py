@@ -45,7 +45,7 @@ from heartmula_rt.config import (
     LMConfig,
 )
 from heartmula_rt.errors import UserError
-from heartmula_rt.memory.footprint import CodecSizes, codec_sizes, lm_sizes
+from heartmula_rt.memory.footprint import CodecSizes, codec_sizes, embedder_sizes, lm_sizes
 from heartmula_rt.request import check_songs
 
 GiB = 2**30
@@ -686,3 +686,21 @@ def _codec_device_lines(plan: CodecDevicePlan | None) -> list[str]:
         f"  predicted peak: {_gib(plan.predicted_peak_bytes)} (+ the CUDA context); headroom "
         f"kept free: {_gib(plan.headroom_bytes)}",
     ]
+
+
+def embedder_bytes(device: str = "cpu") -> dict[str, int]:
+    """Peak bytes that embedding a reference clip takes, by where they are: "cpu" (host
+    memory) and, with the embedder on a GPU (`device` "cuda…"), "gpu". It runs before the LM
+    and codec load and is freed before them, so it adds to no plan of theirs; a GPU it runs
+    on needs its weights and one clip's workspace free at that time. Loading is on the host
+    either way."""
+    sizes = embedder_sizes()
+    if device == "cpu":
+        return {"cpu": max(sizes.load_peak, sizes.running)}
+    return {"cpu": sizes.load_peak, "gpu": sizes.running}
+
+
+def format_embedder(device: str = "cpu") -> str:
+    """One line for `--ref-audio`'s plan: what embedding the clip takes, where."""
+    where = ", ".join(f"{_gib(n)} {kind}" for kind, n in embedder_bytes(device).items())
+    return f"reference embedder (MuQ-MuLan, float32, before the LM): {where}"

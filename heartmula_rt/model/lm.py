@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heartmula_rt.config import LlamaFlavor, LMConfig
+from heartmula_rt.errors import UserError
 from heartmula_rt.model.layers import apply_rope, rms_norm
 
 
@@ -334,16 +335,30 @@ class HeartMuLa(nn.Module):
             rows=rows,
         )
 
-    def embed_prompt(self, ids: Tensor, slot_index: int, rows: int) -> Tensor:
+    def embed_prompt(
+        self, ids: Tensor, slot_index: int, rows: int, reference: Tensor | None = None
+    ) -> Tensor:
         """Prompt rows [rows, P, D] from the text column ids [P].
 
-        Row 0 is conditional: text embeddings with the SLOT set to `muq_linear(zeros)`, which is
-        its bias (reference-audio conditioning is not released). Row 1, with guidance, is the
-        unconditional row: every position, SLOT included, is the unconditional text embedding.
+        Row 0 is conditional: text embeddings with the SLOT set to `muq_linear(reference)`
+        (`Prompt.reference`: a reference clip's scaled MuQ-MuLan embedding [muq_dim]), or with
+        none to `muq_linear(zeros)`, which is its bias: taken as is, so a prompt without a
+        reference is bit for bit what it was before references existed. Row 1, with guidance,
+        is the unconditional row: every position, SLOT included, is the unconditional text
+        embedding, whatever the reference.
         """
         # The text embeddings may sit on the CPU: look up there, compute on the LM's device.
         cond = self.text_embeddings(ids.to(self.text_embeddings.weight.device)).to(self.device)
-        cond[slot_index] = self.muq_linear.bias
+        if reference is None:
+            cond[slot_index] = self.muq_linear.bias
+        else:
+            if reference.shape != (self.config.muq_dim,):
+                raise UserError(
+                    f"a reference embedding of {list(reference.shape)} numbers does not fit "
+                    f"this LM, whose reference slot takes {self.config.muq_dim}"
+                )
+            weight = self.muq_linear.weight
+            cond[slot_index] = self.muq_linear(reference.to(weight.device, weight.dtype))
         embedded = [cond]
         if rows == 2:
             embedded.append(self.unconditional_text_embedding.weight[0].expand_as(cond))

@@ -8,17 +8,22 @@ import torch
 from tokenizers import Tokenizer
 
 from heartmula_rt.config import GenConfig
-from heartmula_rt.request import check_texts
+from heartmula_rt.request import Reference, check_texts
 
 SLOT_ID = 0  # text id of the reference-audio slot row; its embedding is replaced anyway
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Text column ids [P] (int64, CPU) of `[tags..., SLOT, lyrics...]`, and the SLOT's index."""
+    """Text column ids [P] (int64, CPU) of `[tags..., SLOT, lyrics...]`, the SLOT's index, and
+    what the SLOT embeds: `reference`, float32 [muq_dim] on the CPU, is `strength · embedding`
+    of the song's reference clip, whose `muq_linear` fills the conditional row's SLOT; None
+    (no reference, or strength 0) leaves it `muq_linear(0)`, its bias, exactly as without
+    reference audio. Each song of a batch has its own prompt, so its own reference."""
 
     ids: torch.Tensor
     slot_index: int
+    reference: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -34,8 +39,24 @@ def _encode(tokenizer: Tokenizer, gen: GenConfig, text: str) -> list[int]:
     return ids
 
 
-def build_prompt(tokenizer: Tokenizer, gen: GenConfig, tags: str, lyrics: str) -> Prompt:
-    """The prompt for tags and lyrics (text: reading files is the CLI's business)."""
+def reference_vector(reference: Reference | None) -> torch.Tensor | None:
+    """What the SLOT's `muq_linear` takes for `reference`: `strength · embedding` as float32
+    [muq_dim], or None where it changes nothing (no reference, strength 0), so that such a
+    prompt is the very prompt of a request without one."""
+    if reference is None or not reference.active:
+        return None
+    return torch.tensor(reference.embedding, dtype=torch.float32) * reference.strength
+
+
+def build_prompt(
+    tokenizer: Tokenizer,
+    gen: GenConfig,
+    tags: str,
+    lyrics: str,
+    reference: Reference | None = None,
+) -> Prompt:
+    """The prompt for tags and lyrics (text: reading files is the CLI's business) and, where
+    given, a reference clip's embedding for its SLOT."""
     check_texts(tags, lyrics)
     tags = tags.lower()
     if not tags.startswith("<tag>"):
@@ -45,4 +66,4 @@ def build_prompt(tokenizer: Tokenizer, gen: GenConfig, tags: str, lyrics: str) -
     tag_ids = _encode(tokenizer, gen, tags)
     lyric_ids = _encode(tokenizer, gen, lyrics.lower())
     ids = torch.tensor([*tag_ids, SLOT_ID, *lyric_ids], dtype=torch.long)
-    return Prompt(ids=ids, slot_index=len(tag_ids))
+    return Prompt(ids=ids, slot_index=len(tag_ids), reference=reference_vector(reference))
