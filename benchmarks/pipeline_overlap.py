@@ -59,31 +59,33 @@ POLL_S = 0.02
 
 class TimedService(SongService):
     """The service with its two threads timed: when each frame reached the codec's queue, and
-    how long the codec's thread worked. `in_turn`: the LM waits for the codec after each frame."""
+    how long the codec's thread worked. `in_turn`: the LM waits for the codec to be done with a
+    frame before it goes on past the next."""
 
     def __init__(self, *args, in_turn: bool, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.in_turn = in_turn
         self.frame_times: list[tuple[float, int]] = []  # (when, frames) of the LM's frames
         self.codec_busy_s = 0.0
+        self._idle = threading.Event()
+        self._idle.set()
+        stage = self.runner.codec
+        step = stage._live_step  # the codec's work on one song's frames (runner.py)
 
-    def _on_codes(self, song, new: torch.Tensor) -> None:
+        def timed(song, new) -> None:
+            start = time.perf_counter()
+            step(song, new)
+            self.codec_busy_s += time.perf_counter() - start
+            self._idle.set()
+
+        stage._live_step = timed
+
+    def frames(self, song, new: torch.Tensor) -> None:
         self.frame_times.append((time.perf_counter(), new.shape[1]))
-        super()._on_codes(song, new)
+        super().frames(song, new)
         if self.in_turn:
-            done = threading.Event()
-            self._codec_work.put((lambda _song, _arg: done.set(), song, None))
-            done.wait()
-
-    def _push(self, song, new: torch.Tensor) -> None:
-        start = time.perf_counter()
-        super()._push(song, new)
-        self.codec_busy_s += time.perf_counter() - start
-
-    def _end(self, song, why: str) -> None:
-        start = time.perf_counter()
-        super()._end(song, why)
-        self.codec_busy_s += time.perf_counter() - start
+            self._idle.wait()  # the codec is done with the frames before these
+            self._idle.clear()
 
 
 def lm_rate(frame_times: list[tuple[float, int]]) -> float:

@@ -17,8 +17,9 @@ import torch
 import tqdm
 
 import heartmula_rt
-import heartmula_rt.runtime.audio
+import heartmula_rt.runtime.runner
 from heartmula_rt import cli
+from heartmula_rt.cli import common
 from heartmula_rt.model.folder import LM_DIR
 from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
@@ -148,7 +149,7 @@ def test_a_failed_codec_keeps_the_frames(tiny_ckpt: Path, tmp_path: Path, capsys
     def disk_full(*args, **kwargs):
         raise heartmula_rt.UserError("could not write song.wav (No space left on device)")
 
-    monkeypatch.setattr(heartmula_rt.runtime.audio, "write_audio", disk_full)
+    monkeypatch.setattr(heartmula_rt.runtime.runner, "write_audio", disk_full)
     code, _, err = run(gen_args(tiny_ckpt, tmp_path / "song.wav"), capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("heartmula-rt: error: could not write song.wav")
@@ -397,10 +398,10 @@ def test_song_defaults_live_in_the_request(tiny_ckpt: Path) -> None:
     """gen leaves every song setting it is not given to `SamplingParams`; load_pipeline's
     options to `PipelineConfig`."""
     args = cli.build_parser().parse_args(["gen", "-o", "x.wav", "--tags", "piano"])
-    assert cli.song_request(args) == SongRequest("piano")
-    assert cli.song_request(args).sampling == SamplingParams()
+    assert common.song_request(args) == SongRequest("piano")
+    assert common.song_request(args).sampling == SamplingParams()
     given = cli.build_parser().parse_args(["gen", "-o", "x.wav", "--tags", "a", "--topk", "3"])
-    assert cli.song_request(given).sampling == SamplingParams(topk=3)
+    assert common.song_request(given).sampling == SamplingParams(topk=3)
     pipe = heartmula_rt.load_pipeline(tiny_ckpt)
     assert pipe.config == PipelineConfig(model_path=tiny_ckpt)
 
@@ -411,21 +412,21 @@ def test_song_defaults_live_in_the_request(tiny_ckpt: Path) -> None:
 def test_text_argument_from_file_stdin_or_value(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "lyrics.txt"
     path.write_text("[Verse]\nÉté, ça va\n", encoding="utf-8")
-    assert cli.read_text_arg(str(path), "--lyrics") == "[Verse]\nÉté, ça va\n"
-    assert cli.read_text_arg("[Verse]\nplain text\n", "--lyrics") == "[Verse]\nplain text\n"
-    assert cli.read_text_arg(str(tmp_path), "--lyrics") == str(tmp_path)  # a folder: text
+    assert common.read_text_arg(str(path), "--lyrics") == "[Verse]\nÉté, ça va\n"
+    assert common.read_text_arg("[Verse]\nplain text\n", "--lyrics") == "[Verse]\nplain text\n"
+    assert common.read_text_arg(str(tmp_path), "--lyrics") == str(tmp_path)  # a folder: text
     bom = tmp_path / "bom.txt"
     bom.write_bytes("\ufeffpiano".encode())
-    assert cli.read_text_arg(str(bom), "--tags") == "piano"
+    assert common.read_text_arg(str(bom), "--tags") == "piano"
     monkeypatch.setattr(sys, "stdin", io.StringIO("[chorus]\nfrom a pipe\n"))
-    assert cli.read_text_arg("-", "--lyrics") == "[chorus]\nfrom a pipe\n"
+    assert common.read_text_arg("-", "--lyrics") == "[chorus]\nfrom a pipe\n"
 
 
 def test_text_argument_that_names_no_file_is_sung_as_text(tiny_ckpt: Path, tmp_path: Path) -> None:
     """`--lyrics lyrics.txt` with no such file used to be refused as a missing file; it is text,
     through the CLI as through the API."""
     for value in ("lyrics.txt", "song.LRC", str(tmp_path / "notes.md")):
-        assert cli.read_text_arg(value, "--lyrics") == value
+        assert common.read_text_arg(value, "--lyrics") == value
     out = tmp_path / "song.wav"
     args = ["gen", "--model-path", str(tiny_ckpt), "--tags", "piano", "--lyrics", "lyrics.txt"]
     assert cli.main([*args, "--max-seconds", "1", "--seed", "3", "-o", str(out)]) == 0

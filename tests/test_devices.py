@@ -75,7 +75,7 @@ def test_the_service_pipeline_on_two_devices(one, two, tmp_path: Path) -> None:
             time.sleep(0.05)
     finally:
         service.close()
-    rows = service.scheduler.rows
+    rows = service.runner.scheduler.rows
     for body, job in zip(bodies, jobs, strict=True):
         done = service.job(job.id)
         assert done.state == "done" and done.frames > WINDOW_FRAMES, done  # decoded while made

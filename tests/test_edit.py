@@ -22,6 +22,7 @@ import heartmula_rt
 from heartmula_rt import cli
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import SongRequest
+from heartmula_rt.runtime import runner
 from heartmula_rt.runtime import scheduler as scheduler_module
 from heartmula_rt.runtime.audio import write_audio
 from heartmula_rt.runtime.codes import SongCodes
@@ -357,7 +358,7 @@ def test_a_crash_keeps_the_frames_and_resume_finishes_the_song(
     assert run_cli([*args, "-o", tmp_path / "whole.wav"], capsys)[0] == 0
     whole = SongCodes.load(tmp_path / "whole.codes.safetensors")
 
-    monkeypatch.setattr(cli, "SAVE_EVERY_S", 0.0)  # save at every frame
+    monkeypatch.setattr(runner, "SAVE_EVERY_S", 0.0)  # save at every frame
     real_update = tqdm.tqdm.update
 
     def crash(self, n=1):

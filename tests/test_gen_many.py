@@ -20,6 +20,7 @@ from heartmula_rt.model.codec import HeartCodec
 from heartmula_rt.request import SongRequest
 from heartmula_rt.runtime.audio import write_audio
 from heartmula_rt.runtime.codes import SongCodes
+from heartmula_rt.runtime.runner import SongRunner
 
 SAMPLES_PER_FRAME = 3840
 TAGS, LYRICS = "piano,happy", "[verse]\nla la la\n"
@@ -244,21 +245,16 @@ def test_the_codec_on_its_own_device_decodes_beside_the_lm(
         decoding.set()  # inside the codec's lock
         return real_decode(self, *a, **kw)
 
-    real_batch = heartmula_rt.runtime.pipeline.Pipeline.generate_frames_batch
+    real_end = SongRunner._on_end
     overlapped = []
 
-    def generate_frames_batch(self, requests, *, on_end, **kw):
-        def end(i, codes, why):
-            on_end(i, codes, why)
-            if i == 0:  # the LM holds its lock until the last song: the codec must not need it
-                overlapped.append(decoding.wait(60))
-
-        return real_batch(self, requests, on_end=end, **kw)
+    def on_end(self, song, why):
+        real_end(self, song, why)
+        if song is self.songs[0]:  # the LM holds its lock until the last song: the codec must not
+            overlapped.append(decoding.wait(60))  # need it
 
     monkeypatch.setattr(HeartCodec, "detokenize_many", detokenize_many)
-    monkeypatch.setattr(
-        heartmula_rt.runtime.pipeline.Pipeline, "generate_frames_batch", generate_frames_batch
-    )
+    monkeypatch.setattr(SongRunner, "_on_end", on_end)
     code, _, err = run([*args, "--codec-device", "cpu:0", "-o", str(beside)], capsys)
     assert code == 0 and overlapped == [True], err
     for i in (1, 2):

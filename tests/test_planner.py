@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from heartmula_rt import cli
+from heartmula_rt.cli import common
 from heartmula_rt.config import CODEC_PRECISIONS, CODEC_PRESETS
 from heartmula_rt.errors import UserError
 from heartmula_rt.memory import planner, sizing
@@ -228,7 +229,7 @@ def test_plan_does_not_import_bitsandbytes(tiny_ckpt) -> None:
         [sys.executable, "-c", code, str(tiny_ckpt)], capture_output=True, text=True, check=True
     )
     assert "below the minimum" in done.stderr
-    assert done.stdout.split() == [str(cli.EXIT_USER_ERROR), "False"]
+    assert done.stdout.split() == [str(common.EXIT_USER_ERROR), "False"]
 
 
 def test_live_bytes_counts_what_is_alive_at_once() -> None:
@@ -476,7 +477,7 @@ def test_below_the_minimum_names_it() -> None:
 
 @pytest.mark.parametrize("vram", ["12", "abc", "-3G", "0.5G"])
 def test_cli_refuses_bad_vram_in_one_line(vram: str, capsys) -> None:
-    assert cli.main(["plan", f"--vram={vram}"]) == cli.EXIT_USER_ERROR
+    assert cli.main(["plan", f"--vram={vram}"]) == common.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--vram" in err
 
@@ -510,7 +511,7 @@ def test_cli_plan_names_the_rows_and_the_most_songs(capsys) -> None:
 
 @pytest.mark.parametrize("songs", ["0", "-2"])
 def test_cli_refuses_fewer_than_one_song_in_one_line(songs: str, capsys) -> None:
-    assert cli.main(["plan", "--vram", "24G", f"--songs={songs}"]) == cli.EXIT_USER_ERROR
+    assert cli.main(["plan", "--vram", "24G", f"--songs={songs}"]) == common.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "songs at once must be a whole number" in err
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from heartmula_rt import cli
+from heartmula_rt.cli import common
 from heartmula_rt.errors import UserError
 from heartmula_rt.memory.placement import Placement
 from heartmula_rt.memory.planner import (
@@ -152,7 +153,7 @@ def test_cli_plan_prints_both_gpus(capsys) -> None:
     [["--vram", "12G,8G,4G"], ["--vram", "12G,8G", "--codec-device", "cpu"], ["--vram", "12G,1G"]],
 )
 def test_cli_plan_refuses_budgets_in_one_line(argv: list[str], capsys) -> None:
-    assert cli.main(["plan", *argv]) == cli.EXIT_USER_ERROR
+    assert cli.main(["plan", *argv]) == common.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--vram" in err
 

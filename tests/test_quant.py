@@ -270,11 +270,12 @@ def test_nf4_on_a_gpu_without_bitsandbytes_is_refused_before_loading(
 
 def test_bench_refuses_nf4_on_a_gpu_without_bitsandbytes(monkeypatch, tmp_path, capsys) -> None:
     from heartmula_rt import cli
+    from heartmula_rt.cli import common
     from heartmula_rt.runtime import pipeline
 
     _pretend_a_gpu(monkeypatch, pipeline)  # bench's device is its PipelineConfig's
     args = ["bench", "--engines", "plain", "--quant", "int8,nf4", "--out-dir", str(tmp_path)]
-    assert cli.main(args) == cli.EXIT_USER_ERROR
+    assert cli.main(args) == common.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs bitsandbytes" in err
     assert not list(tmp_path.iterdir())  # nothing was benchmarked

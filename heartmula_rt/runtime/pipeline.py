@@ -37,7 +37,7 @@ from heartmula_rt.memory.planner import (
 )
 from heartmula_rt.memory.sizing import measure_overheads
 from heartmula_rt.model import checkpoint, folder
-from heartmula_rt.model.codec import CODEC_DTYPES, HeartCodec, check_codec_dtype
+from heartmula_rt.model.codec import CODEC_DTYPES, HeartCodec, check_codec_dtype, codec_noise
 from heartmula_rt.model.folder import CODEC_DIR, LM_DIR
 from heartmula_rt.model.fused import use_fused_layers
 from heartmula_rt.model.lm import HeartMuLa
@@ -54,9 +54,16 @@ from heartmula_rt.request import (
     check_songs,
     max_frames_for,
 )
-from heartmula_rt.runtime import edit
+from heartmula_rt.runtime import edit, runner
 from heartmula_rt.runtime.codes import SongCodes
-from heartmula_rt.runtime.decode import BatchInterrupted, OnCodes, OnFrame, check_length, song_codes
+from heartmula_rt.runtime.decode import (
+    BatchInterrupted,
+    GenerationInterrupted,
+    OnCodes,
+    OnFrame,
+    check_length,
+    song_codes,
+)
 from heartmula_rt.runtime.engine import (
     Engine,
     check_engine,
@@ -64,7 +71,7 @@ from heartmula_rt.runtime.engine import (
     default_engine,
     make_engine,
 )
-from heartmula_rt.runtime.scheduler import Scheduler, SongRun
+from heartmula_rt.runtime.scheduler import SongRun
 from heartmula_rt.runtime.stream import SongStream
 
 DTYPES = {name: getattr(torch, name) for name in LM_DTYPES}
@@ -210,12 +217,6 @@ def as_request(song: SongArg, lyrics: str | None, settings: dict[str, Any]) -> S
     return SongRequest.of(song, "" if lyrics is None else lyrics, **settings)
 
 
-def codec_noise(seed: int | None) -> torch.Generator | None:
-    """The codec's noise for a song's seed: a CPU generator, so a seed means the same noise on
-    any device (None: fresh random noise)."""
-    return None if seed is None else torch.Generator().manual_seed(seed)
-
-
 @dataclass
 class Pipeline:
     """A loaded HeartMuLa LM and HeartCodec, ready to turn song requests into audio.
@@ -305,12 +306,11 @@ class Pipeline:
         draw their random numbers differently; greedy decoding, topk=1, agrees across them).
         """
         request = as_request(song, lyrics, settings)
-        prompt = self.prompt(request)
-        with self.lock:
-            torch.set_num_threads(self.threads)  # per thread: the caller's may differ from load's
-            return self.engine.generate_frames(
-                prompt, request.sampling, on_frame=on_frame, on_codes=on_codes
-            )
+        run = SongRun(self.prompt(request), request.sampling, on_frame, on_codes)
+        try:
+            return self.run_songs([run], run.rows, one_song=True)[0]
+        except BatchInterrupted as e:
+            raise GenerationInterrupted(e.frames[0]) from None
 
     def generate_frames_batch(
         self,
@@ -348,20 +348,13 @@ class Pipeline:
         self, runs: Sequence[SongRun], rows: int, *, one_song: bool = False
     ) -> list[torch.Tensor]:
         """Songs already made into `SongRun`s (continued ones too, edit.py), in one batch of
-        `rows` LM rows (`one_song`: one song alone in its rows, as `generate_frames` runs it):
-        their codes, in order. Ctrl-C raises `BatchInterrupted`."""
-        for run in runs:
-            check_length(self.lm, run.prompt, run.sampling.max_frames)
-        scheduler = Scheduler(rows, max(r.positions for r in runs), one_song=one_song)
-        for run in runs:
-            scheduler.submit(run)
-        with self.lock:
-            torch.set_num_threads(self.threads)
-            try:
-                self.engine.run(scheduler)
-            except KeyboardInterrupt:
-                raise BatchInterrupted([song_codes(r, self.lm) for r in runs]) from None
-        return [song_codes(r, self.lm) for r in runs]
+        `rows` LM rows (`one_song`: one song alone in its rows, as `generate_frames` runs it)
+        through the song runner (runner.py) without its codec: their codes, in order. Ctrl-C
+        raises `BatchInterrupted`."""
+        try:
+            return runner.run_songs(self, runs, rows, one_song=one_song)
+        except runner.SongsInterrupted as e:
+            raise BatchInterrupted([song.codes for song in e.songs]) from None
 
     def continue_frames(
         self,

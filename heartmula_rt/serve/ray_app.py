@@ -146,7 +146,7 @@ class SongReplica:
             "engine": pipe.config.engine,
             "quant": pipe.config.quant,
             "songs_at_once": self.service.songs_at_once,
-            "rows": self.service.scheduler.rows,
+            "rows": self.service.runner.scheduler.rows,
         }
 
     async def make(self, kind: str, body: Any, of: str | None = None) -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import queue
 import secrets
 import threading
 import time
@@ -43,9 +42,9 @@ from heartmula_rt.runtime.audio import FORMATS, write_audio
 from heartmula_rt.runtime.codes import SongCodes, request_of_record, request_record, sidecar_path
 from heartmula_rt.runtime.decode import song_codes
 from heartmula_rt.runtime.edit import section
-from heartmula_rt.runtime.pipeline import codec_noise
-from heartmula_rt.runtime.scheduler import Scheduler, SongRun
-from heartmula_rt.runtime.stream import LiveDecoder
+from heartmula_rt.runtime.events import SongEvents
+from heartmula_rt.runtime.runner import Song, SongRunner, save_codes
+from heartmula_rt.runtime.scheduler import SongRun
 from heartmula_rt.serve.jobs import FINAL, Job, JobStore
 from heartmula_rt.serve.limits import check_limits
 
@@ -150,25 +149,18 @@ class Conflict(UserError):
 EDIT_FIELDS = {"extend": ("seconds",), "regen": ("from", "to")}
 
 
-class _Song:
-    """A job the service holds in memory while it is queued or running; an edit's song starts
-    from `given` frames [8, k] of its original, and (a section) ends with its `tail`."""
+@dataclass(eq=False)
+class _Song(Song):
+    """A job the service holds while it is queued or running: the runner's song (an edit's
+    starts from given frames of its original and, a section, ends with its `tail`), its job
+    record and its live audio."""
 
-    def __init__(
-        self,
-        job: Job,
-        request: SongRequest,
-        run: SongRun,
-        audio: LiveAudio,
-        tail: torch.Tensor | None = None,
-    ) -> None:
-        self.job, self.request, self.run, self.audio, self.tail = job, request, run, audio, tail
-        self.decoder: LiveDecoder | None = None
-        self.cancelled = False  # by its client (not by the server closing)
-        self.error: str | None = None
+    job: Job | None = None
+    audio: LiveAudio | None = None
+    cancelled: bool = False  # by its client (not by the server closing)
 
 
-class SongService:
+class SongService(SongEvents):
     """Songs from any thread, made together by one background thread (`start()`/`close()`)."""
 
     def __init__(self, pipe: Pipeline, store: JobStore, config: ServiceConfig) -> None:
@@ -181,22 +173,19 @@ class SongService:
             DEFAULT_SONGS_AT_ONCE if plan is None else plan.max_songs
         )
         limit = pipe.lm_config.backbone.max_seq_len
-        # Every song's rows as if guided, and room for a long lyric sheet's prompt.
-        self.scheduler = Scheduler(
-            2 * self.songs_at_once, min(PROMPT_TOKENS + self.max_frames + 1, limit)
+        # Every song's rows as if guided, and room for a long lyric sheet's prompt. Songs are
+        # decoded live, window by window, so that listeners hear them as they are made.
+        self.runner = SongRunner(
+            pipe,
+            rows=2 * self.songs_at_once,
+            positions=min(PROMPT_TOKENS + self.max_frames + 1, limit),
+            events=self,
+            live=True,
         )
         self._songs: dict[str, _Song] = {}  # queued and running, by job id
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._closing = False
         self._made: deque[tuple[float, int]] = deque()  # (when, frames) of recent steps
-        self._thread = threading.Thread(target=self._serve, name="heartmula-rt serve", daemon=True)
-        # The codec's own thread: it decodes songs' windows while the LM goes on (on its own
-        # device with `codec_device`), each song's work in order.
-        self._codec_work: queue.Queue = queue.Queue()
-        self._codec_thread = threading.Thread(
-            target=self._decode, name="heartmula-rt codec", daemon=True
-        )
 
     # -- the client side (any thread) --------------------------------------------------------
 
@@ -244,7 +233,7 @@ class SongService:
         )
         if too_long is not None:
             raise UserError(too_long)
-        self.scheduler.check(SongRun(prompt, request.sampling))
+        self.runner.scheduler.check(SongRun(prompt, request.sampling))
         job = Job(
             id=secrets.token_hex(8),
             request=_request_fields(request),
@@ -344,8 +333,7 @@ class SongService:
             if song is None:
                 return False
             song.cancelled = True
-            self.scheduler.cancel(song.run)
-        self._wake.set()
+            self.runner.cancel(song)
         return True
 
     def adopt(self, job: Job) -> None:
@@ -384,7 +372,7 @@ class SongService:
             "running": sum(s.job.state == "running" for s in songs),
             "frames_per_s": sum(recent) / RATE_WINDOW_S,
             "jobs": self.store.counts(),
-            "rows": self.scheduler.rows,
+            "rows": self.runner.scheduler.rows,
         }
 
     def gpu_memory(self) -> tuple[int, int] | None:
@@ -410,24 +398,16 @@ class SongService:
                 self.store.update(job.id, state="failed", error=str(e), finished=time.time())
                 continue
             self._post(job, request, prompt, parts)
-        self._codec_thread.start()
-        self._thread.start()
+        self.runner.start()
 
     def close(self) -> None:
         """Stop: songs running are cut where they are and kept as `interrupted`, queued ones
         stay queued for the next start."""
         with self._lock:
             self._closing = True
-            for song in self._songs.values():
-                self.scheduler.cancel(song.run)
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        if self._codec_thread.is_alive():
-            self._codec_work.put(None)  # after every song's end
-            self._codec_thread.join()
+        self.runner.close()
 
-    # -- the engine's thread -----------------------------------------------------------------
+    # -- the runner's threads (runner.py): the LM's, then the codec's --------------------------
 
     def _post(
         self,
@@ -438,34 +418,14 @@ class SongService:
     ) -> None:
         """Queue a job's song; an edit's `parts` are its given frames and its tail."""
         given, tail = parts
-        audio = LiveAudio(self.folder / f"{job.id}.pcm")
         run = SongRun(prompt, request.sampling, given=None if given is None else given.T)
-        song = _Song(job, request, run, audio, tail)
-        run.on_codes = lambda new: self._on_codes(song, new)
-        run.on_end = lambda why: self._codec_work.put((self._end, song, why))
+        audio = LiveAudio(self.folder / f"{job.id}.pcm")
+        song = _Song(request, run, sidecar=self._sidecar(job), tail=tail, job=job, audio=audio)
         self._songs[job.id] = song
-        self.scheduler.submit(run)
-        self._wake.set()
+        self.runner.submit(song)
 
-    def _serve(self) -> None:
-        torch.set_num_threads(self.pipe.threads)
-        while True:
-            if not self.scheduler.busy():
-                if self._closing:
-                    return
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            try:
-                with self.pipe.lock, torch.no_grad():
-                    self.pipe.engine.run(self.scheduler)
-            except Exception as e:  # noqa: BLE001 (the songs in flight fail, the service goes on)
-                for run in list(self.scheduler.running):
-                    self._by_run(run).error = f"{type(e).__name__}: {e}"
-                    self.scheduler.finish(run, "failed")
-
-    def _on_codes(self, song: _Song, new: torch.Tensor) -> None:
-        """The engine's thread: a song's new frames, counted, handed to the codec's thread."""
+    def frames(self, song: _Song, new: torch.Tensor) -> None:
+        """The LM's thread: a song's new frames, counted."""
         job = song.job
         if job.state == "queued":  # admitted: its first frame
             job.state, job.started = "running", time.time()
@@ -477,23 +437,31 @@ class SongService:
             self._made.append((time.monotonic(), new.shape[1]))
             while self._made and time.monotonic() - self._made[0][0] > RATE_WINDOW_S:
                 self._made.popleft()
-        self._codec_work.put((self._push, song, new))
 
-    # -- the codec's thread ------------------------------------------------------------------
+    def lm_ended(self, song: _Song) -> None:
+        """The LM's thread: its codes are in its sidecar (the runner saved them)."""
+        if song.ended in ("eos", "length") and song.tail is not None:
+            song.job.frames += song.tail.shape[1]  # a section: the original's frames after it
 
-    def _decode(self) -> None:
-        torch.set_num_threads(self.pipe.threads)
-        while (work := self._codec_work.get()) is not None:
-            step, song, arg = work
-            try:
-                with torch.no_grad():
-                    step(song, arg)
-            except Exception as e:  # noqa: BLE001 (this song fails, the others go on)
-                song.error = song.error or f"{type(e).__name__}: {e}"
-                if step == self._push:  # its rows go at the next frame boundary, its end fails
-                    self.scheduler.cancel(song.run)
-                else:
-                    self._fail(song)
+    def audio(self, song: _Song, piece: np.ndarray) -> None:
+        """The codec's thread: a window's audio, kept with the codes that made it."""
+        job = song.job
+        if job.first_audio is None:
+            job.first_audio = time.time()
+            self.store.update(job.id, first_audio=job.first_audio)
+        song.audio.append(piece)
+        job.audio_seconds = song.audio.samples / self.pipe.sample_rate
+        if song.ended is None:
+            self._save(song, "interrupted")  # what they are if the server dies now
+
+    def written(self, song: _Song) -> None:
+        """The codec's thread: a song has ended and its audio is decoded: its final file and
+        record (a song whose end cannot be written is marked failed)."""
+        try:
+            self._end(song)
+        except Exception as e:  # noqa: BLE001 (this song fails, the others go on)
+            song.error = song.error or f"{type(e).__name__}: {e}"
+            self._fail(song)
 
     def _fail(self, song: _Song) -> None:
         """A song whose end could not be written: its record says so, whatever is on disk."""
@@ -505,53 +473,17 @@ class SongService:
         with self._lock:
             self._songs.pop(job.id, None)
 
-    def _push(self, song: _Song, new: torch.Tensor) -> None:
-        if song.error is not None:  # its codec failed: nothing more to decode
-            return
-        if song.decoder is None:
-            song.decoder = LiveDecoder(
-                self.pipe.codec,
-                song.request.codec,
-                generator=codec_noise(song.request.noise_seed),
-                put=lambda piece: self._on_audio(song, piece),
-            )
-            if song.run.given is not None:  # an edit: the kept frames come first
-                song.decoder.push(song.run.given.T)
-        pieces_before = song.audio.samples
-        song.decoder.push(new)
-        if song.audio.samples != pieces_before:  # a window was decoded: keep the codes too
-            self._save(song, "interrupted")  # what they are if the server dies now
-
-    def _on_audio(self, song: _Song, piece: np.ndarray) -> None:
-        job = song.job
-        if job.first_audio is None:
-            job.first_audio = time.time()
-            self.store.update(job.id, first_audio=job.first_audio)
-        song.audio.append(piece)
-        job.audio_seconds = song.audio.samples / self.pipe.sample_rate
-
     def _save(self, song: _Song, ended: str) -> None:
         """The song's sidecar, its LM part `ended` as codes.py says, and its progress."""
         job = song.job
-        codes = song_codes(song.run, self.pipe.lm)
-        path = self._sidecar(job)
-        SongCodes(codes, song.request, ended, self.fingerprint).save(path)
+        save_codes(self.pipe, song, song.codes if song.codes is not None else
+                   song_codes(song.run, self.pipe.lm), ended)
         self.store.update(job.id, frames=job.frames, audio_seconds=job.audio_seconds)
 
-    def _by_run(self, run: SongRun) -> _Song:
-        return next(s for s in self._songs.values() if s.run is run)
-
-    def _end(self, song: _Song, why: str) -> None:
-        """A song has ended and its rows are free: its final file and record."""
-        job = song.job
+    def _end(self, song: _Song) -> None:
+        job, why = song.job, song.ended
         if song.error is not None:  # its codec (or the batch) failed
             why = "failed"
-        if why in ("eos", "length"):
-            if song.tail is not None:  # a section: the original's frames after it follow
-                song.run.frames.extend(song.tail.T.unbind(0))
-                job.frames += song.tail.shape[1]
-                song.decoder.push(song.tail)
-            song.decoder.finish()  # the audio to its proper end
         song.audio.close()
         if why == "cancelled" and not song.cancelled and job.state == "queued":
             (self.folder / f"{job.id}.pcm").unlink()  # the server closing: queued for next time

@@ -73,6 +73,12 @@ FLOAT32_PARTS = (
 )
 
 
+def codec_noise(seed: int | None) -> torch.Generator | None:
+    """The codec's noise for a song's seed: a CPU generator, so a seed means the same noise on
+    any device (None: fresh random noise)."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
 class HeartCodec(nn.Module):
     def __init__(self, config: CodecConfig) -> None:
         super().__init__()

@@ -1,0 +1,135 @@
+"""`heartmula-rt serve`: the HTTP API and web page over one pipeline (heartmula_rt/serve/), or
+over model replicas on Ray Serve (`--ray`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from heartmula_rt.cli.common import add_model_options, fetch_weights, pipeline_config
+from heartmula_rt.config import API_KEY_ENV, DEFAULT_SONGS_AT_ONCE, ENGINES
+from heartmula_rt.errors import UserError
+from heartmula_rt.request import DEFAULT_MAX_SECONDS
+
+if TYPE_CHECKING:
+    from heartmula_rt.runtime.pipeline import PipelineConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="an HTTP API and web page: songs from many clients, heard while made"
+    )
+    p.add_argument("--model-path", type=Path, default=None, help="checkpoint folder (as for gen)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"required on every route but /health (default: ${API_KEY_ENV}); needed to bind "
+        "anything but a loopback address",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name a keyless server answers besides loopback ones (repeatable)",
+    )
+    p.add_argument(
+        "--folder",
+        type=Path,
+        default=Path("heartmula-rt-songs"),
+        help="where the job database and every song's files go (./heartmula-rt-songs)",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=DEFAULT_MAX_SECONDS,
+        help=f"the longest song a request may ask for ({DEFAULT_MAX_SECONDS:g})",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=32, help="songs waiting beyond those running (32)"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"songs made at once (default {DEFAULT_SONGS_AT_ONCE}; with --vram what the plan "
+        "holds)",
+    )
+    p.add_argument("--engine", choices=ENGINES, default=None, help="LM decode loop (as for gen)")
+    p.add_argument("--vram", default=None, help="GPU memory budget(s) such as 12G (as for gen)")
+    add_model_options(p, codec_help="as for gen")
+    ray = p.add_argument_group("scale out on Ray Serve (pip install 'heartmula-rt[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve with model replicas on Ray Serve")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (1; or min/max below)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling's least")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling's most")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs a replica takes (1)")
+    ray.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="GPUs a replica takes (default: its pipeline's, 1 on a GPU, 2 with --codec-device on "
+        "another, else 0)",
+    )
+    ray.add_argument("--ray-address", default=None, help="a Ray cluster's (default: start one)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from heartmula_rt.serve.server import ServerConfig, check_server, run_server
+    from heartmula_rt.serve.service import ServiceConfig
+
+    server = ServerConfig(
+        ServiceConfig(args.folder, args.batch, args.max_queue, args.max_seconds),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        allow_hosts=tuple(args.allow_host),
+    )
+    check_server(server)
+    songs = {} if args.batch is None else {"songs": args.batch}
+    config = pipeline_config(
+        args, engine=args.engine, vram=args.vram, max_seconds=args.max_seconds, **songs
+    )
+    fetch_weights(config.model_path, args.model_path)
+    if args.ray:
+        return _serve_on_ray(args, config, server, songs)
+    return run_server(config, server)
+
+
+def _serve_on_ray(
+    args: argparse.Namespace, config: PipelineConfig, server: object, songs: dict
+) -> int:
+    """`serve --ray`: each replica makes its own `PipelineConfig` from these arguments (so
+    `--device auto` is its own GPU)."""
+    import functools
+
+    try:
+        from heartmula_rt.serve.ray_app import ScaleConfig, run_ray_server
+    except ImportError as e:
+        raise UserError(
+            f"serve --ray needs Ray Serve ({e.name} is missing): pip install 'heartmula-rt[ray]'"
+        ) from None
+    gpus = args.replica_gpus
+    if gpus is None:  # the GPUs its pipeline names (Ray numbers a replica's own from cuda:0)
+        gpus = float(len({d for d in (config.device, config.codec_device) if d.startswith("cuda")}))
+    scale = ScaleConfig(
+        min_replicas=args.min_replicas or args.replicas,
+        max_replicas=args.max_replicas or max(args.replicas, args.min_replicas or 1),
+        num_cpus=args.replica_cpus,
+        num_gpus=gpus,
+    )
+    factory = functools.partial(
+        pipeline_config,
+        args,
+        engine=args.engine,
+        vram=args.vram,
+        max_seconds=args.max_seconds,
+        **songs,
+    )
+    return run_ray_server(factory, server, scale, args.ray_address)
+
+
