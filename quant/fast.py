@@ -4,8 +4,8 @@
 matmul), which writes a full-precision copy of every weight on every call: it saves memory, not
 time. The modules here compute the same product from the same stored values without that copy:
 
-- int8 → `Int8TritonLinear`: our Triton kernel (`kernels.int8_matmul`) for decode-sized inputs.
-  Same buffers as `Int8Linear`, so nothing is converted.
+- int8 → `Int8TritonLinear`: our Triton kernels (`kernels.int8_matmul`) for decode-sized inputs
+  (up to a batch of songs' rows). Same buffers as `Int8Linear`, so nothing is converted.
 - nf4 → `NF4BnbLinear`: bitsandbytes' 4-bit matmul; the codes are re-packed into its layout
   (first weight in the high nibble) and the block scales widened to float32, exactly. Without
   bitsandbytes NF4 is refused on a GPU (`check_fast_path`) rather than run dequantizing.
@@ -51,7 +51,8 @@ TINYGEMM_ROWS = 16  # out_features of a packed weight: CUDA packs rows by 8, the
 
 
 class Int8TritonLinear(Int8Linear):
-    """`Int8Linear` whose decode-sized calls (≤ 4 rows) run the Triton int8 kernel."""
+    """`Int8Linear` whose decode-sized calls (≤ `int8_matmul.MAX_ROWS` rows) run the Triton int8
+    kernels."""
 
     @classmethod
     def from_int8(cls, ref: Int8Linear) -> Int8TritonLinear:

@@ -50,29 +50,59 @@ def _x(rows: tuple[int, ...], n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(*rows, n, generator=torch.Generator().manual_seed(1)).to(dtype)
 
 
+def _assert_int8_product(y: torch.Tensor, x: torch.Tensor, ref: Int8Linear) -> None:
+    """y is x through `ref` up to one rounding: the plain path rounds the product to x's dtype
+    before scaling, the kernels scale the float32 sum."""
+    exact = F.linear(x.double(), ref.weight.double()) * ref.scale.double()
+    tol = 1e-5 if x.dtype == torch.float32 else 2**-8
+    atol = tol * exact.abs().max().item()
+    assert torch.allclose(y.double(), exact, rtol=tol, atol=atol)
+    assert torch.allclose(ref(x).double(), exact, rtol=tol, atol=atol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("rows", "out", "n"),
-    [((1,), 96, 256), ((2,), 100, 200), ((2, 1), 33, 520), ((3,), 64, 128), ((4,), 16, 64)],
+    [
+        ((1,), 96, 256),
+        ((2,), 100, 200),
+        ((2, 1), 33, 520),
+        ((3,), 64, 128),
+        ((4,), 16, 64),
+        ((3, 3), 72, 200),  # two CFG songs' depth decoder step: the dot kernel
+        ((8, 2), 100, 144),  # eight CFG songs
+    ],
 )
 def test_int8_triton_kernel_equals_the_plain_forward(rows, out, n, dtype) -> None:
-    """Odd widths and heights exercise the kernel's masks; 3 rows are padded to 4."""
+    """Odd widths and heights exercise the kernels' masks; 3 rows are padded to 4, 9 to 16."""
     ref = Int8Linear.from_weight(_weight(out, n)).to(DEVICE)
     fast = Int8TritonLinear.from_int8(ref)
     x = _x(rows, n, dtype).to(DEVICE)
     y = fast(x)
     assert y.shape == (*rows, out) and y.dtype == dtype
-    # The plain path rounds the product to `dtype` before scaling; the kernel scales the
-    # float32 sum: they differ by that one rounding.
-    exact = F.linear(x.double(), ref.weight.double()) * ref.scale.double()
-    tol = 1e-5 if dtype == torch.float32 else 2**-8
-    assert torch.allclose(y.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
-    assert torch.allclose(ref(x).double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    _assert_int8_product(y, x, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_triton_kernels_serve_every_row_count(dtype) -> None:
+    """1 to MAX_ROWS rows, each through the kernel that takes it (the CUDA-core one up to 4,
+    the dot one padded to 16, 32 or 64), against the plain module; small shapes with ragged
+    edges (40 columns, 48-wide rows) keep the interpreter quick."""
+    from heartmula_rt.kernels import int8_matmul
+
+    assert int8_matmul.MAX_ROWS == 64
+    ref = Int8Linear.from_weight(_weight(40, 48)).to(DEVICE)
+    fast = Int8TritonLinear.from_int8(ref)
+    x = _x((int8_matmul.MAX_ROWS,), 48, dtype).to(DEVICE)
+    for m in range(1, int8_matmul.MAX_ROWS + 1):
+        y = fast(x[:m])
+        assert y.shape == (m, 40) and y.dtype == dtype
+        _assert_int8_product(y, x[:m], ref)
 
 
 def test_int8_prefill_sized_inputs_take_the_plain_path() -> None:
     ref = Int8Linear.from_weight(_weight(48, 64)).to(DEVICE)
-    x = _x((5,), 64, torch.float32).to(DEVICE)
+    x = _x((65,), 64, torch.float32).to(DEVICE)
     assert torch.equal(Int8TritonLinear.from_int8(ref)(x), ref(x))
 
 
