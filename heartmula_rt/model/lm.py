@@ -158,6 +158,11 @@ def attention_mask(
     )
 
 
+# Devices whose decode steps at device-held positions (the static engine's) run the split-key
+# Triton kernel instead of SDPA over every cached position; tests add "cpu" for the interpreter.
+SPLIT_DECODE_DEVICES = frozenset({"cuda"})
+
+
 class Attention(nn.Module):
     def __init__(self, f: LlamaFlavor) -> None:
         super().__init__()
@@ -195,6 +200,13 @@ class Attention(nn.Module):
         else:
             k, v = cache.update(start, k, v)
         # GQA: query head j reads kv head j // g, g = num_heads / num_kv_heads.
+        if isinstance(start, Tensor) and k.device.type in SPLIT_DECODE_DEVICES:
+            # The split-key kernel reads each row's keys only up to its own position, and rounds
+            # a row alike whatever `kv_len` and the other rows (kernels/decode_attention.py).
+            from heartmula_rt.kernels import decode_attention  # needs triton: only on its path
+
+            y = decode_attention.decode_attention(q.view(b, self.num_heads, -1), k, v, start)
+            return self.output_proj(y.view(b, 1, -1))
         if t == 1:
             # Decode: each kv head's g query heads become g query rows over that head, so SDPA
             # reads every cached key once, with no expanded copy, on any backend.
