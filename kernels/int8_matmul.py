@@ -40,7 +40,7 @@ _CONFIGS = [
 # Narrow column blocks keep every SM busy on 3072-wide outputs, wide ones reuse each row tile.
 _DOT_CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    for n, k, w, s in [(16, 64, 4, 3), (32, 128, 4, 2), (64, 64, 4, 2)]
+    for n, k, w, s in [(16, 64, 4, 3), (32, 128, 4, 2), (64, 32, 4, 2)]
 ]
 if _INTERPRETED:
     _CONFIGS, _DOT_CONFIGS = _CONFIGS[1:2], _DOT_CONFIGS[1:2]
