@@ -1,6 +1,7 @@
 """`heartmula-rt`: a thin command line over the Python API — this dispatcher and one module per
-command (gen, extend/resume/regen, decode, plan, bench, serve, download), each parsing its flags
-and calling the library; the flag groups they share are in common.py.
+command (gen, extend/resume/regen, decode, plan, bench, serve, download, embed), each parsing its
+flags and calling the library; the flag groups they share are in common.py (reference.py's for
+reference audio).
 
 Every user mistake is one line on stderr and exit code 2; nothing heavy (torch) is loaded before
 the inputs and the output path have been checked.
@@ -12,7 +13,7 @@ import argparse
 import sys
 
 from heartmula_rt import __version__
-from heartmula_rt.cli import bench, decode, download, edit, gen, plan, serve
+from heartmula_rt.cli import bench, decode, download, edit, embed, gen, plan, serve
 from heartmula_rt.cli.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser
 from heartmula_rt.errors import UserError
 
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="heartmula-rt", description="Fast HeartMuLa music generation.")
     parser.add_argument("--version", action="version", version=f"heartmula-rt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (gen, plan, decode, download, bench, serve):
+    for command in (gen, plan, decode, download, bench, serve, embed):
         command.add_parser(sub)
     edit.add_parsers(sub)
     return parser

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from heartmula_rt.cli import reference
 from heartmula_rt.cli.common import (
     EXIT_INTERRUPTED,
     add_model_options,
@@ -71,6 +72,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
             default=None,
             help="random (printed) for regen; the song's own for extend and resume",
         )
+        if name != "resume":  # resume finishes the song as it began: with its own reference
+            reference.add_reference_options(p)
         p.add_argument("-o", "--output", type=Path, default=None, help="default: beside SONG")
         p.add_argument("--force", action="store_true", help="use codes of another checkpoint")
         p.add_argument("--model-path", type=Path, default=None, help="checkpoint folder")
@@ -234,9 +237,11 @@ def parse_time(value: str, flag: str) -> float:
 
 def _edited_song(args: argparse.Namespace) -> tuple[Path, SongCodes, SongRequest]:
     """The song an edit starts from (its sidecar, checked), and its request with the texts the
-    command line gives instead (`--tags`, `--lyrics`, read as gen reads them)."""
+    command line gives instead (`--tags`, `--lyrics`, read as gen reads them). Its reference
+    is the sidecar's unless the command line gives one (`with_reference`)."""
     from heartmula_rt.runtime.codes import SongCodes, find_sidecar
 
+    reference.check_reference_args(args)
     if args.tags == "-" and args.lyrics == "-":
         raise UserError("only one of --tags and --lyrics can read stdin (-)")
     sidecar = find_sidecar(args.song)
@@ -264,6 +269,14 @@ def _edit_output(args: argparse.Namespace, sidecar: Path, what: str) -> Path:
         n += 1
         out = sidecar.with_name(f"{stem}-{what}-{n}{ext}")
     return check_output_path(out)
+
+
+def with_reference(args: argparse.Namespace, request: SongRequest) -> SongRequest:
+    """`request` with the reference the command line gives (embedded now, before the LM
+    loads), else as it was: the song's own, from its sidecar."""
+    if not reference.wanted(args):
+        return request
+    return replace(request, reference=reference.reference_of_args(args))
 
 
 def _edit_pipeline(args: argparse.Namespace, song: SongCodes, sidecar: Path) -> Pipeline:
@@ -313,6 +326,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
         sampling = request.sampling
     context = None if args.context_seconds is None else max_frames_for(args.context_seconds)
     out = _edit_output(args, sidecar, "resumed" if resume else "extended")
+    request = with_reference(args, request)
     pipe = _edit_pipeline(args, song, sidecar)
     # The frames from the song's end on are new (its last window changes too).
     original = _original_audio(Path(args.song), sidecar, song, song.frames, pipe.sample_rate)
@@ -359,6 +373,7 @@ def cmd_regen(args: argparse.Namespace) -> int:
         if args.output is not None and args.count > 1:
             out = check_output_path(out.with_name(f"{out.stem}-{i + 1}{out.suffix}"))
         outs.append(out)
+    request = with_reference(args, request)
     pipe = _edit_pipeline(args, song, sidecar)
     original = _original_audio(Path(args.song), sidecar, song, start, pipe.sample_rate)
     until = "the end" if end is None else f"{end * FRAME_MS / 1000:g} s"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from heartmula_rt.cli import reference
 from heartmula_rt.cli.common import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -107,6 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"songs the LM makes at once with --count or --batch-file (default: all, at most "
         f"{DEFAULT_SONGS_AT_ONCE}; with --vram at most what the plan holds)",
     )
+    reference.add_reference_options(gen)
     gen.add_argument(
         "--stream",
         action="store_true",
@@ -121,6 +123,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
     from heartmula_rt.runtime.audio import check_output_path
     from heartmula_rt.runtime.batch_file import BatchSong
 
+    reference.check_reference_args(args)
     songs = _many_songs(args)
     if songs is None:
         if args.output is None:
@@ -134,9 +137,15 @@ def cmd_gen(args: argparse.Namespace) -> int:
         request = song_request(args)
         if request.sampling.seed is None:  # chosen here, so that it can be printed and kept
             request = request.with_settings(seed=secrets.randbits(31))
+        # The reference's embedding (its embedder loaded, run and freed) before the LM loads.
+        request = replace(request, reference=reference.reference_of_args(args))
         if args.stream or to_stdout:
             return _gen_stream(args, out, request)
         songs = [BatchSong(request, out, "")]
+    else:
+        ref = reference.reference_of_args(args)  # every song's, made once
+        if ref is not None:
+            songs = [replace(s, request=replace(s.request, reference=ref)) for s in songs]
     return _gen_songs(args, songs, many=songs[0].where != "")
 
 

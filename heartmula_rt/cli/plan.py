@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from heartmula_rt.cli.reference import check_device
 from heartmula_rt.config import CODEC_PRECISIONS, LM_DTYPES, default_codec_dtype, default_dtype
 from heartmula_rt.memory.planner import (
     checkpoint_configs,
     device_budgets,
+    format_embedder,
     format_plan,
     plan_memory,
     preset_configs,
@@ -68,11 +70,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="codec (default: the GPU's, mixed)",
     )
+    plan.add_argument(
+        "--ref-device",
+        default=None,
+        help="also the reference embedder's memory (MuQ-MuLan, for --ref-audio) where it runs: "
+        "cpu or cuda; it runs and is freed before the LM loads",
+    )
     plan.set_defaults(func=cmd_plan)
 
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    ref_device = None if args.ref_device is None else check_device(args.ref_device)
     two_gpus = args.codec_device == "gpu" or (args.codec_device is None and "," in args.vram)
     apart = args.codec_device is not None or two_gpus
     budget, codec_budget = device_budgets(args.vram, codec_apart=apart, codec_on_gpu=two_gpus)
@@ -95,6 +104,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         codec_budget_bytes=codec_budget,
     )
     print(format_plan(plan))
+    if ref_device is not None:
+        print(format_embedder(ref_device, budget))
     return 0
 
 

@@ -700,7 +700,13 @@ def embedder_bytes(device: str = "cpu") -> dict[str, int]:
     return {"cpu": sizes.load_peak, "gpu": sizes.running}
 
 
-def format_embedder(device: str = "cpu") -> str:
-    """One line for `--ref-audio`'s plan: what embedding the clip takes, where."""
-    where = ", ".join(f"{_gib(n)} {kind}" for kind, n in embedder_bytes(device).items())
-    return f"reference embedder (MuQ-MuLan, float32, before the LM): {where}"
+def format_embedder(device: str = "cpu", budget_bytes: int | None = None) -> str:
+    """One line for `--ref-audio`'s plan: what embedding the clip takes, where; with the GPU's
+    `budget_bytes`, whether it fits that GPU (it is freed before the LM loads, so it adds to
+    neither the LM's peak nor the codec's)."""
+    sizes = embedder_bytes(device)
+    where = ", ".join(f"{_gib(n)} {kind}" for kind, n in sizes.items())
+    line = f"reference embedder (MuQ-MuLan, float32, run and freed before the LM loads): {where}"
+    if "gpu" in sizes and budget_bytes is not None and sizes["gpu"] > budget_bytes:
+        line += f"; more than the GPU's {_gib(budget_bytes)}: embed on the CPU (--ref-device cpu)"
+    return line

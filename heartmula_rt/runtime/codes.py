@@ -20,7 +20,9 @@ and the file's metadata, text to text:
   not know;
 - `request`: the song's request as a JSON object: `tags`, `lyrics`, the sampling settings
   `max_frames`, `topk`, `temperature`, `cfg_scale`, `seed`, `stop_at_eos`, and the codec
-  settings `num_steps`, `guidance_scale`: the `SongRequest` exactly (`request_record`);
+  settings `num_steps`, `guidance_scale`, and the song's `reference` where it has one
+  (`{"embedding": [512 numbers], "strength": s}`; older sidecars have none): the `SongRequest`
+  exactly (`request_record`);
 - `seed`: the song's seed (the LM's draws and the codec's noise), as in `request`;
 - `frames`: T;
 - `ended`: how the LM part ended (`ENDS`): `eos`, `length` (its `max_frames`), `interrupted`
@@ -53,7 +55,7 @@ from safetensors.torch import save
 from heartmula_rt import __version__
 from heartmula_rt.errors import UserError
 from heartmula_rt.model.codec.detokenize import PREFIX, plan_windows
-from heartmula_rt.request import SamplingParams, SongRequest
+from heartmula_rt.request import Reference, SamplingParams, SongRequest
 
 FORMAT = "heartmula-rt song codes"
 VERSION = 1
@@ -86,22 +88,29 @@ def find_sidecar(path: Path) -> Path:
 
 
 def request_record(request: SongRequest) -> dict[str, Any]:
-    """A request as the sidecar's `request` object: its texts and every setting by name."""
-    return {
+    """A request as the sidecar's `request` object: its texts, every setting by name and, where
+    it has one, its `reference` ({"embedding": [512], "strength": s})."""
+    record = {
         "tags": request.tags,
         "lyrics": request.lyrics,
         **asdict(request.sampling),
         **asdict(request.codec),
     }
+    if request.reference is not None:
+        record["reference"] = request.reference.record()
+    return record
 
 
 def request_of_record(fields: dict[str, Any]) -> SongRequest:
-    """The request of a sidecar's `request` object (`UserError` if it is not one)."""
+    """The request of a sidecar's `request` object (`UserError` if it is not one). An older
+    sidecar has no `reference`: its song had none."""
     if not isinstance(fields, dict):
         raise UserError(f"not a JSON object but {type(fields).__name__}")
     settings = dict(fields)
     texts = {name: settings.pop(name, "") for name in ("tags", "lyrics")}
-    return SongRequest.of(**texts, **settings)
+    given = settings.pop("reference", None)
+    reference = None if given is None else Reference.of_record(given)
+    return SongRequest.of(**texts, reference=reference, **settings)
 
 
 def lm_end(codes: torch.Tensor, sampling: SamplingParams) -> str:

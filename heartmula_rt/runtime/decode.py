@@ -121,9 +121,10 @@ def sample_frame(
 
 def prefill(model: HeartMuLa, prompt: Prompt, cache: LMCache, draw: Draw) -> tuple[Tensor, Tensor]:
     """Frame 0 of one song from its whole prompt at positions 0..P-1, over its own rows
-    (`cache`): (frames [rows, n], c0 logits [rows, V])."""
+    (`cache`), its SLOT filled from its own reference (`Prompt.reference`; both engines prefill
+    here): (frames [rows, n], c0 logits [rows, V])."""
     ids = prompt.ids.to(model.text_embeddings.weight.device)
-    rows = model.embed_prompt(ids, prompt.slot_index, cache.rows)
+    rows = model.embed_prompt(ids, prompt.slot_index, cache.rows, prompt.reference)
     last, logits = model.backbone_step(rows, 0, cache)
     return sample_frame(model, last, logits, cache, draw), logits
 

@@ -279,7 +279,9 @@ class Pipeline:
         """The request's prompt rows (SPEC §2), refused if they and (with `fit`) its frames do
         not fit the model: everything a song of this request would be refused for, before it
         starts. A song continued past the context (edit.py) fits its runs itself."""
-        prompt = build_prompt(self.tokenizer, self.gen_config, request.tags, request.lyrics)
+        prompt = build_prompt(
+            self.tokenizer, self.gen_config, request.tags, request.lyrics, request.reference
+        )
         if int(prompt.ids.max()) >= self.lm_config.text_vocab_size:
             raise UserError(
                 f"tokenizer.json produces id {int(prompt.ids.max())}, outside the LM's text "
