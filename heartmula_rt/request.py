@@ -248,10 +248,16 @@ class SongRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     codec: CodecParams = field(default_factory=CodecParams)
     reference: Reference | None = None  # a reference clip's embedding; None: none (SPEC §2)
+    # A served LoRA adapter by name (serve --lora NAME=PATH), run on this song's rows alone, at
+    # `lora_scale` times the adapter's own strength; None: the base model (or what the
+    # pipeline merged for every song).
+    lora: str | None = None
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.reference is not None and not isinstance(self.reference, Reference):
             raise UserError(f"reference must be a Reference, not {type(self.reference).__name__}")
+        check_lora_choice(self.lora, self.lora_scale)
         for name in ("tags", "lyrics"):
             check_text(name, getattr(self, name))
         check_texts(self.tags, self.lyrics)
@@ -269,11 +275,15 @@ class SongRequest:
         lyrics: str = "",
         *,
         reference: Reference | None = None,
+        lora: str | None = None,
+        lora_scale: float = 1.0,
         **settings: Any,
     ) -> SongRequest:
         """The keyword form: `max_seconds` (or `max_frames`) and any field of `SamplingParams`
-        or `CodecParams` by name; what is not given keeps its default."""
-        return cls(tags, lyrics, reference=reference).with_settings(**settings)
+        or `CodecParams` by name, and the song's own served LoRA (`lora`, `lora_scale`); what
+        is not given keeps its default."""
+        request = cls(tags, lyrics, reference=reference, lora=lora, lora_scale=lora_scale)
+        return request.with_settings(**settings)
 
     def with_settings(self, *, max_seconds: float | None = None, **settings: Any) -> SongRequest:
         """This request with some sampling or codec fields changed, named as `of` takes them."""
@@ -289,6 +299,26 @@ class SongRequest:
         return replace(
             self, sampling=replace(self.sampling, **sampling), codec=replace(self.codec, **codec)
         )
+
+
+LORA_SCALE_MAX = 2.0  # a song's LoRA strength: 0 (none) to twice the adapter's own
+
+
+def check_lora_choice(name: object, scale: object) -> None:
+    """A song's adapter name (None, or 1-64 of letters, digits, `_`, `-`, `.`) and strength
+    (a number from 0 to LORA_SCALE_MAX)."""
+    if name is not None:
+        if not isinstance(name, str):
+            raise UserError(f"lora must be an adapter's name (text), not {type(name).__name__}")
+        if not (
+            0 < len(name) <= 64 and all(c.isascii() and (c.isalnum() or c in "_-.") for c in name)
+        ):
+            raise UserError(
+                f"lora {name[:80]!r} is not an adapter's name (1-64 letters, digits, _ - .)"
+            )
+    value = _number("lora_scale", scale)
+    if not 0 <= value <= LORA_SCALE_MAX:  # NaN fails it too
+        raise UserError(f"lora_scale must be from 0 to {LORA_SCALE_MAX:g}, not {scale!r}")
 
 
 def _names() -> list[str]:
@@ -311,6 +341,8 @@ JSON_SETTINGS = (
     "num_steps",
     "guidance_scale",
 )
+# A song's own LoRA adapter (served per song) and its strength: request fields, not settings.
+JSON_LORA = ("lora", "lora_scale")
 
 
 def request_from_json(
@@ -322,7 +354,7 @@ def request_from_json(
     refused."""
     if not isinstance(fields, dict):
         raise UserError(f"not a JSON object but {type(fields).__name__}")
-    allowed = (*JSON_TEXTS, *also, *JSON_SETTINGS)
+    allowed = (*JSON_TEXTS, *also, *JSON_SETTINGS, *JSON_LORA)
     unknown = sorted(set(fields) - set(allowed))
     if unknown:
         raise UserError(f"unknown field {unknown[0]!r}; use {', '.join(allowed)}")
@@ -331,4 +363,8 @@ def request_from_json(
     settings = {**defaults, **given}
     if "seconds" in settings:  # checked under the name its writer gave it
         settings["max_seconds"] = seconds_value("seconds", settings.pop("seconds"), positive=True)
-    return SongRequest.of(**texts, **settings), {k: fields[k] for k in also if k in fields}
+    request = SongRequest.of(**texts, **settings)
+    lora = {k: fields[k] for k in JSON_LORA if fields.get(k) is not None}  # null: none
+    if lora:
+        request = replace(request, **lora)
+    return request, {k: fields[k] for k in also if k in fields}

@@ -33,7 +33,8 @@ from heartmula_rt.model.lora import (
 )
 from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import SamplingParams
-from heartmula_rt.runtime.decode import generate_frames
+from heartmula_rt.runtime.decode import generate_frames, run_batch, run_one
+from heartmula_rt.runtime.scheduler import SongRun
 
 peft = pytest.importorskip("peft", reason="the adapters are made by PEFT itself (.[test])")
 transformers = pytest.importorskip("transformers")
@@ -207,8 +208,13 @@ def prompt(tokenizer, gen):
     return build_prompt(tokenizer, gen, "piano, calm", "[verse] one two three")
 
 
-def _greedy(model: HeartMuLa, prompt, gen) -> torch.Tensor:
-    return generate_frames(model, prompt, gen, SamplingParams(max_frames=6, topk=1, seed=3))
+def _greedy(model: HeartMuLa, prompt, gen, lora: str | None = None) -> torch.Tensor:
+    """A greedy song alone in its rows; `lora`: the per-row adapter it chooses (the engine
+    assigns its rows when it is admitted)."""
+    if lora is None:
+        return generate_frames(model, prompt, gen, SamplingParams(max_frames=6, topk=1, seed=3))
+    song = SongRun(prompt, SamplingParams(max_frames=6, topk=1, seed=3), lora=lora)
+    return run_one(lambda s: run_batch(model, gen, s), model, song)
 
 
 def test_a_zero_scale_adapter_gives_the_base_models_greedy_frames(
@@ -278,9 +284,11 @@ def test_per_row_greedy_song_equals_the_merged_models(
 ) -> None:
     adapter = load_lora(made.tt, tiny_lm.config)
     model = copy.deepcopy(tiny_lm)
-    apply_lora_rows(model, [adapter], rows=2).assign(0, 2, "tt")  # both rows of a CFG song
+    rows = apply_lora_rows(model, [adapter], rows=1)
     merged = merge_lora(copy.deepcopy(tiny_lm), [adapter])
-    assert torch.equal(_greedy(model, prompt, gen), _greedy(merged, prompt, gen))
+    # Both rows of a CFG song run it (the engine grows the index to the batch's rows).
+    assert torch.equal(_greedy(model, prompt, gen, lora="tt"), _greedy(merged, prompt, gen))
+    assert rows.index.tolist() == [-1, -1]  # its rows freed when it ended
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -95,6 +95,7 @@ def pipeline_config(args: argparse.Namespace, **fields: object) -> PipelineConfi
         "codec_dtype": args.codec_dtype,
         "quant": args.quant,
         "threads": args.threads,
+        "lora": tuple(getattr(args, "lora", None) or ()),
     }
     return PipelineConfig(**{**options, **fields})
 
@@ -163,6 +164,15 @@ def add_song_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"classifier-free guidance ({d.cfg_scale}); ≤ 1 means none (one LM row)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="[NAME=]PATH[:SCALE]",
+        help="a LoRA adapter (a PEFT folder, .safetensors or .pt; SCALE: its strength, "
+        "default 1), merged into the LM before quantization; repeat for several. serve runs "
+        "them per song instead: a request chooses one by NAME (docs/lora.md)",
+    )
 
 
 def note_stray_ids(frames: torch.Tensor, codebook_size: int) -> None:
@@ -186,6 +196,10 @@ def print_loaded(pipe: Pipeline, seconds: float, what: str = "") -> None:
         f"{config.engine} engine, {config.threads} CPU threads){what}",
         file=sys.stderr,
     )
+    if pipe.adapters:
+        how = "per song" if config.lora_per_song else "merged"
+        names = ", ".join(f"{a.name} ({a.scale:g})" for a in pipe.adapters)
+        print(f"LoRA adapters, {how}: {names}", file=sys.stderr)
     if pipe.plan is not None:
         print(format_plan(pipe.plan), file=sys.stderr)
 

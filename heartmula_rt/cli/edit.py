@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from heartmula_rt.runtime.codes import SongCodes
-    from heartmula_rt.runtime.pipeline import Pipeline
+    from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig
     from heartmula_rt.runtime.runner import Original, Song
 
 
@@ -181,7 +181,14 @@ def decode_song(pipe: Pipeline, song: SongCodes, out: Path) -> float:
     it with the window prefixes of this audio; the seconds of audio written."""
     from heartmula_rt.runtime.runner import CodecStopped, Song, finish_songs
 
-    again = Song(song.request, output=out, codes=song.codes, ended=song.ended, model=song.model)
+    again = Song(
+        song.request,
+        output=out,
+        codes=song.codes,
+        ended=song.ended,
+        model=song.model,
+        lora=song.lora,  # the adapters that made the codes, named again beside the new audio
+    )
     note_stray_ids(song.codes, pipe.codec_config.codebook_size)
     progress = _CodecProgress()
     try:
@@ -283,13 +290,59 @@ def _edit_pipeline(args: argparse.Namespace, song: SongCodes, sidecar: Path) -> 
     """The pipeline an edit runs on, after the song's sidecar is checked against its
     checkpoint (unless --force)."""
     from heartmula_rt.model import folder
+    from heartmula_rt.model.lora import LoraSpec
     from heartmula_rt.runtime.pipeline import load_pipeline
 
     config = pipeline_config(args, engine=args.engine)
     fetch_weights(config.model_path, args.model_path)
     folder.check_model_path(config.model_path)
     song.check_model(folder.fingerprint(config.model_path), sidecar, force=args.force)
-    return load_pipeline(config)
+    adapters = _song_adapters(config, song, sidecar, force=args.force)
+    specs = tuple(LoraSpec(a.path, a.scale, a.name) for a in adapters)
+    return load_pipeline(replace(config, lora=specs), adapters=adapters)
+
+
+def _song_adapters(config: PipelineConfig, song: SongCodes, sidecar: Path, *, force: bool) -> list:
+    """The LoRA adapters an edit runs merged: `--lora` if given, else those the song was made
+    with (its sidecar's records, from their paths at their strengths). Each adapter the song
+    was made with must be there with the same contents (fingerprint), or the edit is refused
+    in one line, unless `force` (a missing one is then left out)."""
+    from heartmula_rt.memory.planner import checkpoint_configs
+    from heartmula_rt.model.lora import LoraSpec, load_loras
+
+    lm_config = checkpoint_configs(config.model_path)[0]
+    if config.lora:  # --lora: the user's adapters, all loaded or none
+        adapters = load_loras(config.lora, lm_config)
+        have = {a.fingerprint for a in adapters}
+        for r in song.lora:
+            if r.fingerprint not in have and not force:
+                raise UserError(
+                    f"{sidecar}: the song was made with LoRA {r.name!r} ({r.path}), and no "
+                    "--lora given has its contents; give that file, or --force edits anyway"
+                )
+        return adapters
+    adapters = []
+    for r in song.lora:
+        try:
+            (adapter,) = load_loras([LoraSpec(Path(r.path), r.scale, r.name)], lm_config)
+        except UserError as e:
+            if not force:
+                raise UserError(
+                    f"{sidecar}: the song was made with LoRA {r.name!r}, which cannot be loaded "
+                    f"again ({e}); give it with --lora PATH, or --force edits without it"
+                ) from None
+            print(f"note: leaving out LoRA {r.name!r}: {e}", file=sys.stderr)
+            continue
+        if adapter.fingerprint != r.fingerprint:
+            if not force:
+                raise UserError(
+                    f"{sidecar}: LoRA {r.name!r} at {r.path} has changed since the song was made "
+                    f"(its files' sha256 is {adapter.fingerprint[:12]}…, was "
+                    f"{r.fingerprint[:12]}…); --force uses it anyway"
+                )
+            print(f"note: LoRA {r.name!r} has changed since the song was made", file=sys.stderr)
+        adapters.append(adapter)
+    return adapters
 
 
 def _lm_bar(total: int, done: int) -> tqdm:

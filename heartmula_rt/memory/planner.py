@@ -255,6 +255,9 @@ class MemoryPlan:
     max_songs: int = 1
     # With codec_placement "apart" on a GPU: that GPU's plan (None: the codec is on the CPU).
     codec_device_plan: CodecDevicePlan | None = None
+    # LoRA adapters run per song (lora.apply_lora_rows): their stacked A and B on the LM's GPU
+    # (`lora.lora_rows_bytes`), resident beside the weights whenever they are.
+    lora_bytes: int = 0
 
     def __post_init__(self) -> None:  # dtypes given as torch dtypes are kept by name
         object.__setattr__(self, "lm_dtype", dtype_name(self.lm_dtype))
@@ -348,6 +351,7 @@ def _sized(plan: MemoryPlan, lm_config: LMConfig, codec_config: CodecConfig) -> 
         lm_weights -= lm.text_embeddings
     lm_ring = min(OFFLOAD_SLOTS, k) * lm.backbone_layer
     # The graph pool stays between songs, so the next prompt step runs beside it.
+    lm_weights += plan.lora_bytes
     lm_running = lm_weights + lm.kv_cache + lm.frame_workspace + lm.workspace + lm_ring
     lm_phase = lm_running + (codec.weights if plan.codec_placement == "resident" else 0)
     lm_left = {"kept": lm_running, "cache_freed": lm_weights, "released": 0}[plan.lm_during_codec]
@@ -456,6 +460,7 @@ def candidate_plans(
     overheads: DeviceOverheads = DEFAULT_OVERHEADS,
     songs: int = 1,
     codec_apart: bool = False,
+    lora_bytes: int = 0,
 ) -> Iterator[MemoryPlan]:
     """Every plan the planner considers for `songs` songs at once, fastest first (the last is
     the most frugal); with `codec_apart`, plans of the LM's GPU alone. The dtypes are torch
@@ -475,6 +480,7 @@ def candidate_plans(
         "lm_phase_bytes": 0,
         "codec_phase_bytes": 0,
         "overheads": overheads,
+        "lora_bytes": lora_bytes,
     }
 
     def plan(quant: str, layout: tuple[bool, str, str], offloaded: int = 0) -> MemoryPlan:
@@ -517,6 +523,7 @@ def plan_memory(
     codec_budget_bytes: int | None = None,
     codec_overheads: DeviceOverheads = DEFAULT_OVERHEADS,
     prompt_tokens: int = SHORT_PROMPT_TOKENS,
+    lora_bytes: int = 0,
 ) -> MemoryPlan:
     """The fastest plan that fits `songs` songs at once of `max_frames` frames in
     `budget_bytes` with its headroom (`overheads`: measured on the GPU where there is one,
@@ -528,7 +535,8 @@ def plan_memory(
     (`plan_codec_device`, the plan's `codec_device_plan`), else on the CPU, unplanned.
 
     The plan is for songs of `max_frames`, or of what the model's context holds after a prompt
-    of `prompt_tokens` if that is less (the plan's `max_frames` says which)."""
+    of `prompt_tokens` if that is less (the plan's `max_frames` says which). `lora_bytes`: LoRA
+    adapters run per song (`lora.lora_rows_bytes`), counted with the LM's weights."""
     check_songs(songs)
     max_frames = planned_frames(lm_config, max_frames, prompt_tokens)
     if codec_budget_bytes is not None and not codec_apart:
@@ -550,6 +558,7 @@ def plan_memory(
         overheads=overheads,
         songs=songs,
         codec_apart=codec_apart,
+        lora_bytes=lora_bytes,
     ):
         if last.fits():
             most = _most_songs(last, lm_config, codec_config)
@@ -647,7 +656,8 @@ def format_plan(plan: MemoryPlan) -> str:
         [
             f"memory plan for --vram {plan.budget_bytes / GiB:g}G{whose} "
             f"({planned} of up to {plan.max_frames} frames{at_once}):",
-            f"  LM: {dtype}, quantization {plan.quant}; {layers}; text embeddings {text}",
+            f"  LM: {dtype}, quantization {plan.quant}; {layers}; text embeddings {text}"
+            + (f"; per-song LoRAs {_mib(plan.lora_bytes)}" if plan.lora_bytes else ""),
             f"  KV cache: {plan.kv_positions} positions × {_count(plan.kv_rows, 'row')} "
             f"({_count(plan.songs, 'song')} × {per_song}: {guidance}), {_gib(plan.kv_bytes)}",
             f"  codec: {plan.codec_dtype} DiT, {codec}; LM during codec decode: {during}",

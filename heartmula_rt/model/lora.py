@@ -108,19 +108,31 @@ def lora_targets(config: LMConfig) -> dict[str, tuple[int, int]]:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """One adapter as asked for: its file or folder and the strength it is applied at."""
+    """One adapter as asked for: its file or folder, the strength it is applied at, and the
+    name it goes by (None: the file's; serve's requests choose adapters by name)."""
 
     path: Path
     scale: float = 1.0
+    name: str | None = None
+
+
+# `NAME=PATH[:SCALE]`: a name is letters, digits, `_`, `-` and `.` (never a path's `/`).
+_SPEC_NAME = re.compile(r"(?P<name>[A-Za-z0-9_.-]{1,64})=(?P<rest>.+)")
 
 
 def parse_lora_spec(text: str | Path | LoraSpec) -> LoraSpec:
-    """`PATH[:SCALE]` (the CLI's `--lora`): SCALE, a finite number, defaults to 1. A colon whose
-    tail is not a number belongs to the path (`C:\\loras\\x.safetensors`)."""
+    """`[NAME=]PATH[:SCALE]` (the CLI's `--lora`): SCALE, a finite number, defaults to 1. A
+    colon whose tail is not a number belongs to the path (`C:\\loras\\x.safetensors`); a
+    `NAME=` prefix names the adapter (serve's requests choose it by that name), unless the
+    whole text is an existing file or folder."""
     if isinstance(text, LoraSpec):
         return text
     if isinstance(text, Path):
         return LoraSpec(text)
+    named = _SPEC_NAME.fullmatch(text)
+    if named is not None and not Path(text).expanduser().exists():
+        spec = parse_lora_spec(named["rest"])
+        return LoraSpec(spec.path, spec.scale, named["name"])
     head, colon, tail = text.rpartition(":")
     path, scale = text, 1.0
     if colon and "/" not in tail and "\\" not in tail:  # else the colon is the path's
@@ -406,6 +418,7 @@ def load_lora(
     of `config`'s checkpoint. Refused with one sentence (UserError) unless every key maps onto a
     module of this checkpoint with fitting shapes and the ranks agree with its config."""
     spec = parse_lora_spec(spec)
+    name = name or spec.name
     source = spec.path
     entries, config_json, fingerprint = _read(source)
     if config_json.get("use_dora"):
@@ -585,6 +598,8 @@ class LoraRows:
 
     def __init__(self, capacity: int, device: torch.device | str, names: Sequence[str]) -> None:
         self.index = torch.full((capacity,), -1, dtype=torch.int64, device=device)
+        # Each row's strength, multiplying its adapter's own scale (a song's `lora_scale`).
+        self.scale = torch.ones(capacity, dtype=torch.float32, device=device)
         self.names = list(names)
         self.first = 0
 
@@ -607,17 +622,23 @@ class LoraRows:
         if rows > self.capacity:
             grown = torch.full((rows,), -1, dtype=torch.int64, device=self.index.device)
             grown[: self.capacity] = self.index
-            self.index = grown
+            scale = torch.ones(rows, dtype=torch.float32, device=self.scale.device)
+            scale[: self.capacity] = self.scale
+            self.index, self.scale = grown, scale
 
     @torch.inference_mode(False)
-    def assign(self, first: int, count: int, adapter: int | str | None) -> None:
-        """Rows first..first+count-1 (a song's) run `adapter` (an index, a name, None/-1)."""
+    def assign(self, first: int, count: int, adapter: int | str | None, scale: float = 1.0) -> None:
+        """Rows first..first+count-1 (a song's) run `adapter` (an index, a name, None/-1) at
+        `scale` times its own strength (in place: graph-safe)."""
         index = adapter if isinstance(adapter, int) else self.adapter_index(adapter)
         if not -1 <= index < len(self.names):
             raise ValueError(f"adapter index {index} of {len(self.names)} adapters")
         if first + count > self.capacity:
             raise ValueError(f"rows {first}..{first + count - 1} past capacity {self.capacity}")
+        if not math.isfinite(scale):
+            raise ValueError(f"a row's LoRA scale must be finite, not {scale}")
         self.index[first : first + count] = index
+        self.scale[first : first + count] = scale
 
     @contextlib.contextmanager
     def at(self, first: int) -> Iterator[None]:
@@ -632,10 +653,15 @@ class LoraRows:
         """The adapter indices of the `rows` rows of the current call (a view: graph-safe)."""
         return self.index[self.first : self.first + rows]
 
+    def current_scale(self, rows: int) -> Tensor:
+        """The strengths of the `rows` rows of the current call (a view: graph-safe)."""
+        return self.scale[self.first : self.first + rows]
+
 
 class RowLoraLinear(nn.Module):
     """A target module (nn.Linear or a quantized twin, any module mapping [..., in] to
-    [..., out]) plus each row's own LoRA: `base(x) + (x @ A[i]ᵀ) @ B[i]ᵀ` for row adapter i.
+    [..., out]) plus each row's own LoRA: `base(x) + s·(x @ A[i]ᵀ) @ B[i]ᵀ` for row adapter i at row
+    strength s (`LoraRows.scale`, 1 unless a song asks for another).
 
     `a` [N+1, r, in] and `b` [N+1, out, r] stack the N adapters (ranks zero-padded to the
     largest; strength and alpha/r folded into b) and a last all-zero slot, which rows of index
@@ -657,6 +683,7 @@ class RowLoraLinear(nn.Module):
         index = torch.where(index < 0, self.none, index)
         rows = x.reshape(x.shape[0], -1, self.in_features).to(self.a.dtype)  # [B, T, in]
         h = torch.bmm(rows, self.a[index].transpose(1, 2))  # [B, T, r]
+        h = h * self.rows.current_scale(x.shape[0]).to(h.dtype)[:, None, None]  # each row's
         delta = torch.bmm(h, self.b[index].transpose(1, 2))  # [B, T, out]
         return y + delta.view(y.shape).to(y.dtype)
 

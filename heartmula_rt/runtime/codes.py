@@ -30,7 +30,13 @@ and the file's metadata, text to text:
   `failed` (an error);
 - `model`: the fingerprint of the checkpoint that made the codes (`folder.fingerprint`,
   `Pipeline.fingerprint`; `synthetic-<size>` for random weights);
-- `runtime`: the heartmula-rt version that wrote the file.
+- `runtime`: the heartmula-rt version that wrote the file;
+- `lora` (only where the song was made with LoRA adapters; older sidecars have none, and a
+  version-1 reader that does not know it ignores it): a JSON list of `{"name", "path",
+  "fingerprint", "scale"}`, each adapter the song's LM ran (merged for the whole pipeline, or
+  the song's own per-row one): its name, the file or folder it was read from, the sha256 of
+  its files (`LoraAdapter.fingerprint`) and the strength it ran at (`LoraRecord`). An edit loads
+  them again and refuses a missing or changed file.
 
 A sidecar is written atomically (a temporary file renamed), so it is either whole or absent.
 Loading refuses, in one line: a missing file, a file that is not safetensors or is damaged
@@ -113,6 +119,33 @@ def request_of_record(fields: dict[str, Any]) -> SongRequest:
     return SongRequest.of(**texts, reference=reference, **settings)
 
 
+@dataclass(frozen=True)
+class LoraRecord:
+    """A LoRA adapter a song was made with, as its sidecar keeps it: its name, where it was
+    read from, its files' sha256 and the strength it ran at."""
+
+    name: str
+    path: str
+    fingerprint: str
+    scale: float
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of_record(cls, fields: object) -> LoraRecord:
+        """A record of a sidecar's `lora` list (`UserError` if it is not one)."""
+        if not isinstance(fields, dict) or set(fields) != {"name", "path", "fingerprint", "scale"}:
+            raise UserError("a LoRA record is an object of name, path, fingerprint and scale")
+        texts = [fields[k] for k in ("name", "path", "fingerprint")]
+        scale = fields["scale"]
+        if not all(isinstance(t, str) for t in texts) or isinstance(scale, bool):
+            raise UserError("a LoRA record's name, path and fingerprint are text")
+        if not isinstance(scale, int | float):
+            raise UserError(f"a LoRA record's scale is a number, not {scale!r}")
+        return cls(*texts, float(scale))
+
+
 def lm_end(codes: torch.Tensor, sampling: SamplingParams) -> str:
     """How a song's LM part that made `codes` [8, T] to its end ended: its length, or EOS."""
     return "length" if codes.shape[1] >= sampling.max_frames + 1 else "eos"
@@ -131,6 +164,7 @@ class SongCodes:
     model: str
     runtime: str = __version__
     prefixes: torch.Tensor | None = None
+    lora: tuple[LoraRecord, ...] = ()  # the adapters its LM ran (none: the base model)
 
     def __post_init__(self) -> None:
         if self.ended not in ENDS:
@@ -160,6 +194,8 @@ class SongCodes:
             "ended": self.ended,
             "model": self.model,
             "runtime": self.runtime,
+            # Only where there are adapters: a sidecar without them is as it always was.
+            **({"lora": json.dumps([r.record() for r in self.lora])} if self.lora else {}),
         }
 
     def save(self, path: Path) -> None:
@@ -272,7 +308,25 @@ def _from_file(
     wrong = _wrong_prefixes(prefixes, codes.shape[1])
     if wrong:
         raise UserError(f"{damaged}: {wrong}")
-    return SongCodes(codes, request, meta["ended"], meta["model"], meta["runtime"], prefixes)
+    lora: tuple[LoraRecord, ...] = ()
+    if "lora" in meta:  # older sidecars have none
+        try:
+            given = json.loads(meta["lora"])
+            if not isinstance(given, list):
+                raise UserError("it is not a list")
+            lora = tuple(LoraRecord.of_record(r) for r in given)
+        except (json.JSONDecodeError, UserError) as e:
+            raise UserError(f"{damaged}: its LoRA records are not readable ({e})") from None
+    return SongCodes(codes, request, meta["ended"], meta["model"], meta["runtime"], prefixes, lora)
 
 
-__all__ = ["ENDS", "FORMAT", "VERSION", "SongCodes", "find_sidecar", "lm_end", "sidecar_path"]
+__all__ = [
+    "ENDS",
+    "FORMAT",
+    "VERSION",
+    "LoraRecord",
+    "SongCodes",
+    "find_sidecar",
+    "lm_end",
+    "sidecar_path",
+]

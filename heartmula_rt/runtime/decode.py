@@ -16,6 +16,7 @@ project's CPU: 1 row, 2–3 rows and 4 or more differ in the last bits).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -195,6 +196,31 @@ def add_frames(song: SongRun, frames: Tensor) -> None:
         song.on_frame(song.made)
 
 
+def song_rows(model: HeartMuLa, song: SongRun) -> contextlib.AbstractContextManager:
+    """Where the model runs LoRAs per row (`lora.apply_lora_rows`): `song`'s rows assigned its
+    adapter (`SongRun.lora`, in place, so a captured graph sees it), and a context for the calls
+    over only its rows (its prefill, its given frames). Else nothing."""
+    rows = getattr(model, "lora_rows", None)
+    if rows is None:
+        return contextlib.nullcontext()
+    rows.assign(song.first_row, song.rows, song.lora, song.lora_scale)
+    return rows.at(song.first_row)
+
+
+def free_rows(model: HeartMuLa, song: SongRun) -> None:
+    """`song`'s rows back to no adapter, where the model runs LoRAs per row."""
+    rows = getattr(model, "lora_rows", None)
+    if rows is not None:
+        rows.assign(song.first_row, song.rows, None)
+
+
+def reserve_rows(model: HeartMuLa, rows: int) -> None:
+    """Room in the per-row LoRA index for a batch of `rows` rows (before any graph capture)."""
+    lora = getattr(model, "lora_rows", None)
+    if lora is not None:
+        lora.reserve(rows)
+
+
 def ends_at(frame: Tensor, song: SongRun, gen: GenConfig) -> str | None:
     """Why `song` ends with `frame` [n] (CPU): "eos" if it holds an EOS id, else None."""
     eos = song.sampling.stop_at_eos and bool((frame >= gen.audio_eos_id).any())
@@ -213,6 +239,7 @@ def run_batch(model: HeartMuLa, gen: GenConfig, scheduler: Scheduler) -> None:
     """
     device = model.device
     rows, n = scheduler.rows, model.config.audio_num_codebooks
+    reserve_rows(model, rows)
     cache = model.new_cache(rows, scheduler.positions)
     frames = torch.zeros(rows, n, dtype=torch.long, device=device)  # each row's last frame
     positions = torch.zeros(rows, dtype=torch.long, device=device)  # where it is fed
@@ -222,6 +249,7 @@ def run_batch(model: HeartMuLa, gen: GenConfig, scheduler: Scheduler) -> None:
     def vacate(song: SongRun, why: str) -> None:
         rows_of = slice(song.first_row, song.first_row + song.rows)
         positions[rows_of] = live[rows_of] = 0  # idle rows stay at their position 0
+        free_rows(model, song)
         scheduler.finish(song, why)
 
     while scheduler.busy():
@@ -230,11 +258,12 @@ def run_batch(model: HeartMuLa, gen: GenConfig, scheduler: Scheduler) -> None:
         for song in scheduler.admit():
             first, count = song.first_row, song.rows
             view = cache.rows_view(first, count)
-            frame, _ = prefill(model, song.prompt, view, sampler.draws([(0, song)], count))
-            if song.given is None:
-                add_frames(song, frame[:1].cpu())
-            else:
-                frame = feed_given(model, song, view)
+            with song_rows(model, song):  # its own rows: its LoRA, where songs choose one
+                frame, _ = prefill(model, song.prompt, view, sampler.draws([(0, song)], count))
+                if song.given is None:
+                    add_frames(song, frame[:1].cpu())
+                else:
+                    frame = feed_given(model, song, view)
             frames[first : first + count] = frame
             positions[first : first + count] = len(song.prompt) + song.made - 1
             live[first : first + count] = 1

@@ -117,6 +117,8 @@ def continue_song(
             replace(request.sampling, max_frames=length - 1),
             given=song[:, first:].T.contiguous() if keep else None,
             first_frame=first,
+            lora=request.lora,
+            lora_scale=request.lora_scale,
         )
         if on_frame is not None:
             run.on_frame = lambda made, first=first: on_frame(first + made)
@@ -157,7 +159,16 @@ def regenerate(
         sampling = replace(sampling, max_frames=end - 1, stop_at_eos=False)
     prompt = pipe.prompt(replace(request, sampling=sampling))
     given = song[:, :start].T.contiguous()
-    runs = [SongRun(prompt, replace(sampling, seed=seed), given=given) for seed in seeds]
+    runs = [
+        SongRun(
+            prompt,
+            replace(sampling, seed=seed),
+            given=given,
+            lora=request.lora,
+            lora_scale=request.lora_scale,
+        )
+        for seed in seeds
+    ]
     takes = pipe.run_songs(runs, sum(r.rows for r in runs), one_song=len(runs) == 1)
     if end is None:
         return takes

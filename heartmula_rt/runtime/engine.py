@@ -39,11 +39,14 @@ from heartmula_rt.runtime.decode import (
     OnFrame,
     add_frames,
     feed_given,
+    free_rows,
     generate_frames,
     prefill,
+    reserve_rows,
     run_batch,
     run_one,
     sample_frame,
+    song_rows,
 )
 from heartmula_rt.runtime.scheduler import Scheduler, SongRun
 
@@ -273,6 +276,7 @@ class StaticEngine:
             self._graphs.clear()
             self._warm.clear()
             self._state = state = None  # free the old caches before allocating the new ones
+            reserve_rows(self.model, rows)  # a per-row LoRA index grown before any capture
             state = self._state = StaticState(self.model, rows, self.capacity_for(positions))
         state.live.zero_()  # rows left by an interrupted batch
         state.pos.zero_()
@@ -293,12 +297,18 @@ class StaticEngine:
     def _admit(self, state: StaticState, song: SongRun) -> None:
         """Prefill `song` into its rows (eager, between frames) and start them."""
         view = state.cache.rows_view(song.first_row, song.rows)
-        frame, _ = prefill(self.model, song.prompt, view, state.prefill_draw(song))
-        if song.given is None:
-            add_frames(song, frame[:1].cpu())
-        else:
-            frame = feed_given(self.model, song, view)
+        with song_rows(self.model, song):  # its own rows: its LoRA, where songs choose one
+            frame, _ = prefill(self.model, song.prompt, view, state.prefill_draw(song))
+            if song.given is None:
+                add_frames(song, frame[:1].cpu())
+            else:
+                frame = feed_given(self.model, song, view)
         state.start(song, frame[0], len(song.prompt) + song.made - 1)
+
+    def _stop(self, state: StaticState, song: SongRun) -> None:
+        """Idle `song`'s rows (and their per-row LoRA, if any)."""
+        state.stop(song)
+        free_rows(self.model, song)
 
     def _collect(self, state: StaticState, scheduler: Scheduler) -> None:
         """Read what every running song made since the last look (one host sync), and end the
@@ -312,7 +322,7 @@ class StaticEngine:
             if upto > song.made:
                 add_frames(song, state.codes[row, song.made : upto].cpu())
             if ended or song.frames_left == 0:
-                state.stop(song)
+                self._stop(state, song)
                 scheduler.finish(song, "eos" if ended else "length")
 
     @torch.no_grad()
@@ -323,12 +333,12 @@ class StaticEngine:
         try:
             while scheduler.busy():
                 for song in scheduler.cancelled():  # every frame it made is collected
-                    state.stop(song)
+                    self._stop(state, song)
                     scheduler.finish(song, "cancelled")
                 for song in scheduler.admit():
                     self._admit(state, song)
                     if song.frames_left == 0:
-                        state.stop(song)
+                        self._stop(state, song)
                         scheduler.finish(song, "length")
                 if not scheduler.running:
                     continue

@@ -41,6 +41,15 @@ from heartmula_rt.model.codec import CODEC_DTYPES, HeartCodec, check_codec_dtype
 from heartmula_rt.model.folder import CODEC_DIR, LM_DIR
 from heartmula_rt.model.fused import use_fused_layers
 from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.lora import (
+    LoraAdapter,
+    LoraSpec,
+    apply_lora_rows,
+    load_loras,
+    lora_rows_bytes,
+    merge_lora,
+    parse_lora_spec,
+)
 from heartmula_rt.model.prompt import Prompt, build_prompt
 from heartmula_rt.model.synthetic import Models, synthetic_models
 from heartmula_rt.quant import check_mode, quantize_model
@@ -55,7 +64,7 @@ from heartmula_rt.request import (
     max_frames_for,
 )
 from heartmula_rt.runtime import edit, runner
-from heartmula_rt.runtime.codes import SongCodes
+from heartmula_rt.runtime.codes import LoraRecord, SongCodes
 from heartmula_rt.runtime.decode import (
     BatchInterrupted,
     GenerationInterrupted,
@@ -149,6 +158,11 @@ class PipelineConfig:
     stream: bool = False  # the pipeline will stream: a plan that cannot is refused at load
     songs: int = 1  # songs at once (`generate_frames_batch`) a `vram` plan makes room for
     threads: int | None = None  # torch's CPU threads (resolve_threads)
+    # LoRA adapters, "[NAME=]PATH[:SCALE]" (`lora.parse_lora_spec`) or `LoraSpec`s: merged into
+    # the LM's weights before quantization (docs/lora.md), or with `lora_per_song` run per LM
+    # row, each song choosing one by NAME (`SongRequest.lora`; serve) or none.
+    lora: tuple[str | Path | LoraSpec, ...] = ()
+    lora_per_song: bool = False
 
     def __post_init__(self) -> None:
         if (self.model_path is None) == (self.synthetic is None):
@@ -183,6 +197,10 @@ class PipelineConfig:
             "codec_dtype": check_codec_dtype(self.codec_dtype or default_codec_dtype(codec_device)),
             "engine": engine,
             "threads": resolve_threads(self.threads),
+            "lora": tuple(
+                parse_lora_spec(s)
+                for s in ((self.lora,) if isinstance(self.lora, str | Path) else self.lora or ())
+            ),
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
@@ -241,6 +259,8 @@ class Pipeline:
     config: PipelineConfig
     engine: Engine
     placement: Placement | None = None  # the `vram` plan applied, with the models' host mirrors
+    # The LoRA adapters `config.lora` loaded: merged into `lm`, or run per row (`lora_rows`).
+    adapters: tuple[LoraAdapter, ...] = ()
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     # `lock` itself while the codec shares the LM's device (__post_init__).
     codec_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
@@ -275,6 +295,36 @@ class Pipeline:
             return f"synthetic-{self.config.synthetic}"
         return folder.fingerprint(self.config.model_path)
 
+    @property
+    def lora_names(self) -> list[str]:
+        """The adapters a song may choose by name (`SongRequest.lora`): the per-row ones."""
+        return [a.name for a in self.adapters] if self.config.lora_per_song else []
+
+    def check_lora(self, request: SongRequest) -> None:
+        """Refuse a request for an adapter this pipeline does not run per song."""
+        if request.lora is None or request.lora in self.lora_names:
+            return
+        if not self.config.lora_per_song and self.adapters:
+            raise UserError(
+                f"lora {request.lora!r}: this model runs its LoRAs merged for every song; a "
+                "song chooses one only where they are served per song (serve --lora NAME=PATH)"
+            )
+        known = ", ".join(self.lora_names) or "none"
+        raise UserError(f"no LoRA named {request.lora!r} is loaded (loaded: {known})")
+
+    def lora_records(self, request: SongRequest) -> tuple[LoraRecord, ...]:
+        """The adapters a song of `request` runs, as its sidecar keeps them: every merged one,
+        or its own per-row one at its strength times the song's `lora_scale`."""
+        if self.config.lora_per_song:
+            chosen = [a for a in self.adapters if a.name == request.lora]
+            scale = request.lora_scale
+        else:
+            chosen, scale = list(self.adapters), 1.0
+        return tuple(
+            LoraRecord(a.name, str(a.path.resolve()), a.fingerprint, a.scale * scale)
+            for a in chosen
+        )
+
     def prompt(self, request: SongRequest, *, fit: bool = True) -> Prompt:
         """The request's prompt rows (SPEC §2), refused if they and (with `fit`) its frames do
         not fit the model: everything a song of this request would be refused for, before it
@@ -289,6 +339,7 @@ class Pipeline:
             )
         if fit:
             check_length(self.lm, prompt, request.sampling.max_frames)
+        self.check_lora(request)
         return prompt
 
     def generate_frames(
@@ -308,7 +359,14 @@ class Pipeline:
         draw their random numbers differently; greedy decoding, topk=1, agrees across them).
         """
         request = as_request(song, lyrics, settings)
-        run = SongRun(self.prompt(request), request.sampling, on_frame, on_codes)
+        run = SongRun(
+            self.prompt(request),
+            request.sampling,
+            on_frame,
+            on_codes,
+            lora=request.lora,
+            lora_scale=request.lora_scale,
+        )
         try:
             return self.run_songs([run], run.rows, one_song=True)[0]
         except BatchInterrupted as e:
@@ -335,7 +393,10 @@ class Pipeline:
         `BatchInterrupted` with every song's frames so far."""
         if not requests:
             return []
-        runs = [SongRun(self.prompt(r), r.sampling) for r in requests]
+        runs = [
+            SongRun(self.prompt(r), r.sampling, lora=r.lora, lora_scale=r.lora_scale)
+            for r in requests
+        ]
         for i, run in enumerate(runs):
             if on_frame is not None:
                 run.on_frame = lambda made, i=i: on_frame(i, made)
@@ -529,6 +590,11 @@ class Pipeline:
         same seed, bit for bit."""
         check_streamable(self.plan)
         request = as_request(song, lyrics, settings)
+        if request.lora is not None:
+            raise UserError(
+                "Pipeline.stream runs no per-song LoRA; the server streams such songs (its "
+                "song runner), or load the adapter merged"
+            )
         return SongStream(
             self.engine,
             self.codec,
@@ -542,7 +608,12 @@ class Pipeline:
         )
 
 
-def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeline:
+def load_pipeline(
+    source: str | Path | PipelineConfig,
+    *,
+    adapters: Sequence[LoraAdapter] | None = None,
+    **options: Any,
+) -> Pipeline:
     """Load a checkpoint folder in the official layout (SPEC §1), or what a `PipelineConfig`
     says (random weights of a preset size, `synthetic`, for benchmarks and tests).
 
@@ -582,18 +653,29 @@ def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeli
     device = config.torch_device
     if config.model_path is not None:
         folder.check_model_path(config.model_path)
+    # Every adapter read and checked against the checkpoint before any weight loads.
+    adapters = load_adapters(config) if adapters is None else list(adapters)
+    per_row = adapters if config.lora_per_song else []
     plan = None
     if config.vram is not None:
-        plan = plan_for(config)
+        rows_bytes = lora_rows_bytes(per_row, _lm_config_of(config), config.lm_dtype)
+        plan = plan_for(config, rows_bytes) if per_row else plan_for(config)
         check_engine_over_streaming(config.engine, plan.offloaded_lm_layers)
         if config.stream:
             check_streamable(plan)
+        if per_row and plan.offloaded_lm_layers:
+            raise UserError(
+                f"the --vram {plan.budget_bytes / 2**30:g}G plan streams backbone layers from "
+                "host memory, which per-song LoRAs cannot run over; give a larger budget, or "
+                "load the adapters merged"
+            )
     quant = config.quant if plan is None else plan.quant
     load_device = device if plan is None else torch.device("cpu")
+    merged = [] if config.lora_per_song else adapters
     if config.model_path is None:
-        models = _synthetic(config, quant, load_device)
+        models = _synthetic(config, quant, load_device, merged)
     else:
-        models = _from_checkpoint(config, quant, load_device)
+        models = _from_checkpoint(config, quant, load_device, merged)
     lm, codec = models.lm, models.codec
     if plan is None:
         codec.to(config.torch_codec_device)  # a no-op where it was loaded
@@ -606,6 +688,8 @@ def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeli
         placement = Placement(plan, device, config.torch_codec_device)
         placement.place_lm(lm)
         placement.place_codec(codec)
+    if per_row:  # over the quantized base, its fast kernels and fused layers, where it runs
+        apply_lora_rows(lm, per_row, rows=1)
     if models.lm_config.audio_vocab_size <= models.codec_config.codebook_size:
         raise UserError(
             f"LM audio vocabulary {models.lm_config.audio_vocab_size} does not fit codec "
@@ -622,7 +706,23 @@ def load_pipeline(source: str | Path | PipelineConfig, **options: Any) -> Pipeli
         config=config,
         engine=make_engine(config.engine, lm, models.gen_config),
         placement=placement,
+        adapters=tuple(adapters),
     )
+
+
+def _lm_config_of(config: PipelineConfig) -> LMConfig:
+    """The LM's config, from the checkpoint's config files alone (or the preset's)."""
+    if config.model_path is None:
+        return preset_configs(config.synthetic)[0]
+    return checkpoint_configs(config.model_path)[0]
+
+
+def load_adapters(config: PipelineConfig) -> list[LoraAdapter]:
+    """The LoRA adapters of `config.lora`, each read and checked against the checkpoint's LM
+    (its config files alone): all of them, or a one-line refusal and none."""
+    if not config.lora:
+        return []
+    return load_loras(config.lora, _lm_config_of(config))
 
 
 def prepare_codec(
@@ -635,8 +735,14 @@ def prepare_codec(
     return codec
 
 
-def _from_checkpoint(config: PipelineConfig, quant: str, device: torch.device) -> Models:
-    """A checkpoint folder's models on `device`, the LM quantized as `quant` says."""
+def _from_checkpoint(
+    config: PipelineConfig,
+    quant: str,
+    device: torch.device,
+    lora: Sequence[LoraAdapter] = (),
+) -> Models:
+    """A checkpoint folder's models on `device`, the LM quantized as `quant` says, `lora`'s
+    adapters merged into its weights before quantizing."""
     root = config.model_path
     tokenizer_file = folder.tokenizer_path(root)
     try:
@@ -646,8 +752,11 @@ def _from_checkpoint(config: PipelineConfig, quant: str, device: torch.device) -
     gen_config = folder.load_gen_config(root)
     if quant == "none":
         lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=device, dtype=config.lm_dtype)
+        merge_lora(lm, lora)
     else:
-        lm = load_quantized_lm(root / LM_DIR, quant, device=device, dtype=config.lm_dtype)
+        lm = load_quantized_lm(
+            root / LM_DIR, quant, device=device, dtype=config.lm_dtype, lora=lora
+        )
         lm_config = lm.config
     codec_device = config.torch_codec_device if device == config.torch_device else device
     codec, codec_config = checkpoint.load_codec(
@@ -656,7 +765,12 @@ def _from_checkpoint(config: PipelineConfig, quant: str, device: torch.device) -
     return Models(lm, lm_config, codec, codec_config, gen_config, tokenizer)
 
 
-def _synthetic(config: PipelineConfig, quant: str, device: torch.device) -> Models:
+def _synthetic(
+    config: PipelineConfig,
+    quant: str,
+    device: torch.device,
+    lora: Sequence[LoraAdapter] = (),
+) -> Models:
     """Random models of the preset size on `device` (host memory for a plan to place), their
     numbers drawn on the pipeline's device either way (a full model never passes through host
     memory unless the plan puts it there), the LM quantized as `quant` says."""
@@ -667,6 +781,7 @@ def _synthetic(config: PipelineConfig, quant: str, device: torch.device) -> Mode
         codec_dtype=config.codec_weights_dtype,
         draw_on=config.torch_device,
     )
+    merge_lora(models.lm, lora)  # before quantizing
     quantize_model(models.lm, quant)
     if device == config.torch_device:  # else the placement swaps them in where it puts them
         use_fast_kernels(models.lm, config.lm_dtype)
@@ -692,7 +807,7 @@ def _vram_budgets(vram: str, device: torch.device, codec_device: torch.device) -
     return device_budgets(vram, codec_apart=apart, codec_on_gpu=codec_device.type == "cuda")
 
 
-def plan_for(config: PipelineConfig) -> MemoryPlan:
+def plan_for(config: PipelineConfig, lora_bytes: int = 0) -> MemoryPlan:
     """The memory plan of `config.vram` for these models, from their configs alone (a
     checkpoint's config files and headers): one GPU's, or with the codec on a device of its
     own, the LM's GPU's with the codec's GPU's inside it (`MemoryPlan.codec_device_plan`)."""
@@ -714,4 +829,5 @@ def plan_for(config: PipelineConfig) -> MemoryPlan:
         codec_apart=codec_device != device,
         codec_budget_bytes=codec_budget,
         codec_overheads=measure_overheads(codec_device) if codec_budget else DEFAULT_OVERHEADS,
+        lora_bytes=lora_bytes,
     )

@@ -83,6 +83,8 @@ class Song:
     original: Original | None = None
     label: str = ""  # names it in messages
     model: str | None = None  # the checkpoint fingerprint its sidecar names (default: the pipe's)
+    # The LoRA adapters its sidecar names (codes.LoraRecord; None: what the pipe ran for it).
+    lora: tuple | None = None
     # What became of it.
     codes: torch.Tensor | None = None  # [8, T] once its LM part ended
     ended: str | None = None  # codes.ENDS
@@ -127,10 +129,16 @@ class CodecStopped(Exception):
         self.cause, self.unwritten = cause, list(unwritten)
 
 
+def _lora(pipe: Pipeline, song: Song) -> tuple:
+    """The adapters `song`'s sidecar names: its own, else what the pipeline ran for it."""
+    return pipe.lora_records(song.request) if song.lora is None else tuple(song.lora)
+
+
 def save_codes(pipe: Pipeline, song: Song, codes: torch.Tensor, ended: str) -> None:
     """The song's codes in its sidecar (if it keeps one), its LM part `ended` so far."""
     if song.sidecar is not None:
-        SongCodes(codes, song.request, ended, song.model or pipe.fingerprint).save(song.sidecar)
+        model = song.model or pipe.fingerprint
+        SongCodes(codes, song.request, ended, model, lora=_lora(pipe, song)).save(song.sidecar)
 
 
 def _add_prefixes(pipe: Pipeline, song: Song, prefixes: torch.Tensor) -> None:
@@ -140,7 +148,9 @@ def _add_prefixes(pipe: Pipeline, song: Song, prefixes: torch.Tensor) -> None:
         return
     try:
         model = song.model or pipe.fingerprint
-        SongCodes(song.codes, song.request, song.ended, model, prefixes=prefixes).save(song.sidecar)
+        SongCodes(
+            song.codes, song.request, song.ended, model, prefixes=prefixes, lora=_lora(pipe, song)
+        ).save(song.sidecar)
     except OSError as e:
         song.error = (
             f"could not add the codec's window prefixes to {song.sidecar} ({e.strerror or e}); "

@@ -56,6 +56,10 @@ class SongRun:
     # and the song's index of its first frame: draws are seeded by (seed, first_frame + f, k).
     given: Any = None
     first_frame: int = 0
+    # The served LoRA adapter its rows run (`SongRequest.lora`; None: none) at `lora_scale`
+    # times its own strength: the engine assigns its rows when it is admitted.
+    lora: str | None = None
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.seed < 0:
