@@ -85,6 +85,13 @@ def default_model_path() -> Path:
     return cache / "heartmula-rt" / "HeartMuLa"
 
 
+def default_bench_dir() -> Path:
+    """Where `heartmula-rt bench` writes its results unless told (--out-dir): the user's cache,
+    never a folder made in whatever folder it runs from."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return cache / "heartmula-rt" / "bench-results"
+
+
 @dataclass(frozen=True)
 class LlamaFlavor:
     """One torchtune-style Llama-3.2 decoder (SPEC §1 flavor table)."""

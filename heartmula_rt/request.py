@@ -42,6 +42,12 @@ def _check_seed(name: str, seed: object) -> None:
         raise UserError(f"{name} must be an integer in [0, 2**63), not {seed!r}")
 
 
+def check_seed(name: str, seed: object) -> None:
+    """A seed (None: random) as every entry takes it: the CLI's --seed, a request's, an HTTP
+    body's and `Pipeline.decode_frames(seed=...)`'s: an integer in [0, 2**63)."""
+    _check_seed(name, seed)
+
+
 def seconds_value(name: str, value: object, *, least: float = 0.0, positive: bool = False) -> float:
     """A time in seconds a user gave (`--max-seconds`, an HTTP body's `seconds`, `from`, `to`):
     a finite number from `least` (above it with `positive`) to LONGEST_SECONDS, else one

@@ -184,7 +184,7 @@ def test_plot(tiny_results: Path, tmp_path: Path, capsys) -> None:
     png = tmp_path / "plot.png"
     assert bench("--plot", str(png), str(tiny_results), str(second)) == 0
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert str(png) in capsys.readouterr().out
+    assert str(png) in capsys.readouterr().err  # stdout carries only the product
 
 
 def test_synthetic_lm_is_make_checkpoints(tmp_path: Path) -> None:

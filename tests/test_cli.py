@@ -316,7 +316,7 @@ def test_error_after_loading_is_the_only_line(tiny_ckpt: Path, tmp_path: Path, c
     del args[args.index("--max-seconds") : args.index("--max-seconds") + 2]
     assert exit_code(args) == 2
     (line,) = capfd.readouterr().err.strip().splitlines()
-    longest = re.search(r"the longest that fits is (\d+) frames \(([\d.]+) s", line)
+    longest = re.search(r"the longest song that fits is (\d+) frames \(([\d.]+) s", line)
     assert longest, line
     frames, seconds = int(longest[1]), float(longest[2])
     assert seconds == pytest.approx(frames * 0.08)

@@ -120,7 +120,7 @@ def test_pipeline_stream_equals_generate_on_eos(pipe: Pipeline) -> None:
     pieces = list(stream)
     assert 0 < stream.frames.shape[1] < 101 and not stream.interrupted  # EOS, one padded window
     assert stream.first_audio_s is not None and stream.first_audio_s > 0
-    assert all(p.dtype == np.float32 and p.shape[0] == 2 for p in pieces)
+    assert all(p.dtype == torch.float32 and p.shape[0] == 2 for p in pieces)  # as generate's
     expected = pipe.generate(TAGS, LYRICS, **kwargs)
     assert np.array_equal(np.concatenate(pieces, axis=1), expected.numpy())
 

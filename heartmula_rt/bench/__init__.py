@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from heartmula_rt.config import WINDOW
+from heartmula_rt.config import WINDOW, default_bench_dir
 from heartmula_rt.errors import UserError
 from heartmula_rt.memory.planner import GiB, format_plan, parse_vram
 from heartmula_rt.memory.sizing import cuda_context_bytes, module_bytes
@@ -443,7 +443,7 @@ class BenchConfig:
     codec: bool = True
     greedy_frames: int = 0
     batch_sizes: tuple[int, ...] = ()  # songs at once, each measured beside one song alone
-    out_dir: Path = Path("benchmarks/results")
+    out_dir: Path = dataclasses.field(default_factory=default_bench_dir)  # the user's cache
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -743,7 +743,7 @@ def run_bench(config: BenchConfig) -> int:
             torch.cuda.empty_cache()
     path = save([], None)
     print(format_table(runs))
-    print(f"wrote {path}")
+    print(f"wrote {path}", file=sys.stderr)  # stdout: the table only
     return 0
 
 
@@ -967,7 +967,7 @@ def _bench_budgets(config: BenchConfig, out_dir: Path) -> int:
         result = _result(device, _model_name(pipe), [run])
         path = write_results(out_dir, f"vram-{plan.budget_bytes / GiB:g}G", result)
         print(format_table([run]))
-        print(f"wrote {path}")
+        print(f"wrote {path}", file=sys.stderr)  # stdout: the table only
         del pipe, timing, frames  # this budget's models leave the GPU
         torch.cuda.empty_cache()
     return 0

@@ -4,6 +4,7 @@ the same song runner as gen (heartmula_rt/bench/)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ from heartmula_rt.cli.common import (
     pipeline_config,
     song_settings,
 )
-from heartmula_rt.config import DEFAULT_PROMPT_LEN, ENGINES, LM_PRESETS
+from heartmula_rt.config import DEFAULT_PROMPT_LEN, ENGINES, LM_PRESETS, default_bench_dir
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import SongRequest
 
@@ -70,8 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out-dir",
         type=Path,
-        default=Path("benchmarks/results"),
-        help="where the results JSON goes (default benchmarks/results)",
+        default=None,
+        help=f"where the results JSON goes (default {default_bench_dir()})",
     )
     p.add_argument("--name", default=None, help="last part of the results file name")
     p.add_argument(
@@ -96,6 +97,10 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     from heartmula_rt.bench import BenchConfig, parse_batch_sizes, parse_engines, parse_quant_modes
 
     synthetic = {"model_path": None, "synthetic": args.synthetic} if args.model_path is None else {}
+    out_dir = args.out_dir
+    if out_dir is None:  # said, since nothing on the command line names it
+        out_dir = default_bench_dir()
+        print(f"results go to {out_dir} (--out-dir to choose)", file=sys.stderr)
     pipeline = pipeline_config(args, quant="none", **synthetic)  # quant: set per mode
     # Text only to carry the settings: the benchmark's prompt is made from the model.
     request = SongRequest.of("bench", **song_settings(args), stop_at_eos=False)
@@ -112,7 +117,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         codec=not args.no_codec,
         greedy_frames=args.greedy_frames,
         batch_sizes=parse_batch_sizes(args.batch),
-        out_dir=args.out_dir,
+        out_dir=out_dir,
         name=args.name,
     )
 
@@ -126,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not files:
             raise UserError("--plot needs the PNG to write, then at least one results file")
         plot_results(files, png)
-        print(f"wrote {png}")
+        print(f"wrote {png}", file=sys.stderr)  # stdout carries only the product
         return 0
     return run_bench(bench_config(args))
 

@@ -54,6 +54,11 @@ def read_text_arg(value: str, flag: str) -> str:
     if value == "-":
         return sys.stdin.read()
     if not os.path.isfile(value):
+        if _looks_like_a_file(value):  # `--lyrics lyrcs.txt`: a typo is sung, but said
+            print(
+                f"note: {flag} {value!r} names no file here, so it is sung as the text itself",
+                file=sys.stderr,
+            )
         return value
     try:
         # utf-8-sig: a leading byte-order mark (Windows editors) is not part of the text.
@@ -64,6 +69,19 @@ def read_text_arg(value: str, flag: str) -> str:
     except OSError as e:
         raise UserError(f"cannot read {flag} {value} ({e.strerror})") from None
 
+
+def _looks_like_a_file(value: str) -> bool:
+    """One word with a text file's extension (`lyrics.txt`, `song.lrc`) or a path from a
+    folder (`./x`, `~/x`, `/x`): what a user means as a file, not as words to sing (`rock/pop`
+    is a tag)."""
+    text = value.strip()
+    if not text or any(c.isspace() for c in text):
+        return False
+    extension = os.path.splitext(text)[1].lower()
+    return extension in TEXT_FILE_EXTENSIONS or text.startswith(("/", "./", "../", "~/"))
+
+
+TEXT_FILE_EXTENSIONS = (".txt", ".lrc", ".md", ".text", ".lyrics", ".json", ".srt")
 
 # Song settings the command line sets, by their `SongRequest.of` names (None: not given).
 SONG_FLAGS = ("max_seconds", "topk", "temperature", "cfg_scale", "seed")

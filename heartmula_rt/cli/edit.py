@@ -26,7 +26,7 @@ from heartmula_rt.cli.common import (
 )
 from heartmula_rt.config import ENGINES
 from heartmula_rt.errors import UserError
-from heartmula_rt.request import FRAME_MS, SongRequest, max_frames_for
+from heartmula_rt.request import FRAME_MS, SongRequest, max_frames_for, seconds_value
 from heartmula_rt.runtime.events import SongEvents
 
 if TYPE_CHECKING:
@@ -163,8 +163,9 @@ class _CodecProgress(SongEvents):
                 "were clipped",
                 file=sys.stderr,
             )
-        if song.error:
-            print(f"note: {song.error}", file=sys.stderr)
+        for note in (song.error, song.note):  # song.note: its codes kept elsewhere
+            if note:
+                print(f"note: {note}", file=sys.stderr)
         if song.original is not None:
             from heartmula_rt.model.codec.detokenize import HOP
 
@@ -222,6 +223,8 @@ def _decode_keeping_codes(
     except CodecStopped as stop:
         progress.close()
         what = f"the LM's {frames.shape[1]} frames are saved in {song.sidecar}"
+        if song.sidecar is None:  # kept nowhere (save_codes said why)
+            what = song.note
         how = f"`heartmula-rt decode {song.sidecar} -o {out}` makes the song from them"
         codec_stage_stopped(stop.cause, what, how)
         return None
@@ -239,7 +242,7 @@ def parse_time(value: str, flag: str) -> float:
     seconds = 0.0
     for part in parts:
         seconds = seconds * 60 + part
-    return seconds
+    return seconds_value(flag, seconds)  # nan, inf, 1e400: one sentence naming the flag
 
 
 def _edited_song(args: argparse.Namespace) -> tuple[Path, SongCodes, SongRequest]:
@@ -272,6 +275,9 @@ def _edit_output(args: argparse.Namespace, sidecar: Path, what: str) -> Path:
     given = Path(args.song)
     ext = given.suffix if not given.name.endswith(SUFFIX) and given.suffix else ".wav"
     out, n = sidecar.with_name(f"{stem}-{what}{ext}"), 1
+    if what == "resumed" and stem.endswith(PARTIAL):  # gen's Ctrl-C: the song it was to be
+        whole = sidecar.with_name(f"{stem[: -len(PARTIAL)]}{ext}")
+        out = whole if not whole.exists() else whole.with_name(f"{whole.stem}-{what}{ext}")
     while out.exists():
         n += 1
         out = sidecar.with_name(f"{stem}-{what}-{n}{ext}")
@@ -284,6 +290,9 @@ def with_reference(args: argparse.Namespace, request: SongRequest) -> SongReques
     if not reference.wanted(args):
         return request
     return replace(request, reference=reference.reference_of_args(args))
+
+
+PARTIAL = ".partial"  # audio.partial_path's mark: <stem>.partial<ext>
 
 
 def _edit_pipeline(args: argparse.Namespace, song: SongCodes, sidecar: Path) -> Pipeline:
@@ -368,7 +377,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
         if song.frames > sampling.max_frames:
             raise UserError(f"{sidecar}: the song already has all its {song.frames} frames")
     else:
-        more = max_frames_for(args.seconds)
+        more = max_frames_for(seconds_value("--seconds", args.seconds, positive=True))
         if more < 1:
             raise UserError(f"--seconds must add at least one 80 ms frame, not {args.seconds}")
         sampling = replace(sampling, max_frames=song.frames - 1 + more)
@@ -377,7 +386,10 @@ def cmd_extend(args: argparse.Namespace) -> int:
         # New draws from here on, the song's codec noise: its windows sound as they did.
         request = request.with_settings(seed=args.seed, noise_seed=song.request.noise_seed)
         sampling = request.sampling
-    context = None if args.context_seconds is None else max_frames_for(args.context_seconds)
+    context = None
+    if args.context_seconds is not None:
+        given = seconds_value("--context-seconds", args.context_seconds, positive=True)
+        context = max_frames_for(given)
     out = _edit_output(args, sidecar, "resumed" if resume else "extended")
     request = with_reference(args, request)
     pipe = _edit_pipeline(args, song, sidecar)

@@ -4,6 +4,7 @@ its file through the song runner (runtime/runner.py), or one song streamed as it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import select
@@ -248,6 +249,8 @@ class _Progress(SongEvents):
         self.bar.refresh()
         if made:
             note_stray_ids(song.codes, self.pipe.codec_config.codebook_size)
+        if song.note:  # its codes could not go to its sidecar (a full disk)
+            self.bar.write(f"note: {song.note}", file=sys.stderr)
         if self.many:
             how = "EOS" if song.ended == "eos" else "its length"
             self.bar.write(f"{song.label}: {made} frames ({how})", file=sys.stderr)
@@ -325,12 +328,23 @@ def _interrupted(stop: SongsInterrupted, *, many: bool) -> int:
         else:
             print(f"wrote {song.output} ({song.seconds:.1f} s of audio{partial})",
                   file=sys.stderr)
+    cut = [str(s.output) for s in started if s.ended == "interrupted"]
+    if cut:  # resume writes each one's <stem><ext>: the song as if never interrupted
+        print(f"`heartmula-rt resume {' '.join(cut)}` finishes "
+              f"{'it' if len(cut) == 1 else 'each one (one at a time)'}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
 def _codec_stopped(stop: object, *, many: bool) -> None:
     """The codec stage stopped: each unwritten song's sidecar named, with how to finish it."""
-    kept = [str(s.sidecar) for s in stop.unwritten]
+    for song in stop.unwritten:
+        if song.sidecar is None:  # its codes could be written nowhere (save_codes says)
+            print(f"heartmula-rt: {song.label or song.output}: {song.note}", file=sys.stderr)
+    kept = [str(s.sidecar) for s in stop.unwritten if s.sidecar is not None]
+    if not kept:
+        how = "make the songs again with the same seeds and settings"
+        codec_stage_stopped(stop.cause, "nothing of the LM's work could be saved", how)
+        return
     if many or len(stop.unwritten) != 1:
         what = f"the LM's frames of {len(kept)} songs are saved in {', '.join(kept)}"
         how = "`heartmula-rt decode FILE -o OUT` makes each song from its file"
@@ -347,6 +361,7 @@ def _many_songs(args: argparse.Namespace) -> list[BatchSong] | None:
     not given) plus its index."""
     from heartmula_rt.runtime.audio import check_output_path
     from heartmula_rt.runtime.batch_file import BatchSong, read_batch_file
+    from heartmula_rt.runtime.codes import sidecar_path
 
     if args.count is None and args.batch_file is None:
         if args.batch is not None:
@@ -379,6 +394,7 @@ def _many_songs(args: argparse.Namespace) -> list[BatchSong] | None:
             for i in range(1, args.count + 1)
         ]
     writers: dict[Path, str] = {}
+    sidecars: dict[Path, tuple[str, Path]] = {}  # x.wav and x.flac share x.codes.safetensors
     for i, song in enumerate(songs):
         try:
             check_output_path(song.output)
@@ -388,6 +404,14 @@ def _many_songs(args: argparse.Namespace) -> list[BatchSong] | None:
         if key in writers:
             raise UserError(f"{writers[key]} and {song.where} both write {song.output}")
         writers[key] = song.where
+        codes = sidecar_path(key)
+        if codes in sidecars:
+            where, other = sidecars[codes]
+            raise UserError(
+                f"{where} ({other.name}) and {song.where} ({song.output.name}) would both keep "
+                f"their codes in {sidecar_path(song.output)}: give them different names"
+            )
+        sidecars[codes] = (song.where, song.output)
         if song.request.sampling.seed is None:
             songs[i] = replace(song, request=song.request.with_settings(seed=base + i))
     return songs
@@ -402,6 +426,47 @@ def _reader_gone(sink) -> bool:
         return any(events & select.POLLERR for _, events in poll.poll(0))
     except (AttributeError, OSError, ValueError):  # not a file descriptor (a test's capture)
         return False
+
+
+def _why(e: OSError) -> str:
+    return (e.strerror or str(e)).lower()  # "no space left on device"
+
+
+def _drop_stdout(out: Path | None) -> None:
+    """After a failed write to stdout: what is buffered goes nowhere (no second error when
+    Python flushes stdout at exit)."""
+    if out is None:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _keep_stream_codes(pipe: Pipeline, request: SongRequest, stream, out: Path | None) -> str:
+    """A streamed song whose audio could not be written: its frames so far kept in a sidecar
+    (beside `out`'s partial file; for stdout, which has no path, `heartmula-<seed>.codes.
+    safetensors` in the current folder), and the sentence saying where and how to finish."""
+    from heartmula_rt.runtime.audio import partial_path
+    from heartmula_rt.runtime.codes import SUFFIX, lm_end
+    from heartmula_rt.runtime.runner import Song, save_codes
+
+    frames = stream.frames
+    if frames is None or frames.shape[1] == 0:
+        return "no frame was made"
+    ended = "interrupted" if stream.interrupted else lm_end(frames, request.sampling)
+    if out is not None:
+        song = Song(request, output=partial_path(out))
+    else:
+        name, n = f"heartmula-{request.sampling.seed}", 1
+        while Path(f"{name}{'' if n == 1 else f'-{n}'}{SUFFIX}").exists():
+            n += 1
+        song = Song(request, sidecar=Path(f"{name}{'' if n == 1 else f'-{n}'}{SUFFIX}"))
+    save_codes(pipe, song, frames, ended)
+    if song.sidecar is None:
+        return song.note
+    if ended == "interrupted":
+        how = f"`heartmula-rt resume {song.sidecar}` finishes the song"
+    else:
+        how = f"`heartmula-rt decode {song.sidecar} -o OUT` makes the song from them"
+    return f"its {frames.shape[1]} frames are kept in {song.sidecar} ({how})"
 
 
 def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) -> int:
@@ -428,6 +493,10 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) ->
             file=sys.stderr,
         )
         return EXIT_BROKEN_PIPE
+    except OSError as e:  # stdout on a full disk (`-o - > /dev/full`): nothing made yet
+        bar.close()
+        _drop_stdout(out)
+        raise UserError(f"could not write {target}: {_why(e)}; nothing was made") from None
     stream = pipe.stream(request, on_frame=lambda n: bar.update(n - bar.n))
     ended = None  # why the song stopped early, if it did
     try:
@@ -441,11 +510,13 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) ->
                 stream.stop()
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no more output
                 break
-            except OSError as e:
+            except OSError as e:  # a full disk, a file size limit: an error, the codes kept
                 stream.stop()
-                raise UserError(
-                    f"could not write {target} ({e.strerror}); it holds the audio written so far"
-                ) from None
+                bar.close()
+                _drop_stdout(out)
+                kept = _keep_stream_codes(pipe, request, stream, out)
+                what = "" if out is None else f"; {target} holds the audio written so far"
+                raise UserError(f"could not write {target}: {_why(e)}{what}; {kept}") from None
     except KeyboardInterrupt:
         ended = "interrupted"
         bar.close()

@@ -10,6 +10,8 @@ largest sizes), as players of streamed WAV expect.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import struct
 import tempfile
@@ -83,14 +85,28 @@ def write_audio(path: Path, wav: torch.Tensor, sample_rate: int = SAMPLE_RATE) -
     os.umask(umask)
     try:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would leak into the finished file
-        sf.write(tmp, data, sample_rate, format=fmt, subtype=subtype)
+        # Encoded in memory, then written by Python: a full disk is then OSError's ENOSPC,
+        # which libsndfile would report as "System error."
+        encoded = io.BytesIO()
+        sf.write(encoded, data, sample_rate, format=fmt, subtype=subtype)
+        with open(tmp, "wb") as f:
+            f.write(encoded.getbuffer())
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, (OSError, sf.LibsndfileError)):  # e.g. the disk filled up meanwhile
+        if isinstance(e, OSError):  # e.g. the disk filled up meanwhile
+            raise UserError(f"could not write the audio: {_why(e)} ({path})") from None
+        if isinstance(e, sf.LibsndfileError):
             raise UserError(f"could not write {path} ({e})") from None
         raise
     return clipped
+
+
+def _why(e: OSError) -> str:
+    """An OSError in a few words: "no space left on device", "file too large", ..."""
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return (e.strerror or str(e)).lower()
 
 
 def pcm16(data: np.ndarray) -> tuple[bytes, int]:
@@ -125,21 +141,32 @@ class WavStream:
         return self.data_bytes / (2 * self.channels * self.sample_rate)
 
     def write(self, piece: np.ndarray) -> None:
-        """Append float samples [channels, n]."""
-        data, clipped = pcm16(piece)
+        """Append float samples [channels, n] (numpy, or a CPU tensor as a stream gives them)."""
+        data, clipped = pcm16(np.asarray(piece))
         self.clipped += clipped
         if self.seekable:  # after the last complete piece, whatever an interrupted write left
             self.out.seek(self.HEADER_BYTES + self.data_bytes)
-        self.out.write(data)
+        self._write_all(data)
         self.data_bytes += len(data)
         if self.seekable:
             self.out.seek(0)
             self._header(self.data_bytes)
         self.out.flush()
 
+    def _write_all(self, data: bytes) -> None:
+        """All of `data`, or an OSError: an unbuffered file (stdout under PYTHONUNBUFFERED, a
+        raw file) may take part of it and say so only by the count it returns (a full disk,
+        a file size limit); the next write then raises what went wrong."""
+        view = memoryview(data)
+        while view:
+            written = self.out.write(view)
+            if written is None:  # a sink that counts nothing takes everything (app.py's)
+                return
+            view = view[written:]
+
     def _header(self, data_bytes: int) -> None:
         block = 2 * self.channels
-        self.out.write(
+        self._write_all(
             b"RIFF"
             + struct.pack("<I", data_bytes + self.HEADER_BYTES - 8)
             + b"WAVEfmt "

@@ -27,7 +27,7 @@ from heartmula_rt.errors import UserError
 from heartmula_rt.model.lm import HeartMuLa, LMCache
 from heartmula_rt.model.prompt import Prompt
 from heartmula_rt.model.sampling import cfg_mix, draw_seed, sample_topk
-from heartmula_rt.request import SamplingParams
+from heartmula_rt.request import SamplingParams, prompt_too_long
 from heartmula_rt.runtime.scheduler import Scheduler, SongRun
 
 # What a song's maker calls as frames come: `OnFrame(n)` with the number made so far, `OnCodes(new)`
@@ -164,18 +164,12 @@ def check_length(model: HeartMuLa, prompt: Prompt, max_frames: int) -> None:
     if max_frames < 0:
         raise UserError(f"the number of frames must be 0 or more, not {max_frames}")
     limit = model.config.backbone.max_seq_len
-    if len(prompt) + max_frames + 1 > limit:
-        fits = limit - len(prompt) - 1  # frames that fit after this prompt (80 ms each)
-        longest = (
-            f"with this prompt the longest that fits is {fits} frames ({fits * 0.08:g} s, "
-            "--max-seconds / max_seconds; `heartmula-rt extend` continues a song past it)"
-            if fits > 0
-            else "shorten the lyrics"
-        )
-        raise UserError(
-            f"the prompt ({len(prompt)} tokens) plus {max_frames} frames is too long for the "
-            f"model's context of {limit}; {longest}"
-        )
+    tags = prompt.slot_index  # the tags' tokens, then the SLOT, then the lyrics'
+    too_long = prompt_too_long(tags, len(prompt) - tags - 1, max_frames, limit)
+    if too_long is not None:
+        if len(prompt) + 1 < limit:  # a shorter song fits: say how to ask for one
+            too_long += " (--max-seconds / max_seconds; `heartmula-rt extend` continues a song)"
+        raise UserError(too_long)
 
 
 def song_codes(song: SongRun, model: HeartMuLa) -> Tensor:

@@ -60,10 +60,12 @@ from heartmula_rt.request import (
     DEFAULT_MAX_SECONDS,
     CodecParams,
     SongRequest,
+    check_seed,
     check_songs,
     max_frames_for,
 )
 from heartmula_rt.runtime import edit, runner
+from heartmula_rt.runtime.audio import write_audio
 from heartmula_rt.runtime.codes import LoraRecord, SongCodes
 from heartmula_rt.runtime.decode import (
     BatchInterrupted,
@@ -517,6 +519,7 @@ class Pipeline:
             raise UserError(
                 "redecode_frames needs the seed of the original's codec noise (its noise_seed)"
             )
+        check_seed("seed", seed)
         with self.codec_lock, self._codec_turn():
             torch.set_num_threads(self.threads)
             return self.codec.redecode(
@@ -558,6 +561,8 @@ class Pipeline:
         if self.plan is not None and self.plan.codec_windows_planned:
             songs = 1
         seeds = [None] * len(frames_list) if seeds is None else seeds
+        for seed in seeds:  # the rule of every seed (the CLI's --seed, a request's)
+            check_seed("seed", seed)
         generators = [codec_noise(seed) for seed in seeds]
         with self.codec_lock, self._codec_turn():
             torch.set_num_threads(self.threads)
@@ -577,6 +582,13 @@ class Pipeline:
             frames = self.generate_frames(request)
             return self.decode_frames(frames, request.codec, seed=request.noise_seed)
 
+    def save(self, wav: torch.Tensor, path: str | Path) -> int:
+        """Write a song's waveform (float [2, N] at 48 kHz, as `generate`, `decode_frames` or a
+        stream's pieces concatenated give it; a numpy array will do) to `path`: .wav, .flac,
+        .ogg or .mp3 by its extension, written atomically. Returns how many samples were
+        outside [-1, 1] and were clipped. `UserError` for a path that cannot be written."""
+        return write_audio(Path(path), torch.as_tensor(wav), self.sample_rate)
+
     def stream(
         self,
         song: SongArg,
@@ -585,9 +597,9 @@ class Pipeline:
         on_frame: OnFrame | None = None,
         **settings: Any,
     ) -> SongStream:
-        """As `generate`, but an iterator of float32 [2, n] numpy pieces that come while the
-        LM runs (stream.py); concatenated they equal `generate`'s waveform for the
-        same seed, bit for bit."""
+        """As `generate`, but an iterator of float32 [2, n] CPU tensors that come while the
+        LM runs (stream.py); concatenated (`torch.cat(pieces, 1)`) they equal `generate`'s
+        waveform for the same seed, bit for bit."""
         check_streamable(self.plan)
         request = as_request(song, lyrics, settings)
         if request.lora is not None:
@@ -643,6 +655,11 @@ def load_pipeline(
         if options:
             raise UserError("give a PipelineConfig or options, not both")
         config = source
+    elif not isinstance(source, (str, os.PathLike)) or isinstance(source, bytes):
+        raise UserError(
+            "load_pipeline takes a checkpoint folder (a str or Path) or a PipelineConfig, not "
+            f"{type(source).__name__}"
+        )
     else:
         if "lm_device" in options:  # the LM's device by the name that pairs with codec_device
             if "device" in options:

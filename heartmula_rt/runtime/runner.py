@@ -25,7 +25,9 @@ of whole songs; `submit` and `cancel` may come from any thread.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from heartmula_rt.model.codec import DECODE_SONGS, codec_noise
+from heartmula_rt.model.codec import DECODE_SONGS, DecodeCancelled, codec_noise
 from heartmula_rt.request import SongRequest
 from heartmula_rt.runtime.audio import partial_path, write_audio
 from heartmula_rt.runtime.codes import SongCodes, sidecar_path
@@ -94,6 +96,10 @@ class Song:
     windows: tuple[int, int] = (0, 0)  # codec windows (decoded, of all): an edit decodes fewer
     written: bool = False
     error: str | None = None
+    note: str | None = None  # its codes were kept elsewhere, or not at all (save_codes)
+    # Set by `SongRunner.cancel` while its LM part runs: its live codec gives up the window
+    # in hand within one ODE step and decodes no more (CodecStage).
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _saved_at: float = field(default_factory=time.monotonic, repr=False)
 
     def __post_init__(self) -> None:
@@ -135,10 +141,39 @@ def _lora(pipe: Pipeline, song: Song) -> tuple:
 
 
 def save_codes(pipe: Pipeline, song: Song, codes: torch.Tensor, ended: str) -> None:
-    """The song's codes in its sidecar (if it keeps one), its LM part `ended` so far."""
-    if song.sidecar is not None:
-        model = song.model or pipe.fingerprint
-        SongCodes(codes, song.request, ended, model, lora=_lora(pipe, song)).save(song.sidecar)
+    """The song's codes in its sidecar (if it keeps one), its LM part `ended` so far.
+
+    A sidecar that cannot be written (a full disk) is written to the temporary folder instead
+    (`song.sidecar` then names it, `song.note` says so), so that the LM's work is kept on
+    another disk; if that fails too, the codes stay in memory (`song.codes`, for the codec)
+    and `song.note` says what was lost and how to make the frames again: the same seed."""
+    if song.sidecar is None:
+        return
+    model = song.model or pipe.fingerprint
+    record = SongCodes(codes, song.request, ended, model, lora=_lora(pipe, song))
+    try:
+        record.save(song.sidecar)
+        return
+    except OSError as e:
+        failed, why = song.sidecar, _why(e)
+    elsewhere = Path(tempfile.gettempdir()) / f"heartmula-rt-{os.getpid()}-{failed.name}"
+    try:
+        record.save(elsewhere)
+    except OSError as e:
+        song.note = (
+            f"could not keep the song's codes: {why} ({failed}), nor in {elsewhere} "
+            f"({_why(e)}); its {codes.shape[1]} frames are not saved: make them again with "
+            f"the same seed ({song.request.sampling.seed}) and settings"
+        )
+        song.sidecar = None  # kept nowhere: no message may name it
+        return
+    song.sidecar = elsewhere
+    song.note = f"could not write {failed}: {why}; the song's codes are kept in {elsewhere}"
+
+
+def _why(e: OSError) -> str:
+    """An OSError in a few words ("no space left on device")."""
+    return (e.strerror or str(e)).lower()
 
 
 def _add_prefixes(pipe: Pipeline, song: Song, prefixes: torch.Tensor) -> None:
@@ -218,6 +253,7 @@ class CodecStage:
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
         self._live: dict[int, LiveDecoder] = {}
+        self._heard: dict[int, int] = {}  # a live song's samples handed out so far
         self._thread = threading.Thread(target=self._run, name="heartmula-rt codec", daemon=True)
         self._thread.start()
 
@@ -262,26 +298,73 @@ class CodecStage:
 
     def _live_step(self, song: Song, new: torch.Tensor | object) -> None:
         """A live song's frames through its decoder. An error fails that song alone: its rows
-        are freed (`on_failed`) and it is `written` with its `error` once it has ended."""
+        are freed (`on_failed`) and it is `written` with its `error` once it has ended.
+
+        A cancelled song (`song.stop`) decodes no more frames, and the window in hand is given
+        up within one ODE step (`DecodeCancelled`); once it has ended it keeps the audio it
+        had, or, cancelled before its first audio, gets its frames decoded as a song of that
+        length (as Ctrl-C's songs in the CLI)."""
         try:
             if new is not _ENDED:
-                if song.error is None:
+                if song.error is None and not song.stop.is_set():
                     (self._live.get(id(song)) or self._start(song)).push(new)
                 return
             decoder = self._live.pop(id(song), None)
             if song.error is None and song.ended in ("eos", "length"):
-                decoder = decoder or self._start(song)
-                if song.tail is not None:  # a regenerated section: the original's rest
-                    decoder.push(song.tail)
-                decoder.finish()  # the audio to its proper end
+                if song.stop.is_set():  # a cancel that came as it ended: pushes were skipped
+                    self._decode_again(song)
+                else:
+                    decoder = decoder or self._start(song)
+                    if song.tail is not None:  # a regenerated section: the original's rest
+                        decoder.push(song.tail)
+                    decoder.finish()  # the audio to its proper end
                 song.written = True
+            elif song.error is None and song.stop.is_set():
+                if decoder is not None:  # its pieces still on their way from the GPU
+                    decoder.readback.flush(wait=True)
+                made = 0 if song.codes is None else song.codes.shape[1]
+                if made and not self._heard.get(id(song)):
+                    self._decode_again(song)  # cancelled before its first audio
+        except DecodeCancelled:  # the window in hand given up: the decoder is spent
+            spent = self._live.pop(id(song), None)
+            if spent is not None:
+                spent.readback.flush(wait=True)  # the windows before it are the song's
+            if new is not _ENDED:
+                return
         except Exception as e:  # noqa: BLE001 (this song fails, the others go on)
             self._live.pop(id(song), None)
             song.error = f"{type(e).__name__}: {e}"
             if new is not _ENDED:
                 self.on_failed(song)
                 return
+        self._heard.pop(id(song), None)
         self.events.written(song)
+
+    def _decode_again(self, song: Song) -> None:
+        """A live song's codes decoded from its start to their end by a fresh decoder (no
+        stop), the samples it has handed out already skipped: the same audio, since a window's
+        samples do not depend on the codes after it."""
+        skip = self._heard.get(id(song), 0)
+
+        def put(piece: object) -> None:
+            nonlocal skip
+            drop = min(skip, piece.shape[1])
+            skip -= drop
+            if piece.shape[1] > drop:
+                self._put(song, piece[:, drop:])
+
+        decoder = LiveDecoder(
+            self.pipe.codec,
+            song.request.codec,
+            generator=codec_noise(song.request.noise_seed),
+            put=put,
+        )
+        decoder.push(song.codes)  # an edit's given frames and a section's tail included
+        decoder.finish()
+
+    def _put(self, song: Song, piece: object) -> None:
+        self._heard[id(song)] = self._heard.get(id(song), 0) + piece.shape[1]
+        self.events.audio(song, piece)
 
     def _start(self, song: Song) -> LiveDecoder:
         decoder = self._live[id(song)] = self._decoder(song)
@@ -292,7 +375,8 @@ class CodecStage:
             self.pipe.codec,
             song.request.codec,
             generator=codec_noise(song.request.noise_seed),
-            put=lambda piece: self.events.audio(song, piece),
+            put=lambda piece: self._put(song, piece),
+            stop=song.stop.is_set,
         )
         if song.run is not None and song.run.given is not None:  # an edit: its kept frames
             decoder.push(song.run.given.T)
@@ -362,7 +446,10 @@ class SongRunner:
         return song
 
     def cancel(self, song: Song) -> None:
-        """End a song at the next frame boundary (its frames so far are kept)."""
+        """End a song at the next frame boundary (its frames so far are kept); while its LM
+        part runs, its live codec stops too (`Song.stop`, CodecStage._live_step)."""
+        if song.ended is None:  # an ended song's codec finishes it whole
+            song.stop.set()
         self.scheduler.cancel(song.run)
         self._wake.set()
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from heartmula_rt.model.codec import HeartCodec
+from heartmula_rt.model.codec import DecodeCancelled, HeartCodec
 from heartmula_rt.model.prompt import Prompt
 from heartmula_rt.request import DEFAULT_CODEC, CodecParams, SamplingParams
 from heartmula_rt.runtime.decode import GenerationInterrupted, OnFrame
@@ -100,7 +100,8 @@ def _finish(song: _Song, thread: threading.Thread, *, close: bool) -> None:
 
 
 class SongStream:
-    """Iterate to get a song's audio as float32 [2, n] numpy pieces while it is generated.
+    """Iterate to get a song's audio as float32 [2, n] torch tensors on the CPU while it is
+    generated (the type `Pipeline.generate` returns).
 
     After the last piece, `frames` holds the codes [8, T], `interrupted` whether `stop()` cut
     the song short and `first_audio_s` the seconds from the start to the first piece. An error
@@ -172,7 +173,7 @@ class SongStream:
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
 
-    def __next__(self) -> np.ndarray:
+    def __next__(self) -> torch.Tensor:
         if self._ended:
             raise StopIteration
         item = self._song.queue.get()
@@ -182,7 +183,7 @@ class SongStream:
             if item is _END:
                 raise StopIteration
             raise item
-        return item
+        return torch.from_numpy(item)  # the API's one type: torch tensors on the CPU (no copy)
 
 
 @dataclass(frozen=True)
@@ -243,11 +244,12 @@ class LiveDecoder:
         *,
         generator: torch.Generator | None,
         put: Callable[[np.ndarray], None],
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         self.device = codec.flow_matching.cond_feature_emb.weight.device
         self.side = codec.side_stream.get(self.device) if self.device.type == "cuda" else None
-        with self._on_side():
-            self.decoder = codec.window_decoder(params, generator=generator)
+        with self._on_side():  # `stop`: the song was cancelled (WindowDecoder, DecodeCancelled)
+            self.decoder = codec.window_decoder(params, generator=generator, stop=stop)
         self.readback = _Readback(self.device, put)
 
     def _on_side(self) -> contextlib.AbstractContextManager:
@@ -258,7 +260,12 @@ class LiveDecoder:
         if self.side is not None:  # the codes were written on the LM's stream
             self.side.wait_stream(torch.cuda.current_stream(self.device))
         with self._on_side():
-            self.readback.add(pieces())
+            try:
+                done = pieces()
+            except DecodeCancelled as e:  # a cancelled song: the windows before are its audio
+                self.readback.add(e.pieces[0] if e.pieces else [])
+                raise
+            self.readback.add(done)
 
     def push(self, new: torch.Tensor) -> None:
         self._decode(lambda: self.decoder.push(new))

@@ -388,6 +388,7 @@ class SongService(SongEvents):
         """Recover what a previous server left (running songs → interrupted, their audio so far
         written; queued songs queued again), then start making songs."""
         for job in self.store.in_states("running"):
+            self._frames_kept(job)
             self._write(job, "interrupted")
         for job in self.store.in_states("queued"):
             try:
@@ -399,6 +400,15 @@ class SongService(SongEvents):
                 continue
             self._post(job, request, prompt, parts)
         self.runner.start()
+
+    def _frames_kept(self, job: Job) -> None:
+        """A killed server's song: its frames as its sidecar kept them (saved every window and
+        as its LM part ended, before the codec), which its record may not have heard of yet
+        (a song killed between its LM part and its first codec window had 0)."""
+        path = self._sidecar(job)
+        if path.is_file():
+            with contextlib.suppress(UserError):
+                job.frames = max(job.frames, SongCodes.load(path).frames)
 
     def close(self) -> None:
         """Stop: songs running are cut where they are and kept as `interrupted`, queued ones

@@ -34,13 +34,20 @@ from heartmula_rt.model.codec.detokenize import (
     plan_windows,
     sanitize_codes,
 )
-from heartmula_rt.model.codec.dit import FlowMatching
+from heartmula_rt.model.codec.dit import DecodeCancelled, FlowMatching
 from heartmula_rt.model.codec.graphed import FAST_PATHS, GraphedEstimator
 from heartmula_rt.model.codec.scalar import DECODE_CHUNK, ScalarModel
 from heartmula_rt.model.side_stream import SideStream
 from heartmula_rt.request import DEFAULT_CODEC, CodecParams
 
-__all__ = ["CODEC_DTYPES", "DECODE_SONGS", "HeartCodec", "WindowDecoder", "sanitize_codes"]
+__all__ = [
+    "CODEC_DTYPES",
+    "DECODE_SONGS",
+    "DecodeCancelled",
+    "HeartCodec",
+    "WindowDecoder",
+    "sanitize_codes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +141,11 @@ class HeartCodec(nn.Module):
         keep_prefixes: bool = False,
         resume: int | None = None,
         prefix: torch.Tensor | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> WindowDecoder:
         """An incremental decoder: `push(codes)` as they come, then `finish()` (see
-        WindowDecoder; `keep_prefixes`, `resume` and `prefix` as there). Call its methods under
-        torch.no_grad() or torch.inference_mode()."""
+        WindowDecoder; `keep_prefixes`, `resume`, `prefix` and `stop` as there). Call its
+        methods under torch.no_grad() or torch.inference_mode()."""
         return WindowDecoder(
             self.flow_matching,
             self.scalar_model,
@@ -149,6 +157,7 @@ class HeartCodec(nn.Module):
             keep_prefixes=keep_prefixes,
             resume=resume,
             prefix=prefix,
+            stop=stop,
         )
 
     @torch.inference_mode()

@@ -29,7 +29,7 @@ import torch
 
 from heartmula_rt.config import LATENTS_PER_CODE, WINDOW, CodecConfig
 from heartmula_rt.errors import UserError
-from heartmula_rt.model.codec.dit import FlowMatching
+from heartmula_rt.model.codec.dit import DecodeCancelled, FlowMatching
 from heartmula_rt.model.codec.scalar import DECODE_CHUNK, ScalarModel
 from heartmula_rt.request import CodecParams
 
@@ -134,8 +134,10 @@ class LatentChain:
         generator: torch.Generator,
         *,
         keep_prefixes: bool = False,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         self.flow, self.params, self.generator = flow, params, generator
+        self.stop = stop  # asked between ODE steps: True gives the window up (DecodeCancelled)
         # The last window's latents [1, 744, C] (or, picked up at a window, the prefix it starts
         # from, [1, 104, C]): the next window's in-context prefix is its last 104 frames.
         self.previous: torch.Tensor | None = None
@@ -183,6 +185,8 @@ def sample_windows(chains: Sequence[LatentChain], codes: Sequence[torch.Tensor])
     latents = torch.empty_like(noise)
     # On a GPU the graphed estimator (graphed.py) captures a graph per batch size: a group of
     # another size than the last call's is captured anew, and replayed while the size holds.
+    stops = [c.stop for c in chains]  # the rows are given up only if every song's says so
+    stop = None if None in stops else lambda: all(s() for s in stops)
     for num_steps in dict.fromkeys(c.params.num_steps for c in chains):
         rows = [i for i, c in enumerate(chains) if c.params.num_steps == num_steps]
         latents[rows] = flow.sample(
@@ -192,6 +196,7 @@ def sample_windows(chains: Sequence[LatentChain], codes: Sequence[torch.Tensor])
             [prefixes[i] for i in rows],
             num_steps=num_steps,
             guidance_scale=[chains[i].params.guidance_scale for i in rows],
+            stop=stop,
         )
     for row, chain in enumerate(chains):
         chain.previous = latents[row : row + 1]
@@ -248,7 +253,9 @@ class WindowDecoder:
     the first, but decodes windows k, k+1, … only, and its audio starts at sample (k+1)·hop, the
     start of window k+1's region: window k is decoded only for its tail, which window k+1
     crossfades with (its own first samples would need window k−1's tail). `on_window(done)`
-    counts the song's windows, the skipped ones included.
+    counts the song's windows, the skipped ones included. `stop()` (None: never), asked between
+    ODE steps, gives the window being decoded up (`DecodeCancelled`): a cancelled song's codec
+    work ends within one step; the decoder is then spent.
     """
 
     def __init__(
@@ -264,12 +271,13 @@ class WindowDecoder:
         keep_prefixes: bool = False,
         resume: int | None = None,
         prefix: torch.Tensor | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         if generator is None:
             generator = torch.Generator()
             generator.seed()  # fresh, non-deterministic; the global RNG is left alone
         self.scalar, self.config, self.on_window, self.chunk = scalar, config, on_window, chunk
-        self.chain = LatentChain(flow, params, generator, keep_prefixes=keep_prefixes)
+        self.chain = LatentChain(flow, params, generator, keep_prefixes=keep_prefixes, stop=stop)
         self.streams = config.out_channels // config.latent_hidden_dim
         samples_per_code = LATENTS_PER_CODE * scalar.samples_per_frame
         self.window_len, self.hop, self.overlap = (
@@ -376,9 +384,14 @@ class WindowDecoder:
         # what the memory planner makes room for.
         pieces: list[list[torch.Tensor]] = [[] for _ in decoders]
         while batch := [i for i, d in enumerate(decoders) if d.pending][:songs]:
-            latents = sample_windows(
-                [decoders[i].chain for i in batch], [decoders[i].pending.popleft() for i in batch]
-            )
+            try:
+                latents = sample_windows(
+                    [decoders[i].chain for i in batch],
+                    [decoders[i].pending.popleft() for i in batch],
+                )
+            except DecodeCancelled as e:  # the windows finished before are kept
+                e.pieces = pieces
+                raise
             for i, window in zip(batch, latents, strict=True):
                 d = decoders[i]
                 wav = decode_window(d.scalar, window[None], d.streams, d.chunk)

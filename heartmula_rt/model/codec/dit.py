@@ -24,6 +24,15 @@ ROPE_BASE = 10000.0
 SIGMA_MIN = 1e-6  # the prefix path is (1 - (1 - SIGMA_MIN)·t)·noise + t·ic
 
 
+class DecodeCancelled(Exception):  # noqa: N818 (a stop asked for, not a failure)
+    """The window being decoded was given up between two ODE steps: its song's `stop` said so
+    (a cancelled song). The decoder that raised it is left mid-window; make a new one to decode
+    the song again. `pieces`: each decoder's audio of the windows it finished before
+    (`WindowDecoder.decode_rounds`), which is the song's."""
+
+    pieces: list = []  # noqa: RUF012 (set on the instance by decode_rounds)
+
+
 def rope_tables(n: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [n, head_dim/2] of pos·theta_i, theta_i = base^(-2i/head_dim), in float32."""
     i2 = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
@@ -239,6 +248,7 @@ class FlowMatching(nn.Module):
         *,
         num_steps: int,
         guidance_scale: float | Sequence[float],
+        stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """Integrate dx/dt = v from x = noise at t = 0 to t = 1; returns float32 latents [B, T, C].
 
@@ -247,6 +257,8 @@ class FlowMatching(nn.Module):
         in-context target `ic` (float32, zeros past the prefix) and end exactly on it. Guidance
         is batched as [uncond of every row; cond of every row], the unconditional half with
         mu = 0. The rows share the time grid, and a row's result does not depend on the others.
+        `stop` (None: never) is asked before every step: True gives the window up there
+        (`DecodeCancelled`), so a cancelled song's codec work ends within one ODE step.
         """
         estimator = self.fast_estimator or self.estimator
         device = noise.device
@@ -258,6 +270,8 @@ class FlowMatching(nn.Module):
         mu_in = torch.cat([torch.zeros_like(mu), mu])
         t_span = torch.linspace(0, 1, num_steps + 1, device=device)
         for t, t_next in zip(t_span[:-1], t_span[1:], strict=True):
+            if stop is not None and stop():
+                raise DecodeCancelled("the song was cancelled")
             x = torch.where(in_prefix, (1 - (1 - SIGMA_MIN) * t) * noise + t * ic, x)
             inp = torch.cat([x, ic], dim=-1).repeat(2, 1, 1)
             # One time for every row, embedded once and broadcast (AdaLNSingle says why).
