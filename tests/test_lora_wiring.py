@@ -283,3 +283,53 @@ def test_sidecar_lora_records_round_trip_and_older_sidecars_have_none(tmp_path: 
     with safe_open(tmp_path / "b.codes.safetensors", "pt") as f:
         assert "lora" not in f.metadata()  # as an older heartmula-rt wrote it
     assert SongCodes.load(tmp_path / "b.codes.safetensors").lora == ()
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+def test_the_server_serves_two_adapters_per_song_over_http(
+    tiny_ckpt: Path, adapters, tmp_path: Path
+) -> None:
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from serving import ServerProcess, wait_for
+
+    folder = tmp_path / "songs"
+    lora = ["--lora", f"x={adapters['x']}", "--lora", f"y={adapters['y']}:0.5"]
+    server = ServerProcess(tiny_ckpt, folder, "--batch", "4", "--max-seconds", "4", *lora)
+    with server, httpx.Client(base_url=server.url, timeout=120) as client:
+        info = client.get("/v1/info").json()
+        assert info["lora"] == [{"name": "x", "scale": 1.0}, {"name": "y", "scale": 0.5}]
+        assert 'id="lora-row"' in client.get("/").text  # the page's picker and strength
+        song = {"tags": "piano", "lyrics": "[verse] la", "seconds": 1, "seed": 5, "topk": 1}
+        song["format"] = "wav"
+        bodies = [
+            {**song, "lora": "x"},
+            {**song, "lora": "y", "lora_scale": 1.5},
+            song,
+        ]
+        ids = [client.post("/v1/songs", json=b).json()["id"] for b in bodies]
+        jobs = [wait_for(client, i, ("done", "failed")) for i in ids]
+        assert [j["state"] for j in jobs] == ["done"] * 3, jobs
+        assert jobs[0]["request"]["lora"] == "x" and "lora" not in jobs[2]["request"]
+        kept = [SongCodes.load(folder / f"{i}.codes.safetensors") for i in ids]
+        assert [[(r.name, r.scale) for r in k.lora] for k in kept] == [
+            [("x", 1.0)],
+            [("y", 0.75)],  # the song's strength times the adapter's own
+            [],
+        ]
+        assert not torch.equal(kept[0].codes, kept[2].codes)  # the adapter changed the song
+        # An edit of a song goes on with its adapter.
+        extended = client.post(f"/v1/songs/{ids[0]}/extend", json={"seconds": 1}).json()
+        done = wait_for(client, extended["id"], ("done", "failed"))
+        assert done["state"] == "done" and done["request"]["lora"] == "x"
+        # Adapters the server does not serve, and bad strengths: refused in one sentence.
+        for bad, said in [
+            ({**song, "lora": "z"}, "no LoRA named 'z'"),
+            ({**song, "lora": "x", "lora_scale": 3}, "lora_scale must be from 0 to 2"),
+            ({**song, "lora": "../etc"}, "is not an adapter's name"),
+        ]:
+            answer = client.post("/v1/songs", json=bad)
+            assert answer.status_code in (400, 422) and said in answer.json()["detail"], answer.text
+    assert not server.running()

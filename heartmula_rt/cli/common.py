@@ -158,6 +158,15 @@ def add_model_options(
         default=None,
         help="CPU threads for torch's ops (default: the cores this process may use, less one)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="[NAME=]PATH[:SCALE]",
+        help="a LoRA adapter (a PEFT folder, .safetensors or .pt; SCALE: its strength, "
+        "default 1), merged into the LM before quantization; repeat for several. serve runs "
+        "them per song instead: a request chooses one by NAME (docs/lora.md)",
+    )
 
 
 def add_song_options(p: argparse.ArgumentParser) -> None:
@@ -181,15 +190,6 @@ def add_song_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help=f"classifier-free guidance ({d.cfg_scale}); ≤ 1 means none (one LM row)",
-    )
-    p.add_argument(
-        "--lora",
-        action="append",
-        default=None,
-        metavar="[NAME=]PATH[:SCALE]",
-        help="a LoRA adapter (a PEFT folder, .safetensors or .pt; SCALE: its strength, "
-        "default 1), merged into the LM before quantization; repeat for several. serve runs "
-        "them per song instead: a request chooses one by NAME (docs/lora.md)",
     )
 
 

@@ -91,8 +91,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     check_server(server)
     songs = {} if args.batch is None else {"songs": args.batch}
+    # --lora NAME=PATH: served per song, each request choosing one by name (or none).
     config = pipeline_config(
-        args, engine=args.engine, vram=args.vram, max_seconds=args.max_seconds, **songs
+        args,
+        engine=args.engine,
+        vram=args.vram,
+        max_seconds=args.max_seconds,
+        lora_per_song=True,
+        **songs,
     )
     fetch_weights(config.model_path, args.model_path)
     if args.ray:
@@ -128,6 +134,7 @@ def _serve_on_ray(
         engine=args.engine,
         vram=args.vram,
         max_seconds=args.max_seconds,
+        lora_per_song=True,
         **songs,
     )
     return run_ray_server(factory, server, scale, args.ray_address)

@@ -33,7 +33,13 @@ from pydantic import BaseModel, Field
 
 from heartmula_rt import __version__
 from heartmula_rt.errors import UserError
-from heartmula_rt.request import JSON_SETTINGS, JSON_TEXTS, CodecParams, SamplingParams
+from heartmula_rt.request import (
+    JSON_LORA,
+    JSON_SETTINGS,
+    JSON_TEXTS,
+    CodecParams,
+    SamplingParams,
+)
 from heartmula_rt.runtime.audio import WavStream
 from heartmula_rt.serve.hosts import host_refusal
 from heartmula_rt.serve.jobs import FINAL, Job
@@ -47,7 +53,7 @@ from heartmula_rt.serve.service import (
 
 # A job's request as the API shows it: the fields of a body that makes the same song (an edit's:
 # its LM run's, the section or extension; its `edit` says of what).
-BODY_FIELDS = (*JSON_TEXTS, *JSON_SETTINGS)
+BODY_FIELDS = (*JSON_TEXTS, *JSON_SETTINGS, *JSON_LORA)
 MAX_BODY_BYTES = 64 * 1024  # tags and a long lyric sheet are a few KiB
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
 KEY_COOKIE = "heartmula_rt_key"
@@ -69,6 +75,8 @@ class SongBody(BaseModel):
     num_steps: int = CodecParams.num_steps
     guidance_scale: float = CodecParams.guidance_scale
     format: str = Field(DEFAULT_FORMAT, description=f"one of {', '.join(AUDIO_FORMATS)}")
+    lora: str | None = Field(None, description="a LoRA adapter the server serves, by name")
+    lora_scale: float = Field(1.0, description="its strength: 0 to 2 times its own")
 
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -375,6 +383,12 @@ def make_app(
             "songs_at_once": service.songs_at_once,
             "formats": list(AUDIO_FORMATS),
             "defaults": SongBody().model_dump(),
+            # LoRA adapters served per song (serve --lora NAME=PATH): [{name, scale}].
+            "lora": [
+                {"name": a.name, "scale": a.scale}
+                for a in service.pipe.adapters
+                if a.name in service.pipe.lora_names
+            ],
         }
 
     @app.get("/health")

@@ -32,6 +32,7 @@ from heartmula_rt.errors import UserError
 from heartmula_rt.request import (
     DEFAULT_MAX_SECONDS,
     FRAME_MS,
+    JSON_LORA,
     SongRequest,
     max_frames_for,
     prompt_too_long,
@@ -303,6 +304,10 @@ class SongService(SongEvents):
             noise_seed=original.request.noise_seed,  # unchanged windows sound the same
             seed=sampling.seed if sampling.seed is not None else secrets.randbits(31),
         )
+        if base.request.get("lora"):  # the song's own adapter makes its edit too
+            request = replace(
+                request, lora=base.request["lora"], lora_scale=base.request.get("lora_scale", 1.0)
+            )
         fmt = body.get("format", base.format)
         parts = self._edit_parts(edit, original)
         total = request.sampling.max_frames + 1 + (0 if parts[1] is None else parts[1].shape[1])
@@ -428,7 +433,13 @@ class SongService(SongEvents):
     ) -> None:
         """Queue a job's song; an edit's `parts` are its given frames and its tail."""
         given, tail = parts
-        run = SongRun(prompt, request.sampling, given=None if given is None else given.T)
+        run = SongRun(
+            prompt,
+            request.sampling,
+            given=None if given is None else given.T,
+            lora=request.lora,  # its own adapter, run on its rows alone (serve --lora)
+            lora_scale=request.lora_scale,
+        )
         audio = LiveAudio(self.folder / f"{job.id}.pcm")
         song = _Song(request, run, sidecar=self._sidecar(job), tail=tail, job=job, audio=audio)
         self._songs[job.id] = song
@@ -563,14 +574,17 @@ def _seconds(body: dict[str, Any], name: str, *, positive: bool = False) -> floa
 def _job_request(job: Job) -> SongRequest:
     """The request a job record keeps: the sidecar's exact record (its frames exactly, whatever
     `seconds` rounds to)."""
-    return request_of_record({k: v for k, v in job.request.items() if k != "seconds"})
+    fields = {k: v for k, v in job.request.items() if k != "seconds"}
+    lora = {k: fields.pop(k) for k in JSON_LORA if k in fields}  # the song's own adapter
+    return replace(request_of_record(fields), **lora)
 
 
 def _request_fields(request: SongRequest) -> dict[str, Any]:
     """A request as the job keeps it: the sidecar's record (codes.py), and `seconds` for the
     API's view of it (app.py shows the fields of a body that makes the same song)."""
     seconds = round(request.sampling.max_frames * FRAME_MS / 1000, 3)
-    return {**request_record(request), "seconds": seconds}
+    lora = {"lora": request.lora, "lora_scale": request.lora_scale} if request.lora else {}
+    return {**request_record(request), "seconds": seconds, **lora}
 
 
 __all__ = ["AUDIO_FORMATS", "FINAL", "LiveAudio", "QueueFull", "ServiceConfig", "SongService"]

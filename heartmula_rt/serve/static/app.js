@@ -630,8 +630,31 @@
 
   $("#reset-advanced").addEventListener("click", () => applyDefaults(state.info.defaults));
 
+  // LoRA adapters the server serves per song (GET /v1/info's "lora"): a picker and a strength.
+  const loraSelect = $("#lora");
+  const loraScale = $("#lora_scale");
+  function showLoraScale() {
+    loraScale.disabled = !loraSelect.value;
+    $("#lora-scale-out").textContent = Number(loraScale.value).toFixed(2);
+  }
+  loraSelect.addEventListener("change", showLoraScale);
+  loraScale.addEventListener("input", showLoraScale);
+
+  function applyLora(adapters) {
+    const list = Array.isArray(adapters) ? adapters : [];
+    $("#lora-row").hidden = list.length === 0;
+    const chosen = loraSelect.value;
+    loraSelect.replaceChildren(
+      h("option", { value: "", text: "none" }),
+      ...list.map((a) => h("option", { value: a.name, text: a.name })),
+    );
+    if (list.some((a) => a.name === chosen)) loraSelect.value = chosen;
+    showLoraScale();
+  }
+
   function applyInfo(info) {
     state.info = info;
+    applyLora(info.lora);
     const max = Number(info.max_seconds) || 240;
     const min = Math.min(1, max);
     for (const input of [el.seconds, el.secondsRange]) {
@@ -677,6 +700,10 @@
       if (raw !== "" && Number.isFinite(v)) body[name] = INTEGER_FIELDS.has(name) ? Math.round(v) : v;
     }
     body.format = el.format.value;
+    if (loraSelect.value) {
+      body.lora = loraSelect.value;
+      body.lora_scale = Number(loraScale.value);
+    }
     return body;
   }
 
@@ -696,6 +723,10 @@
     for (const name of ADVANCED) if (r[name] !== undefined && r[name] !== null) $(`#${name}`).value = r[name];
     const format = r.format || job.format;
     if (format && [...el.format.options].some((o) => o.value === format)) el.format.value = format;
+    const lora = r.lora || "";
+    loraSelect.value = [...loraSelect.options].some((o) => o.value === lora) ? lora : "";
+    loraScale.value = String(r.lora_scale ?? 1);
+    showLoraScale();
   }
 
   // ---- generate ----------------------------------------------------------------------------
