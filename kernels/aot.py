@@ -10,11 +10,13 @@ and spills is made:
     python -m heartmula_rt.kernels.aot --json   # one JSON object per compile (the CI test),
                                                 # then the table on stderr
 
-Run it without TRITON_INTERPRET set. Each kernel module lists its launches (`aot_launches()`:
-description, jitted function, arguments with `MockTensor` stand-ins, meta-parameters) through the
-same function its op launches with, so what is compiled here is what runs; the arguments are
-specialised as the runtime would (alignment, integers equal to 1 or divisible by 16), and an
-autotuned kernel is compiled in every config it may pick.
+Run it without TRITON_INTERPRET set. Another Triton compiles them when it comes first on the path
+(`PYTHONPATH=.triton-3.6 python -m heartmula_rt.kernels.aot`: the GPU machines' Triton 3.6.0,
+which .ci/run installs there); each record says which compiled it. Each kernel module lists its
+launches (`aot_launches()`: description, jitted function, arguments with `MockTensor` stand-ins,
+meta-parameters) through the same function its op launches with, so what is compiled here is
+what runs; the arguments are specialised as the runtime would (alignment, integers equal to 1 or
+divisible by 16), and an autotuned kernel is compiled in every config it may pick.
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ class Compiled:
 
     kernel: str
     meta: str  # the meta-parameters: what a table row groups by
+    triton: str  # the version that compiled it
     launches: tuple[str, ...]
     capability: int
     seconds: float
     registers: int
     local_bytes: int  # local memory per thread: register spills (0 is what we want)
     shared_bytes: int
+    code_bytes: int  # the cubin's size: grows with the code a thread runs, unrolled
     ptx_arch: str
 
 
@@ -125,10 +129,14 @@ def _compile(task: tuple[tuple[str, ...], int, int, tuple[str, ...]]) -> Compile
     start = time.perf_counter()
     compiled = triton.compile(source, target=target, options=options)
     seconds = time.perf_counter() - start
-    registers, local, shared = resources(compiled.asm["cubin"])
+    cubin = compiled.asm["cubin"]
+    registers, local, shared = resources(cubin)
     arch = re.search(r"^\.target\s+(\S+)", compiled.asm["ptx"], re.MULTILINE)[1]
     params = ", ".join(f"{k}={v}" for k, v in meta.items())
-    return Compiled(kernel.fn.__name__, params, served, cc, seconds, registers, local, shared, arch)
+    return Compiled(
+        kernel.fn.__name__, params, triton.__version__, served, cc, seconds, registers, local,
+        shared, len(cubin), arch,
+    )  # fmt: skip
 
 
 def compile_all(
