@@ -43,6 +43,12 @@ from heartmula_rt.request import (
 from heartmula_rt.runtime.audio import WavStream
 from heartmula_rt.serve.hosts import host_refusal
 from heartmula_rt.serve.jobs import FINAL, Job
+from heartmula_rt.serve.references import (
+    CLIP_TYPES,
+    MAX_CLIP_BYTES,
+    ReferenceEmbedder,
+    check_range,
+)
 from heartmula_rt.serve.service import (
     AUDIO_FORMATS,
     DEFAULT_FORMAT,
@@ -54,6 +60,7 @@ from heartmula_rt.serve.service import (
 # A job's request as the API shows it: the fields of a body that makes the same song (an edit's:
 # its LM run's, the section or extension; its `edit` says of what).
 BODY_FIELDS = (*JSON_TEXTS, *JSON_SETTINGS, *JSON_LORA)
+BODY_FIELDS = (*BODY_FIELDS, "reference")  # a reference clip's embedding and strength
 MAX_BODY_BYTES = 64 * 1024  # tags and a long lyric sheet are a few KiB
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
 KEY_COOKIE = "heartmula_rt_key"
@@ -174,7 +181,11 @@ class _Chunks:
 
 
 def make_app(
-    service: SongService, *, api_key: str | None = None, allow_hosts: tuple[str, ...] = ()
+    service: SongService,
+    *,
+    api_key: str | None = None,
+    allow_hosts: tuple[str, ...] = (),
+    references: ReferenceEmbedder | None = None,
 ) -> FastAPI:
     """The API over `service`; with `api_key`, every route but /health needs it (header
     `Authorization: Bearer KEY` or `X-API-Key: KEY`, query `?key=KEY`, or the cookie the page
@@ -285,6 +296,32 @@ def make_app(
         (seconds; with `to` the section keeps its length and the rest follows) and any of tags,
         lyrics, seed (default: random), format; 202 with the new song's job."""
         return await _queued(request, lambda body: service.edit(job_id, "regen", body))
+
+    clips = references or ReferenceEmbedder()
+
+    @app.post("/v1/references")
+    async def create_reference(request: Request, start: float = 0.0, end: float = 30.0) -> Any:
+        """A reference clip's bytes (WAV, FLAC, Ogg or MP3, Content-Type audio/… or
+        application/octet-stream, at most MAX_CLIP_BYTES) → its MuQ-MuLan embedding for a
+        song's `"reference": {"embedding": […], "strength": s}`, of the part `start`-`end`
+        seconds (default 0-30, at most MAX_RANGE_SECONDS); cached by the clip's hash."""
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media not in CLIP_TYPES:
+            return _error(415, f"a clip is sent as audio/wav, audio/flac, audio/ogg or "
+                               f"audio/mpeg, not {media or 'no Content-Type'}")  # fmt: skip
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_CLIP_BYTES:
+            return _error(413, f"the clip is over {MAX_CLIP_BYTES} bytes")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_CLIP_BYTES:
+                return _error(413, f"the clip is over {MAX_CLIP_BYTES} bytes")
+        try:
+            seconds = check_range(start, end)
+            return await run_in_threadpool(clips.embed, bytes(data), CLIP_TYPES[media], seconds)
+        except UserError as e:
+            return _error(501 if "pip install" in str(e) else 422, str(e))
 
     @app.get("/v1/songs")
     def list_songs(limit: int = 50) -> dict[str, Any]:

@@ -6,10 +6,13 @@ limit."""
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import SongRequest
+
+MAX_REFERENCE_LENGTH = 1.01  # of a reference's embedding; MuQ-MuLan's are of length 1
 
 
 class Limits(Protocol):
@@ -43,3 +46,12 @@ def check_limits(request: SongRequest, limits: Limits, *, max_topk: int) -> None
     ):
         if value > most:
             raise UserError(f"{name} must be at most {most:g} on this server, not {value:g}")
+    if request.reference is not None:
+        # MuQ-MuLan's embeddings have length 1 (heartmula-rt's are normalised): a longer one
+        # only drives the LM's reference slot far from anything it was trained on.
+        length = math.sqrt(math.fsum(v * v for v in request.reference.embedding))
+        if length > MAX_REFERENCE_LENGTH:
+            raise UserError(
+                f"a reference embedding's length (L2 norm) must be at most "
+                f"{MAX_REFERENCE_LENGTH:g} on this server, not {length:.4g}"
+            )

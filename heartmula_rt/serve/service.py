@@ -33,6 +33,7 @@ from heartmula_rt.request import (
     DEFAULT_MAX_SECONDS,
     FRAME_MS,
     JSON_LORA,
+    Reference,
     SongRequest,
     max_frames_for,
     prompt_too_long,
@@ -194,7 +195,9 @@ class SongService(SongEvents):
         """Check an HTTP body's song and queue it; `UserError` says what is wrong with it,
         `QueueFull` that there is no room now."""
         longest = {"max_seconds": min(DEFAULT_MAX_SECONDS, self.config.max_seconds)}
-        request, extra = request_from_json(body, longest, also=("format",))
+        request, extra = request_from_json(body, longest, also=("format", "reference"))
+        if extra.get("reference") is not None:  # {"embedding": [512], "strength": s}
+            request = replace(request, reference=Reference.of_record(extra["reference"]))
         fmt = extra.get("format", DEFAULT_FORMAT)
         if request.sampling.max_frames > self.max_frames:
             raise UserError(
@@ -308,6 +311,7 @@ class SongService(SongEvents):
             request = replace(
                 request, lora=base.request["lora"], lora_scale=base.request.get("lora_scale", 1.0)
             )
+        request = replace(request, reference=original.request.reference)  # the song's own
         fmt = body.get("format", base.format)
         parts = self._edit_parts(edit, original)
         total = request.sampling.max_frames + 1 + (0 if parts[1] is None else parts[1].shape[1])

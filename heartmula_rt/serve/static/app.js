@@ -700,6 +700,7 @@
       if (raw !== "" && Number.isFinite(v)) body[name] = INTEGER_FIELDS.has(name) ? Math.round(v) : v;
     }
     body.format = el.format.value;
+    if (window.heartmulaReference) Object.assign(body, window.heartmulaReference.field());
     if (loraSelect.value) {
       body.lora = loraSelect.value;
       body.lora_scale = Number(loraScale.value);
