@@ -55,28 +55,38 @@ def prompt(models: Models) -> Prompt:
     return synthetic_prompt(256, models.lm_config.text_vocab_size)
 
 
-@pytest.fixture(scope="module")
-def logits() -> torch.Tensor:
-    """Codebook-0 logits of one CFG step: [cond, uncond] rows of the 8197-token vocabulary."""
-    g = torch.Generator(DEVICE).manual_seed(0)
-    return torch.randn(2, 8197, generator=g, device=DEVICE).to(torch.bfloat16)
+# Songs per sampler call: one song, and a batch's worth.
+SAMPLER_SONGS = [1, 16]
 
 
-def test_sampler_plain(benchmark, logits: torch.Tensor) -> None:
+def _codebook_logits(songs: int) -> torch.Tensor:
+    """Codebook-0 logits of one CFG step: [cond, uncond] rows of the 8197-token vocabulary, per
+    song."""
     g = torch.Generator(DEVICE).manual_seed(0)
+    return torch.randn(2 * songs, 8197, generator=g, device=DEVICE).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("songs", SAMPLER_SONGS)
+def test_sampler_plain(benchmark, songs: int) -> None:
+    """CFG mixing and top-k 50 sampling in torch (torch.topk for the threshold)."""
+    logits, g = _codebook_logits(songs), torch.Generator(DEVICE).manual_seed(0)
     timed(
         benchmark,
-        lambda: sample_topk(cfg_mix(logits[:1], logits[1:], 1.5), 50, 1.0, g),
+        lambda: sample_topk(cfg_mix(logits[0::2], logits[1::2], 1.5), 50, 1.0, g),
         calls=100,
     )
 
 
-def test_sampler_fused(benchmark, logits: torch.Tensor) -> None:
+@pytest.mark.parametrize("songs", SAMPLER_SONGS)
+def test_sampler_fused(benchmark, songs: int) -> None:
+    """The fused Triton sampler on the same rows (radix select for the threshold)."""
     sampling = pytest.importorskip("heartmula_rt.kernels.sampling")
-    ints, floats = sampling.new_state(2, DEVICE)
-    song = sampling.song_state(0, 2, seed=0, topk=50, cfg_scale=1.5, temperature=1.0)
-    ints.copy_(song[0])
-    floats.copy_(song[1])
+    logits = _codebook_logits(songs)
+    ints, floats = sampling.new_state(2 * songs, DEVICE)
+    for i in range(songs):
+        song = sampling.song_state(2 * i, 2, seed=i, topk=50, cfg_scale=1.5, temperature=1.0)
+        ints[2 * i : 2 * i + 2] = song[0]
+        floats[2 * i : 2 * i + 2] = song[1]
     timed(benchmark, lambda: sampling.fused_sample(logits, ints, floats, 1), calls=100)
 
 

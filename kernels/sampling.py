@@ -12,8 +12,10 @@ twin of `sampling.draw_seed`.
 On a GPU, one program per row, reading the logits of its song's rows ([cond, uncond] with
 guidance) in chunks of at most MAX_BLOCK entries: the tile is bounded whatever the vocabulary or
 the number of rows, so compile time and registers stay small (a whole-row tile of the 8197-entry
-vocabulary spilled registers and took 10 s to compile for sm_90). A guided song's two rows both
-draw its one token (the same numbers: the counters do not name the row).
+vocabulary spilled registers and took 10 s to compile for sm_90). A sampling row is read six
+times: its argmax, four passes of a radix select for its k-th largest value (`_kth_key`), and the
+draw. A guided song's two rows both draw its one token (the same numbers: the counters do not
+name the row).
 
 State layout (`new_state`): `state_ints` int64 [rows, 5] = (the first row of the song the row
 belongs to, or -1 when idle; then at a song's first row: its rows, seed, top-k, frame);
@@ -30,9 +32,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Globals read inside a jitted function must be constexprs (a real compile refuses others).
-_INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
-_INT32_MAX: tl.constexpr = tl.constexpr(2147483647)
 # A GPU program takes one row, in chunks of MAX_BLOCK entries (8 per thread of 8 warps). Triton's
 # interpreter (the CPU tests) runs programs one by one in Python, so there one program takes the
 # whole batch in one chunk, as numpy arrays.
@@ -40,6 +39,25 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_BLOCK = 2048
 TILE_LIMIT = 2**20  # Triton's largest tile
 INTS, FLOATS = 5, 2  # state entries per row
+
+
+@triton.jit
+def _settings(ints_ptr, floats_ptr, rows, row_ok, row_stride):
+    """The state of each row's song: (the song's first row, or -1 for an idle row, which reads
+    row 0's song; its seed, top-k and frame; [ROWS, 1] columns of its cfg scale, temperature,
+    first row's offset and the unconditional row's offset from that, 0 without guidance)."""
+    owner = tl.load(ints_ptr + rows * 5, mask=row_ok, other=-1)
+    first = tl.maximum(owner, 0)
+    song = ints_ptr + first * 5
+    guided = tl.load(song + 1) == 2
+    seed = tl.load(song + 2)
+    k = tl.load(song + 3)
+    frame = tl.load(song + 4)
+    scale = tl.load(floats_ptr + first * 2)[:, None]
+    temperature = tl.load(floats_ptr + first * 2 + 1)[:, None]
+    cond = (first * row_stride)[:, None]
+    cfg = (guided.to(tl.int64) * row_stride)[:, None]
+    return owner, seed, k, frame, scale, temperature, cond, cfg
 
 
 @triton.jit
@@ -56,9 +74,10 @@ def _guided(logits_ptr, cols, cond, cfg, valid, scale, temperature):
 
 @triton.jit
 def _order_key(x):
-    """Order-preserving int32 keys of float32 values."""
-    bits = x.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & _INT32_MAX)
+    """Order-preserving uint32 keys of float32 values: the sign bit set for positive values,
+    every bit flipped for negative ones."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return bits ^ ((x.to(tl.int32, bitcast=True) >> 31).to(tl.uint32, bitcast=True) | 0x80000000)
 
 
 @triton.jit
@@ -66,6 +85,55 @@ def _first_best(best, best_at, vocab):
     """Per row, the first column holding the row's largest value (torch's argmax rule)."""
     top = tl.max(best, axis=1)
     return tl.min(tl.where(best == top[:, None], best_at, vocab), axis=1)
+
+
+@triton.jit
+def _kth_key(logits_ptr, lanes, cond, cfg, scale, temperature, k, vocab, ROWS, BLOCK):
+    """Each row's k-th largest key of its guided logits over its temperature (k clamped to
+    1..vocab), exactly, by radix select: four passes over the row, each counting by their next 8
+    bits (most significant first) the keys whose higher bits are those found so far, then keeping
+    the digit the k-th largest has. Exact, so the caller's `key >= kth` keeps every tie at the
+    k-th value, as in the plain sampler."""
+    k = tl.minimum(tl.maximum(k, 1), vocab).to(tl.int32)
+    bins = tl.arange(0, 256)[None, :]
+    # tl.histogram takes one flat tensor: row r's digits count in bins 256 r.. (ROWS > 1 only in
+    # the interpreter).
+    slots = tl.arange(0, ROWS)[:, None] * 256
+    prefix = tl.zeros((ROWS,), tl.uint32)
+    for p in tl.static_range(4):
+        shift = 24 - 8 * p
+        hist = tl.zeros((ROWS, 256), tl.int32)
+        for start in range(0, vocab, BLOCK):
+            cols = start + lanes
+            valid = cols < vocab
+            key = _order_key(_guided(logits_ptr, cols, cond, cfg, valid, scale, temperature))
+            match = tl.broadcast_to(valid, (ROWS, BLOCK))
+            if shift < 24:  # the digits above this one must be those found
+                match = match & ((key >> (shift + 8)) == (prefix[:, None] >> (shift + 8)))
+            digit = ((key >> shift) & 255).to(tl.int32) + slots
+            flat = tl.histogram(
+                tl.reshape(digit, (ROWS * BLOCK,)), ROWS * 256, tl.reshape(match, (ROWS * BLOCK,))
+            )
+            hist += tl.reshape(flat, (ROWS, 256))
+        # Keys with this digit or a larger one: the k-th largest's digit is the largest digit
+        # with at least k (digit 0 has every matching key, k or more).
+        at_least = tl.sum(hist, axis=1)[:, None] - tl.cumsum(hist, axis=1) + hist
+        found = tl.max(tl.where(at_least >= k[:, None], bins, 0), axis=1)
+        k -= tl.sum(tl.where(bins > found[:, None], hist, 0), axis=1)
+        prefix |= found.to(tl.uint32) << shift
+    return prefix
+
+
+@triton.jit
+def _gumbel(seed, cols, frame, codebook):
+    """Gumbel noise of each column of a [ROWS, chunk] tile: Philox counters (column, the song's
+    frame, the codebook, 0) under the song's seed."""
+    c0 = cols.to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero + (frame & 0xFFFFFFFF).to(tl.uint32)[:, None]
+    c2 = zero + codebook.to(tl.uint32)
+    bits = tl.philox(seed[:, None] + zero.to(tl.int64), c0, c1, c2, zero)[0]
+    return -tl.log(-tl.log(tl.random.uint_to_uniform_float(bits)))
 
 
 # The codebook is a value, not a specialisation: one compile serves all eight.
@@ -81,21 +149,12 @@ def _fused_sample_kernel(
     codebook,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,  # BLOCK covers the vocabulary
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    owner = tl.load(ints_ptr + rows * 5, mask=row_ok, other=-1)
-    first = tl.maximum(owner, 0)  # an idle row computes row 0's song and stores 0
-    song = ints_ptr + first * 5
-    guided = tl.load(song + 1) == 2
-    seed = tl.load(song + 2)
-    k = tl.load(song + 3)
-    frame = tl.load(song + 4)
-    scale = tl.load(floats_ptr + first * 2)[:, None]
-    temperature = tl.load(floats_ptr + first * 2 + 1)[:, None]
-    cond = (first * row_stride)[:, None]
-    cfg = (guided.to(tl.int64) * row_stride)[:, None]  # the unconditional row's offset
+    owner, seed, k, frame, scale, temperature, cond, cfg = _settings(
+        ints_ptr, floats_ptr, rows, row_ok, row_stride
+    )
     lanes = tl.arange(0, BLOCK)[None, :]
     best = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)  # running max per lane
     best_at = tl.zeros((ROWS, BLOCK), tl.int32)  # and its column
@@ -109,55 +168,16 @@ def _fused_sample_kernel(
         best = tl.where(better, x, best)
     token = _first_best(best, best_at, vocab)
     if tl.max(tl.where(row_ok, k, 1), axis=0) > 1:  # some row samples
-        # Each row's k-th largest key, found exactly by bisection on "at least k keys are
-        # >= mid" (32 halvings of the int32 range), so ties at the k-th value are kept, as in
-        # the plain sampler. Each halving re-reads the row chunk by chunk (from L1).
-        lo_lanes = tl.full((ROWS, BLOCK), _INT32_MAX, tl.int32)
-        hi_lanes = tl.full((ROWS, BLOCK), _INT32_MIN, tl.int32)
-        for start in range(0, vocab, BLOCK):
-            cols = start + lanes
-            valid = cols < vocab
-            key = _order_key(_guided(logits_ptr, cols, cond, cfg, valid, scale, temperature))
-            lo_lanes = tl.minimum(lo_lanes, tl.where(valid, key, _INT32_MAX))
-            hi_lanes = tl.maximum(hi_lanes, tl.where(valid, key, _INT32_MIN))
-        lo = tl.min(lo_lanes, axis=1).to(tl.int64)
-        hi = tl.max(hi_lanes, axis=1).to(tl.int64) + 1
-        if ONE_CHUNK:  # the whole row is one chunk: its keys stay at hand for every halving
-            row_valid = lanes < vocab
-            row_x = _guided(logits_ptr, lanes, cond, cfg, row_valid, scale, temperature)
-            row_key = _order_key(row_x)
-        for _halving in range(32):
-            mid = lo + (hi - lo) // 2  # in [lo, hi): an int32
-            if ONE_CHUNK:
-                counts = (row_valid & (row_key >= mid.to(tl.int32)[:, None])).to(tl.int32)
-            else:
-                counts = tl.zeros((ROWS, BLOCK), tl.int32)
-                for start in range(0, vocab, BLOCK):
-                    cols = start + lanes
-                    valid = cols < vocab
-                    x = _guided(logits_ptr, cols, cond, cfg, valid, scale, temperature)
-                    counts += (valid & (_order_key(x) >= mid.to(tl.int32)[:, None])).to(tl.int32)
-            enough = tl.sum(counts, axis=1) >= k
-            open_range = hi - lo > 1
-            lo = tl.where(open_range & enough, mid, lo)
-            hi = tl.where(open_range & ~enough, mid, hi)
-        # Gumbel-max over the kept logits: a categorical draw from their softmax. Philox
-        # counters (column, the song's frame, the codebook, 0) under the song's seed.
-        kth = lo.to(tl.int32)[:, None]
+        kth = _kth_key(logits_ptr, lanes, cond, cfg, scale, temperature, k, vocab, ROWS, BLOCK)
+        # Gumbel-max over the kept logits: a categorical draw from their softmax.
         best = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)
         best_at = tl.zeros((ROWS, BLOCK), tl.int32)
         for start in range(0, vocab, BLOCK):
             cols = start + lanes
             valid = cols < vocab
             x = _guided(logits_ptr, cols, cond, cfg, valid, scale, temperature)
-            c0 = (cols + rows[:, None] * 0).to(tl.uint32)
-            zero = c0 * 0
-            c1 = zero + (frame & 0xFFFFFFFF).to(tl.uint32)[:, None]
-            c2 = zero + codebook.to(tl.uint32)
-            bits = tl.philox(seed[:, None] + zero.to(tl.int64), c0, c1, c2, zero)[0]
-            gumbel = -tl.log(-tl.log(tl.random.uint_to_uniform_float(bits)))
-            score = x + gumbel
-            better = valid & (_order_key(x) >= kth) & (score > best)
+            score = x + _gumbel(seed, cols + rows[:, None] * 0, frame, codebook)
+            better = valid & (_order_key(x) >= kth[:, None]) & (score > best)
             best_at = tl.where(better, cols, best_at)
             best = tl.where(better, score, best)
         token = tl.where(k > 1, _first_best(best, best_at, vocab), token)
@@ -202,9 +222,7 @@ def _launch(
     else:
         rows, block = 1, min(triton.next_power_of_2(vocab), MAX_BLOCK)
     args = (logits, logits.stride()[0], out, state_ints, state_floats, vocab, n_rows, codebook)
-    # A row's keys are kept for every halving when they fit: a whole 2048-entry row spilled.
-    one_chunk = block >= vocab and (interpreted or block < MAX_BLOCK)
-    meta = {"ROWS": rows, "BLOCK": block, "ONE_CHUNK": one_chunk}
+    meta = {"ROWS": rows, "BLOCK": block}
     meta["num_warps"] = 8 if block >= MAX_BLOCK else 4
     return (triton.cdiv(n_rows, rows),), args, meta
 

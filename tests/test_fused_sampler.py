@@ -10,6 +10,8 @@ from scipy.stats import chisquare
 from heartmula_rt.model.sampling import cfg_mix, sample_topk
 
 sampling = pytest.importorskip("heartmula_rt.kernels.sampling", reason="needs triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 # On a GPU machine the kernel runs compiled; elsewhere under Triton's interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -141,11 +143,11 @@ def test_compiles_without_graph_breaks() -> None:
     assert torch.equal(two_draws(logits), eager)
 
 
-def _chunked(logits: torch.Tensor, ints, floats, block: int) -> torch.Tensor:
+def _chunked(logits: torch.Tensor, ints, floats, block: int, codebook: int = 0) -> torch.Tensor:
     """The kernel launched as on a GPU (one program per row), reading rows `block` at a time."""
     out = torch.empty(logits.shape[0], 1, dtype=torch.int64, device=logits.device)
-    grid, args, meta = sampling._launch(logits, ints, floats, out, 0, interpreted=False)
-    meta.update(BLOCK=block, ONE_CHUNK=block >= logits.shape[1])
+    grid, args, meta = sampling._launch(logits, ints, floats, out, codebook, interpreted=False)
+    meta.update(BLOCK=block)
     sampling._fused_sample_kernel[grid](*args, **meta)
     return out
 
@@ -162,3 +164,89 @@ def test_chunked_rows_draw_what_one_tile_draws(topk: int) -> None:
         state = _state([dict(s, seed=seed) for s in songs], 5)
         whole = sampling.fused_sample(logits, *state, 0)
         assert torch.equal(_chunked(logits, *state, block=64), whole)
+
+
+@triton.jit
+def _draw_inputs_kernel(
+    logits_ptr, row_stride, ints_ptr, floats_ptr, vocab, codebook, x_ptr, noise_ptr, kth_ptr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Of each row's song, through the fused kernel's own functions: its guided logits over its
+    temperature, their Gumbel noise, and the k-th largest of their keys (one program a row)."""
+    rows = tl.program_id(0) + tl.arange(0, 1)
+    _, seed, k, frame, scale, temperature, cond, cfg = sampling._settings(
+        ints_ptr, floats_ptr, rows, rows >= 0, row_stride
+    )
+    cols = tl.arange(0, BLOCK)[None, :]
+    valid = cols < vocab
+    at = rows[:, None] * vocab + cols
+    x = sampling._guided(logits_ptr, cols, cond, cfg, valid, scale, temperature)
+    tl.store(x_ptr + at, x, mask=valid)
+    noise = sampling._gumbel(seed, cols + rows[:, None] * 0, frame, codebook)
+    tl.store(noise_ptr + at, noise, mask=valid)
+    kth = sampling._kth_key(logits_ptr, cols, cond, cfg, scale, temperature, k, vocab, 1, BLOCK)
+    tl.store(kth_ptr + rows, kth.to(tl.int64))
+
+
+def _order_keys(x: torch.Tensor) -> torch.Tensor:
+    """The order-preserving uint32 keys of float32 values, as int64."""
+    bits = x.view(torch.int32).long()
+    return torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+
+
+def _rows_of(n: int, vocab: int, g: torch.Generator) -> torch.Tensor:
+    """`n` rows of logits: Gaussian, a handful of values (heavy ties), or few values with masked
+    (-inf) entries, by thirds."""
+    normal = 3 * torch.randn(n, vocab, generator=g)
+    few = torch.randint(-3, 4, (n, vocab), generator=g).float()
+    masked = few.masked_fill(torch.rand(n, vocab, generator=g) < 0.4, float("-inf"))
+    kind = torch.arange(n)[:, None] % 3
+    return torch.where(kind == 0, normal, torch.where(kind == 1, few, masked))
+
+
+@pytest.mark.parametrize(("vocab", "block"), [(300, None), (300, 128), (8197, None)])
+def test_radix_select_keeps_the_top_k_rule(vocab: int, block: int | None) -> None:
+    """On many rows, heavy ties and masked entries among them, with top-k from 1 to past the
+    vocabulary: the k-th largest key is torch.topk's, and each token is the Gumbel-max over the
+    entries at or above it with the kernel's own noise (the rule the bisection kept), in one tile
+    and chunked."""
+    g = torch.Generator().manual_seed(11)
+    songs, rows = [], 0
+    for i in range(36):
+        topk = [1, 2, 3, 50, vocab - 1, vocab, vocab + 7][i % 7] if i < 28 else None
+        topk = topk or int(torch.randint(2, vocab, (1,), generator=g))
+        count = 1 + i % 2
+        settings = {"seed": i, "topk": topk, "cfg_scale": 1.0 + count * 0.5, "frame": i}
+        # Greedy rows skip the temperature (the argmax of the raw guided logits).
+        settings["temperature"] = 1.0 if topk == 1 else [0.7, 1.0, 1.3][i % 3]
+        songs.append(_song(rows, count, **settings))
+        rows += count + (i % 5 == 0)  # an idle row now and then
+    logits = _rows_of(rows, vocab, g)
+    for song in songs[1::2]:  # masked in cond rows only: guidance makes no NaN
+        logits[song["first"] + 1].nan_to_num_(neginf=0.0)
+    logits = logits.to(DEVICE)
+    state = _state(songs, rows)
+    codebook = 5
+
+    x = torch.empty(rows, vocab, device=DEVICE)
+    noise, kth = torch.empty_like(x), torch.empty(rows, dtype=torch.int64, device=DEVICE)
+    args = (logits, logits.stride(0), *state, vocab, codebook, x, noise, kth)
+    _draw_inputs_kernel[(rows,)](*args, BLOCK=triton.next_power_of_2(vocab))
+    x, noise, kth, ints = x.cpu(), noise.cpu(), kth.cpu(), state[0].cpu()
+
+    keys = _order_keys(x)
+    expected = torch.zeros(rows, 1, dtype=torch.int64)
+    for song in songs:
+        first, topk = song["first"], song["topk"]
+        k = min(topk, vocab)
+        assert kth[first] == keys[first].topk(k).values[-1]
+        kept = keys[first] >= kth[first]
+        scores = torch.where(kept, x[first] + noise[first], float("-inf"))
+        token = x[first].argmax() if topk == 1 else scores.argmax()
+        expected[first : first + song["rows"]] = token
+    assert (ints[:, 0] == -1).sum() == 8  # the idle rows draw 0
+    if block is None:
+        tokens = sampling.fused_sample(logits, *state, codebook)
+    else:
+        tokens = _chunked(logits, *state, block=block, codebook=codebook)
+    assert torch.equal(tokens.cpu(), expected)
