@@ -27,7 +27,9 @@
 #   tests        the tests marked `gpu` (pytest.ini) but not `inductor`, under pytest-timeout
 #   compile      compile engine (a cold inductor compile), 20 s: last, it may take its budget
 # Named only: micro (pytest benchmarks/), serve and overlap (on a random 3B checkpoint made at
-# /tmp/serve-3B, ~7 GB of disk; they need fastapi, uvicorn and httpx, in the image).
+# /tmp/serve-3B, ~7 GB of disk; they need fastapi, uvicorn and httpx, in the image), and lora
+# (benchmarks/lora_bench.py on that checkpoint, graph engine: 4 songs of 20 s with no adapter,
+# one merged, and 4 different rank-16 adapters per song in one batch).
 #
 # Results go to $OUT (else benchmarks/results/gpu): run.log (everything printed) and one bench
 # JSON per benchmark step, each rewritten after every run it measures (each quant mode, batch
@@ -52,7 +54,7 @@ cd "$(dirname "$0")/.."
 # name budget (seconds): the default steps, in order; then those run only when named.
 DEFAULT_STEPS=(env:40 decode:55 batch:35 codec:85 quant:45 quant-batch:30 vram:55 tests:40
     compile:35)
-NAMED_STEPS=(micro:240 serve:300 overlap:300)
+NAMED_STEPS=(micro:240 serve:300 overlap:300 lora:240)
 
 budget_of() {
     local s
@@ -243,6 +245,13 @@ overlap_bench() {
         --out-dir "$OUT" --name overlap
 }
 
+# LoRA adapters: none, merged, per song (4 different ones in one batch), side by side.
+lora_bench() {
+    make_3b || return 1
+    python3 benchmarks/lora_bench.py --model-path "$CKPT" --engine graph --songs 4 --seconds 20 \
+        --rounds 2 --out-dir "$OUT" --name lora
+}
+
 # The summary: each step's outcome, then every run of every results file.
 summary() {
     python3 - "$TESTS_LOG" "${results[@]}" <<'PY'
@@ -283,7 +292,7 @@ PY
 
 if [ -d .whl ]; then export PYTHONPATH=/tmp/site; fi
 export CKPT TESTS_LOG
-export -f bench fake_step install_env check_env gpu_tests make_3b serve_bench overlap_bench
+export -f bench fake_step install_env check_env gpu_tests make_3b serve_bench overlap_bench lora_bench
 
 for s in "${STEPS[@]}"; do
     if ! budget_of "$s" >/dev/null; then
@@ -313,6 +322,7 @@ for s in "${STEPS[@]}"; do
         micro) cmd=(python3 -m pytest -q benchmarks/ --benchmark-json="$OUT/micro.json") ;;
         serve) cmd=(serve_bench "$(budget_of serve)") ;;
         overlap) cmd=(overlap_bench) ;;
+        lora) cmd=(lora_bench) ;;
         esac
     fi
     if ! step "$s" "${cmd[@]}" && [ "$s" = env ]; then
