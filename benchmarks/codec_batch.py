@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cpu_threads import cpu_model, runnable_tasks  # noqa: E402
 
-from heartmula_rt.bench import _commit  # noqa: E402
+from heartmula_rt.bench import results as bench_results  # noqa: E402
 from heartmula_rt.config import LATENTS_PER_CODE  # noqa: E402
 from heartmula_rt.model.checkpoint import load_codec  # noqa: E402
 from heartmula_rt.model.codec.detokenize import WINDOW  # noqa: E402
@@ -127,7 +127,7 @@ def main() -> None:
     result = {
         "device": {"cpu": cpu_model(), "cpu_count": os.cpu_count()},
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": bench_results.commit(),
         "command": shlex.join(["python", *sys.argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": str(args.model_path),

@@ -133,9 +133,9 @@ def cpu_model() -> str:
 
 def commit() -> str | None:
     sys.path.insert(0, str(REPO))
-    from heartmula_rt.bench import _commit  # noqa: PLC0415
+    from heartmula_rt.bench import results as bench_results  # noqa: PLC0415
 
-    return _commit()
+    return bench_results.commit()
 
 
 def main() -> None:

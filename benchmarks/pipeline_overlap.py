@@ -47,11 +47,12 @@ from cpu_threads import runnable_tasks  # noqa: E402
 from serve_bench import SONGS, without_eos  # noqa: E402
 
 import heartmula_rt  # noqa: E402
-from heartmula_rt.bench import _commit, _device_name, _triton_version, write_results  # noqa: E402
+from heartmula_rt.bench import results as bench_results  # noqa: E402
 from heartmula_rt.request import request_from_json  # noqa: E402
 from heartmula_rt.runtime.scheduler import Scheduler, SongRun  # noqa: E402
+from heartmula_rt.serve.config import ServiceConfig  # noqa: E402
 from heartmula_rt.serve.jobs import SqliteJobStore  # noqa: E402
-from heartmula_rt.serve.service import FINAL, ServiceConfig, SongService  # noqa: E402
+from heartmula_rt.serve.service import FINAL, SongService  # noqa: E402
 
 WAYS = ("lm-alone", "pipelined", "in-turn")
 POLL_S = 0.02
@@ -237,11 +238,11 @@ def main() -> int:
     for run in runs:
         run["lm_rate_vs_alone"] = round(run["lm_frames_per_s"] / alone, 3)
     result = {
-        "device": _device_name(pipe.device),
+        "device": bench_results.device_name(pipe.device),
         "codec_device": str(pipe.config.codec_device),
         "torch": torch.__version__,
-        "triton": _triton_version(),
-        "commit": _commit(),
+        "triton": bench_results.triton_version(),
+        "commit": bench_results.commit(),
         "command": shlex.join(["python", *sys.argv]),
         "model": str(args.model_path),
         "date": date,
@@ -258,7 +259,7 @@ def main() -> int:
         "runs": runs,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_results(args.out_dir, args.name, result)
+    path = bench_results.write_results(args.out_dir, args.name, result)
     print(f"{'way':<10} {'LM frames/s':>12} {'vs alone':>9} {'wall s':>8} {'codec busy s':>13}")
     for run in runs:
         busy = "" if run["codec_busy_s"] is None else f"{run['codec_busy_s']:.2f}"

@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs of each (5)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from heartmula_rt.bench import _commit  # noqa: PLC0415
+    from heartmula_rt.bench import results as bench_results  # noqa: PLC0415
 
     commands = [
         (
@@ -69,7 +69,7 @@ def main() -> None:
             text=True,
             check=True,
         ).stdout.strip(),
-        "commit": _commit(),
+        "commit": bench_results.commit(),
         "command": shlex.join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "runs": runs,

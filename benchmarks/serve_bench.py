@@ -379,9 +379,9 @@ def device_name(device: str) -> str:
     machine: loopback only)."""
     import torch
 
-    from heartmula_rt.bench import _device_name
+    from heartmula_rt.bench import results as bench_results
 
-    return _device_name(torch.device(device))
+    return bench_results.device_name(torch.device(device))
 
 
 def procs_running() -> int | None:
@@ -511,14 +511,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from heartmula_rt.bench import _commit, _triton_version, write_results
+    from heartmula_rt.bench import results as bench_results
 
     model = str(args.model_path) if args.model_path else info.get("model")
     result = {
         "device": device_name(info["device"]),
         "torch": torch.__version__,
-        "triton": _triton_version(),
-        "commit": _commit(),
+        "triton": bench_results.triton_version(),
+        "commit": bench_results.commit(),
         "command": shlex.join(["python", *sys.argv]),
         "model": model,
         "date": date,
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     name = args.name or f"serve-{Path(model).name}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = write_results(args.out_dir, name, result)
+    path = bench_results.write_results(args.out_dir, name, result)
     print_table(summary)
     m = result["metrics"]
     print(f"most songs running {m['max_active_songs']}, longest queue {m['max_queue_length']}")

@@ -22,8 +22,9 @@ from heartmula_rt.runtime.codes import SongCodes
 
 pytest.importorskip("fastapi", reason="the server's extra: pip install -e '.[serve]'")
 
+from heartmula_rt.serve.config import ServiceConfig  # noqa: E402
 from heartmula_rt.serve.jobs import SqliteJobStore  # noqa: E402
-from heartmula_rt.serve.service import FINAL, ServiceConfig, SongService  # noqa: E402
+from heartmula_rt.serve.service import FINAL, SongService  # noqa: E402
 
 WINDOW_FRAMES = 372  # the codec's window: longer songs cross it more than once
 WAIT_S = 300.0

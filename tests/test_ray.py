@@ -23,8 +23,7 @@ from serving import ServerProcess, free_port, wait_for  # noqa: E402
 
 from heartmula_rt import cli  # noqa: E402
 from heartmula_rt.runtime.pipeline import PipelineConfig  # noqa: E402
-from heartmula_rt.serve.server import ServerConfig  # noqa: E402
-from heartmula_rt.serve.service import ServiceConfig  # noqa: E402
+from heartmula_rt.serve.config import ServerConfig, ServiceConfig  # noqa: E402
 
 # Ray's own pydantic models warn on import.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

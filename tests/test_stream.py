@@ -86,7 +86,8 @@ def test_static_engine_makes_plain_calls_after_a_stream(pipe: Pipeline) -> None:
     kwargs = {"max_frames": 10, "topk": 1, "stop_at_eos": False}
     prompt = pipe.prompt(SongRequest.of(TAGS, LYRICS, **kwargs))
     g = torch.Generator().manual_seed(0)
-    stream = SongStream(engine, pipe.codec, prompt, SamplingParams(**kwargs), ONE_STEP, generator=g)
+    sampling = SamplingParams(**kwargs)
+    stream = SongStream(pipe, prompt, sampling, ONE_STEP, generator=g, engine=engine)
     list(stream)  # the engine's state is made in the stream's worker
     assert torch.equal(engine.generate_frames(prompt, SamplingParams(**kwargs)), stream.frames)
 
@@ -134,8 +135,7 @@ def _stream_and_compare(
     holder: list[SongStream] = []
     holder.append(
         SongStream(
-            pipe.engine,
-            pipe.codec,
+            pipe,
             pipe.prompt(SongRequest.of(TAGS, LYRICS, max_frames=max_frames)),
             SamplingParams(max_frames=max_frames, seed=seed, stop_at_eos=False),
             ONE_STEP,
@@ -230,9 +230,8 @@ pipe = heartmula_rt.load_pipeline(sys.argv[1], device="cpu")
 
 def long_stream():  # every frame of a long song: the worker is busy for a while
     return SongStream(
-        pipe.engine, pipe.codec, pipe.prompt(SongRequest.of("piano", "la la", max_frames=1000)),
+        pipe, pipe.prompt(SongRequest.of("piano", "la la", max_frames=1000)),
         SamplingParams(max_frames=1000, stop_at_eos=False), CodecParams(num_steps=1),
-        lock=pipe.lock,
     )
 
 def no_worker_left():

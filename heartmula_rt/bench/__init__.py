@@ -8,33 +8,46 @@ does not depend on the engine and is timed once, on the first engine's frames.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
-import math
-import platform
-import re
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from heartmula_rt.bench.results import (
+    ResultsFile,
+    Save,
+    format_table,
+    results_dir,
+    results_of,
+    write_results,
+)
+from heartmula_rt.bench.timing import (
+    bench_codec_dtypes,
+    cache_positions,
+    codec_variant,
+    greedy_agreement,
+    lm_bytes_per_frame,
+    measure_copy_gbps,
+    peak_vram_gib,
+    reset_peak,
+    sync,
+    time_codec,
+    time_stream,
+    timed_batch,
+    timed_generate,
+)
 from heartmula_rt.config import WINDOW, default_bench_dir
 from heartmula_rt.errors import UserError
 from heartmula_rt.memory.planner import GiB, format_plan, parse_vram
-from heartmula_rt.memory.sizing import cuda_context_bytes, module_bytes
-from heartmula_rt.model.codec import HeartCodec
+from heartmula_rt.memory.sizing import cuda_context_bytes
 from heartmula_rt.model.codec.scalar import DECODE_CHUNK, largest_activation_bytes
-from heartmula_rt.model.lm import HeartMuLa
 from heartmula_rt.model.prompt import Prompt
 from heartmula_rt.model.synthetic import synthetic_prompt
 from heartmula_rt.quant import check_mode
@@ -43,7 +56,6 @@ from heartmula_rt.runtime.decode import check_length
 from heartmula_rt.runtime.engine import (
     ENGINES,
     Engine,
-    StaticEngine,
     check_engine,
     check_engine_over_streaming,
     default_engine,
@@ -54,10 +66,7 @@ from heartmula_rt.runtime.pipeline import (
     PipelineConfig,
     load_pipeline,
     plan_for,
-    prepare_codec,
 )
-from heartmula_rt.runtime.scheduler import Scheduler, SongRun
-from heartmula_rt.runtime.stream import SongStream
 
 # The prompt of runs on a real checkpoint: the tags and lyrics of a typical short song.
 SAMPLE_TAGS = "pop,piano,female vocals,happy,wedding,romantic"
@@ -87,342 +96,12 @@ la la la, oh, la la la
 DEFAULT_PROMPT_LEN = 256
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_copy_gbps(device: torch.device, repeats: int = 10, copies: int = 4) -> float:
-    """Device-to-device copy bandwidth in GB/s, bytes read plus written: what a frame that only
-    streams its weights once could reach. Median over `repeats` timings of `copies` copies."""
-    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(repeats + 2):  # two warm-ups: first touch of the pages, clocks ramping up
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(copies):
-            dst.copy_(src)
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return 2 * nbytes * copies / statistics.median(times) / 1e9
-
-
-def _bytes(weight: nn.Module | Tensor) -> int:
-    """A plain Parameter's bytes, or its quantized replacement module's."""
-    if isinstance(weight, nn.Module):
-        return module_bytes(weight)
-    return weight.numel() * weight.element_size()
-
-
-def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, rows: int) -> int:
-    """Bytes one decode frame must read, with `kv_positions` backbone positions cached.
-
-    The backbone reads each weight once (of the audio embeddings only a frame's n rows; the text
-    embeddings not at all) and its cache; codebook 0's head is read once; the depth decoder and
-    its input projection run once per codebook 1..n-1, reading their weights every time, and each
-    of those codebooks reads its own slice of the audio head.
-    """
-    cfg = model.config
-    n, bb, dec = cfg.audio_num_codebooks, cfg.backbone, cfg.decoder
-    emb = model.audio_embeddings
-    weights = (
-        module_bytes(model.backbone)
-        + module_bytes(emb) * n // emb.num_embeddings
-        + module_bytes(model.codebook0_head)
-        + (n - 1) * (module_bytes(model.decoder) + module_bytes(model.projection))
-        + _bytes(model.audio_head)
-    )
-    # Keys and values, in the activations' dtype; the decoder's step i reads i + 1 positions.
-    decoder_positions = sum(i + 1 for i in range(1, n))
-    kv_per_position = 2 * rows * model.text_embeddings.weight.element_size()
-    kv = kv_per_position * (
-        bb.num_layers * bb.num_kv_heads * bb.head_dim * kv_positions
-        + dec.num_layers * dec.num_kv_heads * dec.head_dim * decoder_positions
-    )
-    return weights + kv
-
-
-def timed_generate(
-    engine: Engine, prompt: Prompt, sampling: SamplingParams, device: torch.device
-) -> tuple[Tensor, float, float]:
-    """(frames, prefill seconds, decode seconds) of one song; prefill ends at on_frame(1)."""
-    prefill_end = math.nan
-
-    def on_frame(n: int) -> None:
-        nonlocal prefill_end
-        if n == 1:
-            _sync(device)
-            prefill_end = time.perf_counter()
-
-    _sync(device)
-    start = time.perf_counter()
-    frames = engine.generate_frames(prompt, sampling, on_frame=on_frame)
-    _sync(device)
-    return frames, prefill_end - start, time.perf_counter() - prefill_end
-
-
-def time_codec(
-    codec: HeartCodec, frames: Tensor, device: torch.device, *, seed: int, repeats: int
-) -> list[float]:
-    """Seconds to decode `frames` as the pipeline does, after one warm-up window."""
-    codec.detokenize(frames[:, :WINDOW], generator=torch.Generator().manual_seed(seed))
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        codec.detokenize(frames, generator=torch.Generator().manual_seed(seed))
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def codec_variant(base: HeartCodec, mode: str, device: torch.device) -> HeartCodec:
-    """The float32 `base` at codec dtype `mode` (a copy unless float32), prepared as a loaded
-    pipeline prepares its codec (`pipeline.prepare_codec`)."""
-    codec = base if mode == "float32" else copy.deepcopy(base)
-    return prepare_codec(codec, mode, device)
-
-
-def snr_db(x: Tensor, reference: Tensor) -> float:
-    return 10 * math.log10(reference.pow(2).sum() / (x - reference).pow(2).sum())
-
-
-def bench_codec_dtypes(
-    codec32: HeartCodec, frames: Tensor, device: torch.device, *, seed: int, repeats: int
-) -> dict[str, dict[str, Any]]:
-    """Per codec dtype: decode time of `frames`, peak memory, and the waveform's SNR against
-    float32's (same weights: the bfloat16 variants are made from the float32 codec)."""
-    results, reference = {}, None
-    for mode in ("float32", "mixed", "bfloat16"):
-        codec = codec_variant(codec32, mode, device)
-        _reset_peak(device)
-        times = time_codec(codec, frames, device, seed=seed, repeats=repeats)
-        peak = _peak_vram_gib(device)
-        wav = codec.detokenize(frames, generator=torch.Generator().manual_seed(seed))
-        reference = wav if reference is None else reference
-        results[mode] = {
-            "codec_s": statistics.median(times),
-            "snr_db": None if mode == "float32" else snr_db(wav, reference),
-            "peak_vram_gib": peak,
-            "raw_codec_s": times,
-        }
-        print(f"codec {mode}: {results[mode]['codec_s']:.2f} s", file=sys.stderr)
-        del codec, wav
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return results
-
-
-def time_stream(
-    engine: Engine,
-    codec: HeartCodec,
-    prompt: Prompt,
-    sampling: SamplingParams,
-    device: torch.device,
-) -> tuple[float, float]:
-    """(seconds to the first audio, seconds to the last) of one streamed song, every frame of
-    the budget made (`stop_at_eos=False`, as the LM timings)."""
-    _sync(device)
-    start = time.perf_counter()
-    stream = SongStream(
-        engine,
-        codec,
-        prompt,
-        sampling,
-        generator=torch.Generator().manual_seed(sampling.seed),
-        threads=torch.get_num_threads(),  # the worker runs with the caller's count
-    )
-    for _ in stream:
-        pass
-    return stream.first_audio_s, time.perf_counter() - start
-
-
-def greedy_agreement(frames: Tensor, reference: Tensor) -> tuple[float, int | None]:
-    """(fraction of tokens equal to the reference's, first frame that differs or None)."""
-    same = frames == reference
-    differing = (~same).any(dim=0).nonzero()
-    return same.double().mean().item(), int(differing[0]) if len(differing) else None
-
-
-def _peak_vram_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def parse_engines(value: str | None, device: torch.device) -> list[str]:
     """A comma list of engine names (checked by `BenchConfig`); by default the plain engine and
     the device's default one."""
     if value is None:
         value = ",".join(dict.fromkeys(("plain", default_engine(device))))
     return list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or "cpu"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
-
-
-def _commit() -> str | None:
-    """HEAD of the checkout this package runs from, "+dirty" if tracked files changed."""
-    repo = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-
-    try:
-        head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
-
-
-def write_results(out_dir: Path, name: str, result: dict[str, Any]) -> Path:
-    """`out_dir/{utc date}_{device}_{name}.json`, with a numbered suffix rather than overwrite."""
-    stem = f"{result['date'][:10]}_{_slug(result['device'])}_{_slug(name)}"
-    path, n = out_dir / f"{stem}.json", 1
-    while True:
-        try:
-            with path.open("x") as f:
-                json.dump(result, f, indent=2)
-                f.write("\n")
-            return path
-        except FileExistsError:
-            n += 1
-            path = out_dir / f"{stem}-{n}.json"
-        except OSError as e:
-            raise UserError(f"cannot write {path} ({e.strerror})") from None
-
-
-class ResultsFile:
-    """One results file written whole again after each run, so that a benchmark cut short (a
-    timeout) still leaves every run it finished."""
-
-    def __init__(self, out_dir: Path, name: str) -> None:
-        self.out_dir, self.name = out_dir, name
-        self.path: Path | None = None
-
-    def write(self, result: dict[str, Any]) -> Path:
-        if self.path is None:
-            self.path = write_results(self.out_dir, self.name, result)
-        else:
-            part = self.path.with_name(self.path.name + ".part")
-            try:
-                part.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-                part.replace(self.path)  # atomic: a kill mid-write keeps the last whole file
-            except OSError as e:
-                raise UserError(f"cannot write {self.path} ({e.strerror})") from None
-        print(f"saved {len(result['runs'])} run(s) to {self.path}", file=sys.stderr)
-        return self.path
-
-
-# Saves the runs measured so far (and the codec object, once measured) to the results file.
-Save = Callable[[list[dict[str, Any]], dict[str, Any] | None], Path]
-
-
-# Columns of the summary table: (title, run field, format).
-_TABLE = (
-    ("songs", "songs", "d"),
-    ("frames", "frames", "d"),
-    ("prefill ms", "prefill_ms", ".1f"),
-    ("frames/s", "lm_frames_per_s", ".2f"),
-    ("song f/s", "song_frames_per_s", ".2f"),
-    ("vs 1", "batch_speedup", ".2f"),
-    ("ms/frame", "ms_per_frame", ".2f"),
-    ("floor ms", "floor_ms_per_frame", ".2f"),
-    ("GB/s", "achieved_gbps", ".0f"),
-    ("codec s", "codec_s", ".2f"),
-    ("e2e RTF", "e2e_rtf", ".3f"),
-    ("VRAM GiB", "peak_vram_gib", ".1f"),
-    ("greedy", "greedy_agreement", ".4f"),
-)
-
-
-def format_table(runs: list[dict[str, Any]]) -> str:
-    """One line per run: the numbers to compare at a glance ("-" where not measured)."""
-    rows = [["run", *(title for title, _, _ in _TABLE)]]
-    for run in runs:
-        cells = ["-" if run.get(key) is None else format(run[key], spec) for _, key, spec in _TABLE]
-        rows.append([run["name"], *cells])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        " ".join(
-            [row[0].ljust(widths[0])]
-            + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        )
-        for row in rows
-    )
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    """A results file written by `heartmula-rt bench`."""
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"results file {path} does not exist") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror})") from None
-    except ValueError:
-        raise UserError(f"{path} is not a JSON file") from None
-    runs = result.get("runs") if isinstance(result, dict) else None
-    if not isinstance(runs, list) or not all(
-        isinstance(r, dict) and {"name", "lm_frames_per_s", "e2e_rtf"} <= r.keys() for r in runs
-    ):
-        raise UserError(f"{path} is not a results file of heartmula-rt bench")
-    return result
-
-
-def plot_results(files: list[Path], png: Path) -> None:
-    """Bars of LM frames/s and end-to-end RTF for every run of every results file."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
-    labels, fps, rtf = [], [], []
-    for path in files:
-        result = read_results(path)
-        for run in result["runs"]:
-            labels.append(f"{result.get('device', '?')} {run['name']}")
-            fps.append(run["lm_frames_per_s"])
-            rtf.append(math.nan if run["e2e_rtf"] is None else run["e2e_rtf"])
-    fig = Figure(figsize=(12, 1.5 + 0.4 * len(labels)), layout="constrained")
-    left, right = fig.subplots(1, 2, sharey=True)
-    rows = list(range(len(labels)))
-    left.bar_label(left.barh(rows, fps), fmt="%.1f", padding=2)
-    left.axvline(1000 / FRAME_MS, color="k", linestyle="--", linewidth=1)
-    left.set(yticks=rows, yticklabels=labels, xlabel="LM frames/s (dashed: real time, 12.5)")
-    left.invert_yaxis()  # first run on top
-    rtf_labels = ["" if math.isnan(r) else f"{r:.3f}" for r in rtf]  # no codec: no bar
-    right.bar_label(right.barh(rows, rtf), labels=rtf_labels, padding=2)
-    right.axvline(1, color="k", linestyle="--", linewidth=1)
-    right.set(xlabel="end-to-end RTF (below 1: faster than real time)")
-    for ax in (left, right):
-        ax.margins(x=0.12)  # room for the value labels
-    try:
-        fig.savefig(png, format="png")
-    except OSError as e:
-        raise UserError(f"cannot write {png} ({e.strerror})") from None
 
 
 @dataclass(frozen=True)
@@ -508,14 +187,6 @@ def bench_prompt(pipe: Pipeline, config: BenchConfig) -> Prompt:
     return pipe.prompt(SongRequest(SAMPLE_TAGS, SAMPLE_LYRICS, config.sampling))
 
 
-def _results_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the results folder {path} ({e.strerror})") from None
-    return path
-
-
 @dataclass
 class LMTiming:
     """One engine's LM measurements: counted runs only, peak memory over all of them."""
@@ -528,13 +199,13 @@ class LMTiming:
 
 
 def _time_lm(
-    engine: Engine, prompt: Prompt, device: torch.device, config: BenchConfig
+    pipe: Pipeline, engine: Engine, prompt: Prompt, config: BenchConfig
 ) -> tuple[Tensor, list[float], list[float]]:
     """The last run's frames and each counted run's prefill and decode seconds: `warmup`
     runs, then `repeats` counted ones, with the benchmark's sampling settings."""
     prefill_s, decode_s = [], []
     for i in range(config.warmup + config.repeats):
-        frames, prefill, decode = timed_generate(engine, prompt, config.sampling, device)
+        frames, prefill, decode = timed_generate(pipe, engine, prompt, config.sampling)
         what = "warm-up" if i < config.warmup else f"run {i - config.warmup + 1}/{config.repeats}"
         fps = (frames.shape[1] - 1) / decode
         print(f"{engine.name} {what}: {fps:.2f} frames/s", file=sys.stderr)
@@ -544,42 +215,15 @@ def _time_lm(
     return frames, prefill_s, decode_s
 
 
-def timed_batch(
-    engine: Engine, prompt: Prompt, sampling: SamplingParams, songs: int, device: torch.device
-) -> tuple[list[float], float]:
-    """(each song's prefill seconds, decode seconds) of `songs` songs of `prompt` run together
-    (seeds `seed`, `seed + 1`, …), every one admitted at the start: the songs' prefills run
-    one after another, each its own prompt's length, and decoding starts after the last one."""
-    runs = [SongRun(prompt, replace(sampling, seed=sampling.seed + i)) for i in range(songs)]
-    firsts: list[float] = []
-
-    def on_frame(made: int) -> None:
-        if made == 1:
-            _sync(device)
-            firsts.append(time.perf_counter())
-
-    scheduler = Scheduler(songs * sampling.cfg_rows, len(prompt) + sampling.max_frames)
-    for run in runs:
-        run.on_frame = on_frame
-        scheduler.submit(run)
-    _sync(device)
-    start = time.perf_counter()
-    engine.run(scheduler)
-    _sync(device)
-    end = time.perf_counter()
-    prefills = [b - a for a, b in zip([start, *firsts], firsts, strict=False)]
-    return prefills, end - firsts[-1]
-
-
 def _time_batch(
-    engine: Engine, prompt: Prompt, device: torch.device, config: BenchConfig, songs: int
+    pipe: Pipeline, engine: Engine, prompt: Prompt, config: BenchConfig, songs: int
 ) -> tuple[list[float], list[float]]:
     """Each counted run's median prefill of one song and decode seconds of `songs` songs at
     once (`warmup` runs first, not counted)."""
     prefill_s, decode_s = [], []
     frames = songs * config.sampling.max_frames
     for i in range(config.warmup + config.repeats):
-        prefills, decode = timed_batch(engine, prompt, config.sampling, songs, device)
+        prefills, decode = timed_batch(pipe, engine, prompt, config.sampling, songs)
         what = "warm-up" if i < config.warmup else f"run {i - config.warmup + 1}/{config.repeats}"
         print(
             f"{engine.name} {songs} songs {what}: {frames / decode:.2f} frames/s in all",
@@ -676,21 +320,6 @@ def parse_batch_sizes(value: str | None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(sizes))
 
 
-def _result(device: torch.device, model_name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """A results file's object: where and how it was measured, then its runs."""
-    return {
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "commit": _commit(),
-        "command": shlex.join(sys.argv),
-        "threads": torch.get_num_threads(),
-        "model": model_name,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "runs": runs,
-    }
-
-
 def _settings(config: BenchConfig, pipe: PipelineConfig, quant: str, prompt_len: int):
     """The settings every run of a file records (benchmarks/README.md)."""
     sampling = config.sampling
@@ -709,7 +338,7 @@ def _settings(config: BenchConfig, pipe: PipelineConfig, quant: str, prompt_len:
 
 def run_bench(config: BenchConfig) -> int:
     """Every run `config` asks for, one results file per quantization sweep or budget."""
-    out_dir = _results_dir(config.out_dir)
+    out_dir = results_dir(config.out_dir)
     torch.set_num_threads(config.pipeline.threads)
     if config.vram_budgets:
         return _bench_budgets(config, out_dir)
@@ -723,7 +352,7 @@ def run_bench(config: BenchConfig) -> int:
     results = ResultsFile(out_dir, config.name or default_name)
 
     def save(more: list[dict[str, Any]], codec: dict[str, Any] | None) -> Path:
-        result = _result(device, model_name, runs + more)
+        result = results_of(device, model_name, runs + more)
         result["codec"] = codec_dtypes or codec
         return results.write(result)
 
@@ -777,9 +406,9 @@ def _bench_quant_mode(
 
     timings: dict[str, LMTiming] = {}
     for name, engine in engines.items():
-        _reset_peak(device)
-        frames, prefill_s, decode_s = _time_lm(engine, prompt, device, config)
-        peak = _peak_vram_gib(device)
+        reset_peak(device)
+        frames, prefill_s, decode_s = _time_lm(pipe, engine, prompt, config)
+        peak = peak_vram_gib(device)
         greedy = (None, None)
         if reference is not None:
             greedy = greedy_agreement(_greedy(engine, prompt, config), reference)
@@ -798,7 +427,7 @@ def _bench_quant_mode(
         # Only the warm-up window (graph capture), as a loaded pipeline has done it once.
         time_codec(codec, frames, device, seed=0, repeats=0)
         for name, engine in engines.items():
-            streams[name] = time_stream(engine, codec, prompt, sampling, device)
+            streams[name] = time_stream(pipe, engine, codec, prompt, sampling)
             print(f"{name} streamed: first audio after {streams[name][0]:.2f} s", file=sys.stderr)
 
     rows, p = settings["cfg_rows"], len(prompt)
@@ -830,6 +459,7 @@ def _bench_quant_mode(
     if config.batch_sizes:
         runs = _batch_runs(
             config,
+            pipe,
             engines,
             timings,
             runs,
@@ -843,6 +473,7 @@ def _bench_quant_mode(
 
 def _batch_runs(
     config: BenchConfig,
+    pipe: Pipeline,
     engines: dict[str, Engine],
     timings: dict[str, LMTiming],
     singles: list[dict[str, Any]],
@@ -862,9 +493,9 @@ def _batch_runs(
         for songs in config.batch_sizes:
             if songs == 1:
                 continue
-            _reset_peak(device)
-            prefill_s, decode_s = _time_batch(engine, prompt, device, config, songs)
-            timing = LMTiming(timings[name].frames, prefill_s, decode_s, _peak_vram_gib(device))
+            reset_peak(device)
+            prefill_s, decode_s = _time_batch(pipe, engine, prompt, config, songs)
+            timing = LMTiming(timings[name].frames, prefill_s, decode_s, peak_vram_gib(device))
             positions = len(prompt) + config.sampling.max_frames
             run = _record(
                 name,
@@ -883,12 +514,6 @@ def _batch_runs(
             runs.append(run)
             save(runs + singles[i + 1 :])
     return runs
-
-
-def cache_positions(engine: Engine, positions: int) -> int:
-    """The cache positions `engine` keeps (and a batch of several songs reads every step) for
-    songs needing `positions`: the static engine rounds its capacity up."""
-    return engine.capacity_for(positions) if isinstance(engine, StaticEngine) else positions
 
 
 def _codec_result(pipe: Pipeline, dtypes: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -927,20 +552,20 @@ def _bench_budgets(config: BenchConfig, out_dir: Path) -> int:
         try:
             pipe = load_pipeline(config.for_budget(budget))
             prompt = bench_prompt(pipe, config)
-            _reset_peak(device)
-            frames, prefill_s, decode_s = _time_lm(pipe.engine, prompt, device, config)
+            reset_peak(device)
+            frames, prefill_s, decode_s = _time_lm(pipe, pipe.engine, prompt, config)
             pipe.decode_frames(frames[:, :WINDOW], seed=sampling.seed)  # warm-up: one window
             codec_s = []
             for _ in range(config.codec_repeats):
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 pipe.decode_frames(frames, seed=sampling.seed)
-                _sync(device)
+                sync(device)
                 codec_s.append(time.perf_counter() - start)
             # Both phases' peak, plus the CUDA context the allocator does not see, read again
             # now: kernels loaded since the probe count, as the plan's headroom assumes.
             context_after = cuda_context_bytes(device)
-            peak = _peak_vram_gib(device) + context_after / GiB
+            peak = peak_vram_gib(device) + context_after / GiB
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         plan = pipe.plan
@@ -964,7 +589,7 @@ def _bench_budgets(config: BenchConfig, out_dir: Path) -> int:
         run["headroom_gib"] = plan.headroom_bytes / GiB
         run["overheads"] = dataclasses.asdict(plan.overheads)
         run["cuda_context_after_gib"] = context_after / GiB
-        result = _result(device, _model_name(pipe), [run])
+        result = results_of(device, _model_name(pipe), [run])
         path = write_results(out_dir, f"vram-{plan.budget_bytes / GiB:g}G", result)
         print(format_table([run]))
         print(f"wrote {path}", file=sys.stderr)  # stdout: the table only

@@ -124,7 +124,8 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from heartmula_rt.bench import plot_results, run_bench
+    from heartmula_rt.bench import run_bench
+    from heartmula_rt.bench.results import plot_results
 
     if args.plot is not None:
         png, *files = args.plot

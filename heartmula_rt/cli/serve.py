@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING
 from heartmula_rt.cli.common import add_model_options, fetch_weights, pipeline_config
 from heartmula_rt.config import API_KEY_ENV, DEFAULT_SONGS_AT_ONCE, ENGINES
 from heartmula_rt.errors import UserError
-from heartmula_rt.request import DEFAULT_MAX_SECONDS
+from heartmula_rt.serve.config import ScaleConfig, ServerConfig, ServiceConfig
+
+# The flags' defaults are the configs' own (serve/config.py).
+SERVICE, SERVER, SCALE = ServiceConfig(), ServerConfig(ServiceConfig()), ScaleConfig()
 
 if TYPE_CHECKING:
     from heartmula_rt.runtime.pipeline import PipelineConfig
@@ -21,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve", help="an HTTP API and web page: songs from many clients, heard while made"
     )
     p.add_argument("--model-path", type=Path, default=None, help="checkpoint folder (as for gen)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--host", default=SERVER.host, help=f"address to bind ({SERVER.host})")
+    p.add_argument("--port", type=int, default=SERVER.port, help=f"port ({SERVER.port})")
     p.add_argument(
         "--api-key",
         default=None,
@@ -39,17 +42,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--folder",
         type=Path,
-        default=Path("heartmula-rt-songs"),
-        help="where the job database and every song's files go (./heartmula-rt-songs)",
+        default=SERVICE.folder,
+        help=f"where the job database and every song's files go (./{SERVICE.folder})",
     )
     p.add_argument(
         "--max-seconds",
         type=float,
-        default=DEFAULT_MAX_SECONDS,
-        help=f"the longest song a request may ask for ({DEFAULT_MAX_SECONDS:g})",
+        default=SERVICE.max_seconds,
+        help=f"the longest song a request may ask for ({SERVICE.max_seconds:g})",
     )
     p.add_argument(
-        "--max-queue", type=int, default=32, help="songs waiting beyond those running (32)"
+        "--max-queue",
+        type=int,
+        default=SERVICE.max_queue,
+        help=f"songs waiting beyond those running ({SERVICE.max_queue})",
     )
     p.add_argument(
         "--batch",
@@ -66,7 +72,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ray.add_argument("--replicas", type=int, default=1, help="replicas (1; or min/max below)")
     ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling's least")
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling's most")
-    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs a replica takes (1)")
+    ray.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=SCALE.num_cpus,
+        help=f"CPUs a replica takes ({SCALE.num_cpus:g})",
+    )
     ray.add_argument(
         "--replica-gpus",
         type=float,
@@ -79,8 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from heartmula_rt.serve.server import ServerConfig, check_server, run_server
-    from heartmula_rt.serve.service import ServiceConfig
+    from heartmula_rt.serve.server import check_server, run_server
 
     server = ServerConfig(
         ServiceConfig(args.folder, args.batch, args.max_queue, args.max_seconds),
@@ -114,7 +124,7 @@ def _serve_on_ray(
     import functools
 
     try:
-        from heartmula_rt.serve.ray_app import ScaleConfig, run_ray_server
+        from heartmula_rt.serve.ray_app import run_ray_server
     except ImportError as e:
         raise UserError(
             f"serve --ray needs Ray Serve ({e.name} is missing): pip install 'heartmula-rt[ray]'"

@@ -608,15 +608,12 @@ class Pipeline:
                 "song runner), or load the adapter merged"
             )
         return SongStream(
-            self.engine,
-            self.codec,
+            self,
             self.prompt(request),
             request.sampling,
             request.codec,
             generator=codec_noise(request.noise_seed),
             on_frame=on_frame,
-            lock=self.lock,
-            threads=self.threads,
         )
 
 

@@ -43,10 +43,11 @@ from heartmula_rt.runtime.audio import partial_path, write_audio
 from heartmula_rt.runtime.codes import SongCodes, sidecar_path
 from heartmula_rt.runtime.decode import check_length, song_codes
 from heartmula_rt.runtime.events import SongEvents
+from heartmula_rt.runtime.live import LiveDecoder
 from heartmula_rt.runtime.scheduler import Scheduler, SongRun
-from heartmula_rt.runtime.stream import LiveDecoder
 
 if TYPE_CHECKING:
+    from heartmula_rt.runtime.engine import Engine
     from heartmula_rt.runtime.pipeline import Pipeline
 
 SAVE_EVERY_S = 10.0  # at most this much of the LM's work is lost if the process dies
@@ -416,8 +417,10 @@ class SongRunner:
         events: SongEvents | None = None,
         live: bool = False,
         one_song: bool = False,
+        engine: Engine | None = None,
     ) -> None:
         self.pipe, self.live = pipe, live
+        self.engine = pipe.engine if engine is None else engine
         self.events = events or SongEvents()
         self.scheduler = Scheduler(rows, positions, one_song=one_song)
         self.songs: list[Song] = []
@@ -435,11 +438,12 @@ class SongRunner:
     # -- any thread --------------------------------------------------------------------------
 
     def submit(self, song: Song) -> Song:
-        """Queue a song (refused in one line if it can never fit the rows)."""
+        """Queue a song (refused in one line if it can never fit the rows). Callbacks its run
+        already has (`on_codes`, `on_end`: a caller of `run_songs`) are called first."""
         run = song.run
         check_length(self.pipe.lm, run.prompt, run.sampling.max_frames)
-        run.on_codes = lambda new: self._on_codes(song, new)
-        run.on_end = lambda why: self._on_end(song, why)
+        run.on_codes = _then(run.on_codes, lambda new: self._on_codes(song, new))
+        run.on_end = _then(run.on_end, lambda why: self._on_end(song, why))
         self.scheduler.submit(run)
         self.songs.append(song)
         self._wake.set()
@@ -473,7 +477,7 @@ class SongRunner:
     def _run_lm(self) -> None:
         with self.pipe.lock, torch.no_grad():
             torch.set_num_threads(self.pipe.threads)  # per thread: the caller's may differ
-            self.pipe.engine.run(self.scheduler)
+            self.engine.run(self.scheduler)
 
     def _finish_codec(self) -> None:
         if self._codec is None:
@@ -587,14 +591,31 @@ def one_song_runner(pipe: Pipeline, song: Song, **options) -> SongRunner:
     return runner
 
 
+def _then(first: Callable | None, then: Callable) -> Callable:
+    """A callback that calls `first` (if any), then `then`."""
+    if first is None:
+        return then
+
+    def both(arg: object) -> None:
+        first(arg)
+        then(arg)
+
+    return both
+
+
 def run_songs(
-    pipe: Pipeline, runs: Sequence[SongRun], rows: int, *, one_song: bool = False
+    pipe: Pipeline,
+    runs: Sequence[SongRun],
+    rows: int,
+    *,
+    one_song: bool = False,
+    engine: Engine | None = None,
 ) -> list[torch.Tensor]:
-    """Runs through the LM alone (no codec, no sidecar): their codes, in order; Ctrl-C raises
-    `SongsInterrupted` with each one's frames so far in its `codes`."""
-    runner = SongRunner(
-        pipe, rows=rows, positions=max(r.positions for r in runs), one_song=one_song
-    )
+    """Runs through the LM alone (no codec, no sidecar; `engine`: another than the pipeline's,
+    as bench compares them): their codes, in order; Ctrl-C raises `SongsInterrupted` with each
+    one's frames so far in its `codes`."""
+    positions = max(r.positions for r in runs)
+    runner = SongRunner(pipe, rows=rows, positions=positions, one_song=one_song, engine=engine)
     for run in runs:
         runner.submit(Song(None, run=run))
     try:

@@ -1,68 +1,44 @@
 """Streaming: a song's audio while the LM is still making it.
 
-One worker thread runs the LM and, from its `on_codes` callback, feeds each batch of new codes to
-the codec's `WindowDecoder` (interleaving): a window is decoded as soon as its codes are certain
-and the audio up to the next crossfade comes out. On a GPU the codec runs on a second CUDA
-stream (its own, reused by every song) and its audio is copied back asynchronously, so the LM's
-next frames run on the GPU beside it; the host collects finished pieces at the next callback.
-The consumer (a file writer, a player) reads float32 [2, n] numpy pieces from `SongStream`, whose
-concatenation is bit for bit the non-streamed song of the same seed: the same decoder does the
-same work in both.
+One worker thread runs the LM through the song runner (runner.py) and, from its `on_codes`
+callback, feeds each batch of new codes to the codec's `LiveDecoder` (live.py; interleaving): a
+window is decoded as soon as its codes are certain and the audio up to the next crossfade comes
+out. On a GPU the codec runs on a second CUDA stream (its own, reused by every song) and its
+audio is copied back asynchronously, so the LM's next frames run on the GPU beside it; the host
+collects finished pieces at the next callback. The consumer (a file writer, a player) reads
+float32 [2, n] pieces from `SongStream`, whose concatenation is bit for bit the non-streamed song
+of the same seed: the same decoder does the same work in both.
 
 All GPU work stays on the worker thread, so CUDA graph captures never see another thread's
-launches; the consumer thread only touches numpy arrays.
+launches; the consumer thread only touches host memory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from heartmula_rt.model.codec import DecodeCancelled, HeartCodec
+from heartmula_rt.model.codec import HeartCodec
 from heartmula_rt.model.prompt import Prompt
 from heartmula_rt.request import DEFAULT_CODEC, CodecParams, SamplingParams
-from heartmula_rt.runtime.decode import GenerationInterrupted, OnFrame
+from heartmula_rt.runtime.decode import OnFrame
 from heartmula_rt.runtime.engine import Engine
+from heartmula_rt.runtime.live import LiveDecoder
+from heartmula_rt.runtime.runner import SongsInterrupted, run_songs
+from heartmula_rt.runtime.scheduler import SongRun
+
+if TYPE_CHECKING:
+    from heartmula_rt.runtime.pipeline import Pipeline
 
 _END = object()  # queue marker: the song is complete
-
-
-class _Readback:
-    """Device pieces → host numpy, in order; on CUDA without waiting for the device."""
-
-    def __init__(self, device: torch.device, put: Callable[[np.ndarray], None]) -> None:
-        self.cuda = device.type == "cuda"
-        self.put = put
-        self.pending: deque[tuple[Any, torch.Tensor]] = deque()  # (event, pinned host copy)
-
-    def add(self, pieces: list[torch.Tensor]) -> None:
-        for piece in pieces:
-            if not self.cuda:
-                self.put(np.ascontiguousarray(piece.numpy()))
-                continue
-            host = torch.empty(piece.shape, dtype=piece.dtype, pin_memory=True)
-            host.copy_(piece, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.pending.append((event, host))
-        self.flush(wait=False)
-
-    def flush(self, *, wait: bool) -> None:
-        """Hand out the pieces whose copies are done (all of them, waiting, if `wait`)."""
-        while self.pending and (wait or self.pending[0][0].query()):
-            event, host = self.pending.popleft()
-            event.synchronize()
-            self.put(host.numpy())
 
 
 class _Song:
@@ -114,32 +90,33 @@ class SongStream:
     remaining work is skipped, unread pieces are dropped and the iteration ends. Both return
     with the worker thread finished, so nothing is left running.
 
-    With a `lock` (the pipeline's), the worker holds it from the song's first frame to its last
-    piece: songs of one pipeline run one at a time.
+    The worker holds the pipeline's lock from the song's first frame to its last piece: songs of
+    one pipeline run one at a time.
     """
 
     def __init__(
         self,
-        engine: Engine,
-        codec: HeartCodec,
+        pipe: Pipeline,
         prompt: Prompt,
         sampling: SamplingParams,
         codec_params: CodecParams = DEFAULT_CODEC,
         *,
         generator: torch.Generator | None = None,
         on_frame: OnFrame | None = None,
-        lock: threading.RLock | None = None,
-        threads: int | None = None,
+        engine: Engine | None = None,
+        codec: HeartCodec | None = None,
     ) -> None:
-        """`generator` draws the codec's noise (None: fresh random noise); `threads` is torch's
-        CPU thread count in the worker (None: torch's default for a new thread, the count last
-        set in any thread)."""
+        """`generator` draws the codec's noise (None: fresh random noise); `engine` and `codec`
+        replace the pipeline's own (bench compares them). The worker holds `pipe.lock` and
+        runs torch with `pipe.threads`."""
         self._song = song = _Song()
         self._ended = False
-        work = _Work(engine, codec, prompt, sampling, codec_params, generator, on_frame)
+        work = _Work(pipe, engine or pipe.engine, codec or pipe.codec, prompt, sampling,
+                     codec_params, generator, on_frame)  # fmt: skip
         self._thread = threading.Thread(
-            target=_run, args=(song, lock, threads, work), name="heartmula-rt song", daemon=True
-        )
+            target=_run, args=(song, pipe.lock, pipe.threads, work), name="heartmula-rt song",
+            daemon=True,
+        )  # fmt: skip
         self._thread.start()
         # Runs close() once: on close(), on garbage collection, or at interpreter exit (daemon
         # threads still running inside torch when the interpreter ends abort the process).
@@ -188,8 +165,10 @@ class SongStream:
 
 @dataclass(frozen=True)
 class _Work:
-    """What the worker runs: one song through one engine and one codec."""
+    """What the worker runs: one song of `pipe` through the song runner with `engine`, decoded
+    by `codec`."""
 
+    pipe: Pipeline
     engine: Engine
     codec: HeartCodec
     prompt: Prompt
@@ -199,10 +178,9 @@ class _Work:
     on_frame: OnFrame | None
 
 
-def _run(song: _Song, lock: threading.RLock | None, threads: int | None, work: _Work) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)  # torch keeps the count per thread
-    held = lock is None or _acquire(lock, song.stop)
+def _run(song: _Song, lock: threading.RLock, threads: int, work: _Work) -> None:
+    torch.set_num_threads(threads)  # torch keeps the count per thread
+    held = _acquire(lock, song.stop)
     try:
         if held:
             # Not inference_mode: the static engine's state outlives the song, and inference
@@ -219,7 +197,7 @@ def _run(song: _Song, lock: threading.RLock | None, threads: int | None, work: _
     else:
         song.queue.put(_END)
     finally:
-        if held and lock is not None:
+        if held:
             lock.release()
 
 
@@ -229,50 +207,6 @@ def _acquire(lock: threading.RLock, stop: threading.Event) -> bool:
         if stop.is_set():
             return False
     return True
-
-
-class LiveDecoder:
-    """A song's codec while its frames come: `push(new)` decodes the windows the new codes
-    complete and hands their audio to `put` as float32 [2, n] numpy pieces; `finish()` decodes
-    the rest, to the song's end, and hands out every piece. On a GPU the codec runs on its side
-    stream and the pieces are copied back without waiting; `put` may then come a push later."""
-
-    def __init__(
-        self,
-        codec: HeartCodec,
-        params: CodecParams,
-        *,
-        generator: torch.Generator | None,
-        put: Callable[[np.ndarray], None],
-        stop: Callable[[], bool] | None = None,
-    ) -> None:
-        self.device = codec.flow_matching.cond_feature_emb.weight.device
-        self.side = codec.side_stream.get(self.device) if self.device.type == "cuda" else None
-        with self._on_side():  # `stop`: the song was cancelled (WindowDecoder, DecodeCancelled)
-            self.decoder = codec.window_decoder(params, generator=generator, stop=stop)
-        self.readback = _Readback(self.device, put)
-
-    def _on_side(self) -> contextlib.AbstractContextManager:
-        """Every codec tensor is made and used on the side stream, never across streams."""
-        return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
-
-    def _decode(self, pieces: Callable[[], list[torch.Tensor]]) -> None:
-        if self.side is not None:  # the codes were written on the LM's stream
-            self.side.wait_stream(torch.cuda.current_stream(self.device))
-        with self._on_side():
-            try:
-                done = pieces()
-            except DecodeCancelled as e:  # a cancelled song: the windows before are its audio
-                self.readback.add(e.pieces[0] if e.pieces else [])
-                raise
-            self.readback.add(done)
-
-    def push(self, new: torch.Tensor) -> None:
-        self._decode(lambda: self.decoder.push(new))
-
-    def finish(self) -> None:
-        self._decode(self.decoder.finish)
-        self.readback.flush(wait=True)
 
 
 def _generate(song: _Song, work: _Work) -> None:
@@ -286,12 +220,11 @@ def _generate(song: _Song, work: _Work) -> None:
         received += new.shape[1]
         live.push(new)
 
+    run = SongRun(work.prompt, work.sampling, on_frame=work.on_frame, on_codes=on_codes)
     try:
-        frames = work.engine.generate_frames(
-            work.prompt, work.sampling, on_frame=work.on_frame, on_codes=on_codes
-        )
-    except GenerationInterrupted as stopped:
-        frames, song.interrupted = stopped.frames, True
+        (frames,) = run_songs(work.pipe, [run], run.rows, one_song=True, engine=work.engine)
+    except SongsInterrupted as stopped:
+        frames, song.interrupted = stopped.songs[0].codes, True
     song.frames = frames
     if frames.shape[1] == 0 or song.closed.is_set():
         return  # stopped before the first frame (no song), or closed (nobody listens)

@@ -1,4 +1,5 @@
-"""The HTTP API of `heartmula-rt serve` (FastAPI), over one `SongService`.
+"""The HTTP API of `heartmula-rt serve` (FastAPI), over a `SongBackend` (backend.py): one
+pipeline's `SongService`, or the Ray router over replicas.
 
 Routes: `POST /v1/songs`, `GET /v1/songs`, `GET|DELETE /v1/songs/{id}`, `GET
 /v1/songs/{id}/audio` (a live WAV while the song is made, the finished file after),
@@ -41,6 +42,13 @@ from heartmula_rt.request import (
     SamplingParams,
 )
 from heartmula_rt.runtime.audio import WavStream
+from heartmula_rt.serve.backend import (
+    AUDIO_FORMATS,
+    DEFAULT_FORMAT,
+    Conflict,
+    QueueFull,
+    SongBackend,
+)
 from heartmula_rt.serve.hosts import host_refusal
 from heartmula_rt.serve.jobs import FINAL, Job
 from heartmula_rt.serve.references import (
@@ -49,17 +57,12 @@ from heartmula_rt.serve.references import (
     ReferenceEmbedder,
     check_range,
 )
-from heartmula_rt.serve.service import (
-    AUDIO_FORMATS,
-    DEFAULT_FORMAT,
-    Conflict,
-    QueueFull,
-    SongService,
-)
 
 # A job's request as the API shows it: the fields of a body that makes the same song (an edit's:
 # its LM run's, the section or extension; its `edit` says of what).
 BODY_FIELDS = (*JSON_TEXTS, *JSON_SETTINGS, *JSON_LORA)
+# What /v1/info shows of the backend's own `info()`.
+SHOWN = ("model", "device", "engine", "quant", "max_seconds", "songs_at_once")
 BODY_FIELDS = (*BODY_FIELDS, "reference")  # a reference clip's embedding and strength
 MAX_BODY_BYTES = 64 * 1024  # tags and a long lyric sheet are a few KiB
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
@@ -181,7 +184,7 @@ class _Chunks:
 
 
 def make_app(
-    service: SongService,
+    service: SongBackend,
     *,
     api_key: str | None = None,
     allow_hosts: tuple[str, ...] = (),
@@ -193,6 +196,7 @@ def make_app(
     `allow_hosts` are answered (421). With or without, a POST or DELETE from another origin's
     page is refused (403)."""
     allow_hosts = tuple(name.lower() for name in allow_hosts)
+    about = service.info()  # fixed for the app's life: the model, device and limits
     app = FastAPI(
         title="heartmula-rt",
         version=__version__,
@@ -327,7 +331,7 @@ def make_app(
     def list_songs(limit: int = 50) -> dict[str, Any]:
         """The newest songs first, every state."""
         now = time.time()
-        jobs = [service.job(j.id) or j for j in service.store.recent(max(1, min(limit, 500)))]
+        jobs = service.recent(max(1, min(limit, 500)))
         return {"songs": [job_view(j, now) for j in jobs]}
 
     def _job_or_404(job_id: str) -> Job | JSONResponse:
@@ -367,7 +371,7 @@ def make_app(
                 job = service.job(job_id)
             else:
                 return StreamingResponse(
-                    _wav_stream(pieces, service.pipe.sample_rate),
+                    _wav_stream(pieces, about["sample_rate"]),
                     media_type=MEDIA_TYPES["wav"],
                     headers={"Cache-Control": "no-store"},
                 )
@@ -412,20 +416,11 @@ def make_app(
         """What this server takes: limits, formats and the settings' defaults."""
         return {
             "version": __version__,
-            "model": str(service.pipe.config.model_path or service.pipe.config.synthetic),
-            "device": str(service.pipe.device),
-            "engine": service.pipe.config.engine,
-            "quant": service.pipe.config.quant,
-            "max_seconds": service.config.max_seconds,
-            "songs_at_once": service.songs_at_once,
+            **{k: about[k] for k in SHOWN},
             "formats": list(AUDIO_FORMATS),
             "defaults": SongBody().model_dump(),
             # LoRA adapters served per song (serve --lora NAME=PATH): [{name, scale}].
-            "lora": [
-                {"name": a.name, "scale": a.scale}
-                for a in service.pipe.adapters
-                if a.name in service.pipe.lora_names
-            ],
+            "lora": about.get("lora", []),
         }
 
     @app.get("/health")
@@ -445,7 +440,7 @@ def make_app(
     return app
 
 
-def prometheus_text(service: SongService) -> str:
+def prometheus_text(service: SongBackend) -> str:
     """/metrics in Prometheus's text format."""
     stats = service.stats()
     lines = [

@@ -18,7 +18,7 @@ Two deployments (this module is the only one that imports ray: `pip install '.[r
   machine); cancel cancels the song's call, which the replica turns into `SongService.cancel`.
 
 Faults: when a replica dies, every one of its songs' calls fails here; each song it had
-started is then written as `interrupted` (`service.write_final`: the audio so far made its
+started is then written as `interrupted` (`live.write_final`: the audio so far made its
 file; its sidecar, saved every window, has its frames), each it still had queued goes to
 another replica (`SongService.adopt`), and the other replicas go on. Serve starts a new replica
 in its place. Songs are refused with 429 when every replica's queue is full.
@@ -37,10 +37,8 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,17 +47,13 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from heartmula_rt.config import DEFAULT_SONGS_AT_ONCE
 from heartmula_rt.errors import UserError
+from heartmula_rt.serve.backend import Conflict, QueueFull, RateMeter
+from heartmula_rt.serve.config import ScaleConfig, ServerConfig, ServiceConfig
 from heartmula_rt.serve.jobs import FINAL, Job, SqliteJobStore
-from heartmula_rt.serve.server import DB_NAME, ServerConfig, check_server
-from heartmula_rt.serve.service import (
-    CHANNELS,
-    FRAME_BYTES,
-    Conflict,
-    QueueFull,
-    ServiceConfig,
-    write_final,
-)
+from heartmula_rt.serve.live import listen_pcm, write_final
+from heartmula_rt.serve.server import DB_NAME, FolderLock, capped, check_server
 
 if TYPE_CHECKING:
     from heartmula_rt.runtime.pipeline import PipelineConfig
@@ -72,30 +66,6 @@ ADOPT_TRIES = 5  # a dead replica's queued song offered to the others this many 
 # Calls beyond a replica's songs that it also answers (info) at once.
 SPARE_CALLS = 2
 HANDLE_QUEUE = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class ScaleConfig:
-    """How many replicas, and what each takes of a machine."""
-
-    min_replicas: int = 1
-    max_replicas: int = 1
-    initial_replicas: int | None = None  # default: min_replicas
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0  # 1: a replica per GPU
-    upscale_delay_s: float = 10.0  # how long songs must wait before another replica starts
-    downscale_delay_s: float = 300.0  # how long a replica must be idle before it goes
-
-    def check(self) -> None:
-        if self.min_replicas < 1:
-            raise UserError(f"--min-replicas must be at least 1, not {self.min_replicas}")
-        if self.max_replicas < self.min_replicas:
-            raise UserError(
-                f"--max-replicas ({self.max_replicas}) must be at least --min-replicas "
-                f"({self.min_replicas})"
-            )
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise UserError("a replica's CPUs and GPUs must not be negative")
 
 
 class _ReplicaStore:
@@ -132,22 +102,13 @@ class SongReplica:
         config = pipeline() if callable(pipeline) else pipeline
         folder = Path(service.folder)
         self.pipe = load_pipeline(config)
+        service = capped(service, self.pipe)  # as the local server caps it
         self.store = SqliteJobStore(folder / DB_NAME)
         self.service = SongService(self.pipe, _ReplicaStore(self.store, self.id), service)
         self.service.start()
 
     def info(self) -> dict[str, Any]:
-        pipe = self.pipe
-        return {
-            "replica": self.id,
-            "sample_rate": pipe.sample_rate,
-            "model": str(pipe.config.model_path or pipe.config.synthetic),
-            "device": str(pipe.device),
-            "engine": pipe.config.engine,
-            "quant": pipe.config.quant,
-            "songs_at_once": self.service.songs_at_once,
-            "rows": self.service.runner.scheduler.rows,
-        }
+        return {"replica": self.id, **self.service.info()}
 
     async def make(self, kind: str, body: Any, of: str | None = None) -> Any:
         """A song (`kind` submit), an edit of song `of`, or (`adopt`) song `of` that a dead
@@ -217,29 +178,13 @@ class _Live:
 
 
 class _PcmTail:
-    """A song's `.pcm` file read as its replica writes it (`LiveAudio.listen`'s pieces)."""
+    """A song's `.pcm` file as its replica writes it in the shared folder (`listen_pcm`)."""
 
     def __init__(self, path: Path, ended: Callable[[], bool]) -> None:
         self.path, self.ended = path, ended
 
     def listen(self) -> Iterator[np.ndarray]:
-        f = open(self.path, "rb")  # noqa: SIM115 (closed by the generator); may raise: ended
-
-        def pieces() -> Iterator[np.ndarray]:
-            rest = b""
-            with f:
-                while True:
-                    done = self.ended()  # before reading: every sample of an ended song is in
-                    data = rest + f.read()
-                    usable = len(data) // FRAME_BYTES * FRAME_BYTES
-                    rest = data[usable:]
-                    yield np.frombuffer(data[:usable], dtype="<f4").reshape(-1, CHANNELS).T
-                    if done:
-                        return
-                    if not usable:
-                        time.sleep(POLL_S)
-
-        return pieces()
+        return listen_pcm(self.path, self.ended, lambda _read: time.sleep(POLL_S))
 
 
 class ReplicaRouter:
@@ -251,21 +196,26 @@ class ReplicaRouter:
         self.config = service
         self.folder = Path(service.folder)
         self.store = SqliteJobStore(self.folder / DB_NAME)
-        self.songs_at_once = info["songs_at_once"]
-        self.rows = info["rows"]
-        self.pipe = SimpleNamespace(
-            sample_rate=info["sample_rate"],
-            device=f"{info['device']} (Ray Serve replicas)",
-            config=SimpleNamespace(
-                model_path=info["model"], synthetic=None, engine=info["engine"], quant=info["quant"]
-            ),
-        )
+        if info.get("max_seconds", service.max_seconds) < service.max_seconds:
+            service = dataclasses.replace(service, max_seconds=info["max_seconds"])  # its cap
+            self.config = service
+        self._info = {
+            **info,
+            "device": f"{info['device']} (Ray Serve replicas)",
+            "max_seconds": service.max_seconds,
+        }
         self._live: dict[str, _Live] = {}
         self._lock = threading.Lock()
-        self._made: deque[tuple[float, int]] = deque()
+        self.rate = RateMeter()
         self.recover()
 
-    # -- what app.py calls -------------------------------------------------------------------
+    # -- what app.py calls (backend.SongBackend) -------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+    def recent(self, limit: int) -> list[Job]:
+        return [self.job(j.id) or j for j in self.store.recent(limit)]
 
     def submit(self, body: object) -> Job:
         return self._make("submit", body)
@@ -290,23 +240,23 @@ class ReplicaRouter:
         job = self.job(job_id)
         if job is None or job.state in FINAL:
             return None
-        path = self.folder / f"{job_id}.pcm"
-        return _PcmTail(path, lambda: (j := self.job(job_id)) is None or j.state in FINAL)
+        return _PcmTail(self.folder / f"{job_id}.pcm", lambda: self._ended(job_id))
+
+    def _ended(self, job_id: str) -> bool:
+        return (job := self.job(job_id)) is None or job.state in FINAL
 
     def audio_path(self, job: Job) -> Path | None:
         return None if job.audio is None else self.folder / job.audio
 
     def stats(self) -> dict[str, Any]:
-        now = time.monotonic()
         with self._lock:
             songs = [live.job for live in self._live.values()]
-            recent = [n for t, n in self._made if now - t <= 10.0]
         return {
             "queued": sum(j.state == "queued" for j in songs),
             "running": sum(j.state == "running" for j in songs),
-            "frames_per_s": sum(recent) / 10.0,
+            "frames_per_s": self.rate.per_second(),
             "jobs": self.store.counts(),
-            "rows": self.rows * max(1, len(_replica_names())),
+            "rows": self._info["rows"] * max(1, len(_replica_names())),
         }
 
     def gpu_memory(self) -> None:
@@ -349,12 +299,7 @@ class ReplicaRouter:
             while True:
                 try:
                     for job in live.call:
-                        with self._lock:
-                            self._made.append(
-                                (time.monotonic(), max(0, job.frames - live.job.frames))
-                            )
-                            while self._made and time.monotonic() - self._made[0][0] > 10.0:
-                                self._made.popleft()
+                        self.rate.add(max(0, job.frames - live.job.frames))
                         live.job = job
                     return
                 except (Exception, asyncio.CancelledError) as e:  # the replica is gone
@@ -402,7 +347,7 @@ class ReplicaRouter:
         (its frames and sidecar are those of its last window)."""
         job = self.store.get(job_id)
         if job is not None and job.state not in FINAL:
-            write_final(self.store, self.folder, job, "interrupted", self.pipe.sample_rate, why)
+            write_final(self.store, self.folder, job, "interrupted", self._info["sample_rate"], why)
 
     def recover(self) -> None:
         """Songs left by replicas that are gone (a cluster stopped or killed): those running
@@ -438,8 +383,15 @@ def _replica_names() -> list[str]:
 class Ingress:
     """The HTTP API (`app.make_app`) over `ReplicaRouter`."""
 
-    def __init__(self, replicas: Any, service: ServiceConfig, api_key: str | None) -> None:
+    def __init__(
+        self,
+        replicas: Any,
+        service: ServiceConfig,
+        api_key: str | None,
+        allow_hosts: tuple[str, ...] = (),
+    ) -> None:
         self._replicas, self._service, self._api_key = replicas, service, api_key
+        self._allow_hosts = tuple(allow_hosts)
 
     async def __serve_build_asgi_app__(self) -> Any:
         from heartmula_rt.serve.app import make_app
@@ -447,10 +399,12 @@ class Ingress:
         info = await self._replicas.info.remote()
         router = await asyncio.to_thread(ReplicaRouter, self._replicas, self._service, info)
         self.router = router
-        return make_app(router, api_key=self._api_key)  # type: ignore[arg-type]
+        return make_app(  # type: ignore[arg-type]
+            router, api_key=self._api_key, allow_hosts=self._allow_hosts
+        )
 
     def sample_rate(self) -> int:
-        return self.router.pipe.sample_rate
+        return self.router.info()["sample_rate"]
 
 
 def interrupt_running(folder: Path, sample_rate: int) -> None:
@@ -470,11 +424,13 @@ def build_app(
     service: ServiceConfig,
     scale: ScaleConfig,
     api_key: str | None = None,
+    allow_hosts: tuple[str, ...] = (),
 ) -> Any:
     """The Serve application: `scale`'s replicas of `pipeline`, behind the ingress, all on
-    this machine (the one whose folder holds the store and the songs' files)."""
+    this machine (the one whose folder holds the store and the songs' files); `allow_hosts`
+    as the local server's (`serve --allow-host`)."""
     scale.check()
-    songs = service.songs_at_once or 8
+    songs = service.songs_at_once or DEFAULT_SONGS_AT_ONCE
     # Every Ray node is labelled with its id: this one's keeps every actor here, whatever
     # other machines the cluster has.
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
@@ -500,7 +456,7 @@ def build_app(
         },
     ).bind(pipeline, service)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "label_selector": here})
-    return ingress.bind(replicas, service, api_key)
+    return ingress.bind(replicas, service, api_key, tuple(allow_hosts))
 
 
 def start(
@@ -514,7 +470,7 @@ def start(
     ingress's handle once the application is running."""
     Path(server.service.folder).mkdir(parents=True, exist_ok=True)
     serve.start(http_options={"host": server.host, "port": server.port})
-    app = build_app(pipeline, server.service, scale, api_key)
+    app = build_app(pipeline, server.service, scale, api_key, server.allow_hosts)
     return serve.run(app, name=APP_NAME, route_prefix="/")
 
 
@@ -528,6 +484,27 @@ def run_ray_server(
     on it, until Ctrl-C or SIGTERM."""
     key = check_server(config)
     scale.check()
+    folder = Path(config.service.folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the output folder {folder} ({e.strerror})") from None
+    # One server per folder, as the local server: held until every replica has stopped.
+    lock = FolderLock(folder, config.port).acquire()
+    try:
+        return _run_ray_server(pipeline, config, scale, address, key)
+    finally:
+        lock.release()
+
+
+def _run_ray_server(
+    pipeline: PipelineConfig | Callable[[], PipelineConfig],
+    config: ServerConfig,
+    scale: ScaleConfig,
+    address: str | None,
+    key: str | None,
+) -> int:
+    """`run_ray_server` with the folder locked."""
     # "local": a new Ray instance of this machine, never one that happens to be running
     ray.init(address=address or "local", namespace=APP_NAME, log_to_driver=False)
     stop = threading.Event()

@@ -12,34 +12,21 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from heartmula_rt.config import API_KEY_ENV
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import FRAME_MS, SongRequest, check_songs, max_frames_for
+from heartmula_rt.serve.config import ServerConfig, ServiceConfig
 from heartmula_rt.serve.hosts import is_loopback
 
 if TYPE_CHECKING:
     from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig
-    from heartmula_rt.serve.service import ServiceConfig
 
 DB_NAME = "jobs.sqlite3"
 LOCK_NAME = "server.lock"  # held (flock) by the one server that uses the folder
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Where the API listens and who may use it, and the service behind it."""
-
-    service: ServiceConfig
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # None: $HEARTMULA_RT_API_KEY, if set
-    # Host names a keyless server answers besides the loopback ones (`serve --allow-host`):
-    # without a key, a request naming any other host is refused (DNS rebinding).
-    allow_hosts: tuple[str, ...] = ()
 
 
 def check_server(config: ServerConfig) -> str | None:
@@ -92,6 +79,21 @@ def model_max_seconds(pipe: Pipeline) -> float:
     if max_frames_for(seconds) < frames:  # 0.08 s steps are not exact in binary
         seconds = (frames * FRAME_MS + 1) / 1000
     return seconds
+
+
+def capped(service: ServiceConfig, pipe: Pipeline) -> ServiceConfig:
+    """`service` with its `max_seconds` at most what the model's context fits
+    (`model_max_seconds`), said on stderr when it is cut: the local server's and each Ray
+    replica's."""
+    fits = model_max_seconds(pipe)
+    if service.max_seconds <= fits:
+        return service
+    print(
+        f"--max-seconds {service.max_seconds:g} is more than the model's context "
+        f"of {pipe.lm_config.backbone.max_seq_len} fits: songs of at most {fits:g} s",
+        file=sys.stderr,
+    )
+    return replace(service, max_seconds=fits)
 
 
 class FolderLock:
@@ -176,15 +178,7 @@ def _serve(pipeline: PipelineConfig, config: ServerConfig, key: str | None, fold
 
     _check_port(config.host, config.port)
     pipe = load_pipeline(pipeline)
-    service_config = config.service
-    fits = model_max_seconds(pipe)
-    if service_config.max_seconds > fits:
-        print(
-            f"--max-seconds {service_config.max_seconds:g} is more than the model's context "
-            f"of {pipe.lm_config.backbone.max_seq_len} fits: songs of at most {fits:g} s",
-            file=sys.stderr,
-        )
-        service_config = replace(service_config, max_seconds=fits)
+    service_config = capped(config.service, pipe)
     store = SqliteJobStore(folder / DB_NAME)
     service = SongService(pipe, store, service_config)
     service.start()

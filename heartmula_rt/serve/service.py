@@ -18,8 +18,6 @@ import math
 import secrets
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,112 +38,20 @@ from heartmula_rt.request import (
     request_from_json,
     seconds_value,
 )
-from heartmula_rt.runtime.audio import FORMATS, write_audio
 from heartmula_rt.runtime.codes import SongCodes, request_of_record, request_record, sidecar_path
 from heartmula_rt.runtime.decode import song_codes
 from heartmula_rt.runtime.edit import section
 from heartmula_rt.runtime.events import SongEvents
 from heartmula_rt.runtime.runner import Song, SongRunner, save_codes
 from heartmula_rt.runtime.scheduler import SongRun
+from heartmula_rt.serve.backend import AUDIO_FORMATS, DEFAULT_FORMAT, Conflict, QueueFull, RateMeter
+from heartmula_rt.serve.config import ServiceConfig
 from heartmula_rt.serve.jobs import FINAL, Job, JobStore
 from heartmula_rt.serve.limits import check_limits
+from heartmula_rt.serve.live import LiveAudio, write_final
 
 if TYPE_CHECKING:
     from heartmula_rt.runtime.pipeline import Pipeline
-
-AUDIO_FORMATS = tuple(ext.lstrip(".") for ext in FORMATS)
-DEFAULT_FORMAT = "mp3"
-CHANNELS = 2
-FRAME_BYTES = 4 * CHANNELS  # one float32 sample of every channel
-# Frames/s is reported over this many seconds of the service's recent work.
-RATE_WINDOW_S = 10.0
-
-
-class QueueFull(Exception):
-    """The queue holds `max_queue` songs; `retry_after` seconds is a fair time to try again."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"the queue is full; try again in {retry_after} s")
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """What a service may take on: `folder` holds every job's files and the job database."""
-
-    folder: Path
-    songs_at_once: int | None = None  # default: what a `vram` plan holds, else 8
-    max_queue: int = 32  # songs waiting for rows, beyond those running
-    max_seconds: float = 240.0  # the longest song a request may ask for
-    # Every other field a client sets is bounded too (limits.py), so that no request can stall
-    # the others: 64 ODE steps is 6x the default, the scales' defaults are 1.5 and 1.25.
-    max_num_steps: int = 64
-    max_guidance_scale: float = 20.0
-    max_cfg_scale: float = 20.0
-    max_temperature: float = 10.0
-    max_topk: int | None = None  # None: the model's audio vocabulary
-    max_tags_chars: int = 1000
-    max_lyrics_chars: int = 16000  # a long lyric sheet is a few thousand
-
-
-class LiveAudio:
-    """One song's audio as it is decoded: float32 [2, n] pieces appended to a file of
-    interleaved samples, read from the start by any number of listeners meanwhile."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 (open for the song's whole life)
-        self.samples = 0  # per channel, complete on disk
-        self.done = False
-        self._changed = threading.Condition()
-
-    def append(self, piece: np.ndarray) -> None:
-        self._file.write(np.ascontiguousarray(piece.T, dtype="<f4").tobytes())
-        self._file.flush()
-        with self._changed:
-            self.samples += piece.shape[1]
-            self._changed.notify_all()
-
-    def close(self) -> None:
-        self._file.close()
-        with self._changed:
-            self.done = True
-            self._changed.notify_all()
-
-    def listen(self, wait_s: float = 1.0) -> Iterator[np.ndarray]:
-        """The song's samples [2, n] from its start, each piece as soon as it is written, to
-        its end. The file is opened here, so a listener reads it to the end even once the
-        finished song's file has replaced it. An empty piece comes after `wait_s` without
-        news, so that a server can notice a listener that has gone."""
-        f = open(self.path, "rb")  # noqa: SIM115 (closed by the generator)
-
-        def pieces() -> Iterator[np.ndarray]:
-            read = 0
-            with f:
-                while True:
-                    with self._changed:
-                        if self.samples == read and not self.done:
-                            self._changed.wait(wait_s)
-                        end, done = self.samples, self.done
-                    raw = f.read((end - read) * FRAME_BYTES)
-                    read = end
-                    yield np.frombuffer(raw, dtype="<f4").reshape(-1, CHANNELS).T
-                    if done:
-                        return
-
-        return pieces()
-
-
-def read_pcm(path: Path) -> np.ndarray:
-    """The samples [2, n] of a `LiveAudio` file, to its last whole sample."""
-    raw = path.read_bytes()
-    usable = len(raw) // FRAME_BYTES * FRAME_BYTES  # a killed writer's last sample may be torn
-    return np.frombuffer(raw[:usable], dtype="<f4").reshape(-1, CHANNELS).T
-
-
-class Conflict(UserError):
-    """A request that cannot apply to the song as it stands (HTTP 409)."""
-
 
 # The fields of an edit's body (`SongService.edit`), beside tags, lyrics, seed and format.
 EDIT_FIELDS = {"extend": ("seconds",), "regen": ("from", "to")}
@@ -187,7 +93,7 @@ class SongService(SongEvents):
         self._songs: dict[str, _Song] = {}  # queued and running, by job id
         self._lock = threading.Lock()
         self._closing = False
-        self._made: deque[tuple[float, int]] = deque()  # (when, frames) of recent steps
+        self.rate = RateMeter()
 
     # -- the client side (any thread) --------------------------------------------------------
 
@@ -370,16 +276,38 @@ class SongService(SongEvents):
         """The songs waiting for rows."""
         return [s for s in self._songs.values() if s.job.state == "queued"]
 
+    def info(self) -> dict[str, Any]:
+        """What the app shows of this service (`SongBackend.info`)."""
+        config = self.pipe.config
+        return {
+            "sample_rate": self.pipe.sample_rate,
+            "model": str(config.model_path or config.synthetic),
+            "device": str(self.pipe.device),
+            "engine": config.engine,
+            "quant": config.quant,
+            "max_seconds": self.config.max_seconds,
+            "songs_at_once": self.songs_at_once,
+            "rows": self.runner.scheduler.rows,
+            # The adapters a song may choose ("lora": name), each at its own strength.
+            "lora": [
+                {"name": a.name, "scale": a.scale}
+                for a in self.pipe.adapters
+                if a.name in self.pipe.lora_names
+            ],
+        }
+
+    def recent(self, limit: int) -> list[Job]:
+        """The latest `limit` jobs, as they stand now."""
+        return [self.job(j.id) or j for j in self.store.recent(limit)]
+
     def stats(self) -> dict[str, Any]:
         """Numbers for /metrics: queue length, songs running, frames/s, jobs per state."""
-        now = time.monotonic()
         with self._lock:
-            recent = [n for t, n in self._made if now - t <= RATE_WINDOW_S]
             songs = list(self._songs.values())
         return {
             "queued": sum(s.job.state == "queued" for s in songs),
             "running": sum(s.job.state == "running" for s in songs),
-            "frames_per_s": sum(recent) / RATE_WINDOW_S,
+            "frames_per_s": self.rate.per_second(),
             "jobs": self.store.counts(),
             "rows": self.runner.scheduler.rows,
         }
@@ -458,10 +386,7 @@ class SongService(SongEvents):
             if song.run.given is not None:  # an edit: the kept frames come first
                 job.frames += song.run.given.shape[0]
         job.frames += new.shape[1]
-        with self._lock:
-            self._made.append((time.monotonic(), new.shape[1]))
-            while self._made and time.monotonic() - self._made[0][0] > RATE_WINDOW_S:
-                self._made.popleft()
+        self.rate.add(new.shape[1])
 
     def lm_ended(self, song: _Song) -> None:
         """The LM's thread: its codes are in its sidecar (the runner saved them)."""
@@ -532,42 +457,13 @@ class SongService(SongEvents):
         """Seconds until the queue likely has room (called with the lock held): a queued song
         is admitted when a running one ends, so the time the nearest end takes at the pace of
         the last 10 s (5 s while that pace is not known yet)."""
-        now = time.monotonic()
-        made = sum(n for t, n in self._made if now - t <= RATE_WINDOW_S)
+        rate = self.rate.per_second()
         running = [s.job for s in self._songs.values() if s.job.state == "running"]
-        if not made or not running:
+        if not rate or not running:
             return 5
-        per_song = made / RATE_WINDOW_S / len(running)  # frames/s of each running song
+        per_song = rate / len(running)  # frames/s of each running song
         nearest = min(max(job.max_frames - job.frames, 0) for job in running)
         return max(1, math.ceil(nearest / per_song))
-
-
-def write_final(
-    store: JobStore, folder: Path, job: Job, state: str, sample_rate: int, error: str | None = None
-) -> None:
-    """A song's final file (if it has audio) written from its audio file so far (`FOLDER/ID.pcm`,
-    which goes), and its record's final `state`: the service's end of every song, and how a
-    song whose maker has gone (a killed replica, ray_app.py) is kept as `interrupted`."""
-    pcm = folder / f"{job.id}.pcm"
-    audio = None
-    if pcm.is_file():
-        wav = read_pcm(pcm)
-        if wav.shape[1]:
-            audio = f"{job.id}.{job.format}"
-            write_audio(folder / audio, torch.from_numpy(wav.copy()), sample_rate)
-            job.audio_seconds = wav.shape[1] / sample_rate
-    # The record names the file before the live audio goes: a listener who comes now gets one.
-    job.audio, job.finished, job.error = audio, time.time(), error
-    store.update(
-        job.id,
-        state=state,
-        audio=audio,
-        finished=job.finished,
-        error=error,
-        frames=job.frames,
-        audio_seconds=job.audio_seconds,
-    )
-    pcm.unlink(missing_ok=True)
 
 
 def _seconds(body: dict[str, Any], name: str, *, positive: bool = False) -> float:
@@ -591,4 +487,4 @@ def _request_fields(request: SongRequest) -> dict[str, Any]:
     return {**request_record(request), "seconds": seconds, **lora}
 
 
-__all__ = ["AUDIO_FORMATS", "FINAL", "LiveAudio", "QueueFull", "ServiceConfig", "SongService"]
+__all__ = ["SongService"]
