@@ -20,7 +20,7 @@ from heartmula_rt import cli
 from heartmula_rt.cli import common
 from heartmula_rt.config import CODEC_PRECISIONS, CODEC_PRESETS
 from heartmula_rt.errors import UserError
-from heartmula_rt.memory import planner, sizing
+from heartmula_rt.memory import planner, report, sizing
 from heartmula_rt.memory.offload import HostCopy
 from heartmula_rt.memory.planner import (
     DEFAULT_OVERHEADS,
@@ -341,7 +341,7 @@ def test_max_songs_is_the_most_the_layout_holds(gib: int, songs: int) -> None:
 def test_max_songs_stops_at_the_cap() -> None:
     p = plan_memory(80 * GiB, LM_CONFIG, CODEC_CONFIG, max_frames=375, cfg_rows=1)
     assert p.max_songs == MAX_SONGS and at_songs(p, MAX_SONGS + 1).fits()
-    assert f"room for {MAX_SONGS} or more songs of up to 375 frames" in planner.format_plan(p)
+    assert f"room for {MAX_SONGS} or more songs of up to 375 frames" in report.format_plan(p)
 
 
 def test_a_budget_for_one_song_refuses_sixteen_naming_what_fits() -> None:
@@ -380,7 +380,7 @@ def test_overheads_from_gpu_readings() -> None:
     default, measured = plan(12), plan(12, overheads=o)
     diff = o.cuda_context - DEFAULT_OVERHEADS.cuda_context
     assert measured.predicted_peak_bytes - default.predicted_peak_bytes == diff
-    assert "measured on this GPU" in planner.format_plan(measured)
+    assert "measured on this GPU" in report.format_plan(measured)
 
 
 @pytest.mark.gpu

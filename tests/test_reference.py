@@ -465,7 +465,7 @@ def test_a_missing_extra_names_the_install_line(monkeypatch):
 
 def test_the_planner_counts_the_embedder_where_it_runs():
     from heartmula_rt.memory.footprint import embedder_sizes
-    from heartmula_rt.memory.planner import embedder_bytes, format_embedder
+    from heartmula_rt.memory.report import embedder_bytes, format_embedder
 
     sizes = embedder_sizes()
     assert sizes.load_peak > sizes.running > sizes.weights > 0

@@ -45,7 +45,8 @@ from heartmula_rt.bench.timing import (
 )
 from heartmula_rt.config import WINDOW, default_bench_dir
 from heartmula_rt.errors import UserError
-from heartmula_rt.memory.planner import GiB, format_plan, parse_vram
+from heartmula_rt.memory.planner import GiB, parse_vram
+from heartmula_rt.memory.report import format_plan
 from heartmula_rt.memory.sizing import cuda_context_bytes
 from heartmula_rt.model.codec.scalar import DECODE_CHUNK, largest_activation_bytes
 from heartmula_rt.model.prompt import Prompt

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from heartmula_rt.config import CODEC_PRECISIONS, LM_DTYPES, QUANT_MODES, default_model_path
 from heartmula_rt.errors import UserError
-from heartmula_rt.memory.planner import format_plan
+from heartmula_rt.memory.report import format_plan
 from heartmula_rt.request import DEFAULT_MAX_SECONDS, SamplingParams, SongRequest
 
 if TYPE_CHECKING:  # torch loads with the commands that run a model, not with `plan` or --help

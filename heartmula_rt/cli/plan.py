@@ -11,11 +11,10 @@ from heartmula_rt.config import CODEC_PRECISIONS, LM_DTYPES, default_codec_dtype
 from heartmula_rt.memory.planner import (
     checkpoint_configs,
     device_budgets,
-    format_embedder,
-    format_plan,
     plan_memory,
     preset_configs,
 )
+from heartmula_rt.memory.report import format_embedder, format_plan
 from heartmula_rt.request import DEFAULT_MAX_SECONDS, SamplingParams, max_frames_for
 
 
