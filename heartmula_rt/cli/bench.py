@@ -8,12 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from heartmula_rt.cli.common import (
-    add_model_options,
-    add_song_options,
-    pipeline_config,
-    song_settings,
-)
+from heartmula_rt.cli import common
 from heartmula_rt.config import DEFAULT_PROMPT_LEN, ENGINES, LM_PRESETS, default_bench_dir
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import SongRequest
@@ -33,18 +28,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="3B",
         help="random weights of this size, made on the device (default 3B, full codec)",
     )
-    model.add_argument("--model-path", type=Path, default=None, help="a checkpoint folder instead")
+    common.add_model_path(model, "a checkpoint folder instead")
     p.add_argument(
         "--engines",
         default=None,
         help=f"comma list of {','.join(ENGINES)} (default: plain,graph on GPU, plain on CPU)",
     )
-    add_model_options(
+    common.add_model_options(
         p,
         codec_help="the codec's precision (default: mixed on GPU, else float32)",
         quant_list=True,
     )
-    add_song_options(p)
+    common.add_song_options(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed of every run (default 0)")
     p.add_argument("--repeats", type=int, default=3, help="counted LM runs per engine (3)")
     p.add_argument("--warmup", type=int, default=1, help="LM runs per engine not counted (1)")
@@ -101,9 +96,9 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     if out_dir is None:  # said, since nothing on the command line names it
         out_dir = default_bench_dir()
         print(f"results go to {out_dir} (--out-dir to choose)", file=sys.stderr)
-    pipeline = pipeline_config(args, quant="none", **synthetic)  # quant: set per mode
+    pipeline = common.pipeline_config(args, quant="none", **synthetic)  # quant: set per mode
     # Text only to carry the settings: the benchmark's prompt is made from the model.
-    request = SongRequest.of("bench", **song_settings(args), stop_at_eos=False)
+    request = SongRequest.of("bench", **common.song_settings(args), stop_at_eos=False)
     return BenchConfig(
         pipeline=pipeline,
         engines=tuple(parse_engines(args.engines, pipeline.torch_device)),

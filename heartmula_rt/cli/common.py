@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from heartmula_rt.config import CODEC_PRECISIONS, LM_DTYPES, QUANT_MODES, default_model_path
 from heartmula_rt.errors import UserError
@@ -20,9 +20,14 @@ from heartmula_rt.memory.report import format_plan
 from heartmula_rt.request import DEFAULT_MAX_SECONDS, SamplingParams, SongRequest
 
 if TYPE_CHECKING:  # torch loads with the commands that run a model, not with `plan` or --help
+    from collections.abc import Iterable
+
     import torch
 
     from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig
+
+# A command-line option of one value: (flag, type or None for text, default, help).
+Option = tuple[str, Any, object, str]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -116,6 +121,19 @@ def pipeline_config(args: argparse.Namespace, **fields: object) -> PipelineConfi
         "lora": tuple(getattr(args, "lora", None) or ()),
     }
     return PipelineConfig(**{**options, **fields})
+
+
+def add_options(p: argparse._ActionsContainer, rows: Iterable[Option]) -> None:
+    """Options of one value each, a (flag, type, default, help) row each (type None: text)."""
+    for flag, kind, default, help_text in rows:
+        p.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def add_model_path(
+    p: argparse._ActionsContainer, help_text: str = "checkpoint folder (as for gen)"
+) -> None:
+    """--model-path, a checkpoint folder (None: `model_path`'s default)."""
+    p.add_argument("--model-path", type=Path, default=None, help=help_text)
 
 
 def add_model_options(

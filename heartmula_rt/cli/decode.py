@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from heartmula_rt.cli.common import fetch_weights, model_path
+from heartmula_rt.cli import common
 from heartmula_rt.config import CODEC_PRECISIONS
 
 
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="decode codes made with another checkpoint than --model-path's",
     )
-    dec.add_argument("--model-path", type=Path, default=None, help="checkpoint folder (as for gen)")
+    common.add_model_path(dec)
     dec.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     dec.add_argument(
         "--codec-dtype", choices=list(CODEC_PRECISIONS), default=None, help="as for gen"
@@ -48,12 +48,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
     sidecar = find_sidecar(args.codes)
     song = SongCodes.load(sidecar)
     config = PipelineConfig(
-        model_path=model_path(args.model_path),
+        model_path=common.model_path(args.model_path),
         device=args.device,
         codec_dtype=args.codec_dtype,
         engine="plain",
     )
-    fetch_weights(config.model_path, args.model_path)
+    common.fetch_weights(config.model_path, args.model_path)
     folder.check_model_path(config.model_path)
     song.check_model(folder.fingerprint(config.model_path), sidecar, force=args.force)
     # The LM is loaded too: a pipeline is both models.

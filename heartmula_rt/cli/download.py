@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from heartmula_rt.cli import common
 from heartmula_rt.config import default_model_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     dl = sub.add_parser("download", help="fetch the official weights from the Hugging Face hub")
-    dl.add_argument(
-        "--model-path",
-        type=Path,
-        default=None,
-        help=f"where to put them (default: {default_model_path()})",
-    )
+    common.add_model_path(dl, f"where to put them (default: {default_model_path()})")
     dl.set_defaults(func=cmd_download)
 
 

@@ -14,16 +14,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from heartmula_rt.cli import reference
-from heartmula_rt.cli.common import (
-    EXIT_INTERRUPTED,
-    add_model_options,
-    codec_stage_stopped,
-    fetch_weights,
-    note_stray_ids,
-    pipeline_config,
-    read_text_arg,
-)
+from heartmula_rt.cli import common, reference
 from heartmula_rt.config import ENGINES
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import FRAME_MS, SongRequest, max_frames_for, seconds_value
@@ -76,9 +67,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
             reference.add_reference_options(p)
         p.add_argument("-o", "--output", type=Path, default=None, help="default: beside SONG")
         p.add_argument("--force", action="store_true", help="use codes of another checkpoint")
-        p.add_argument("--model-path", type=Path, default=None, help="checkpoint folder")
+        common.add_model_path(p, "checkpoint folder")
         p.add_argument("--engine", choices=ENGINES, default=None, help="as for gen")
-        add_model_options(p, codec_help="as for gen")
+        common.add_model_options(p, codec_help="as for gen")
         p.set_defaults(func=cmd_regen if name == "regen" else cmd_extend)
         if name == "resume":
             p.set_defaults(tags=None, lyrics=None, seconds=None, context_seconds=None)
@@ -190,7 +181,7 @@ def decode_song(pipe: Pipeline, song: SongCodes, out: Path) -> float:
         model=song.model,
         lora=song.lora,  # the adapters that made the codes, named again beside the new audio
     )
-    note_stray_ids(song.codes, pipe.codec_config.codebook_size)
+    common.note_stray_ids(song.codes, pipe.codec_config.codebook_size)
     progress = _CodecProgress()
     try:
         finish_songs(pipe, [again], progress)
@@ -216,7 +207,7 @@ def _decode_keeping_codes(
     from heartmula_rt.runtime.runner import CodecStopped, Song, finish_songs
 
     song = Song(request, output=out, original=original, codes=frames, ended=ended)
-    note_stray_ids(frames, pipe.codec_config.codebook_size)
+    common.note_stray_ids(frames, pipe.codec_config.codebook_size)
     progress = _CodecProgress()
     try:
         finish_songs(pipe, [song], progress)
@@ -226,7 +217,7 @@ def _decode_keeping_codes(
         if song.sidecar is None:  # kept nowhere (save_codes said why)
             what = song.note
         how = f"`heartmula-rt decode {song.sidecar} -o {out}` makes the song from them"
-        codec_stage_stopped(stop.cause, what, how)
+        common.codec_stage_stopped(stop.cause, what, how)
         return None
     return song.seconds
 
@@ -257,7 +248,9 @@ def _edited_song(args: argparse.Namespace) -> tuple[Path, SongCodes, SongRequest
     sidecar = find_sidecar(args.song)
     song = SongCodes.load(sidecar)
     texts = {
-        name: getattr(song.request, name) if value is None else read_text_arg(value, f"--{name}")
+        name: getattr(song.request, name)
+        if value is None
+        else common.read_text_arg(value, f"--{name}")
         for name, value in (("tags", args.tags), ("lyrics", args.lyrics))
     }
     return sidecar, song, replace(song.request, **texts)
@@ -302,8 +295,8 @@ def _edit_pipeline(args: argparse.Namespace, song: SongCodes, sidecar: Path) -> 
     from heartmula_rt.model.lora import LoraSpec
     from heartmula_rt.runtime.pipeline import load_pipeline
 
-    config = pipeline_config(args, engine=args.engine)
-    fetch_weights(config.model_path, args.model_path)
+    config = common.pipeline_config(args, engine=args.engine)
+    common.fetch_weights(config.model_path, args.model_path)
     folder.check_model_path(config.model_path)
     song.check_model(folder.fingerprint(config.model_path), sidecar, force=args.force)
     adapters = _song_adapters(config, song, sidecar, force=args.force)
@@ -409,13 +402,13 @@ def cmd_extend(args: argparse.Namespace) -> int:
         bar.close()
     seconds = _decode_keeping_codes(pipe, frames, out, request, ended, original)
     if seconds is None:
-        return EXIT_INTERRUPTED
+        return common.EXIT_INTERRUPTED
     print(
         f"wrote {out}: {seconds:.1f} s of audio, {frames.shape[1] - song.frames} frames after "
         f"the song's {song.frames} (seed {sampling.seed})",
         file=sys.stderr,
     )
-    return EXIT_INTERRUPTED if ended == "interrupted" else 0
+    return common.EXIT_INTERRUPTED if ended == "interrupted" else 0
 
 
 def cmd_regen(args: argparse.Namespace) -> int:
@@ -453,7 +446,7 @@ def cmd_regen(args: argparse.Namespace) -> int:
         ended = song.ended if end is not None else lm_end(take, take_request.sampling)
         seconds = _decode_keeping_codes(pipe, take, out, take_request, ended, original)
         if seconds is None:
-            return EXIT_INTERRUPTED
+            return common.EXIT_INTERRUPTED
         print(f"wrote {out}: {seconds:.1f} s of audio (seed {seed})", file=sys.stderr)
     return 0
 

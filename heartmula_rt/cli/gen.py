@@ -16,20 +16,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from heartmula_rt.cli import reference
-from heartmula_rt.cli.common import (
-    EXIT_BROKEN_PIPE,
-    EXIT_INTERRUPTED,
-    add_model_options,
-    add_song_options,
-    codec_stage_stopped,
-    fetch_weights,
-    note_stray_ids,
-    pipeline_config,
-    print_loaded,
-    song_request,
-    song_settings,
-)
+from heartmula_rt.cli import common, reference
 from heartmula_rt.config import DEFAULT_SONGS_AT_ONCE, ENGINES, default_model_path
 from heartmula_rt.errors import UserError
 from heartmula_rt.request import FRAME_MS, SongRequest, check_songs
@@ -45,11 +32,8 @@ if TYPE_CHECKING:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("gen", help="make a song from tags and lyrics")
-    gen.add_argument(
-        "--model-path",
-        type=Path,
-        default=None,
-        help=f"checkpoint folder (default: {default_model_path()}, downloaded on first use)",
+    common.add_model_path(
+        gen, f"checkpoint folder (default: {default_model_path()}, downloaded on first use)"
     )
     gen.add_argument(
         "--tags",
@@ -59,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--lyrics", default="", help="lyrics, a text file of them, or - to read them from stdin"
     )
-    add_song_options(gen)
+    common.add_song_options(gen)
     gen.add_argument("--seed", type=int, default=None, help="default: random, printed")
     gen.add_argument(
         "--engine",
@@ -68,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="LM decode loop: plain (eager PyTorch), graph (one CUDA graph per frame) or "
         "compile (torch.compile, then graphs); default: graph on GPU, plain on CPU",
     )
-    add_model_options(
+    common.add_model_options(
         gen,
         codec_help="mixed: the DiT in bfloat16, the rest float32 (default on GPU); float32 "
         "(default on CPU); bfloat16: everything, lower quality",
@@ -135,7 +119,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
             raise UserError(
                 f"--stream writes WAV: use a .wav output or - (stdout), not {out.name}"
             )
-        request = song_request(args)
+        request = common.song_request(args)
         if request.sampling.seed is None:  # chosen here, so that it can be printed and kept
             request = request.with_settings(seed=secrets.randbits(31))
         # The reference's embedding (its embedder loaded, run and freed) before the LM loads.
@@ -154,12 +138,14 @@ def _gen_stream(args: argparse.Namespace, out: Path | None, request: SongRequest
     from heartmula_rt.runtime.pipeline import load_pipeline
 
     plan_length = {} if args.max_seconds is None else {"max_seconds": args.max_seconds}
-    config = pipeline_config(args, engine=args.engine, vram=args.vram, stream=True, **plan_length)
-    fetch_weights(config.model_path, args.model_path)
+    config = common.pipeline_config(
+        args, engine=args.engine, vram=args.vram, stream=True, **plan_length
+    )
+    common.fetch_weights(config.model_path, args.model_path)
     loading = time.perf_counter()
     pipe = load_pipeline(config)
     pipe.prompt(request)  # everything the song would be refused for, before the loaded line
-    print_loaded(pipe, time.perf_counter() - loading)
+    common.print_loaded(pipe, time.perf_counter() - loading)
     print(f"seed {request.sampling.seed}", file=sys.stderr)
     return _stream_and_write(pipe, out, request)
 
@@ -180,8 +166,8 @@ def _gen_songs(args: argparse.Namespace, batch: list[BatchSong], *, many: bool) 
         plan["songs"] = min(len(batch), args.batch or DEFAULT_SONGS_AT_ONCE)
     elif args.max_seconds is not None:
         plan = {"max_seconds": args.max_seconds}
-    config = pipeline_config(args, engine=args.engine, vram=args.vram, **plan)
-    fetch_weights(config.model_path, args.model_path)
+    config = common.pipeline_config(args, engine=args.engine, vram=args.vram, **plan)
+    common.fetch_weights(config.model_path, args.model_path)
     loading = time.perf_counter()
     pipe = load_pipeline(config)
     prompts = []
@@ -193,7 +179,9 @@ def _gen_songs(args: argparse.Namespace, batch: list[BatchSong], *, many: bool) 
     rows = pipe.batch_rows(requests, args.batch) if many else requests[0].sampling.cfg_rows
     start = time.perf_counter()
     # After the last check, so that an error is the only line a failed run prints.
-    print_loaded(pipe, start - loading, f"; {len(batch)} songs, {rows} LM rows at once" * many)
+    common.print_loaded(
+        pipe, start - loading, f"; {len(batch)} songs, {rows} LM rows at once" * many
+    )
     if not many:
         print(f"seed {requests[0].sampling.seed}", file=sys.stderr)
     for song in batch if many else ():
@@ -215,7 +203,7 @@ def _gen_songs(args: argparse.Namespace, batch: list[BatchSong], *, many: bool) 
     except CodecStopped as stop:
         progress.close()
         _codec_stopped(stop, many=many)
-        return EXIT_INTERRUPTED
+        return common.EXIT_INTERRUPTED
     progress.close()
     seconds = sum(s.seconds for s in songs)
     wall = time.perf_counter() - start
@@ -248,7 +236,7 @@ class _Progress(SongEvents):
         self.bar.total -= song.request.sampling.max_frames + 1 - made  # an early EOS
         self.bar.refresh()
         if made:
-            note_stray_ids(song.codes, self.pipe.codec_config.codebook_size)
+            common.note_stray_ids(song.codes, self.pipe.codec_config.codebook_size)
         if song.note:  # its codes could not go to its sidecar (a full disk)
             self.bar.write(f"note: {song.note}", file=sys.stderr)
         if self.many:
@@ -317,10 +305,10 @@ def _interrupted(stop: SongsInterrupted, *, many: bool) -> int:
     started = [s for s in stop.songs if s.made and s.codes is not None]
     if not any(s.written for s in stop.songs) and not started:
         print("interrupted before the first frame: nothing written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return common.EXIT_INTERRUPTED
     if stop.codec is not None:
         _codec_stopped(stop.codec, many=many)
-        return EXIT_INTERRUPTED
+        return common.EXIT_INTERRUPTED
     for song in started:
         partial = ", partial" if song.ended == "interrupted" else ""
         if many:
@@ -332,7 +320,7 @@ def _interrupted(stop: SongsInterrupted, *, many: bool) -> int:
     if cut:  # resume writes each one's <stem><ext>: the song as if never interrupted
         print(f"`heartmula-rt resume {' '.join(cut)}` finishes "
               f"{'it' if len(cut) == 1 else 'each one (one at a time)'}", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return common.EXIT_INTERRUPTED
 
 
 def _codec_stopped(stop: object, *, many: bool) -> None:
@@ -343,7 +331,7 @@ def _codec_stopped(stop: object, *, many: bool) -> None:
     kept = [str(s.sidecar) for s in stop.unwritten if s.sidecar is not None]
     if not kept:
         how = "make the songs again with the same seeds and settings"
-        codec_stage_stopped(stop.cause, "nothing of the LM's work could be saved", how)
+        common.codec_stage_stopped(stop.cause, "nothing of the LM's work could be saved", how)
         return
     if many or len(stop.unwritten) != 1:
         what = f"the LM's frames of {len(kept)} songs are saved in {', '.join(kept)}"
@@ -352,7 +340,7 @@ def _codec_stopped(stop: object, *, many: bool) -> None:
         song = stop.unwritten[0]
         what = f"the LM's {song.codes.shape[1]} frames are saved in {song.sidecar}"
         how = f"`heartmula-rt decode {song.sidecar} -o {song.output}` makes the song from them"
-    codec_stage_stopped(stop.cause, what, how)
+    common.codec_stage_stopped(stop.cause, what, how)
 
 
 def _many_songs(args: argparse.Namespace) -> list[BatchSong] | None:
@@ -374,7 +362,7 @@ def _many_songs(args: argparse.Namespace) -> list[BatchSong] | None:
     if args.batch is not None:
         check_songs(args.batch)
     base = secrets.randbits(31) if args.seed is None else args.seed
-    settings = {k: v for k, v in song_settings(args).items() if k != "seed"}
+    settings = {k: v for k, v in common.song_settings(args).items() if k != "seed"}
     if args.batch_file is not None:
         if args.output is not None or args.tags or args.lyrics:
             raise UserError(
@@ -387,7 +375,7 @@ def _many_songs(args: argparse.Namespace) -> list[BatchSong] | None:
             raise UserError(f"--count must be at least 1, not {args.count}")
         if args.output is None:
             raise UserError("--count needs -o/--output: takes are written as <stem>-1, <stem>-2, …")
-        one = song_request(args).with_settings(seed=None)  # each take's seed is set below
+        one = common.song_request(args).with_settings(seed=None)  # each take's seed is set below
         out = args.output
         songs = [
             BatchSong(one, out.with_name(f"{out.stem}-{i}{out.suffix}"), f"take {i}")
@@ -492,7 +480,7 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) ->
             "broken pipe: the program reading stdout closed it before the song began",
             file=sys.stderr,
         )
-        return EXIT_BROKEN_PIPE
+        return common.EXIT_BROKEN_PIPE
     except OSError as e:  # stdout on a full disk (`-o - > /dev/full`): nothing made yet
         bar.close()
         _drop_stdout(out)
@@ -537,19 +525,21 @@ def _stream_and_write(pipe: Pipeline, out: Path | None, request: SongRequest) ->
     if ended is not None and wav.data_bytes == 0 and out is not None:
         Path(target).unlink()
         print(f"{ended} before the first audio: nothing written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return common.EXIT_INTERRUPTED
     if ended is not None:
         if out is not None and stream.frames is not None:  # the codes beside the partial file
             save_codes(pipe, Song(request, output=target), stream.frames, "interrupted")
         print(f"{ended}: wrote {target} ({wav.seconds:.1f} s of audio, partial)", file=sys.stderr)
-        return EXIT_BROKEN_PIPE if ended.startswith("broken pipe") else EXIT_INTERRUPTED
+        return (
+            common.EXIT_BROKEN_PIPE if ended.startswith("broken pipe") else common.EXIT_INTERRUPTED
+        )
     if out is not None:
         if stream.frames is not None:
             why = lm_end(stream.frames, request.sampling)
             save_codes(pipe, Song(request, output=out), stream.frames, why)
         os.replace(target, out)
     if stream.frames is not None:
-        note_stray_ids(stream.frames, pipe.codec_config.codebook_size)
+        common.note_stray_ids(stream.frames, pipe.codec_config.codebook_size)
     wall = time.perf_counter() - start
     print(
         f"wrote {out or 'stdout'}: {wav.seconds:.1f} s of audio in {wall:.1f} s "

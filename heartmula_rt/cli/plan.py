@@ -4,8 +4,8 @@ headers alone (no torch, no weights)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from heartmula_rt.cli import common
 from heartmula_rt.cli.reference import check_device
 from heartmula_rt.config import CODEC_PRECISIONS, LM_DTYPES, default_codec_dtype, default_dtype
 from heartmula_rt.memory.planner import (
@@ -35,30 +35,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the codec on another device than the LM's GPU: cpu (not planned) or gpu (a second "
         "GPU, with the same budget unless --vram gives two); two budgets imply gpu",
     )
-    plan.add_argument(
-        "--max-seconds",
-        type=float,
-        default=DEFAULT_MAX_SECONDS,
-        help=f"longest song ({DEFAULT_MAX_SECONDS:g})",
+    seconds, cfg_scale = DEFAULT_MAX_SECONDS, SamplingParams.cfg_scale
+    common.add_options(
+        plan,
+        [
+            ("--max-seconds", float, seconds, f"longest song ({seconds:g})"),
+            ("--cfg-scale", float, cfg_scale, f"≤ 1 plans one LM row, no guidance ({cfg_scale})"),
+            (
+                "--songs",
+                int,
+                1,
+                "songs made at once, each with its own KV cache rows (1); the plan also says "
+                "how many its layout holds",
+            ),
+        ],
     )
-    plan.add_argument(
-        "--cfg-scale",
-        type=float,
-        default=SamplingParams.cfg_scale,
-        help=f"≤ 1 plans one LM row, no guidance ({SamplingParams.cfg_scale})",
-    )
-    plan.add_argument(
-        "--songs",
-        type=int,
-        default=1,
-        help="songs made at once, each with its own KV cache rows (1); the plan also says how "
-        "many its layout holds",
-    )
-    plan.add_argument(
-        "--model-path",
-        type=Path,
-        default=None,
-        help="a checkpoint folder (configs and headers only); default: the 3B model's sizes",
+    common.add_model_path(
+        plan, "a checkpoint folder (configs and headers only); default: the 3B model's sizes"
     )
     plan.add_argument(
         "--dtype", choices=LM_DTYPES, default=None, help="LM (default: the GPU's, bfloat16)"
@@ -76,7 +69,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "cpu or cuda; it runs and is freed before the LM loads",
     )
     plan.set_defaults(func=cmd_plan)
-
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from heartmula_rt.cli.common import add_model_options, fetch_weights, pipeline_config
+from heartmula_rt.cli import common
 from heartmula_rt.config import API_KEY_ENV, DEFAULT_SONGS_AT_ONCE, ENGINES
 from heartmula_rt.errors import UserError
 from heartmula_rt.serve.config import ScaleConfig, ServerConfig, ServiceConfig
@@ -23,14 +23,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="an HTTP API and web page: songs from many clients, heard while made"
     )
-    p.add_argument("--model-path", type=Path, default=None, help="checkpoint folder (as for gen)")
-    p.add_argument("--host", default=SERVER.host, help=f"address to bind ({SERVER.host})")
-    p.add_argument("--port", type=int, default=SERVER.port, help=f"port ({SERVER.port})")
-    p.add_argument(
-        "--api-key",
-        default=None,
-        help=f"required on every route but /health (default: ${API_KEY_ENV}); needed to bind "
-        "anything but a loopback address",
+    common.add_model_path(p)
+    common.add_options(
+        p,
+        [
+            ("--host", None, SERVER.host, f"address to bind ({SERVER.host})"),
+            ("--port", int, SERVER.port, f"port ({SERVER.port})"),
+            (
+                "--api-key",
+                None,
+                None,
+                f"required on every route but /health (default: ${API_KEY_ENV}); needed to bind "
+                "anything but a loopback address",
+            ),
+        ],
     )
     p.add_argument(
         "--allow-host",
@@ -39,53 +45,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="a Host name a keyless server answers besides loopback ones (repeatable)",
     )
-    p.add_argument(
-        "--folder",
-        type=Path,
-        default=SERVICE.folder,
-        help=f"where the job database and every song's files go (./{SERVICE.folder})",
-    )
-    p.add_argument(
-        "--max-seconds",
-        type=float,
-        default=SERVICE.max_seconds,
-        help=f"the longest song a request may ask for ({SERVICE.max_seconds:g})",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=SERVICE.max_queue,
-        help=f"songs waiting beyond those running ({SERVICE.max_queue})",
-    )
-    p.add_argument(
-        "--batch",
-        type=int,
-        default=None,
-        help=f"songs made at once (default {DEFAULT_SONGS_AT_ONCE}; with --vram what the plan "
-        "holds)",
+    common.add_options(
+        p,
+        [
+            (
+                "--folder",
+                Path,
+                SERVICE.folder,
+                f"where the job database and every song's files go (./{SERVICE.folder})",
+            ),
+            (
+                "--max-seconds",
+                float,
+                SERVICE.max_seconds,
+                f"the longest song a request may ask for ({SERVICE.max_seconds:g})",
+            ),
+            (
+                "--max-queue",
+                int,
+                SERVICE.max_queue,
+                f"songs waiting beyond those running ({SERVICE.max_queue})",
+            ),
+            (
+                "--batch",
+                int,
+                None,
+                f"songs made at once (default {DEFAULT_SONGS_AT_ONCE}; with --vram what the plan "
+                "holds)",
+            ),
+        ],
     )
     p.add_argument("--engine", choices=ENGINES, default=None, help="LM decode loop (as for gen)")
     p.add_argument("--vram", default=None, help="GPU memory budget(s) such as 12G (as for gen)")
-    add_model_options(p, codec_help="as for gen")
+    common.add_model_options(p, codec_help="as for gen")
     ray = p.add_argument_group("scale out on Ray Serve (pip install 'heartmula-rt[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve with model replicas on Ray Serve")
-    ray.add_argument("--replicas", type=int, default=1, help="replicas (1; or min/max below)")
-    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling's least")
-    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling's most")
-    ray.add_argument(
-        "--replica-cpus",
-        type=float,
-        default=SCALE.num_cpus,
-        help=f"CPUs a replica takes ({SCALE.num_cpus:g})",
+    common.add_options(
+        ray,
+        [
+            ("--replicas", int, 1, "replicas (1; or min/max below)"),
+            ("--min-replicas", int, None, "autoscaling's least"),
+            ("--max-replicas", int, None, "autoscaling's most"),
+            ("--replica-cpus", float, SCALE.num_cpus, f"CPUs a replica takes ({SCALE.num_cpus:g})"),
+            (
+                "--replica-gpus",
+                float,
+                None,
+                "GPUs a replica takes (default: its pipeline's, 1 on a GPU, 2 with --codec-device "
+                "on another, else 0)",
+            ),
+            ("--ray-address", None, None, "a Ray cluster's (default: start one)"),
+        ],
     )
-    ray.add_argument(
-        "--replica-gpus",
-        type=float,
-        default=None,
-        help="GPUs a replica takes (default: its pipeline's, 1 on a GPU, 2 with --codec-device on "
-        "another, else 0)",
-    )
-    ray.add_argument("--ray-address", default=None, help="a Ray cluster's (default: start one)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -102,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_server(server)
     songs = {} if args.batch is None else {"songs": args.batch}
     # --lora NAME=PATH: served per song, each request choosing one by name (or none).
-    config = pipeline_config(
+    config = common.pipeline_config(
         args,
         engine=args.engine,
         vram=args.vram,
@@ -110,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lora_per_song=True,
         **songs,
     )
-    fetch_weights(config.model_path, args.model_path)
+    common.fetch_weights(config.model_path, args.model_path)
     if args.ray:
         return _serve_on_ray(args, config, server, songs)
     return run_server(config, server)
@@ -139,7 +150,7 @@ def _serve_on_ray(
         num_gpus=gpus,
     )
     factory = functools.partial(
-        pipeline_config,
+        common.pipeline_config,
         args,
         engine=args.engine,
         vram=args.vram,
