@@ -9,6 +9,10 @@ shard's name, size, modification time and safetensors header, plus config.json),
 checkpoint or a new runtime makes it stale. A stale or damaged cache is rebuilt with a one-line
 notice; a cache that cannot be written costs a notice, never the run.
 
+Each layer's q/k/v projections and w1/w3 are merged into one matmul (`lm.merge_projections`) as
+they load: the concatenated weight is quantized (the cache holds `qkv_proj` and `w13`), the parts
+of a group kept on the device until the last of them is read.
+
 LoRA adapters loaded merged (`heartmula_rt.model.lora`) are folded into each weight between
 reading and quantizing it; their fingerprints and scales join the key, and a short hash of them
 the file name, so each set of adapters has a cache of its own beside the base model's.
@@ -41,12 +45,13 @@ from safetensors.torch import load_file, save_file
 from heartmula_rt import __version__
 from heartmula_rt.model.checkpoint import load_into
 from heartmula_rt.model.folder import load_lm_config, shard_files
-from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.lm import MERGED_PARTS, HeartMuLa, merge_projections
 from heartmula_rt.model.lora import LoraAdapter, adapters_key, merged_weight
 
 log = logging.getLogger(__name__)
 # Bump when the quantized layout changes: older caches then read as stale.
-CACHE_FORMAT = 1
+# 2: q/k/v and w1/w3 merged (`qkv_proj`, `w13`, quantized concatenated).
+CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -107,7 +112,7 @@ def _load_cached(path: Path, key: str, model_dir: Path, mode: str, device: torch
             return None
         with torch.device("meta"):
             model = HeartMuLa(load_lm_config(model_dir))
-        quantize_model(model, mode)
+        quantize_model(merge_projections(model), mode)
         model.load_state_dict(load_file(str(path), device=str(device)), strict=True, assign=True)
         return model.eval()
     except (OSError, SafetensorError, RuntimeError, ValueError) as e:
@@ -141,13 +146,36 @@ def quantize_checkpoint(
     lora: Sequence[LoraAdapter] = (),
 ) -> HeartMuLa:
     """The checkpoint's LM, each matmul weight quantized on `device` as it is read: the peak is
-    the quantized model plus one unquantized tensor (the audio head: one codebook). `lora`'s
+    the quantized model plus one unquantized tensor (the audio head: one codebook), or the
+    parts read so far of one merged matmul (`lm.merge_projections`: q/k/v, w1/w3; those of a
+    layer usually sit in one shard, in order). `lora`'s
     deltas are added to each weight first (`lora.merged_weight`, in float32)."""
     with torch.device("meta"):
         model = HeartMuLa(load_lm_config(model_dir))
     cls = FORMATS[mode]
     linears = {f"{name}.weight": name for name in quantized_linears(model)}
     adapted = {f"{name}.weight": name for adapter in lora for name in adapter.modules}
+    part_of = {part: merged for merged, parts in MERGED_PARTS.items() for part in parts}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # merged module → its parts read so far
+
+    def merge(name: str, tensor: torch.Tensor) -> bool:
+        """Keep a part of a merged matmul; quantize the concatenation once all are read."""
+        owner_name, _, leaf = name.rpartition(".")
+        merged = part_of.get(leaf)
+        if merged is None:
+            return False
+        parts = pending.setdefault(f"{owner_name}.{merged}", {})
+        parts[leaf] = tensor.to(device)
+        if len(parts) == len(MERGED_PARTS[merged]):
+            del pending[f"{owner_name}.{merged}"]
+            ordered = [parts.pop(p) for p in MERGED_PARTS[merged]]
+            dtype = ordered[0].dtype
+            if any(t.dtype != dtype for t in ordered):  # a LoRA-merged part is float32
+                ordered = [t.float() for t in ordered]
+            weight = torch.cat(ordered)
+            del ordered
+            model.get_submodule(owner_name).merge(cls.from_weight(weight))
+        return True
 
     def quantize(key: str, tensor: torch.Tensor) -> bool:
         if key in adapted:
@@ -158,7 +186,8 @@ def quantize_checkpoint(
                 return True
             tensor = merged
         if key in linears:
-            model.set_submodule(linears[key], cls.from_weight(tensor.to(device)))
+            if not merge(linears[key], tensor):
+                model.set_submodule(linears[key], cls.from_weight(tensor.to(device)))
         elif key == "audio_head":
             set_audio_head(model, QuantizedAudioHead.from_parameter(tensor, mode, device))
         else:

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from heartmula_rt.model.checkpoint import load_lm
 from heartmula_rt.model.folder import LM_DIR, load_gen_config
-from heartmula_rt.model.lm import RMSNorm, Rope, RotaryEmbedding, SiluMul
+from heartmula_rt.model.lm import KVCache, RMSNorm, Rope, RotaryEmbedding, SiluMul
 from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import SamplingParams
 from heartmula_rt.runtime.engine import StaticEngine
@@ -164,14 +164,18 @@ def test_fused_layers_launch_one_kernel_each() -> None:
     for part in ("backbone layers", "decoder layers"):
         ops = fused.part_ops(part)
         steps = fused.backbone_layers if part == "backbone layers" else fused.decoder_layer_steps
-        assert ops["heartmula_rt.fused_rms_norm.default"] == 2 * steps
-        assert ops["heartmula_rt.fused_rope.default"] == steps
+        # each norm one launch, the residual add before it inside (the first layer's first
+        # norm has none); RoPE with the KV-cache write
+        norms = ops["heartmula_rt.fused_rms_norm.default"]
+        assert norms + ops["heartmula_rt.fused_add_rms_norm.default"] == 2 * steps
+        assert ops["heartmula_rt.fused_rope_cache.default"] == steps
         assert ops["heartmula_rt.fused_silu_mul.default"] == steps
         # nothing of the plain norms, RoPE or SiLU is left
-        for op in ("pow", "rsqrt", "mean", "silu", "stack", "sub", "mul", "_to_copy"):
+        for op in ("pow", "rsqrt", "mean", "silu", "stack", "sub", "mul", "_to_copy", "add"):
             assert not any(f"aten.{op}." in name for name in ops), op
         assert fused.part(part) < plain.part(part)
-    assert fused.part_ops("rest")["heartmula_rt.fused_rms_norm.default"] > 0  # the final norms
+    # the final norms, with the last layer's residual add
+    assert fused.part_ops("rest")["heartmula_rt.fused_add_rms_norm.default"] > 0
     assert fused.total < plain.total
 
 
@@ -184,6 +188,8 @@ def test_aot_launches_cover_the_engines_shapes() -> None:
         fused_layers._rms_norm_kernel,
         fused_layers._rope_kernel,
         fused_layers._silu_mul_kernel,
+        fused_layers._add_rms_norm_kernel,
+        fused_layers._rope_cache_kernel,
     }
     assert {kernel for _, kernel, _, _ in launches} == kernels
     for _, _, args, kwargs in launches:
@@ -201,3 +207,107 @@ def test_aot_launches_cover_the_engines_shapes() -> None:
         for part in ("backbone", "decoder"):
             for dtype in ("bfloat16", "float16", "float32"):
                 assert f"rms_norm {preset} {part} {dtype}" in descriptions
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 3072), (2, 3, 67), (5, 64)])
+def test_add_rms_norm_equals_the_plain_add_and_norm(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    plain = RMSNorm(shape[-1], 1e-5)
+    plain.scale.data = torch.randn(shape[-1], generator=g)
+    plain = plain.to(DEVICE, dtype)
+    x, delta = (3 * torch.randn(2, *shape, generator=g)).to(DEVICE, dtype)
+    (s, normed), (plain_s, plain_normed) = (
+        FusedRMSNorm.from_plain(plain).add_norm(x, delta),
+        plain.add_norm(x, delta),
+    )
+    if dtype == torch.bfloat16 and DEVICE.type == "cpu":
+        assert_close(s, plain_s)  # the interpreter truncates float32 → bfloat16
+    else:
+        assert torch.equal(s, plain_s)  # one rounding of the sum, as `+` makes it
+        assert_close(normed, plain_normed)
+    assert_close(normed, plain(s))  # the norm of the sum it returns
+
+
+def _merged_qkv(b: int, t: int, heads: int, kv_heads: int, d: int, dtype: torch.dtype):
+    """q, k, v as a merged q/k/v matmul's output makes them: strided views of one tensor."""
+    g = torch.Generator().manual_seed(4)
+    out = torch.randn(b, t, (heads + 2 * kv_heads) * d, generator=g).to(DEVICE, dtype)
+    q, k, v = out.split((heads * d, kv_heads * d, kv_heads * d), dim=-1)
+    return q.view(b, t, heads, d), k.view(b, t, kv_heads, d), v.view(b, t, kv_heads, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "positions", "heads", "kv_heads", "head_dim", "start"),
+    [
+        (2, 1, 24, 8, 128, None),  # the 3B backbone's decode step at device-held positions
+        (3, 1, 6, 3, 48, None),
+        (2, 2, 8, 4, 384, 0),  # the 300M decoder's first step
+        (2, 1, 8, 4, 384, 5),
+        (1, 7, 6, 3, 48, 3),  # a prompt
+    ],
+)
+def test_rope_cache_equals_rope_then_the_cache_write(
+    dtype: torch.dtype,
+    batch: int,
+    positions: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    start: int | None,
+) -> None:
+    table_cos, table_sin = RotaryEmbedding(head_dim, 512, 500000.0, 32.0).tables(DEVICE)
+    q, k, v = _merged_qkv(batch, positions, heads, kv_heads, head_dim, dtype)
+    if start is None:  # each row its own position, as the static engine keeps them
+        at = torch.tensor([7, 300, 12][:batch], device=DEVICE)
+        cos, sin, kv_len = table_cos[at], table_sin[at], 320
+    else:
+        at, kv_len = start, None
+        cos, sin = table_cos[start : start + positions], table_sin[start : start + positions]
+    results = []
+    for rope in (FusedRope(), Rope()):
+        # the second song's rows of a batch's cache, NaN wherever nothing is written
+        whole = KVCache.zeros(batch + 1, 320, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+        whole.k.fill_(float("nan"))
+        whole.v.fill_(float("nan"))
+        cache = whole.rows(1, batch)
+        q_out, k_read, v_read = rope.to_cache(q, k, v, at, cos, sin, cache, kv_len)
+        results.append((q_out, k_read, v_read, whole))
+    (q_f, k_f, v_f, whole_f), (q_p, k_p, v_p, whole_p) = results
+    assert_close(q_f, q_p)
+    assert k_f.shape == k_p.shape and v_f.shape == v_p.shape
+    written = ~torch.isnan(whole_p.k)
+    assert torch.equal(written, ~torch.isnan(whole_f.k))  # the same positions, nothing else
+    assert_close(whole_f.k[written], whole_p.k[written])
+    assert torch.equal(whole_f.v.nan_to_num(7.0), whole_p.v.nan_to_num(7.0))  # v as it is
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_reads_a_merged_w1_w3_output_in_place(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    h13 = (4 * torch.randn(2, 3, 2 * 160, generator=g)).to(DEVICE, dtype)
+    gate, up = h13.chunk(2, dim=-1)
+    assert_close(FusedSiluMul()(gate, up), SiluMul()(gate, up))
+
+
+def test_merged_fused_static_engine_gives_the_reference_frames(
+    fused_lm, tiny_ckpt: Path, fixtures_dir: Path
+) -> None:
+    """As a pipeline loads the LM on a GPU: merged q/k/v and w1/w3, then the fused twins."""
+    from heartmula_rt.model.lm import merge_projections
+
+    merged = merge_projections(copy.deepcopy(fused_lm[1]))
+    use_fused_layers(merged)
+    gen = load_gen_config(tiny_ckpt)
+    tokenizer = Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))
+    cases = json.loads((fixtures_dir / "tiny-public/expected/cases.json").read_text())["cases"]
+    c = next(c for c in cases if c["file"] == "mula_cfg15.safetensors")
+    expected = load_file(fixtures_dir / "tiny-public/expected/mula_cfg15.safetensors")["frames"]
+    prompt = build_prompt(tokenizer, gen, c["tags"], c["lyrics"])
+    engine = StaticEngine(merged, gen, graphs=False, bucket=16, sync_every=5)
+    args = {k: c[k] for k in ("topk", "temperature", "cfg_scale")}
+    frames = engine.generate_frames(prompt, SamplingParams(max_frames=4, **args))
+    assert torch.equal(frames, expected.long()[:, :5])

@@ -3,8 +3,12 @@
     python tools/count_kernels.py [--preset 3B] [--dtype bfloat16] [--no-cfg] [--top 12]
 
 Prints the total and the backbone layers', decoder layer steps', sampler's and the rest's
-shares, for the plain layers and with the fused twins swapped in (`kernels.fused_layers`); the
-counting rule is `heartmula_rt.runtime.launches`'s docstring. Needs no GPU and no weights.
+shares: for the plain layers as built (q, k, v, w1 and w3 apart), then as a pipeline loads the
+LM on a GPU (each layer's q/k/v and w1/w3 merged into one matmul: `lm.merge_projections`; the
+fused twins of `kernels.fused_layers` swapped in: the residual adds inside the norms, the KV-cache
+writes inside RoPE), counting SDPA as one kernel, then the same with the backbone's attention as
+the split-key decode kernel a GPU runs (2 launches). The counting rule is
+`heartmula_rt.runtime.launches`'s docstring. Needs no GPU and no weights.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 
 from heartmula_rt.config import LM_PRESETS
 from heartmula_rt.model.fused import use_fused_layers
+from heartmula_rt.model.lm import merge_projections
 from heartmula_rt.runtime.launches import count_frame_launches, meta_lm, report
 
 
@@ -29,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     setting = f"{args.preset}, {args.dtype}, {'no CFG' if args.no_cfg else 'CFG'}"
     print(f"{setting}, plain layers:")
     print(report(count_frame_launches(model, cfg=not args.no_cfg), args.top))
+    merge_projections(model)
     use_fused_layers(model)
-    print(f"{setting}, fused layers (heartmula_rt.model.fused):")
+    print(f"{setting}, as loaded on a GPU (merged q/k/v and w1/w3, fused layers):")
     print(report(count_frame_launches(model, cfg=not args.no_cfg), args.top))
+    gpu = count_frame_launches(model, cfg=not args.no_cfg, gpu=True)
+    print(f"{setting}, the same with a GPU's decode attention (2 launches per backbone layer):")
+    print(report(gpu, args.top))
     return 0
 
 

@@ -39,7 +39,7 @@ from heartmula_rt.memory.planner import (
     overheads_from,
 )
 from heartmula_rt.model.codec import HeartCodec
-from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.lm import HeartMuLa, merge_projections
 from heartmula_rt.quant import quantize_model
 from heartmula_rt.request import DEFAULT_CODEC
 
@@ -153,7 +153,7 @@ def lm_sizes(
     )
     with torch.device("meta"):
         lm = HeartMuLa(traced).to(dtype)
-    quantize_model(lm, quant)
+    quantize_model(merge_projections(lm), quant)  # as loaded (pipeline.py)
     batch = songs * rows
     cache = lm.new_cache(batch, positions)
     # Each stack's bytes and KV cache as built, and its layers left out, counted as its first.

@@ -1,4 +1,5 @@
-"""Fused twins of the LM's RMSNorm, RoPE and SiLU·mul, as module swaps.
+"""Fused twins of the LM's RMSNorm (with the residual add before it), RoPE (with the KV-cache
+write after it) and SiLU·mul, as module swaps.
 
 Each twin computes its plain module's function with one launch of a Triton kernel
 (`kernels.fused_layers`, torch custom ops) instead of one per eager op; `use_fused_layers(model)`
@@ -16,7 +17,7 @@ from collections import Counter
 import torch
 from torch import Tensor, nn
 
-from heartmula_rt.model.lm import RMSNorm, Rope, SiluMul
+from heartmula_rt.model.lm import KVCache, RMSNorm, Rope, SiluMul
 
 
 def _register_kernels() -> None:
@@ -43,6 +44,12 @@ class FusedRMSNorm(RMSNorm):
             return super().forward(x)
         return torch.ops.heartmula_rt.fused_rms_norm(x, self.scale, self.eps)
 
+    def add_norm(self, residual: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """`RMSNorm.add_norm` in one launch: the residual add and the norm of its sum."""
+        if torch.compiler.is_compiling() or residual.shape != delta.shape:
+            return super().add_norm(residual, delta)
+        return torch.ops.heartmula_rt.fused_add_rms_norm(residual, delta, self.scale, self.eps)
+
 
 class FusedRope(Rope):
     """`Rope` on q and k in one launch."""
@@ -55,6 +62,38 @@ class FusedRope(Rope):
         if torch.compiler.is_compiling():
             return super().forward(q, k, cos, sin)
         return torch.ops.heartmula_rt.fused_rope(q, k, cos, sin)
+
+    def to_cache(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        start: int | Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache,
+        kv_len: int | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`Rope.to_cache` in one launch: q and k rotated, k and v written into the cache."""
+        positional = isinstance(start, Tensor)
+        if torch.compiler.is_compiling() or (positional and start.dim() != 1):
+            return super().to_cache(q, k, v, start, cos, sin, cache, kv_len)
+        b, t = q.shape[:2]
+        end = kv_len if positional else start + t
+        if end > cache.k.shape[2]:  # the plain path's refusal, in its words
+            return super().to_cache(q, k, v, start, cos, sin, cache, kv_len)
+        q = torch.ops.heartmula_rt.fused_rope_cache(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            cache.k,
+            cache.v,
+            start if positional else None,
+            0 if positional else start,
+        )
+        return q, cache.k[:, :, :end], cache.v[:, :, :end]
 
 
 class FusedSiluMul(SiluMul):

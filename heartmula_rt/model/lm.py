@@ -30,6 +30,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.scale, self.eps)
 
+    def add_norm(self, residual: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """The residual add before the norm: (s, norm(s)) for s = residual + delta, the sum in
+        their dtype as `+` rounds it (the fused twin does both in one launch)."""
+        s = residual + delta
+        return s, self(s)
+
 
 # Llama-3 RoPE scaling constants (scale_factor comes from the flavor).
 _LOW_FREQ, _HIGH_FREQ, _OLD_CONTEXT = 1.0, 4.0, 8192.0
@@ -133,6 +139,36 @@ class Rope(nn.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]: broadcast over heads
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+    def to_cache(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        start: int | Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache,
+        kv_len: int | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """RoPE on q [B, T, H, D] and k [B, T, H_kv, D], then k and v [B, T, H_kv, D] written
+        into `cache` at their positions (an int `start`: start.., every row; device-held
+        positions `start` [B]: one per row, cos/sin [B, D/2]): (the rotated q [B, T, H, D], the
+        cached keys and values to read, [B, H_kv, L, D]). The fused twin writes the cache in the
+        same launch as the rotation."""
+        b = q.shape[0]
+        if isinstance(start, Tensor):
+            # One position per row, cos/sin [B, D/2]: rows as the positions of one sequence.
+            q, k = self(q.view(1, b, *q.shape[2:]), k.view(1, b, *k.shape[2:]), cos, sin)
+            q, k = q.view(b, 1, *q.shape[2:]), k.view(b, 1, *k.shape[2:])
+        else:
+            q, k = self(q, k, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if isinstance(start, Tensor):  # each row's one position, held on the device
+            k, v = cache.write_at(start, k, v, kv_len)
+        else:
+            k, v = cache.update(start, k, v)
+        return q, k, v
+
 
 def attention_mask(
     start: int | Tensor, t: int, kv_len: int | None, *, dtype: torch.dtype, device: torch.device
@@ -173,6 +209,22 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(f.num_heads * f.head_dim, f.embed_dim, bias=False)
         self.rope = Rope()
 
+    def merge(self, qkv: nn.Module | None = None) -> None:
+        """Replace q_proj, k_proj and v_proj by one `qkv_proj` whose output is theirs side by
+        side (`merge_projections`): `qkv`, or an nn.Linear of their weights concatenated."""
+        merge_parts(self, "qkv_proj", qkv)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, T, H, D], k and v [B, T, H_kv, D] of x [B, T, dim] (views of one matmul's
+        output once merged)."""
+        b, t, _ = x.shape
+        h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if "qkv_proj" in self._modules:
+            q, k, v = self.qkv_proj(x).split((h * d, h_kv * d, h_kv * d), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return q.view(b, t, h, d), k.view(b, t, h_kv, d), v.view(b, t, h_kv, d)
+
     def forward(
         self,
         x: Tensor,
@@ -185,20 +237,8 @@ class Attention(nn.Module):
     ) -> Tensor:
         """`mask` is `attention_mask(start, T, kv_len, ...)`."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if isinstance(start, Tensor):
-            # One position per row, cos/sin [B, D/2]: rows as the positions of one sequence.
-            q, k = self.rope(q.view(1, b, *q.shape[2:]), k.view(1, b, *k.shape[2:]), cos, sin)
-            q, k = q.view(b, 1, *q.shape[2:]), k.view(b, 1, *k.shape[2:])
-        else:
-            q, k = self.rope(q, k, cos, sin)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if isinstance(start, Tensor):  # each row's one position, held on the device
-            k, v = cache.write_at(start, k, v, kv_len)
-        else:
-            k, v = cache.update(start, k, v)
+        q, k, v = self.project(x)
+        q, k, v = self.rope.to_cache(q, k, v, start, cos, sin, cache, kv_len)
         # GQA: query head j reads kv head j // g, g = num_heads / num_kv_heads.
         if isinstance(start, Tensor) and k.device.type in SPLIT_DECODE_DEVICES:
             # The split-key kernel reads each row's keys only up to its own position, and rounds
@@ -233,8 +273,81 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.silu_mul = SiluMul()
 
+    def merge(self, w13: nn.Module | None = None) -> None:
+        """Replace w1 and w3 by one `w13` whose output is theirs side by side
+        (`merge_projections`): `w13`, or an nn.Linear of their weights concatenated."""
+        merge_parts(self, "w13", w13)
+
     def forward(self, x: Tensor) -> Tensor:
+        if "w13" in self._modules:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(self.silu_mul(gate, up))
         return self.w2(self.silu_mul(self.w1(x), self.w3(x)))
+
+
+# Matmuls that share their input, merged into one at load (`merge_projections`): each merged
+# module's output is its parts' outputs side by side, in this order. Checkpoints and LoRA
+# adapters keep the parts' names (`merged_part` maps a part to its rows of the merged weight).
+MERGED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "w13": ("w1", "w3")}
+_PART_OF = {part: merged for merged, parts in MERGED_PARTS.items() for part in parts}
+
+
+def merge_parts(owner: nn.Module, merged: str, module: nn.Module | None = None) -> None:
+    """`owner`'s parts of `merged` (MERGED_PARTS) replaced by `module`, or by an nn.Linear of
+    their weights concatenated (on their device, in their dtype); a no-op once merged."""
+    if merged in owner._modules:
+        return
+    parts = [owner.get_submodule(p) for p in MERGED_PARTS[merged]]
+    if module is None:
+        if not all(type(p) is nn.Linear for p in parts):
+            kinds = ", ".join(sorted({type(p).__name__ for p in parts}))
+            raise ValueError(f"merge plain nn.Linear parts, before quantizing or LoRA ({kinds})")
+        weight = torch.cat([p.weight.detach() for p in parts])
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        module.weight = nn.Parameter(weight, requires_grad=False)
+    for p in MERGED_PARTS[merged]:
+        delattr(owner, p)
+    owner.add_module(merged, module)
+
+
+def merged_part(model: nn.Module, name: str) -> tuple[str, slice] | None:
+    """For a part's module name in a merged model ("backbone.layers.0.attn.q_proj"): the merged
+    module's name and the part's rows of its output; None where `name` is no merged part."""
+    owner_name, _, leaf = name.rpartition(".")
+    merged = _PART_OF.get(leaf)
+    if merged is None:
+        return None
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    if merged not in owner._modules:
+        return None
+    sizes = part_sizes(owner, merged)
+    i = MERGED_PARTS[merged].index(leaf)
+    first = sum(sizes[:i])
+    return f"{owner_name}.{merged}", slice(first, first + sizes[i])
+
+
+def part_sizes(owner: nn.Module, merged: str) -> list[int]:
+    """The output sizes of `merged`'s parts in `owner` (an Attention or an MLP)."""
+    if merged == "qkv_proj":
+        kv = owner.num_kv_heads * owner.head_dim
+        return [owner.num_heads * owner.head_dim, kv, kv]
+    half = owner.w13.out_features // 2
+    return [half, half]
+
+
+def merge_projections(model: nn.Module) -> nn.Module:
+    """Merge every layer's q/k/v projections into one matmul and w1/w3 into one (the weights
+    concatenated: one launch and one weight read where there were three and two), in place;
+    returns `model`. Called where an LM is loaded (before quantizing, so the formats quantize
+    the concatenated weights, and after merged LoRAs); a matmul's output rows are computed
+    alike whatever rows sit beside them, so the merged model computes what the parts did."""
+    for module in model.modules():
+        if isinstance(module, Attention | MLP):
+            module.merge()
+    return model
 
 
 class TransformerBlock(nn.Module):
@@ -254,9 +367,22 @@ class TransformerBlock(nn.Module):
         cache: KVCache,
         kv_len: int | None,
         mask: Tensor | None,
-    ) -> Tensor:
-        h = x + self.attn(self.sa_norm(x), start, cos, sin, cache, kv_len, mask)
-        return h + self.mlp(self.mlp_norm(h))
+        delta: Tensor | None = None,
+        *,
+        split: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The layer's output h + m; with `split`, (h, m) with the last addition left to the
+        caller, and the input `x + delta` (`delta` None: x). `Transformer` leaves each addition
+        to the next norm, which makes it in the same launch (`RMSNorm.add_norm`): the sums are
+        the plain `h = x + attn`, `out = h + mlp`, in the same order."""
+        if delta is None:
+            normed = self.sa_norm(x)
+        else:
+            x, normed = self.sa_norm.add_norm(x, delta)
+        h, normed = self.mlp_norm.add_norm(
+            x, self.attn(normed, start, cos, sin, cache, kv_len, mask)
+        )
+        return (h, self.mlp(normed)) if split else h + self.mlp(normed)
 
 
 class Transformer(nn.Module):
@@ -290,10 +416,14 @@ class Transformer(nn.Module):
             cos, sin = cos[start], sin[start]
         else:
             cos, sin = cos[start : start + x.shape[1]], sin[start : start + x.shape[1]]
-        mask = attention_mask(start, x.shape[1], kv_len, dtype=x.dtype, device=x.device)
+        mask = None
+        if not (isinstance(start, Tensor) and x.device.type in SPLIT_DECODE_DEVICES):
+            # (the split-key kernel masks each row at its position itself)
+            mask = attention_mask(start, x.shape[1], kv_len, dtype=x.dtype, device=x.device)
+        delta = None
         for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x = layer(x, start, cos, sin, layer_cache, kv_len, mask)
-        return self.norm(x)
+            x, delta = layer(x, start, cos, sin, layer_cache, kv_len, mask, delta, split=True)
+        return self.norm(x) if delta is None else self.norm.add_norm(x, delta)[1]
 
 
 @dataclass
@@ -377,8 +507,12 @@ class HeartMuLa(nn.Module):
         return torch.stack(embedded)
 
     def embed_audio(self, tokens: Tensor, codebook: int) -> Tensor:
-        """Embeddings of codebook `codebook`'s tokens (any shape) → [..., D]."""
-        return self.audio_embeddings(tokens + codebook * self.config.audio_vocab_size)
+        """Embeddings of codebook `codebook`'s tokens (any shape) → [..., D]: rows of the
+        codebook's slice of the table (the same rows as `tokens + codebook · vocab`, without
+        the launch that adds the offset)."""
+        vocab = self.config.audio_vocab_size
+        table = self.audio_embeddings.weight[codebook * vocab : (codebook + 1) * vocab]
+        return F.embedding(tokens, table)
 
     def embed_frame(self, frame: Tensor) -> Tensor:
         """One frame row per cache row: frame [B, n] → sum of its codebook embeddings [B, 1, D]."""

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from heartmula_rt.config import LMConfig
 from heartmula_rt.errors import UserError
+from heartmula_rt.model.lm import merged_part, part_sizes
 
 # The wrappers training tools put before the model's own module names, stripped in any order:
 # PEFT's `base_model.model.`, diffusers' `transformer.`, ComfyUI's `diffusion_model.`, torchtune
@@ -575,14 +576,18 @@ def merge_lora(model: nn.Module, adapters: Sequence[LoraAdapter]) -> nn.Module:
         return model
     names = {n for a in adapters for n in a.modules}
     for name in sorted(names):
-        module = model.get_submodule(name)
+        # A part of a merged matmul (lm.merge_projections: q_proj of qkv_proj, w1 of w13): its
+        # rows of the merged weight.
+        target, rows = merged_part(model, name) or (name, slice(None))
+        module = model.get_submodule(target)
         weight = getattr(module, "weight", None)
         if not isinstance(module, nn.Linear) or weight is None:
             raise UserError(
                 f"cannot merge a LoRA into {name}: it is already quantized; merge before "
                 "quantizing (or run the LoRA per row)"
             )
-        module.weight.copy_(merged_weight(adapters, name, weight).to(weight.dtype))
+        part = weight[rows]
+        part.copy_(merged_weight(adapters, name, part).to(weight.dtype))
     return model
 
 
@@ -741,13 +746,45 @@ def apply_lora_rows(
     state = LoraRows(rows, device, [a.name for a in adapters])
     names = sorted({n for a in adapters for n in a.modules})
     targets = lora_targets(model.config)
+    # Parts of one merged matmul (lm.merge_projections) share one wrapper: their A stacked
+    # along the rank, their B block-diagonal (each part's rows read only its own rank), so the
+    # merged output's rows get each part's own delta.
+    groups: dict[str, list[tuple[str, slice]]] = {}
     for name in names:
-        base = model.get_submodule(name)
-        a, b = _stacked(adapters, name, targets[name], dtype)
+        target, rows = merged_part(model, name) or (name, slice(None))
+        groups.setdefault(target, []).append((name, rows))
+    for target, parts in groups.items():
+        base = model.get_submodule(target)
+        if target == parts[0][0]:  # a module of its own
+            a, b = _stacked(adapters, target, targets[target], dtype)
+        else:
+            owner_name, _, merged = target.rpartition(".")
+            out = sum(part_sizes(model.get_submodule(owner_name), merged))
+            a, b = _stacked_parts(adapters, parts, out, targets, dtype)
         on = _module_device(base)
-        model.set_submodule(name, RowLoraLinear(base, a.to(on), b.to(on), state))
+        model.set_submodule(target, RowLoraLinear(base, a.to(on), b.to(on), state))
     model.lora_rows = state
     return state
+
+
+def _stacked_parts(
+    adapters: Sequence[LoraAdapter],
+    parts: Sequence[tuple[str, slice]],
+    out: int,
+    targets: Mapping[str, tuple[int, int]],
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """A [N+1, Σr, in] and B [N+1, out, Σr] of the `parts` (name, rows of the merged output)
+    of one merged matmul: each part's stacked A and B (`_stacked`), A side by side along the
+    rank, B block-diagonal (zeros elsewhere)."""
+    stacked = [(_stacked(adapters, name, targets[name], dtype), rows) for name, rows in parts]
+    a_all = torch.cat([a for (a, _), _ in stacked], dim=1)
+    b_all = torch.zeros(len(adapters) + 1, out, a_all.shape[1], dtype=dtype)
+    first = 0
+    for (a, b), rows in stacked:
+        b_all[:, rows, first : first + a.shape[1]] = b
+        first += a.shape[1]
+    return a_all, b_all
 
 
 def lora_rows_bytes(adapters: Sequence[LoraAdapter], config: LMConfig, dtype: torch.dtype) -> int:

@@ -255,14 +255,23 @@ class StaticEngine:
         self._warm.clear()
         self._state = self._pool = None
 
-    def one_song_step(self, sampling: SamplingParams, positions: int) -> Callable[[], None]:
+    def one_song_step(
+        self, sampling: SamplingParams, positions: int, songs: int = 1
+    ) -> Callable[[], None]:
         """The frame step of one song's rows started at position 0, to run as it is (launch
-        counting and the capture guard run it on the meta device)."""
-        song = SongRun(Prompt(torch.zeros(1, dtype=torch.long), 0), sampling, seed=0)
-        song.first_row = 0
-        state = self._reserve(song.rows, positions)
-        state.start(song, torch.zeros(self.model.config.audio_num_codebooks, dtype=torch.long), 0)
-        kv_len = self._kv_len(0, state.capacity)
+        counting and the capture guard run it on the meta device); `songs` > 1: that many such
+        songs side by side, reading the whole cache as a batch does (`run`)."""
+        runs = [
+            SongRun(Prompt(torch.zeros(1, dtype=torch.long), 0), sampling, seed=0)
+            for _ in range(songs)
+        ]
+        state = self._reserve(sum(song.rows for song in runs), positions)
+        first = 0
+        for song in runs:
+            song.first_row, first = first, first + song.rows
+            frame = torch.zeros(self.model.config.audio_num_codebooks, dtype=torch.long)
+            state.start(song, frame, 0)
+        kv_len = self._kv_len(0 if songs == 1 else state.capacity - 1, state.capacity)
         return lambda: self._step(state, kv_len)
 
     # -- the host loop --------------------------------------------------------------------

@@ -21,6 +21,10 @@ which no GPU runs, so it is caught before dispatch and counted as the one fused 
 kernel a CUDA backend launches, plus, for a boolean mask, the 3 launches ATen's SDPA spends
 turning it into an additive one first (two scalar_tensor fills and a where, as dispatching it
 on the CPU shows). cuBLAS may split one mm into two kernels (split-K); that is not modelled.
+
+`gpu=True` counts the backbone's attention as a GPU runs it at the static engine's device-held
+positions: the split-key decode kernel (`kernels.decode_attention`, 2 launches: the chunks and
+their combination) instead of SDPA, and no additive mask made for it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from heartmula_rt.config import LM_PRESETS, GenConfig, LMConfig
+from heartmula_rt.model import lm
 from heartmula_rt.model.lm import HeartMuLa
 from heartmula_rt.request import SamplingParams
 from heartmula_rt.runtime.engine import StaticEngine
@@ -50,6 +55,8 @@ _NO_KERNEL = {
 SDPA = "scaled_dot_product_attention (one fused kernel)"
 SDPA_BOOL_MASK = "scaled_dot_product_attention: boolean mask made additive"
 BOOL_MASK_LAUNCHES = 3
+DECODE_ATTENTION = "heartmula_rt.decode_attention.default"
+DECODE_ATTENTION_LAUNCHES = 2  # its chunk kernel, then its combine kernel
 PARTS = ("backbone layers", "decoder layers", "sampler", "rest")
 
 
@@ -94,6 +101,8 @@ class LaunchCounter(TorchDispatchMode):
 
     def add(self, op: str, n: int = 1) -> None:
         part = "sampler" if op == "heartmula_rt.fused_sample.default" else self.part
+        if op == DECODE_ATTENTION:
+            n *= DECODE_ATTENTION_LAUNCHES
         self.launches.ops[part, op] += n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -131,14 +140,22 @@ def meta_lm(preset: str = "3B", dtype: torch.dtype = torch.bfloat16) -> HeartMuL
 
 
 def count_frame_launches(
-    model: HeartMuLa, gen_config: GenConfig | None = None, *, cfg: bool = True
+    model: HeartMuLa,
+    gen_config: GenConfig | None = None,
+    *,
+    cfg: bool = True,
+    gpu: bool = False,
+    songs: int = 1,
+    positions: int | None = None,
 ) -> FrameLaunches:
     """The kernel launches of one static-engine frame of `model` (on the meta device; 2 rows
-    with `cfg`). The step runs once first: the RoPE tables are built once per device, not per
-    frame."""
+    with `cfg`, per song; `songs` songs side by side, `positions` cache positions, by default
+    the engine's first capacity step). With `gpu`, the backbone's attention is the split-key
+    decode kernel a GPU runs (module docstring). The step runs once first: the RoPE tables are
+    built once per device, not per frame."""
     engine = StaticEngine(model, gen_config or GenConfig(), graphs=False)
     sampling = SamplingParams() if cfg else SamplingParams(cfg_scale=1.0)
-    step = engine.one_song_step(sampling, engine.capacity_step)
+    step = engine.one_song_step(sampling, positions or engine.capacity_step, songs=songs)
     launches = FrameLaunches(
         backbone_layers=len(model.backbone.layers),
         decoder_layer_steps=len(model.decoder.layers) * (model.config.audio_num_codebooks - 1),
@@ -164,12 +181,16 @@ def count_frame_launches(
                 layer.register_forward_pre_hook(enter(part)),
                 layer.register_forward_hook(leave),
             ]
+    devices = lm.SPLIT_DECODE_DEVICES
+    if gpu:
+        lm.SPLIT_DECODE_DEVICES = devices | {"meta"}
     with torch.no_grad():
-        step()
         try:
+            step()
             with counter, _AttentionAsOneKernel(counter):
                 step()
         finally:
+            lm.SPLIT_DECODE_DEVICES = devices
             for h in hooks:
                 h.remove()
     return launches

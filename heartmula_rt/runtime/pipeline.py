@@ -40,7 +40,7 @@ from heartmula_rt.model import checkpoint, folder
 from heartmula_rt.model.codec import CODEC_DTYPES, HeartCodec, check_codec_dtype, codec_noise
 from heartmula_rt.model.folder import CODEC_DIR, LM_DIR
 from heartmula_rt.model.fused import use_fused_layers
-from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.lm import HeartMuLa, merge_projections
 from heartmula_rt.model.lora import (
     LoraAdapter,
     LoraSpec,
@@ -767,6 +767,7 @@ def _from_checkpoint(
     if quant == "none":
         lm, lm_config = checkpoint.load_lm(root / LM_DIR, device=device, dtype=config.lm_dtype)
         merge_lora(lm, lora)
+        merge_projections(lm)  # q/k/v and w1/w3 as one matmul each (the quantized load does too)
     else:
         lm = load_quantized_lm(
             root / LM_DIR, quant, device=device, dtype=config.lm_dtype, lora=lora
@@ -796,6 +797,7 @@ def _synthetic(
         draw_on=config.torch_device,
     )
     merge_lora(models.lm, lora)  # before quantizing
+    merge_projections(models.lm)  # as a checkpoint loads: quantized concatenated
     quantize_model(models.lm, quant)
     if device == config.torch_device:  # else the placement swaps them in where it puts them
         use_fast_kernels(models.lm, config.lm_dtype)
