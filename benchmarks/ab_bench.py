@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,11 +48,15 @@ def install(rev: str, into: Path) -> str:
             ["git", "archive", commit], cwd=REPO, capture_output=True, check=True
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(into), str(source)],
-        check=True,
-    )  # fmt: skip
+    # setup.py's layout (kernels/ and quant/ inside the package), copied: no pip build, which
+    # fails where an installed setuptools plugin imports a top-level `kernels` package (the
+    # source tree's kernels/ folder shadows it).
+    package = into / "heartmula_rt"
+    shutil.copytree(source / "heartmula_rt", package, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("kernels", "quant"):
+        shutil.copytree(
+            source / folder, package / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
     return commit
 
 

@@ -16,8 +16,11 @@
 #                (plain, graph, compile traced with aot_eager) and one codec window through its
 #                graph, on the tiny fixture on the GPU: API drift of the image's torch shows here,
 #                in seconds, and the run stops with the list of what failed
-#   decode       plain vs graph engine, synthetic 3B bf16, one song with CFG, 20 s: frames/s,
-#                GB/s, peak VRAM, greedy agreement over 64 frames
+#   decode       graph engine (with the #34 kernels: merged q/k/v and w1/w3, add+RMSNorm,
+#                RoPE+KV write, split-key decode attention) vs compile engine (a cold inductor
+#                compile: its budget is here now), synthetic 3B bf16, one song with CFG, 20 s:
+#                frames/s, bytes/step, launches, ms/frame against the bandwidth floor, GB/s,
+#                peak VRAM, greedy agreement over 64 frames
 #   batch        graph engine, one song and 8 songs at once, 20 s each
 #   codec        graph engine, a 240 s song: the codec mixed vs float32 (and bfloat16), SNR
 #                against float32, and a streamed song's time to first audio
@@ -25,7 +28,7 @@
 #   quant-batch  graph engine, --quant int8, one song and 8 at once
 #   vram         --vram 12G, a 240 s song: measured peak against the plan's, RTF
 #   tests        the tests marked `gpu` (pytest.ini) but not `inductor`, under pytest-timeout
-#   compile      compile engine (a cold inductor compile), 20 s: last, it may take its budget
+#   compile      compile engine again, 20 s (inductor's cache warm from decode): last, a check
 # Named only: micro (pytest benchmarks/), serve and overlap (on a random 3B checkpoint made at
 # /tmp/serve-3B, ~7 GB of disk; they need fastapi, uvicorn and httpx, in the image), and lora
 # (benchmarks/lora_bench.py on that checkpoint, graph engine: 4 songs of 20 s with no adapter,
@@ -52,8 +55,8 @@ set -uo pipefail # no -e: one failed step must not cost the others
 cd "$(dirname "$0")/.."
 
 # name budget (seconds): the default steps, in order; then those run only when named.
-DEFAULT_STEPS=(env:40 decode:55 batch:35 codec:85 quant:45 quant-batch:30 vram:55 tests:40
-    compile:35)
+DEFAULT_STEPS=(env:40 decode:80 batch:35 codec:85 quant:45 quant-batch:30 vram:55 tests:40
+    compile:10)
 NAMED_STEPS=(micro:240 serve:300 overlap:300 lora:240)
 
 budget_of() {
@@ -305,7 +308,7 @@ for s in "${STEPS[@]}"; do
     else
         case "$s" in
         env) cmd=(install_env) ;;
-        decode) cmd=(bench --engines plain,graph --max-seconds 20 --repeats 2 --warmup 1
+        decode) cmd=(bench --engines graph,compile --max-seconds 20 --repeats 2 --warmup 1
             --no-codec --greedy-frames 64 --name decode) ;;
         batch) cmd=(bench --engines graph --batch 1,8 --max-seconds 20 --repeats 1 --warmup 1
             --no-codec --name batch) ;;

@@ -32,10 +32,13 @@ from heartmula_rt.bench.timing import (
     bench_codec_dtypes,
     cache_positions,
     codec_variant,
+    frame_launches,
     greedy_agreement,
     lm_bytes_per_frame,
+    lm_bytes_per_step,
     measure_copy_gbps,
     peak_vram_gib,
+    reads_to_position,
     reset_peak,
     sync,
     time_codec,
@@ -62,12 +65,8 @@ from heartmula_rt.runtime.engine import (
     default_engine,
     make_engine,
 )
-from heartmula_rt.runtime.pipeline import (
-    Pipeline,
-    PipelineConfig,
-    load_pipeline,
-    plan_for,
-)
+from heartmula_rt.runtime.loader import PipelineConfig, load_pipeline, plan_for
+from heartmula_rt.runtime.pipeline import Pipeline
 
 # The prompt of runs on a real checkpoint: the tags and lyrics of a typical short song.
 SAMPLE_TAGS = "pop,piano,female vocals,happy,wedding,romantic"
@@ -252,9 +251,11 @@ def _record(
     codec_peak: float | None,
     vram_budget_gib: float | None = None,
     songs: int = 1,
+    launches: int | None = None,
 ) -> dict[str, Any]:
     """One run's JSON object, fields in the order of benchmarks/README.md: one song, or
-    `songs` songs at once (then `bytes_per_frame` is what one frame of every song reads)."""
+    `songs` songs at once (then `bytes_per_frame` is what one frame of every song reads, and
+    `launches` the kernel launches of that step)."""
     frames = lm.frames.shape[1]
     decode = statistics.median(lm.decode_s)
     prefill = statistics.median(lm.prefill_s)
@@ -282,6 +283,14 @@ def _record(
         "achieved_gbps": bytes_per_frame * fps / songs / 1e9,
         "copy_gbps": copy_gbps,
         "floor_ms_per_frame": bytes_per_frame / copy_gbps / 1e6,
+        # How far from the bandwidth floor (bytes / copy bandwidth) a step runs: on a GPU only,
+        # where a decode step is bound by reading its bytes.
+        "floor_ratio": (
+            1000 * songs / fps / (bytes_per_frame / copy_gbps / 1e6)
+            if settings.get("device_type") == "cuda"
+            else None
+        ),
+        "launches_per_frame": launches,
         "codec_s": codec,
         "e2e_s": e2e,
         "e2e_rtf": None if e2e is None else e2e / (frames * FRAME_MS / 1000),
@@ -334,6 +343,7 @@ def _settings(config: BenchConfig, pipe: PipelineConfig, quant: str, prompt_len:
         "temperature": sampling.temperature,
         "max_seconds": sampling.max_frames * FRAME_MS / 1000,
         "prompt_len": prompt_len,
+        "device_type": pipe.torch_device.type,
     }
 
 
@@ -441,6 +451,7 @@ def _bench_quant_mode(
         / 2
     )
     copy_gbps = measure_copy_gbps(device)
+    launches = frame_launches(pipe.lm, settings["quant"], cfg=rows == 2)
     runs = [
         _record(
             name,
@@ -450,6 +461,7 @@ def _bench_quant_mode(
             copy_gbps=copy_gbps,
             codec_s=codec_s,
             codec_peak=codec_peak,
+            launches=launches,
         )
         for name, lm in timings.items()
     ]
@@ -498,18 +510,27 @@ def _batch_runs(
             prefill_s, decode_s = _time_batch(pipe, engine, prompt, config, songs)
             timing = LMTiming(timings[name].frames, prefill_s, decode_s, peak_vram_gib(device))
             positions = len(prompt) + config.sampling.max_frames
+            rows = songs * settings["cfg_rows"]
+            # Every step of a batch of several songs reads its whole cache (scheduler.py),
+            # unless the split-key attention reads each row only up to its position: then the
+            # exact mean over the songs (made side by side, from the same prompt length).
+            bytes_per_frame = lm_bytes_per_frame(
+                engine.model, cache_positions(engine, positions), rows
+            )
+            if reads_to_position(engine):
+                first = lm_bytes_per_step(engine.model, [len(prompt) + 1] * rows)
+                last = lm_bytes_per_step(engine.model, [positions] * rows)
+                bytes_per_frame = round((first + last) / 2)
             run = _record(
                 name,
                 timing,
                 settings,
-                # Every step of a batch of several songs reads its whole cache (scheduler.py).
-                bytes_per_frame=lm_bytes_per_frame(
-                    engine.model, cache_positions(engine, positions), songs * settings["cfg_rows"]
-                ),
+                bytes_per_frame=bytes_per_frame,
                 copy_gbps=copy_gbps,
                 codec_s=[],
                 codec_peak=None,
                 songs=songs,
+                launches=single.get("launches_per_frame"),  # the same ops for any rows
             )
             run["batch_speedup"] = run["lm_frames_per_s"] / single["lm_frames_per_s"]
             runs.append(run)

@@ -9,6 +9,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -17,12 +18,14 @@ from torch import Tensor, nn
 
 from heartmula_rt.config import WINDOW
 from heartmula_rt.memory.sizing import module_bytes
+from heartmula_rt.model import lm
 from heartmula_rt.model.codec import HeartCodec
 from heartmula_rt.model.lm import HeartMuLa
 from heartmula_rt.model.prompt import Prompt
 from heartmula_rt.request import SamplingParams
 from heartmula_rt.runtime.engine import Engine, StaticEngine
-from heartmula_rt.runtime.pipeline import Pipeline, prepare_codec
+from heartmula_rt.runtime.loader import prepare_codec
+from heartmula_rt.runtime.pipeline import Pipeline
 from heartmula_rt.runtime.runner import run_songs
 from heartmula_rt.runtime.scheduler import SongRun
 from heartmula_rt.runtime.stream import SongStream
@@ -84,6 +87,43 @@ def lm_bytes_per_frame(model: HeartMuLa, kv_positions: int, rows: int) -> int:
         + dec.num_layers * dec.num_kv_heads * dec.head_dim * decoder_positions
     )
     return weights + kv
+
+
+def lm_bytes_per_step(model: HeartMuLa, row_positions: Sequence[int]) -> int:
+    """Bytes one batch step must read where each row reads its backbone keys and values only up
+    to its own position (`row_positions`, one per row: the split-key decode attention of
+    `kernels.decode_attention`), the weights once for all rows."""
+    weights = lm_bytes_per_frame(model, 0, 0)
+    return weights + sum(lm_bytes_per_frame(model, p, 1) - weights for p in row_positions)
+
+
+def reads_to_position(engine: Engine) -> bool:
+    """Whether `engine`'s steps read each row's cache only up to its position (the static
+    engine where the split-key kernel runs), not every cached position of the step."""
+    return isinstance(engine, StaticEngine) and engine.device.type in lm.SPLIT_DECODE_DEVICES
+
+
+def frame_launches(model: HeartMuLa, quant: str, cfg: bool) -> int | None:
+    """Kernel launches of one static-engine frame of an LM like `model` (its config, dtype and
+    `quant`) as a pipeline loads it on its device (merged projections; on a GPU the fused
+    layers and the split-key attention), counted on the meta device (`runtime.launches`); None
+    where the count cannot run (no triton: the static engine's sampler)."""
+    try:
+        from heartmula_rt.model.fused import use_fused_layers
+        from heartmula_rt.quant import quantize_model
+        from heartmula_rt.runtime.launches import count_frame_launches
+    except ImportError:
+        return None
+    gpu = model.device.type == "cuda"
+    with torch.device("meta"):
+        meta = HeartMuLa(model.config).to(model.audio_embeddings.weight.dtype)
+    quantize_model(lm.merge_projections(meta), quant)
+    if gpu:
+        use_fused_layers(meta)
+    try:
+        return count_frame_launches(meta, cfg=cfg, gpu=gpu).total
+    except ImportError:
+        return None
 
 
 def timed_generate(
