@@ -22,11 +22,11 @@ _EXPORTS = {
     "CodecParams": "request",
     "GenerationInterrupted": "runtime.decode",
     "Pipeline": "runtime.pipeline",
-    "PipelineConfig": "runtime.pipeline",
+    "PipelineConfig": "runtime.loader",
     "SamplingParams": "request",
     "SongRequest": "request",
     "UserError": "errors",
-    "load_pipeline": "runtime.pipeline",
+    "load_pipeline": "runtime.loader",
 }
 __all__ = sorted(_EXPORTS)
 

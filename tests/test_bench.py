@@ -21,7 +21,8 @@ from heartmula_rt.model.checkpoint import load_lm
 from heartmula_rt.model.folder import LM_DIR
 from heartmula_rt.model.synthetic import synthetic_models
 from heartmula_rt.request import SamplingParams
-from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig, load_pipeline
+from heartmula_rt.runtime.loader import PipelineConfig, load_pipeline
+from heartmula_rt.runtime.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -25,7 +25,8 @@ from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
 from heartmula_rt.runtime.audio import write_audio
 from heartmula_rt.runtime.codes import SongCodes
-from heartmula_rt.runtime.pipeline import PipelineConfig, default_dtype, parse_device
+from heartmula_rt.runtime.loader import PipelineConfig, parse_device
+from heartmula_rt.runtime.pipeline import default_dtype
 
 SAMPLES_PER_FRAME = 3840  # 48 kHz / 12.5 frames per second
 

@@ -22,7 +22,8 @@ from heartmula_rt.model import folder
 from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
 from heartmula_rt.runtime import codes
 from heartmula_rt.runtime.codes import SongCodes, find_sidecar, sidecar_path
-from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig
+from heartmula_rt.runtime.loader import PipelineConfig
+from heartmula_rt.runtime.pipeline import Pipeline
 
 REQUEST = SongRequest.of(
     "piano,happy",

@@ -22,7 +22,7 @@ from heartmula_rt.model.folder import CODEC_DIR, LM_DIR
 from heartmula_rt.model.prompt import Prompt
 from heartmula_rt.model.synthetic import synthetic_gen_config
 from heartmula_rt.request import CodecParams, SamplingParams
-from heartmula_rt.runtime import pipeline
+from heartmula_rt.runtime import loader
 from heartmula_rt.runtime.engine import PlainEngine, check_engine_over_streaming
 from heartmula_rt.runtime.pipeline import check_streamable
 
@@ -201,12 +201,12 @@ def test_compile_engine_over_streamed_layers_is_refused_before_loading(
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded before the engine was checked against the plan")
 
-    monkeypatch.setattr(pipeline, "parse_device", lambda name: torch.device("cuda"))
-    monkeypatch.setattr(pipeline, "check_engine", lambda name, device: None)
-    monkeypatch.setattr(pipeline, "plan_for", lambda *args: frugal_plan(4, 1))
-    monkeypatch.setattr(pipeline.checkpoint, "load_lm", no_loading)
+    monkeypatch.setattr(loader, "parse_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(loader, "check_engine", lambda name, device: None)
+    monkeypatch.setattr(loader, "plan_for", lambda *args: frugal_plan(4, 1))
+    monkeypatch.setattr(loader.checkpoint, "load_lm", no_loading)
     with pytest.raises(UserError, match="use --engine graph"):
-        pipeline.load_pipeline(tiny_ckpt, engine="compile", vram="4G")
+        loader.load_pipeline(tiny_ckpt, engine="compile", vram="4G")
 
 
 def test_host_copy_evicts_to_its_mirror_and_restores_equal_tensors() -> None:

@@ -25,7 +25,7 @@ from heartmula_rt.memory.planner import (
     plan_memory,
     preset_configs,
 )
-from heartmula_rt.runtime import pipeline
+from heartmula_rt.runtime import loader
 
 LM_CONFIG, CODEC_CONFIG = preset_configs("3B")
 FRAMES_240S = 3000
@@ -161,28 +161,28 @@ def test_cli_plan_refuses_budgets_in_one_line(argv: list[str], capsys) -> None:
 @pytest.fixture
 def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """PipelineConfig's checks as on a machine with two GPUs (nothing is loaded)."""
-    monkeypatch.setattr(pipeline, "parse_device", torch.device)
-    monkeypatch.setattr(pipeline, "check_engine", lambda name, device: None)
-    monkeypatch.setattr(pipeline, "check_fast_path", lambda quant, device: None)
-    monkeypatch.setattr(pipeline, "measure_overheads", lambda device: DEFAULT_OVERHEADS)
+    monkeypatch.setattr(loader, "parse_device", torch.device)
+    monkeypatch.setattr(loader, "check_engine", lambda name, device: None)
+    monkeypatch.setattr(loader, "check_fast_path", lambda quant, device: None)
+    monkeypatch.setattr(loader, "measure_overheads", lambda device: DEFAULT_OVERHEADS)
 
 
 def test_a_pipeline_config_plans_each_device(two_gpus) -> None:
-    config = pipeline.PipelineConfig(
+    config = loader.PipelineConfig(
         synthetic="3B", device="cuda:0", codec_device="cuda:1", vram="12G,6G"
     )
-    split = pipeline.plan_for(config)
+    split = loader.plan_for(config)
     assert split.budget_bytes == 12 * GiB and split.codec_placement == "apart"
     assert split.codec_device_plan.budget_bytes == 6 * GiB
-    on_cpu = pipeline.plan_for(
-        pipeline.PipelineConfig(synthetic="3B", device="cuda", codec_device="cpu", vram="12G")
+    on_cpu = loader.plan_for(
+        loader.PipelineConfig(synthetic="3B", device="cuda", codec_device="cpu", vram="12G")
     )
     assert on_cpu.codec_placement == "apart" and on_cpu.codec_device_plan is None
     # "cuda" and "cuda:0" are one GPU: one plan for both models.
-    same = pipeline.PipelineConfig(synthetic="3B", device="cuda", codec_device="cuda:0", vram="12G")
-    assert same.codec_device == same.device and pipeline.plan_for(same).codec_placement != "apart"
+    same = loader.PipelineConfig(synthetic="3B", device="cuda", codec_device="cuda:0", vram="12G")
+    assert same.codec_device == same.device and loader.plan_for(same).codec_placement != "apart"
     with pytest.raises(UserError, match="two budgets is for two GPUs"):
-        pipeline.PipelineConfig(synthetic="3B", device="cuda", vram="12G,8G")
+        loader.PipelineConfig(synthetic="3B", device="cuda", vram="12G,8G")
 
 
 def test_placement_checks_the_codec_device_against_the_plan() -> None:
@@ -197,10 +197,10 @@ def test_placement_checks_the_codec_device_against_the_plan() -> None:
 def test_a_split_plan_on_a_gpu_decodes_on_the_codec_device(tiny_ckpt) -> None:
     """The LM planned on the GPU, the codec on the CPU: the frames cross once, and the codec
     gives the audio a CPU-only pipeline gives the same frames."""
-    split = pipeline.load_pipeline(tiny_ckpt, device="cuda", codec_device="cpu", vram="4G")
+    split = loader.load_pipeline(tiny_ckpt, device="cuda", codec_device="cpu", vram="4G")
     assert split.plan.codec_placement == "apart" and split.plan.codec_beside_lm
     assert next(split.codec.parameters()).device.type == "cpu"
     assert next(split.lm.parameters()).device.type == "cuda"
     frames = split.generate_frames("piano", "[verse]\nla la", max_seconds=2, seed=3)
-    on_cpu = pipeline.load_pipeline(tiny_ckpt, device="cpu", threads=split.threads)
+    on_cpu = loader.load_pipeline(tiny_ckpt, device="cpu", threads=split.threads)
     assert torch.equal(split.decode_frames(frames, seed=1), on_cpu.decode_frames(frames, seed=1))

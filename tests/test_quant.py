@@ -14,16 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from heartmula_rt.quant import (
-    QUANT_MODES,
-    Int4Linear,
-    Int8Linear,
-    NF4Linear,
-    QuantizedAudioHead,
-    QuantLinear,
-    quantize_model,
-)
-from heartmula_rt.quant.formats import NF4_CODEBOOK
+from heartmula_rt.quant import QUANT_MODES, QuantizedAudioHead, QuantLinear, quantize_model
+from heartmula_rt.quant.formats import NF4_CODEBOOK, Int4Linear, Int8Linear, NF4Linear
 from torch import nn
 
 from heartmula_rt.bench.quality import measure_quality
@@ -260,9 +252,9 @@ def test_nf4_on_a_gpu_without_bitsandbytes_is_refused_before_loading(
     monkeypatch, tmp_path: Path
 ) -> None:
     import heartmula_rt
-    from heartmula_rt.runtime import pipeline
+    from heartmula_rt.runtime import loader
 
-    _pretend_a_gpu(monkeypatch, pipeline)
+    _pretend_a_gpu(monkeypatch, loader)
     # A folder that does not exist: the refusal comes before anything is read.
     with pytest.raises(UserError, match=r"needs bitsandbytes.*heartmula-rt\[nf4\].*int4"):
         heartmula_rt.load_pipeline(tmp_path / "missing", device="cuda", engine="plain", quant="nf4")
@@ -271,9 +263,9 @@ def test_nf4_on_a_gpu_without_bitsandbytes_is_refused_before_loading(
 def test_bench_refuses_nf4_on_a_gpu_without_bitsandbytes(monkeypatch, tmp_path, capsys) -> None:
     from heartmula_rt import cli
     from heartmula_rt.cli import common
-    from heartmula_rt.runtime import pipeline
+    from heartmula_rt.runtime import loader
 
-    _pretend_a_gpu(monkeypatch, pipeline)  # bench's device is its PipelineConfig's
+    _pretend_a_gpu(monkeypatch, loader)  # bench's device is its PipelineConfig's
     args = ["bench", "--engines", "plain", "--quant", "int8,nf4", "--out-dir", str(tmp_path)]
     assert cli.main(args) == common.EXIT_USER_ERROR
     err = capsys.readouterr().err

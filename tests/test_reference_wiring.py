@@ -205,17 +205,17 @@ def test_gen_with_ref_audio_embeds_once_and_frees_the_embedder_before_the_lm(
     tiny_ckpt: Path, tmp_path: Path, capsys, embedders, monkeypatch
 ) -> None:
     wav = clip(tmp_path / "clip.wav", 5.0)
-    import heartmula_rt.runtime.pipeline as pipeline
+    import heartmula_rt.runtime.loader as loader
 
     loads = []
-    real_load = pipeline.load_pipeline
+    real_load = loader.load_pipeline
 
     def load_pipeline(*args, **kwargs):
         gc.collect()
         loads.append([alive() is not None for alive in embedders])
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(loader, "load_pipeline", load_pipeline)
     args = ["--ref-audio", wav, "--ref-seconds", "1-4", "--ref-strength", "0.5"]
     code, err = run(gen_args(tiny_ckpt, tmp_path / "song.wav", *args), capsys)
     assert code == 0, err
@@ -353,12 +353,12 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list, str]]:
 def test_bad_reference_input_is_one_line_exit_2_nothing_written(
     tmp_path: Path, capsys, embedders, monkeypatch
 ) -> None:
-    import heartmula_rt.runtime.pipeline as pipeline
+    import heartmula_rt.runtime.loader as loader
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model loaded")
 
-    monkeypatch.setattr(pipeline, "load_pipeline", no_model)
+    monkeypatch.setattr(loader, "load_pipeline", no_model)
     inputs = tmp_path / "in"
     inputs.mkdir()
     out = tmp_path / "out"

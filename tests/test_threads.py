@@ -15,7 +15,7 @@ import torch
 import heartmula_rt
 from heartmula_rt import UserError
 from heartmula_rt.request import CodecParams
-from heartmula_rt.runtime.pipeline import resolve_threads
+from heartmula_rt.runtime.loader import resolve_threads
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # torch loads with the commands that run a model, not with `p
 
     import torch
 
-    from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig
+    from heartmula_rt.runtime.loader import PipelineConfig
+    from heartmula_rt.runtime.pipeline import Pipeline
 
 # A command-line option of one value: (flag, type or None for text, default, help).
 Option = tuple[str, Any, object, str]
@@ -108,7 +109,7 @@ def song_request(args: argparse.Namespace) -> SongRequest:
 
 def pipeline_config(args: argparse.Namespace, **fields: object) -> PipelineConfig:
     """The `PipelineConfig` of the model options (`add_model_options`), `fields` over them."""
-    from heartmula_rt.runtime.pipeline import PipelineConfig
+    from heartmula_rt.runtime.loader import PipelineConfig
 
     options = {
         "model_path": model_path(args.model_path),

@@ -42,7 +42,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from heartmula_rt.model import folder
     from heartmula_rt.runtime.audio import check_output_path
     from heartmula_rt.runtime.codes import SongCodes, find_sidecar
-    from heartmula_rt.runtime.pipeline import PipelineConfig, load_pipeline
+    from heartmula_rt.runtime.loader import PipelineConfig, load_pipeline
 
     out = check_output_path(args.output)
     sidecar = find_sidecar(args.codes)

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     import torch
 
     from heartmula_rt.runtime.codes import SongCodes
-    from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig
+    from heartmula_rt.runtime.loader import PipelineConfig
+    from heartmula_rt.runtime.pipeline import Pipeline
     from heartmula_rt.runtime.runner import Original, Song
 
 
@@ -293,7 +294,7 @@ def _edit_pipeline(args: argparse.Namespace, song: SongCodes, sidecar: Path) -> 
     checkpoint (unless --force)."""
     from heartmula_rt.model import folder
     from heartmula_rt.model.lora import LoraSpec
-    from heartmula_rt.runtime.pipeline import load_pipeline
+    from heartmula_rt.runtime.loader import load_pipeline
 
     config = common.pipeline_config(args, engine=args.engine)
     common.fetch_weights(config.model_path, args.model_path)

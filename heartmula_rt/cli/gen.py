@@ -135,7 +135,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
 
 def _gen_stream(args: argparse.Namespace, out: Path | None, request: SongRequest) -> int:
-    from heartmula_rt.runtime.pipeline import load_pipeline
+    from heartmula_rt.runtime.loader import load_pipeline
 
     plan_length = {} if args.max_seconds is None else {"max_seconds": args.max_seconds}
     config = common.pipeline_config(
@@ -153,7 +153,7 @@ def _gen_stream(args: argparse.Namespace, out: Path | None, request: SongRequest
 def _gen_songs(args: argparse.Namespace, batch: list[BatchSong], *, many: bool) -> int:
     """Songs made in one batch of the LM through the song runner, each written to its output
     (its codes kept beside it as made, and as soon as its LM part ends)."""
-    from heartmula_rt.runtime.pipeline import load_pipeline
+    from heartmula_rt.runtime.loader import load_pipeline
     from heartmula_rt.runtime.runner import CodecStopped, Song, SongRunner, SongsInterrupted
     from heartmula_rt.runtime.scheduler import SongRun
 

@@ -16,7 +16,7 @@ from heartmula_rt.serve.config import ScaleConfig, ServerConfig, ServiceConfig
 SERVICE, SERVER, SCALE = ServiceConfig(), ServerConfig(ServiceConfig()), ScaleConfig()
 
 if TYPE_CHECKING:
-    from heartmula_rt.runtime.pipeline import PipelineConfig
+    from heartmula_rt.runtime.loader import PipelineConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -56,7 +56,7 @@ from heartmula_rt.serve.live import listen_pcm, write_final
 from heartmula_rt.serve.server import DB_NAME, FolderLock, capped, check_server
 
 if TYPE_CHECKING:
-    from heartmula_rt.runtime.pipeline import PipelineConfig
+    from heartmula_rt.runtime.loader import PipelineConfig
 
 APP_NAME = "heartmula-rt"
 REPLICA = "SongReplica"
@@ -95,7 +95,7 @@ class SongReplica:
     """One pipeline and its `SongService`, making the songs the router sends it."""
 
     def __init__(self, pipeline: PipelineConfig | Callable[[], PipelineConfig], service: Any):
-        from heartmula_rt.runtime.pipeline import load_pipeline
+        from heartmula_rt.runtime.loader import load_pipeline
         from heartmula_rt.serve.service import SongService
 
         self.id = serve.get_replica_context().replica_id.to_full_id_str()

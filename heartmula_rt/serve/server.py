@@ -23,7 +23,8 @@ from heartmula_rt.serve.config import ServerConfig, ServiceConfig
 from heartmula_rt.serve.hosts import is_loopback
 
 if TYPE_CHECKING:
-    from heartmula_rt.runtime.pipeline import Pipeline, PipelineConfig
+    from heartmula_rt.runtime.loader import PipelineConfig
+    from heartmula_rt.runtime.pipeline import Pipeline
 
 DB_NAME = "jobs.sqlite3"
 LOCK_NAME = "server.lock"  # held (flock) by the one server that uses the folder
@@ -171,7 +172,7 @@ def _serve(pipeline: PipelineConfig, config: ServerConfig, key: str | None, fold
     """`run_server` with the folder locked."""
     import uvicorn
 
-    from heartmula_rt.runtime.pipeline import load_pipeline
+    from heartmula_rt.runtime.loader import load_pipeline
     from heartmula_rt.serve.app import make_app
     from heartmula_rt.serve.jobs import SqliteJobStore
     from heartmula_rt.serve.service import SongService
