@@ -23,14 +23,13 @@ from heartmula_rt.model.folder import LM_DIR
 from heartmula_rt.model.lm import HeartMuLa
 from heartmula_rt.model.lora import (
     LoraSpec,
-    apply_lora_rows,
     load_lora,
     load_loras,
-    lora_rows_bytes,
     lora_targets,
     merge_lora,
     parse_lora_spec,
 )
+from heartmula_rt.model.lora_rows import apply_lora_rows, lora_rows_bytes
 from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import SamplingParams
 from heartmula_rt.runtime.decode import generate_frames, run_batch, run_one

@@ -16,7 +16,8 @@ from heartmula_rt.quant.formats import quantize_model
 from heartmula_rt.model.checkpoint import load_lm
 from heartmula_rt.model.folder import LM_DIR
 from heartmula_rt.model.lm import HeartMuLa, merge_projections, merged_part
-from heartmula_rt.model.lora import LoraAdapter, LoraModule, apply_lora_rows, merge_lora
+from heartmula_rt.model.lora import LoraAdapter, LoraModule, merge_lora
+from heartmula_rt.model.lora_rows import apply_lora_rows
 from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import SamplingParams
 from heartmula_rt.runtime.engine import PlainEngine

@@ -255,8 +255,8 @@ class MemoryPlan:
     max_songs: int = 1
     # With codec_placement "apart" on a GPU: that GPU's plan (None: the codec is on the CPU).
     codec_device_plan: CodecDevicePlan | None = None
-    # LoRA adapters run per song (lora.apply_lora_rows): their stacked A and B on the LM's GPU
-    # (`lora.lora_rows_bytes`), resident beside the weights whenever they are.
+    # LoRA adapters run per song (lora_rows.apply_lora_rows): their stacked A and B on the LM's GPU
+    # (`lora_rows.lora_rows_bytes`), resident beside the weights whenever they are.
     lora_bytes: int = 0
 
     def __post_init__(self) -> None:  # dtypes given as torch dtypes are kept by name
@@ -536,7 +536,7 @@ def plan_memory(
 
     The plan is for songs of `max_frames`, or of what the model's context holds after a prompt
     of `prompt_tokens` if that is less (the plan's `max_frames` says which). `lora_bytes`: LoRA
-    adapters run per song (`lora.lora_rows_bytes`), counted with the LM's weights."""
+    adapters run per song (`lora_rows.lora_rows_bytes`), counted with the LM's weights."""
     check_songs(songs)
     max_frames = planned_frames(lm_config, max_frames, prompt_tokens)
     if codec_budget_bytes is not None and not codec_apart:

@@ -191,7 +191,7 @@ def add_frames(song: SongRun, frames: Tensor) -> None:
 
 
 def song_rows(model: HeartMuLa, song: SongRun) -> contextlib.AbstractContextManager:
-    """Where the model runs LoRAs per row (`lora.apply_lora_rows`): `song`'s rows assigned its
+    """Where the model runs LoRAs per row (`lora_rows.apply_lora_rows`): `song`'s rows assigned its
     adapter (`SongRun.lora`, in place, so a captured graph sees it), and a context for the calls
     over only its rows (its prefill, its given frames). Else nothing."""
     rows = getattr(model, "lora_rows", None)

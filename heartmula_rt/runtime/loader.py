@@ -39,15 +39,8 @@ from heartmula_rt.model.codec import CODEC_DTYPES, HeartCodec, check_codec_dtype
 from heartmula_rt.model.folder import CODEC_DIR, LM_DIR
 from heartmula_rt.model.fused import use_fused_layers
 from heartmula_rt.model.lm import merge_projections
-from heartmula_rt.model.lora import (
-    LoraAdapter,
-    LoraSpec,
-    apply_lora_rows,
-    load_loras,
-    lora_rows_bytes,
-    merge_lora,
-    parse_lora_spec,
-)
+from heartmula_rt.model.lora import LoraAdapter, LoraSpec, load_loras, merge_lora, parse_lora_spec
+from heartmula_rt.model.lora_rows import apply_lora_rows, lora_rows_bytes
 from heartmula_rt.model.synthetic import Models, synthetic_models
 from heartmula_rt.quant import check_mode, quantize_model
 from heartmula_rt.quant.cache import load_quantized_lm

@@ -28,9 +28,7 @@ from heartmula_rt.memory.planner import (
 from heartmula_rt.model import folder
 from heartmula_rt.model.codec import HeartCodec, codec_noise
 from heartmula_rt.model.lm import HeartMuLa
-from heartmula_rt.model.lora import (
-    LoraAdapter,
-)
+from heartmula_rt.model.lora import LoraAdapter
 from heartmula_rt.model.prompt import Prompt, build_prompt
 from heartmula_rt.request import (
     DEFAULT_CODEC,
