@@ -132,18 +132,33 @@ class Int8Linear(QuantLinear):
         return (F.linear(x, self.weight.to(x.dtype)) * self.scale).to(x.dtype)
 
 
-class NF4Linear(QuantLinear):
+class Packed4Linear(QuantLinear):
+    """A 4-bit format: codes [out, in / 2] packed two a byte (`pack4`), and the buffers
+    `blocks` names, [out, in / block] each, the parameters of each block of a row."""
+
+    def __init__(self, packed: Tensor, **blocks: Tensor) -> None:
+        super().__init__(packed.shape[1] * 2, packed.shape[0])
+        self.register_buffer("packed", packed)
+        for name, value in blocks.items():
+            self.register_buffer(name, value)
+
+    @staticmethod
+    def row_blocks(weight: Tensor, block: int) -> Tensor:
+        """`weight` [out, in] in float32 as [out, in / b, b], b = `block_size(in, block)`."""
+        out, n = weight.shape
+        return weight.float().reshape(out, n // block_size(n, block), -1)
+
+
+class NF4Linear(Packed4Linear):
     """NormalFloat4: codes [out, in / 2] packed, absmax [out, in / block] per block of a row."""
 
     def __init__(self, packed: Tensor, absmax: Tensor) -> None:
-        super().__init__(packed.shape[1] * 2, packed.shape[0])
-        self.register_buffer("packed", packed)
-        self.register_buffer("absmax", absmax)
+        super().__init__(packed, absmax=absmax)
 
     @classmethod
     def from_weight(cls, weight: Tensor, block: int = NF4_BLOCK) -> NF4Linear:
         out, n = weight.shape
-        w = weight.float().reshape(out, n // block_size(n, block), -1)
+        w = cls.row_blocks(weight, block)
         absmax = w.abs().amax(dim=-1).to(BLOCK_DTYPE)
         x = w / absmax.float().clamp_min(1e-30)[..., None]
         # Nearest codebook value: bucketize against the midpoints needs no [..., 16] temporary.
@@ -157,20 +172,17 @@ class NF4Linear(QuantLinear):
         return (w * self.absmax.float()[..., None]).view(out, -1).to(dtype)
 
 
-class Int4Linear(QuantLinear):
+class Int4Linear(Packed4Linear):
     """Asymmetric int4 per group of a row: codes [out, in / 2] packed, scale and zero
     [out, in / group]; w = (q - 8) * scale + zero."""
 
     def __init__(self, packed: Tensor, scale: Tensor, zero: Tensor) -> None:
-        super().__init__(packed.shape[1] * 2, packed.shape[0])
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
+        super().__init__(packed, scale=scale, zero=zero)
 
     @classmethod
     def from_weight(cls, weight: Tensor, group: int = INT4_GROUP) -> Int4Linear:
         out, n = weight.shape
-        w = weight.float().reshape(out, n // block_size(n, group), -1)
+        w = cls.row_blocks(weight, group)
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)
         scale = (hi - lo) / 15
         scale, zero = scale.to(BLOCK_DTYPE), (lo + INT4_MID * scale).to(BLOCK_DTYPE)

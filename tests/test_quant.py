@@ -222,7 +222,7 @@ def test_pipeline_loads_quantized_and_generates(mode: str, tiny_ckpt: Path) -> N
 
     pipe = heartmula_rt.load_pipeline(tiny_ckpt, device="cpu", quant=mode)
     cls = {"int8": Int8Linear, "int4": Int4Linear}[mode]
-    assert isinstance(pipe.lm.backbone.layers[0].attn.q_proj, cls)
+    assert isinstance(pipe.lm.backbone.layers[0].attn.qkv_proj, cls)  # q/k/v merged at load
     assert isinstance(pipe.lm.audio_head, QuantizedAudioHead)
     frames = pipe.generate_frames("piano", "[verse]\nla\n", max_frames=6, topk=1, seed=1)
     assert frames.shape[0] == 8 and 1 <= frames.shape[1] <= 7
