@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,34 +132,12 @@ class HeartCodec(nn.Module):
             graphs=graphs,
         )
 
-    def window_decoder(
-        self,
-        params: CodecParams = DEFAULT_CODEC,
-        *,
-        generator: torch.Generator | None = None,
-        on_window: Callable[[int], None] | None = None,
-        chunk: int = DECODE_CHUNK,
-        keep_prefixes: bool = False,
-        resume: int | None = None,
-        prefix: torch.Tensor | None = None,
-        stop: Callable[[], bool] | None = None,
-    ) -> WindowDecoder:
+    def window_decoder(self, params: CodecParams = DEFAULT_CODEC, **options: Any) -> WindowDecoder:
         """An incremental decoder: `push(codes)` as they come, then `finish()` (see
-        WindowDecoder; `keep_prefixes`, `resume`, `prefix` and `stop` as there). Call its
-        methods under torch.no_grad() or torch.inference_mode()."""
-        return WindowDecoder(
-            self.flow_matching,
-            self.scalar_model,
-            self.config,
-            params,
-            generator=generator,
-            on_window=on_window,
-            chunk=chunk,
-            keep_prefixes=keep_prefixes,
-            resume=resume,
-            prefix=prefix,
-            stop=stop,
-        )
+        WindowDecoder, whose keyword `options` these are: `generator`, `on_window`, `chunk`,
+        `keep_prefixes`, `resume`, `prefix` and `stop`). Call its methods under torch.no_grad()
+        or torch.inference_mode()."""
+        return WindowDecoder(self.flow_matching, self.scalar_model, self.config, params, **options)
 
     @torch.inference_mode()
     def detokenize(
