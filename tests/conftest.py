@@ -125,6 +125,23 @@ def streams_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return made
 
 
+@pytest.fixture(scope="module")
+def lm(tiny_ckpt: Path) -> HeartMuLa:
+    """The tiny-public LM in float32 on the CPU, loaded afresh for each module that asks (the
+    batching tests' engines run on it)."""
+    return load_lm(tiny_ckpt / LM_DIR)[0]
+
+
+@pytest.fixture
+def client(server):
+    """An HTTP client of the module's `server` (a tests/serving.py `ServerProcess`)."""
+    import httpx
+    from serving import WAIT_S
+
+    with httpx.Client(base_url=server.url, timeout=WAIT_S) as c:
+        yield c
+
+
 @pytest.fixture(scope="session")
 def gen(tiny_ckpt: Path) -> GenConfig:
     """The tiny-public checkpoint's gen_config.json."""

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from batches import POSITIONS, ROWS, run_songs
 from tokenizers import Tokenizer
 
 from heartmula_rt import load_pipeline
@@ -21,9 +22,6 @@ from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import SamplingParams, SongRequest
 from heartmula_rt.runtime.engine import PlainEngine, StaticEngine
 from heartmula_rt.runtime.scheduler import Scheduler, SongRun
-
-ROWS = 4
-POSITIONS = 160
 
 
 def _songs(tokenizer: Tokenizer, gen: GenConfig) -> dict[str, tuple]:
@@ -55,29 +53,13 @@ def _engines(lm: HeartMuLa, gen: GenConfig) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_ckpt) -> HeartMuLa:
-    from heartmula_rt.model.checkpoint import load_lm
-
-    return load_lm(tiny_ckpt / "HeartMuLa-oss-3B")[0]
-
-
-def _run(engine, songs: list[SongRun]) -> list[torch.Tensor]:
-    scheduler = Scheduler(ROWS, POSITIONS)
-    for song in songs:
-        scheduler.submit(song)
-    engine.run(scheduler)
-    assert not scheduler.busy() and all(song.ended for song in songs)
-    return [torch.stack(song.frames, dim=1) for song in songs]
-
-
 @pytest.mark.parametrize("kind", ["plain", "static"])
 def test_a_song_is_the_same_alone_and_in_a_batch(
     kind: str, lm: HeartMuLa, gen: GenConfig, tokenizer: Tokenizer
 ) -> None:
     engine = _engines(lm, gen)[kind]
     songs = _songs(tokenizer, gen)
-    alone = {name: _run(engine, [SongRun(p, s)])[0] for name, (p, s) in songs.items()}
+    alone = {name: run_songs(engine, [SongRun(p, s)])[0] for name, (p, s) in songs.items()}
     assert alone["c"].shape[1] == 13  # by EOS
     assert [alone[n].shape[1] for n in "abd"] == [7, 10, 5]  # by their lengths
 
@@ -88,7 +70,7 @@ def test_a_song_is_the_same_alone_and_in_a_batch(
     runs = {name: SongRun(p, s) for name, (p, s) in songs.items()}
     for name, song in runs.items():
         song.on_frame = lambda made, name=name: admitted.append(name) if made == 1 else None
-    together = dict(zip(runs, _run(engine, list(runs.values())), strict=True))
+    together = dict(zip(runs, run_songs(engine, list(runs.values())), strict=True))
     assert admitted == ["a", "b", "c", "d"]
     for name in songs:
         assert torch.equal(together[name], alone[name]), name
@@ -114,9 +96,11 @@ def test_seeds_and_settings_are_each_songs_own(
 ) -> None:
     engine = PlainEngine(lm, gen)
     prompt, sampling = _songs(tokenizer, gen)["b"]
-    twins = _run(engine, [SongRun(prompt, sampling), SongRun(prompt, sampling)])
+    twins = run_songs(engine, [SongRun(prompt, sampling), SongRun(prompt, sampling)])
     assert torch.equal(twins[0], twins[1])  # the same seed in two rows: the same song
-    takes = _run(engine, [SongRun(prompt, sampling), SongRun(prompt, replace(sampling, seed=9))])
+    takes = run_songs(
+        engine, [SongRun(prompt, sampling), SongRun(prompt, replace(sampling, seed=9))]
+    )
     assert not torch.equal(takes[0], takes[1])
 
 

@@ -246,6 +246,18 @@ def captures(monkeypatch: pytest.MonkeyPatch) -> list[Capture]:
     return made
 
 
+def safe_capture(owner, device: torch.device) -> Capture:
+    """A capture as `owner` (the engine, the codec's estimator) must make it: into its own pool,
+    on its side stream of `device`, with `device` current, thread-local, under the lock."""
+    return Capture(
+        pool=owner._pool,
+        stream=owner._side_stream.get(device),
+        mode="thread_local",
+        device=device,
+        locked=True,
+    )
+
+
 def test_the_engine_captures_on_its_device_and_side_stream_under_the_lock(
     tiny_lm: HeartMuLa, captures: list[Capture]
 ) -> None:
@@ -255,13 +267,7 @@ def test_the_engine_captures_on_its_device_and_side_stream_under_the_lock(
     for _ in range(3):  # warm frame, capture, replay
         engine._run_step(state, kv_len)
     (capture,) = captures
-    assert capture == Capture(
-        pool=engine._pool,
-        stream=engine._side_stream.get(tiny_lm.device),
-        mode="thread_local",
-        device=tiny_lm.device,
-        locked=True,
-    )
+    assert capture == safe_capture(engine, tiny_lm.device)
     assert engine._graphs[(2, kv_len)].replays == 2
     assert not graphs.CAPTURE_LOCK.locked()
 
@@ -278,13 +284,7 @@ def test_the_codec_captures_on_its_device_and_side_stream_under_the_lock(
     t = torch.full((2,), 0.5)
     assert torch.equal(fast(inp, t), _velocity(inp, t))
     (capture,) = captures
-    assert capture == Capture(
-        pool=fast._pool,
-        stream=fast._side_stream.get(inp.device),
-        mode="thread_local",
-        device=inp.device,
-        locked=True,
-    )
+    assert capture == safe_capture(fast, inp.device)
 
 
 def test_the_codec_keeps_a_graph_per_batch_shape_least_recently_used_out(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 import tqdm
+from cli_runs import resume_cut, run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -160,11 +160,6 @@ def test_bad_frames_are_refused(pipe) -> None:
 # -- the commands: heartmula-rt extend, resume, regen --------------------------------------
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    code = cli.main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
 def test_extend_continues_as_a_longer_song_would(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
     model = ["--model-path", tiny_ckpt]
     gen = ["gen", *model, "--tags", TAGS, "--lyrics", LYRICS, "--topk", "20", "--seed", "3"]
@@ -188,23 +183,26 @@ def test_resume_finishes_an_interrupted_song_exactly(
     args = ["gen", *model, "--tags", TAGS, "--max-seconds", "2", "--seed", "5"]
     assert run_cli([*args, "-o", tmp_path / "whole.wav"], capsys)[0] == 0
     whole = SongCodes.load(tmp_path / "whole.codes.safetensors")
-    cut = replace(whole, codes=whole.codes[:, :9], ended="interrupted")
-    cut.save(tmp_path / "cut.codes.safetensors")
-    code, err = run_cli(["resume", tmp_path / "cut.codes.safetensors", *model], capsys)
-    assert code == 0, err
-    resumed = SongCodes.load(tmp_path / "cut-resumed.codes.safetensors")
+    resumed = resume_cut(whole, tmp_path, model, capsys)[1]
     assert torch.equal(resumed.codes, whole.codes)
     assert (tmp_path / "cut-resumed.wav").read_bytes() == (tmp_path / "whole.wav").read_bytes()
 
 
-def test_regen_keeps_what_is_outside_the_section(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+def made_song(tiny_ckpt: Path, folder: Path, seconds: str, frames: int, capsys) -> tuple:
+    """The `--model-path` and float32 codec flags, and folder/song.wav's codes: `seconds` of an
+    unguided song (seed 6, top 5) made by gen, skipped where EOS came before `frames`."""
     model = ["--model-path", tiny_ckpt, "--codec-dtype", "float32"]
-    args = ["gen", *model, "--tags", TAGS, "--max-seconds", "36", "--seed", "6", "--topk", "5"]
+    args = ["gen", *model, "--tags", TAGS, "--max-seconds", seconds, "--seed", "6", "--topk", "5"]
     args += ["--cfg-scale", "1.0"]  # fmt: skip
-    assert run_cli([*args, "-o", tmp_path / "song.wav"], capsys)[0] == 0
-    song = SongCodes.load(tmp_path / "song.codes.safetensors")
-    if song.frames < 440:
+    assert run_cli([*args, "-o", folder / "song.wav"], capsys)[0] == 0
+    song = SongCodes.load(folder / "song.codes.safetensors")
+    if song.frames < frames:
         pytest.skip("the random model drew EOS early")
+    return model, song
+
+
+def test_regen_keeps_what_is_outside_the_section(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    model, song = made_song(tiny_ckpt, tmp_path, "36", 440, capsys)
     code, err = run_cli(
         ["regen", tmp_path / "song.wav", *model, "--from", "0:32", "--to", "34.4", "--count", "2"],
         capsys,
@@ -282,13 +280,7 @@ def test_a_sidecar_keeps_the_codecs_prefixes(tmp_path: Path) -> None:
 def test_regen_decodes_only_the_changed_windows(
     pipe, tiny_ckpt: Path, tmp_path: Path, capsys
 ) -> None:
-    model = ["--model-path", tiny_ckpt, "--codec-dtype", "float32"]
-    args = ["gen", *model, "--tags", TAGS, "--max-seconds", "58", "--seed", "6", "--topk", "5"]
-    args += ["--cfg-scale", "1.0"]  # fmt: skip
-    assert run_cli([*args, "-o", tmp_path / "song.wav"], capsys)[0] == 0
-    song = SongCodes.load(tmp_path / "song.codes.safetensors")
-    if song.frames < 726:
-        pytest.skip("the random model drew EOS early")
+    model, song = made_song(tiny_ckpt, tmp_path, "58", 726, capsys)
     assert song.prefixes.shape == (3, 104, 256)  # windows at codes 0, 320 and 640
     # 56 s to 57.6 s: codes 700..719, in window 2 only; window 1 is decoded again for the
     # crossfade into it, and window 0 not at all.

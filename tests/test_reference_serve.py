@@ -24,7 +24,7 @@ from heartmula_rt.runtime.codes import SongCodes
 
 pytest.importorskip("fastapi", reason="the server's extra: pip install -e '.[serve]'")
 import httpx  # noqa: E402
-from serving import WAIT_S, ServerProcess, wait_for  # noqa: E402
+from serving import ServerProcess, wait_for  # noqa: E402
 from test_reference_wiring import FakeMulan, embedding  # noqa: E402
 
 HOOKS = Path(__file__).parent / "hooks" / "fake_embedder"
@@ -43,12 +43,6 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     )
     with process:
         yield process
-
-
-@pytest.fixture
-def client(server: ServerProcess):
-    with httpx.Client(base_url=server.url, timeout=WAIT_S) as c:
-        yield c
 
 
 def _wav(seconds: float = 3.0, rate: int = 24000) -> bytes:

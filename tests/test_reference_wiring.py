@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from batches import run_songs
+from cli_runs import resume_cut, run_cli
 from torch import nn
 
 import heartmula_rt
@@ -30,10 +32,8 @@ from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import REFERENCE_DIM, Reference, SamplingParams, SongRequest
 from heartmula_rt.runtime.codes import SongCodes, request_of_record, request_record
 from heartmula_rt.runtime.engine import PlainEngine, StaticEngine
-from heartmula_rt.runtime.scheduler import Scheduler, SongRun
+from heartmula_rt.runtime.scheduler import SongRun
 
-ROWS = 4  # as tests/test_batching.py: every comparison keeps the batch's row count
-POSITIONS = 160
 TAGS, LYRICS = "piano", "la la"
 
 
@@ -44,22 +44,6 @@ def embedding(seed: int) -> tuple[float, ...]:
 
 # Large enough that the tiny random LM's frames change with it.
 REF = Reference(embedding(1), 1.0)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_ckpt):
-    from heartmula_rt.model.checkpoint import load_lm
-
-    return load_lm(tiny_ckpt / "HeartMuLa-oss-3B")[0]
-
-
-def _run(engine, songs: list[SongRun]) -> list[torch.Tensor]:
-    scheduler = Scheduler(ROWS, POSITIONS)
-    for song in songs:
-        scheduler.submit(song)
-    engine.run(scheduler)
-    assert not scheduler.busy() and all(song.ended for song in songs)
-    return [torch.stack(song.frames, dim=1) for song in songs]
 
 
 @pytest.mark.parametrize("kind", ["plain", "static"])
@@ -85,12 +69,12 @@ def test_a_song_with_a_reference_is_the_same_alone_and_among_others(
     }  # fmt: skip
     if kind == "static":  # its interpreted sampler is slow: the reference's effect is plain's
         del songs["none"]
-    alone = {name: _run(engine, [SongRun(p, s)])[0] for name, (p, s) in songs.items()}
+    alone = {name: run_songs(engine, [SongRun(p, s)])[0] for name, (p, s) in songs.items()}
     if kind == "plain":
         assert not torch.equal(alone["ref"], alone["none"])
     # plain: 5 rows of songs in 4, "ref" and "none" start, "other" waits for rows.
     runs = [SongRun(p, s) for p, s in songs.values()]
-    together = dict(zip(songs, _run(engine, runs), strict=True))
+    together = dict(zip(songs, run_songs(engine, runs), strict=True))
     for name in songs:
         assert torch.equal(together[name], alone[name]), name
 
@@ -100,7 +84,7 @@ def test_strength_zero_is_the_song_without_a_reference(lm, gen, tokenizer) -> No
     sampling = SamplingParams(max_frames=4, topk=5, cfg_scale=1.5, seed=3)
     zero = build_prompt(tokenizer, gen, TAGS, LYRICS, Reference(embedding(1), 0.0))
     none = build_prompt(tokenizer, gen, TAGS, LYRICS)
-    a, b = _run(engine, [SongRun(zero, sampling), SongRun(none, sampling)])
+    a, b = run_songs(engine, [SongRun(zero, sampling), SongRun(none, sampling)])
     assert torch.equal(a, b)
 
 
@@ -188,14 +172,6 @@ def clip(path: Path, seconds: float = 3.0, rate: int = 24000, freq: float = 440.
     return path
 
 
-def run(args: list, capsys) -> tuple[int, str]:
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own refusals
-        code = int(e.code)
-    return code, capsys.readouterr().err
-
-
 def gen_args(tiny_ckpt: Path, out: Path, *extra) -> list:
     return ["gen", "--model-path", tiny_ckpt, "--tags", TAGS, "--lyrics", LYRICS,
             "--max-seconds", "1", "--seed", "7", "-o", out, *extra]  # fmt: skip
@@ -217,7 +193,7 @@ def test_gen_with_ref_audio_embeds_once_and_frees_the_embedder_before_the_lm(
 
     monkeypatch.setattr(loader, "load_pipeline", load_pipeline)
     args = ["--ref-audio", wav, "--ref-seconds", "1-4", "--ref-strength", "0.5"]
-    code, err = run(gen_args(tiny_ckpt, tmp_path / "song.wav", *args), capsys)
+    code, err = run_cli(gen_args(tiny_ckpt, tmp_path / "song.wav", *args), capsys)
     assert code == 0, err
     assert len(embedders) == 1 and loads == [[False]]  # loaded once, freed before the LM
     song = SongCodes.load(tmp_path / "song.codes.safetensors")
@@ -231,19 +207,19 @@ def test_embed_then_ref_embedding_is_ref_audio(
 ) -> None:
     wav = clip(tmp_path / "clip.flac", 4.0, rate=44100)
     out = tmp_path / "ref.safetensors"
-    code, err = run(["embed", wav, "-o", out, "--ref-seconds", "0-3"], capsys)
+    code, err = run_cli(["embed", wav, "-o", out, "--ref-seconds", "0-3"], capsys)
     assert code == 0 and f"wrote {out}" in err, err
-    code, err = run(gen_args(tiny_ckpt, tmp_path / "a.wav", "--ref-embedding", out), capsys)
+    code, err = run_cli(gen_args(tiny_ckpt, tmp_path / "a.wav", "--ref-embedding", out), capsys)
     assert code == 0, err
     args = ["--ref-audio", wav, "--ref-seconds", "0-3"]
-    code, err = run(gen_args(tiny_ckpt, tmp_path / "b.wav", *args), capsys)
+    code, err = run_cli(gen_args(tiny_ckpt, tmp_path / "b.wav", *args), capsys)
     assert code == 0, err
     a = SongCodes.load(tmp_path / "a.codes.safetensors")
     b = SongCodes.load(tmp_path / "b.codes.safetensors")
     assert a.request.reference == b.request.reference is not None
     assert torch.equal(a.codes, b.codes)
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
-    code, err = run(gen_args(tiny_ckpt, tmp_path / "c.wav"), capsys)
+    code, err = run_cli(gen_args(tiny_ckpt, tmp_path / "c.wav"), capsys)
     assert code == 0, err
     plain = SongCodes.load(tmp_path / "c.codes.safetensors")
     assert plain.request.reference is None
@@ -254,7 +230,7 @@ def test_count_gives_every_take_the_reference(tiny_ckpt: Path, tmp_path: Path, c
     e = tmp_path / "ref.npy"
     np.save(e, np.asarray(embedding(3), np.float32))
     args = ["--ref-embedding", e, "--ref-strength", "0.8", "--count", "2"]
-    code, err = run(gen_args(tiny_ckpt, tmp_path / "t.wav", *args), capsys)
+    code, err = run_cli(gen_args(tiny_ckpt, tmp_path / "t.wav", *args), capsys)
     assert code == 0, err
     for i in (1, 2):
         take = SongCodes.load(tmp_path / f"t-{i}.codes.safetensors")
@@ -269,33 +245,29 @@ def test_resume_extend_and_regen_go_on_with_the_songs_reference(
     model = ["--model-path", tiny_ckpt]
     args = ["gen", *model, "--tags", TAGS, "--lyrics", LYRICS, "--topk", "20", "--seed", "4",
             "--ref-embedding", e]  # fmt: skip
-    assert run([*args, "--max-seconds", "2", "-o", tmp_path / "a.wav"], capsys)[0] == 0
-    assert run([*args, "--max-seconds", "3", "-o", tmp_path / "b.wav"], capsys)[0] == 0
+    assert run_cli([*args, "--max-seconds", "2", "-o", tmp_path / "a.wav"], capsys)[0] == 0
+    assert run_cli([*args, "--max-seconds", "3", "-o", tmp_path / "b.wav"], capsys)[0] == 0
     whole = SongCodes.load(tmp_path / "b.codes.safetensors")
     assert whole.request.reference is not None
     # resume: a cut song finished exactly, which only its reference gives
-    cut = replace(whole, codes=whole.codes[:, :9], ended="interrupted")
-    cut.save(tmp_path / "cut.codes.safetensors")
-    code, err = run(["resume", tmp_path / "cut.codes.safetensors", *model], capsys)
-    assert code == 0, err
-    resumed = SongCodes.load(tmp_path / "cut-resumed.codes.safetensors")
+    cut, resumed = resume_cut(whole, tmp_path, model, capsys)
     assert torch.equal(resumed.codes, whole.codes)
     assert resumed.request.reference == whole.request.reference
     # the same cut without its reference: another song
     bare = replace(cut, request=replace(cut.request, reference=None))
     bare.save(tmp_path / "bare.codes.safetensors")
-    assert run(["resume", tmp_path / "bare.codes.safetensors", *model], capsys)[0] == 0
+    assert run_cli(["resume", tmp_path / "bare.codes.safetensors", *model], capsys)[0] == 0
     assert not torch.equal(SongCodes.load(tmp_path / "bare-resumed.codes.safetensors").codes,
                            whole.codes)  # fmt: skip
     # extend: the 2 s song made 1 s longer is the 3 s song (seed 4 runs to its length)
     assert whole.ended == "length"
-    code, err = run(["extend", tmp_path / "a.wav", *model, "--seconds", "1"], capsys)
+    code, err = run_cli(["extend", tmp_path / "a.wav", *model, "--seconds", "1"], capsys)
     assert code == 0, err
     extended = SongCodes.load(tmp_path / "a-extended.codes.safetensors")
     assert torch.equal(extended.codes, whole.codes)
     assert extended.request.reference == whole.request.reference
     # regen: the takes keep the song's reference, or take the one given
-    code, err = run(["regen", tmp_path / "b.wav", *model, "--from", "1", "--seed", "9"], capsys)
+    code, err = run_cli(["regen", tmp_path / "b.wav", *model, "--from", "1", "--seed", "9"], capsys)
     assert code == 0, err
     assert SongCodes.load(tmp_path / "b-regen.codes.safetensors").request.reference == (
         whole.request.reference
@@ -303,7 +275,7 @@ def test_resume_extend_and_regen_go_on_with_the_songs_reference(
     other = tmp_path / "other.npy"
     np.save(other, np.asarray(embedding(2), np.float32))
     regen = ["regen", tmp_path / "b.wav", *model, "--from", "1", "--seed", "9", "-o"]
-    code, err = run([*regen, tmp_path / "new.wav", "--ref-embedding", other,
+    code, err = run_cli([*regen, tmp_path / "new.wav", "--ref-embedding", other,
                      "--ref-strength", "0.5"], capsys)  # fmt: skip
     assert code == 0, err
     new = SongCodes.load(tmp_path / "new.codes.safetensors").request.reference
@@ -374,7 +346,7 @@ def test_bad_reference_input_is_one_line_exit_2_nothing_written(
                 i = extra.index("--ref-audio")
                 args = ["embed", extra[i + 1], "-o", out / "ref.safetensors",
                         *extra[:i], *extra[i + 2:]]  # fmt: skip
-            code, err = run(args, capsys)
+            code, err = run_cli(args, capsys)
             lines = err.strip().splitlines()
             assert code == 2 and len(lines) == 1 and message in lines[0], (case, args[0], err)
             assert list(out.iterdir()) == [], case
@@ -388,7 +360,7 @@ def test_a_missing_extra_is_one_line_naming_the_install(
 
     monkeypatch.setitem(sys.modules, "muq", None)  # import muq → ImportError
     wav = clip(tmp_path / "clip.wav")
-    code, err = run(["embed", wav, "-o", tmp_path / "ref.npy"], capsys)
+    code, err = run_cli(["embed", wav, "-o", tmp_path / "ref.npy"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "pip install 'heartmula-rt[ref]'" in err
     assert not (tmp_path / "ref.npy").exists()

@@ -46,12 +46,6 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
         yield process
 
 
-@pytest.fixture
-def client(server: ServerProcess):
-    with httpx.Client(base_url=server.url, timeout=WAIT_S) as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_ckpt: Path):
     return heartmula_rt.load_pipeline(tiny_ckpt, device="cpu")

@@ -32,12 +32,6 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
         yield process
 
 
-@pytest.fixture
-def client(server: ServerProcess):
-    with httpx.Client(base_url=server.url, timeout=WAIT_S) as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def finished(server: ServerProcess) -> dict:
     """A song of 1 s, done: the original the edits below are refused for."""
