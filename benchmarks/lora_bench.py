@@ -30,8 +30,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,8 +42,12 @@ from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from rounds import rotated_rounds, way_runs  # noqa: E402
 
 import heartmula_rt  # noqa: E402
+from heartmula_rt.bench import results as bench_results  # noqa: E402
 from heartmula_rt.memory.planner import checkpoint_configs  # noqa: E402
 from heartmula_rt.model.lora import lora_targets  # noqa: E402
 from heartmula_rt.request import SongRequest  # noqa: E402
@@ -72,23 +74,6 @@ def make_adapters(model_path: Path, root: Path, count: int, rank: int) -> list[P
         (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": rank}))
         folders.append(folder)
     return folders
-
-
-def commit() -> str | None:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def main() -> int:
@@ -153,23 +138,12 @@ def main() -> int:
                 "steps_per_s": max(f.shape[1] for f in frames) / wall,
             }
 
-        for way in WAYS:  # warm-up
-            run(way)
-        raw: dict[str, list[dict]] = {way: [] for way in WAYS}
-        for round_ in range(args.rounds):
-            shift = round_ % len(WAYS)
-            for way in WAYS[shift:] + WAYS[:shift]:
-                result = run(way)
-                raw[way].append(result)
-                print(way, {k: round(v, 3) for k, v in result.items()}, flush=True)
+        raw = rotated_rounds(WAYS, args.rounds, run)
         device = str(pipes["none"].device)
         config = pipes["none"].config
 
-    def median(way: str, key: str) -> float:
-        return round(statistics.median(r[key] for r in raw[way]), 3)
-
-    runs = [
-        {
+    def fields(way: str) -> dict:
+        return {
             "name": way,
             "engine": config.engine,
             "quant": config.quant,
@@ -178,20 +152,13 @@ def main() -> int:
             "lora": {"none": None, "merged": "merged"}.get(way, "per-song"),
             "songs": args.songs,
             "rows": rows,
-            "lm_frames_per_s": median(way, "lm_frames_per_s"),
-            "steps_per_s": median(way, "steps_per_s"),
-            "wall_s": median(way, "wall_s"),
-            "raw": raw[way],
         }
-        for way in WAYS
-    ]
-    base = runs[0]["lm_frames_per_s"]
-    for r in runs:
-        r["vs_none"] = round(r["lm_frames_per_s"] / base, 3)
+
+    runs = way_runs(raw, fields, ("lm_frames_per_s", "steps_per_s", "wall_s"), "vs_none")
     result = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
-        "commit": commit(),
+        "commit": bench_results.commit(),
         "command": shlex.join(["python", *sys.argv]),
         "model": str(args.model_path),
         "date": date,

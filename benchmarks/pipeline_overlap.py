@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import threading
@@ -44,6 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cpu_threads import runnable_tasks  # noqa: E402
+from rounds import rotated_rounds, way_runs  # noqa: E402
 from serve_bench import SONGS, without_eos  # noqa: E402
 
 import heartmula_rt  # noqa: E402
@@ -206,37 +206,21 @@ def main() -> int:
             "pipelined": lambda: run_service(pipe, args, in_turn=False),
             "in-turn": lambda: run_service(pipe, args, in_turn=True),
         }
-        for way in WAYS:  # warm-up: first windows, allocations; not counted
-            ways[way]()
-        raw: dict[str, list[dict]] = {way: [] for way in WAYS}
-        for round_ in range(args.rounds):
-            shift = round_ % len(WAYS)
-            for way in WAYS[shift:] + WAYS[:shift]:
-                load = runnable_tasks()
-                result = ways[way]()
-                result["runnable_tasks"] = (load + runnable_tasks()) / 2
-                raw[way].append(result)
-                print(way, {k: round(v, 3) for k, v in result.items()}, flush=True)
 
-    def median(way: str, key: str) -> float | None:
-        values = [r[key] for r in raw[way] if key in r]
-        return round(statistics.median(values), 3) if values else None
+        def measure(way: str) -> dict:
+            load = runnable_tasks()
+            result = ways[way]()
+            result["runnable_tasks"] = (load + runnable_tasks()) / 2
+            return result
 
-    runs = [
-        {
-            "name": way,
-            "engine": pipe.config.engine,
-            "quant": pipe.config.quant,
-            "lm_frames_per_s": median(way, "lm_frames_per_s"),
-            "wall_s": median(way, "wall_s"),
-            "codec_busy_s": median(way, "codec_busy_s"),
-            "raw": raw[way],
-        }
-        for way in WAYS
-    ]
-    alone = runs[0]["lm_frames_per_s"]
-    for run in runs:
-        run["lm_rate_vs_alone"] = round(run["lm_frames_per_s"] / alone, 3)
+        raw = rotated_rounds(WAYS, args.rounds, measure)
+
+    runs = way_runs(
+        raw,
+        lambda way: {"name": way, "engine": pipe.config.engine, "quant": pipe.config.quant},
+        ("lm_frames_per_s", "wall_s", "codec_busy_s"),
+        "lm_rate_vs_alone",
+    )
     result = {
         "device": bench_results.device_name(pipe.device),
         "codec_device": str(pipe.config.codec_device),
