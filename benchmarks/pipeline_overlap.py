@@ -49,7 +49,8 @@ from serve_bench import SONGS, without_eos  # noqa: E402
 import heartmula_rt  # noqa: E402
 from heartmula_rt.bench import results as bench_results  # noqa: E402
 from heartmula_rt.request import request_from_json  # noqa: E402
-from heartmula_rt.runtime.scheduler import Scheduler, SongRun  # noqa: E402
+from heartmula_rt.runtime.runner import run_songs  # noqa: E402
+from heartmula_rt.runtime.scheduler import SongRun  # noqa: E402
 from heartmula_rt.serve.config import ServiceConfig  # noqa: E402
 from heartmula_rt.serve.jobs import SqliteJobStore  # noqa: E402
 from heartmula_rt.serve.service import FINAL, SongService  # noqa: E402
@@ -109,27 +110,26 @@ def bodies(args: argparse.Namespace) -> list[dict]:
 
 
 def run_lm_alone(pipe, args: argparse.Namespace) -> dict:
-    """The service's engine loop over the same songs, no codec."""
+    """The song runner's LM over the same songs in the service's rows, no codec."""
     times: list[tuple[float, int]] = []
     limits = {"max_seconds": args.seconds}
     requests = [request_from_json(b, limits, also=("format",))[0] for b in bodies(args)]
-    scheduler = Scheduler(*scheduler_sizes(pipe, args))
-    start = time.perf_counter()
+    runs = []
     for request in requests:
         run = SongRun(pipe.prompt(request), request.sampling)
         run.on_codes = lambda new: times.append((time.perf_counter(), new.shape[1]))
-        scheduler.submit(run)
-    with pipe.lock, torch.no_grad():
-        pipe.engine.run(scheduler)
+        runs.append(run)
+    start = time.perf_counter()
+    run_songs(pipe, runs, service_rows(pipe, args))
     wall = time.perf_counter() - start
     return {"lm_frames_per_s": lm_rate(times), "frames": sum(n for _, n in times), "wall_s": wall}
 
 
-def scheduler_sizes(pipe, args: argparse.Namespace) -> tuple[int, int]:
-    """The rows and positions the service's scheduler has for these songs."""
+def service_rows(pipe, args: argparse.Namespace) -> int:
+    """The LM rows the service has for these songs."""
     with tempfile.TemporaryDirectory() as folder:
         service = SongService(pipe, SqliteJobStore(Path(folder) / "jobs.sqlite3"), config(args))
-        return service.scheduler.rows, service.scheduler.positions
+        return service.runner.scheduler.rows
 
 
 def config(args: argparse.Namespace, folder: Path | None = None) -> ServiceConfig:

@@ -35,7 +35,8 @@ RUN_FIELDS = {
     "ms_per_frame", "bytes_per_frame", "achieved_gbps", "copy_gbps", "floor_ms_per_frame",
     "codec_s", "e2e_s", "e2e_rtf", "ttfa_s", "stream_s", "peak_vram_gib", "vram_budget_gib",
     "greedy_agreement", "greedy_first_mismatch", "raw_decode_s", "raw_prefill_s", "raw_codec_s",
-    "songs", "rows", "song_frames_per_s", "batch_speedup",
+    "songs", "rows", "song_frames_per_s", "batch_speedup", "device_type", "floor_ratio",
+    "launches_per_frame",
 }  # fmt: skip
 POSITIVE = (
     "prefill_ms", "lm_frames_per_s", "ms_per_frame", "bytes_per_frame", "achieved_gbps",

@@ -20,7 +20,7 @@ from torch import nn
 
 from heartmula_rt.errors import UserError
 from heartmula_rt.model.folder import LM_DIR
-from heartmula_rt.model.lm import HeartMuLa
+from heartmula_rt.model.lm import HeartMuLa, merge_projections
 from heartmula_rt.model.lora import (
     LoraSpec,
     load_lora,
@@ -356,7 +356,8 @@ def test_the_quant_cache_merges_before_quantizing_and_keys_on_the_adapters(
     lm_dir, cpu = tiny_ckpt / LM_DIR, torch.device("cpu")
     adapter = load_lora(made.tt, tiny_lm.config)
     got = load_quantized_lm(lm_dir, "int8", device=cpu, dtype=torch.float32, lora=[adapter])
-    want = quantize_model(merge_lora(copy.deepcopy(tiny_lm), [adapter]), "int8")
+    # As a pipeline loads: merged LoRA, then q/k/v and w1/w3 merged, then quantized.
+    want = quantize_model(merge_projections(merge_lora(copy.deepcopy(tiny_lm), [adapter])), "int8")
     for key, t in want.state_dict().items():
         assert torch.equal(got.state_dict()[key], t), key
     cache_dir = Path(os.environ["HEARTMULA_RT_CACHE"])

@@ -75,14 +75,16 @@ def linear_bytes(out: int, inp: int, nbytes: int, quant: str) -> int:
 
 
 def _layer_linears(f: LlamaFlavor) -> list[tuple[int, int]]:
-    """One transformer layer's linears as (out, in)."""
+    """One transformer layer's linears as (out, in), as a pipeline loads them: q/k/v merged into
+    one, and w1/w3 (`lm.merge_projections`; their bytes are the parts' bytes, their expanded
+    weight, on the plain path of a quantized one, the parts' together)."""
     e, q, kv, hidden = (
         f.embed_dim,
         f.num_heads * f.head_dim,
         f.num_kv_heads * f.head_dim,
         f.intermediate_dim,
     )
-    return [(q, e), (kv, e), (kv, e), (e, q), (hidden, e), (e, hidden), (hidden, e)]
+    return [(q + 2 * kv, e), (e, q), (2 * hidden, e), (e, hidden)]
 
 
 def layer_bytes(f: LlamaFlavor, nbytes: int, quant: str) -> int:
