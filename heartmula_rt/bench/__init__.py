@@ -46,7 +46,7 @@ from heartmula_rt.bench.timing import (
     timed_batch,
     timed_generate,
 )
-from heartmula_rt.config import WINDOW, default_bench_dir
+from heartmula_rt.config import DEFAULT_PROMPT_LEN, WINDOW, default_bench_dir
 from heartmula_rt.errors import UserError
 from heartmula_rt.memory.planner import GiB, parse_vram
 from heartmula_rt.memory.report import format_plan
@@ -93,7 +93,6 @@ la la la, oh, la la la
 
 [outro]
 """
-DEFAULT_PROMPT_LEN = 256
 
 
 def parse_engines(value: str | None, device: torch.device) -> list[str]:
