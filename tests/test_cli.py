@@ -20,13 +20,13 @@ import heartmula_rt
 import heartmula_rt.runtime.runner
 from heartmula_rt import cli
 from heartmula_rt.cli import common
+from heartmula_rt.config import default_dtype
 from heartmula_rt.model.folder import LM_DIR
 from heartmula_rt.model.prompt import build_prompt
 from heartmula_rt.request import CodecParams, SamplingParams, SongRequest
 from heartmula_rt.runtime.audio import write_audio
 from heartmula_rt.runtime.codes import SongCodes
 from heartmula_rt.runtime.loader import PipelineConfig, parse_device
-from heartmula_rt.runtime.pipeline import default_dtype
 
 SAMPLES_PER_FRAME = 3840  # 48 kHz / 12.5 frames per second
 

@@ -103,11 +103,18 @@ def test_songs_decoded_together_equal_each_alone(
     calls, scalar_rows, done = [], [], []
     sample, decode_chunked = FlowMatching.sample, ScalarModel.decode_chunked
 
-    def spy_sample(self, mu, noise, ic, prefix, *, num_steps, guidance_scale):
+    def spy_sample(self, mu, noise, ic, prefix, *, num_steps, guidance_scale, **options):
         calls.append((num_steps, list(prefix), list(guidance_scale)))
         assert mu.shape[0] == noise.shape[0] == ic.shape[0] == len(prefix)
         return sample(
-            self, mu, noise, ic, prefix, num_steps=num_steps, guidance_scale=guidance_scale
+            self,
+            mu,
+            noise,
+            ic,
+            prefix,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            **options,
         )
 
     def spy_decode(self, latents, chunk):

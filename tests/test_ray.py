@@ -22,7 +22,7 @@ import soundfile as sf  # noqa: E402
 from serving import ServerProcess, free_port, wait_for  # noqa: E402
 
 from heartmula_rt import cli  # noqa: E402
-from heartmula_rt.runtime.pipeline import PipelineConfig  # noqa: E402
+from heartmula_rt.runtime.loader import PipelineConfig  # noqa: E402
 from heartmula_rt.serve.config import ServerConfig, ServiceConfig  # noqa: E402
 
 # Ray's own pydantic models warn on import.

@@ -143,8 +143,9 @@ def test_page_makes_a_song_heard_while_made_and_gives_its_settings_back(
     def chips() -> list[str]:
         return [e.text for e in d.find_elements(By.CSS_SELECTOR, "#selected-tags .tag span")]
 
-    # The form follows the server's /v1/info.
+    # The form follows the server's /v1/info: its length starts within the server's cap.
     assert float(find("#seconds").get_attribute("max")) == info["max_seconds"]
+    assert float(value("#seconds")) <= info["max_seconds"]
     formats = [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#format option")]
     assert formats == info["formats"] and value("#format") == info["defaults"]["format"]
     assert float(value("#topk")) == info["defaults"]["topk"]
@@ -155,6 +156,15 @@ def test_page_makes_a_song_heard_while_made_and_gives_its_settings_back(
     assert refused.status_code == 422
     WebDriverWait(d, 10).until(lambda d: find("#error").is_displayed())
     assert refused.json()["detail"] in find("#error-text").text
+    # ... where the user is looking: in the window, beside the button pressed (issue #31, 21).
+    banner, button = (
+        d.execute_script("return arguments[0].getBoundingClientRect().toJSON()", find(css))
+        for css in ("#error", "#generate")
+    )
+    height = d.execute_script("return window.innerHeight")
+    assert banner["top"] >= 0 and banner["bottom"] <= height, (banner, height)
+    gap = min(abs(banner["top"] - button["bottom"]), abs(button["top"] - banner["bottom"]))
+    assert gap < 200, (banner, button)
 
     # Tags: two common chips and one typed.
     find('.chip[data-tag="piano"]').click()
@@ -319,8 +329,11 @@ def test_page_regenerates_a_selected_section_and_extends_a_song(
         == api.get("/v1/info").json()["max_seconds"]
     )
 
-    # The form's (empty) tags and lyrics: the server's 422 sentence in the banner, nothing made.
+    # The form's (empty) tags and lyrics: the server's 422 sentence in the banner, nothing made
+    # (1 s more, as the request below: the song's 2 s and 4 s more are over the server's cap).
     find("#edit-use-form").click()
+    find("#extend-seconds").clear()
+    find("#extend-seconds").send_keys("1")
     find("#extend").click()
     refused = api.post(
         f"/v1/songs/{first['id']}/extend", json={"seconds": 1, "tags": "", "lyrics": ""}

@@ -403,8 +403,13 @@ def _orientations(a: Tensor, b: Tensor, out: int, inn: int) -> tuple[bool, bool]
     return plain, flipped
 
 
-def _shape_error(source: Path, key: str, target: str, a: Tensor, b: Tensor, shape) -> UserError:
+def _shape_error(source: Path, keys: dict, target: str, a: Tensor, b: Tensor, shape) -> UserError:
+    """The module's A and B fit its weight in neither orientation: the key named is A's if A
+    fits neither side of the weight's input, else B's if it fits neither side of its output,
+    else (their ranks disagree) A's, whatever order the file stores them in."""
     out, inn = shape
+    b_wrong = inn in a.shape and out not in b.shape
+    key = keys["b"] if b_wrong else keys["a"]
     return _fail(
         source,
         f"key {key!r} holds lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do not fit "
@@ -434,6 +439,7 @@ def load_lora(
     # Group the entries by module, in the file's order; the first bad key is the one named.
     grouped: dict[str, dict[str, Any]] = {}
     first_key: dict[str, str] = {}
+    keys_of: dict[str, dict[str, str]] = {}
     names: dict[str, tuple[str, str]] = {}
     for key, value in entries.items():
         if "lora_magnitude_vector" in key:
@@ -457,6 +463,7 @@ def load_lora(
         if kind in group:
             raise _fail(source, f"key {key!r} repeats the {kind} of {mapped[0]} under another name")
         group[kind] = value
+        keys_of.setdefault(mapped[0], {})[kind] = key
         first_key.setdefault(mapped[0], key)
         names[mapped[0]] = mapped
     if not any("a" in g or "b" in g for g in grouped.values()):
@@ -473,7 +480,7 @@ def load_lora(
         shape = targets[target]
         plain, flipped = _orientations(group["a"], group["b"], *shape)
         if not (plain or flipped):
-            raise _shape_error(source, key, target, group["a"], group["b"], shape)
+            raise _shape_error(source, keys_of[target], target, group["a"], group["b"], shape)
         fits[target] = plain, flipped
     decided = {plain for plain, flipped in fits.values() if plain != flipped}
     if len(decided) > 1:
