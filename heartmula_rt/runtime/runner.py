@@ -424,6 +424,7 @@ class SongRunner:
         self.events = events or SongEvents()
         self.scheduler = Scheduler(rows, positions, one_song=one_song)
         self.songs: list[Song] = []
+        self._songs_lock = threading.Lock()  # submit (any thread) beside the serving loop's prune
         self._codec: CodecStage | None = None
         self._wake = threading.Event()
         self._closing = False
@@ -444,8 +445,9 @@ class SongRunner:
         check_length(self.pipe.lm, run.prompt, run.sampling.max_frames)
         run.on_codes = _then(run.on_codes, lambda new: self._on_codes(song, new))
         run.on_end = _then(run.on_end, lambda why: self._on_end(song, why))
-        self.scheduler.submit(run)
-        self.songs.append(song)
+        with self._songs_lock:
+            self.scheduler.submit(run)
+            self.songs.append(song)
         self._wake.set()
         return song
 
@@ -562,17 +564,21 @@ class SongRunner:
             try:
                 self._run_lm()
             except Exception as e:  # noqa: BLE001 (the songs in flight fail, the rest go on)
+                with self._songs_lock:
+                    songs = {id(s.run): s for s in self.songs}
                 for run in list(self.scheduler.running):
-                    song = next(s for s in self.songs if s.run is run)
-                    song.error = f"{type(e).__name__}: {e}"
+                    songs[id(run)].error = f"{type(e).__name__}: {e}"
                     self.scheduler.finish(run, "failed")
-            self.songs = [s for s in self.songs if s.ended is None]
+            with self._songs_lock:  # ended songs go; one submitted meanwhile stays
+                self.songs[:] = [s for s in self.songs if s.ended is None]
 
     def close(self) -> None:
         """Stop: songs running end where they are (`cancelled`: their callers say how), queued
         ones never start; returns once the LM's thread and the codec's are done."""
         self._closing = True
-        for song in list(self.songs):
+        with self._songs_lock:
+            songs = list(self.songs)
+        for song in songs:
             self.scheduler.cancel(song.run)
         self._wake.set()
         if self._thread is not None and self._thread.is_alive():
@@ -580,15 +586,6 @@ class SongRunner:
         if self._codec is not None:
             with contextlib.suppress(KeyboardInterrupt):
                 self._codec.finish()
-
-
-def one_song_runner(pipe: Pipeline, song: Song, **options) -> SongRunner:
-    """A runner for one song alone in rows of its own (as `Pipeline.generate_frames`)."""
-    runner = SongRunner(
-        pipe, rows=song.run.rows, positions=max(song.run.positions, 1), one_song=True, **options
-    )
-    runner.submit(song)
-    return runner
 
 
 def _then(first: Callable | None, then: Callable) -> Callable:
