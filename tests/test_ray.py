@@ -71,10 +71,13 @@ def server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     # Two nodes: this one (the store's and the folder's) and another with room to spare, which
     # must get none of the application's actors.
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
-    )
-    cluster.add_node(num_cpus=2)
+    with pytest.MonkeyPatch.context() as env:  # the timeouts `serve --ray` starts Ray with
+        for name, value in ray_app.PATIENT_SERVE.items():
+            env.setenv(name, value)
+        cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
+        )
+        cluster.add_node(num_cpus=2)
     ray.init(
         address=cluster.address,
         log_to_driver=False,

@@ -321,3 +321,22 @@ def test_defaults_and_a_request_sent_back(client) -> None:
     assert again.json()["request"] == job.json()["request"]
     for view in (job.json(), again.json()):
         client.delete(view["urls"]["self"])
+
+
+def test_a_full_queue_counts_only_songs_beyond_free_rows(pipe, tmp_path: Path) -> None:
+    """Songs posted to free rows are not in the queue, however long the runner takes to take
+    them (here: never, it is not started): rows + max_queue songs are accepted, then 429."""
+    from heartmula_rt.serve.backend import QueueFull
+    from heartmula_rt.serve.config import ServiceConfig
+    from heartmula_rt.serve.jobs import SqliteJobStore
+    from heartmula_rt.serve.service import SongService
+
+    config = ServiceConfig(tmp_path, songs_at_once=2, max_queue=1, max_seconds=4)
+    service = SongService(pipe, SqliteJobStore(tmp_path / "jobs.sqlite3"), config)
+    try:
+        jobs = [service.submit({**SONG, "seed": seed}) for seed in range(3)]
+        assert [j.state for j in jobs] == ["queued"] * 3
+        with pytest.raises(QueueFull, match="queue is full"):
+            service.submit({**SONG, "seed": 3})
+    finally:
+        service.close()

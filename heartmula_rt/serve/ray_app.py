@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -66,6 +67,14 @@ ADOPT_TRIES = 5  # a dead replica's queued song offered to the others this many 
 # Calls beyond a replica's songs that it also answers (info) at once.
 SPARE_CALLS = 2
 HANDLE_QUEUE = 64
+# Serve gives its HTTP proxy 5 s to start and 10 s to answer a health check, then kills it: too
+# little on a busy machine (a model loading, kernels compiling, other replicas' first songs).
+# The Ray instance `serve --ray` starts itself, and the processes it starts, get these instead.
+PATIENT_SERVE = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+}
+REPLICA_HEALTH_CHECK_S = 120  # a replica busy with songs answers late, not never
 
 
 class _ReplicaStore:
@@ -90,7 +99,9 @@ def _error(status: int, detail: str, retry_after: int | None = None) -> dict[str
     return {"status": status, "detail": detail, "retry_after": retry_after}
 
 
-@serve.deployment(name=REPLICA, graceful_shutdown_timeout_s=5)
+@serve.deployment(
+    name=REPLICA, graceful_shutdown_timeout_s=5, health_check_timeout_s=REPLICA_HEALTH_CHECK_S
+)
 class SongReplica:
     """One pipeline and its `SongService`, making the songs the router sends it."""
 
@@ -474,6 +485,12 @@ def start(
     return serve.run(app, name=APP_NAME, route_prefix="/")
 
 
+def patient_serve() -> None:
+    """`PATIENT_SERVE` in this process's environment (unless set), for the Ray it starts."""
+    for name, value in PATIENT_SERVE.items():
+        os.environ.setdefault(name, value)
+
+
 def run_ray_server(
     pipeline: PipelineConfig | Callable[[], PipelineConfig],
     config: ServerConfig,
@@ -505,6 +522,8 @@ def _run_ray_server(
     key: str | None,
 ) -> int:
     """`run_ray_server` with the folder locked."""
+    if address is None:
+        patient_serve()
     # "local": a new Ray instance of this machine, never one that happens to be running
     ray.init(address=address or "local", namespace=APP_NAME, log_to_driver=False)
     stop = threading.Event()

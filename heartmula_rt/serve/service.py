@@ -154,7 +154,7 @@ class SongService(SongEvents):
         with self._lock:
             if self._closing:
                 raise QueueFull(5)
-            if len(self._queued()) >= self.config.max_queue:
+            if len(self._queued()) >= self.config.max_queue + self._free_rows():
                 raise QueueFull(self._retry_after())
             self.store.add(job)
             self._post(job, request, prompt, parts)
@@ -275,6 +275,13 @@ class SongService(SongEvents):
     def _queued(self) -> list[_Song]:
         """The songs waiting for rows."""
         return [s for s in self._songs.values() if s.job.state == "queued"]
+
+    def _free_rows(self) -> int:
+        """Songs that may start now (called with the lock held). A song posted while a row is
+        free waits for the runner's next step, not for a row: it is not in the queue, however
+        slowly a loaded machine lets the runner take it."""
+        running = sum(s.job.state == "running" for s in self._songs.values())
+        return max(0, self.songs_at_once - running)
 
     def info(self) -> dict[str, Any]:
         """What the app shows of this service (`SongBackend.info`)."""
