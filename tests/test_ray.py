@@ -31,6 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 SAMPLES_PER_FRAME = 3840
 WAIT_S = 120.0
+RAY_START_S = 300.0
 SONG = {"tags": "piano,happy", "lyrics": "[verse]\nla la la\n", "seconds": 0.8, "topk": 20}
 LONG = {**SONG, "seconds": 20}
 LONG_SEEDS = (0, 1, 3, 5, 8, 10, 13, 14)  # the tiny model's songs of these seeds run to 20 s
@@ -42,15 +43,14 @@ def test_the_command(tiny_ckpt: Path, tmp_path: Path) -> None:
     process = ServerProcess(
         tiny_ckpt, tmp_path, "--ray", "--replicas", "1", "--batch", "1", "--max-seconds", "4"
     )
-    with process, httpx.Client(base_url=process.url, timeout=WAIT_S) as c:
+    # A local Ray instance, Serve and a replica loading the model: minutes on a loaded machine.
+    with process.start(RAY_START_S), httpx.Client(base_url=process.url, timeout=WAIT_S) as c:
         job = c.post("/v1/songs", json={**SONG, "seed": 2, "format": "wav"}).json()
         done = wait_for(c, job["id"], ("done", "failed"), WAIT_S)
         assert done["state"] == "done" and done["replica"].startswith("SERVE_REPLICA::")
         assert check_audio(c, done) == done["progress"]["frames"] * SAMPLES_PER_FRAME
         assert c.get("/v1/info").json()["max_seconds"] == 4
-        start = time.monotonic()
-        assert process.stop() == 0, process.log()
-    assert time.monotonic() - start < 30
+        assert process.stop() == 0, process.log()  # by itself, before STOP_TIMEOUT_S's kill
 
 
 def test_scale_is_checked_before_anything_starts(tiny_ckpt: Path, capsys) -> None:
