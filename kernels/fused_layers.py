@@ -339,7 +339,7 @@ def _(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Ten
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=dtype)
 
 
-def _heads_view(x: Tensor) -> Tensor:
+def heads_view(x: Tensor) -> Tensor:
     """x [B, T, H, D] with heads and D contiguous (a view of a projection's output), else a
     contiguous copy."""
     h, d = x.shape[2], x.shape[3]
@@ -362,7 +362,7 @@ def fused_rope_cache(
     (float32 cos/sin [T, D/2], or [B, D/2] with `pos`), k and v [B, T, H_kv, D] written into
     k_cache, v_cache [B, H_kv, L, D] at each row's position pos[b] (int64 [B] on the device,
     T = 1) or, without `pos`, at start..start+T-1; returns the rotated q, contiguous."""
-    q, k, v = _heads_view(q), _heads_view(k), _heads_view(v)
+    q, k, v = heads_view(q), heads_view(k), heads_view(v)
     cos, sin = cos.contiguous(), sin.contiguous()
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("the KV cache's keys and values need one layout, D contiguous")

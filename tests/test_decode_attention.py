@@ -134,3 +134,123 @@ def test_the_static_engine_with_the_split_kernel(
     monkeypatch.setattr(lm, "SPLIT_DECODE_DEVICES", frozenset())  # SDPA
     assert torch.equal(run(2, [song], one_song=True), bucketed)
     assert len(split_on_cpu) == calls
+
+
+# -- rope_attention: RoPE, the KV-cache write and the attention in one kernel ------------------
+
+
+def _new_step(rows: int, t: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed=0):
+    """q [B, T, H, D], k, v [B, T, H_kv, D] as views of one merged q/k/v output, and a cache of
+    4 chunks (random where nothing is written)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(rows, t, (heads + 2 * kv_heads) * dim, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
+    shape = (rows, kv_heads, 4 * CHUNK, dim)
+    cache = [torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    return (
+        q.view(rows, t, heads, dim),
+        k.view(rows, t, kv_heads, dim),
+        v.view(rows, t, kv_heads, dim),
+        *cache,
+    )
+
+
+def _attend(rope, step, at, kv_len, dim: int):
+    """`rope.attend` of one step on a copy of its cache: (output, keys, values)."""
+    from heartmula_rt.model.lm import AttentionMask, KVCache, RotaryEmbedding
+
+    q, k, v, k_cache, v_cache = step
+    cache = KVCache(k_cache.clone(), v_cache.clone())
+    cos, sin = RotaryEmbedding(dim, 8 * CHUNK, 500000.0, 32.0).tables(DEVICE)
+    if isinstance(at, torch.Tensor):
+        cos, sin = cos[at], sin[at]
+    else:
+        cos, sin = cos[at : at + q.shape[1]], sin[at : at + q.shape[1]]
+    mask = AttentionMask(at, q.shape[1], kv_len, q.dtype, q.device)
+    return rope.attend(q, k, v, at, cos, sin, cache, kv_len, mask), cache.k, cache.v
+
+
+@pytest.fixture
+def fused_attention_here(monkeypatch) -> list[int]:
+    """The fused decode attention as the fused twin's path on this device too; counts calls."""
+    monkeypatch.setattr(lm, "SPLIT_DECODE_DEVICES", lm.SPLIT_DECODE_DEVICES | {DEVICE.type})
+    from heartmula_rt.model.fused import FusedRope
+
+    FusedRope()  # registers the op
+    calls: list[int] = []
+    op = torch.ops.heartmula_rt.rope_attention
+
+    def counted(*args):
+        calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.heartmula_rt, "rope_attention", counted)
+    return calls
+
+
+class _Unfused:
+    """The fused RoPE with cache write, then the split-key kernel: what the one launch replaces."""
+
+    def __new__(cls):
+        from heartmula_rt.model.fused import FusedRope
+        from heartmula_rt.model.lm import Rope
+
+        class Unfused(FusedRope):
+            attend = Rope.attend
+
+        return Unfused()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 16), (6, 2, 24), (8, 4, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_attention_is_the_two_launches_it_replaces(
+    fused_attention_here, heads, kv_heads, dim, dtype
+) -> None:
+    """At device-held positions (in the first chunk, on a chunk's edges, past two chunks): the
+    output and the whole cache, bit for bit."""
+    from heartmula_rt.model.fused import FusedRope
+
+    step = _new_step(4, 1, heads, kv_heads, dim, dtype)
+    pos = torch.tensor([3, CHUNK - 1, CHUNK, 2 * CHUNK + 7], device=DEVICE)
+    fused = _attend(FusedRope(), step, pos, 3 * CHUNK, dim)
+    assert fused_attention_here == [1]
+    unfused = _attend(_Unfused(), step, pos, 3 * CHUNK, dim)
+    assert fused_attention_here == [1] and fused[0].shape == (4, 1, heads, dim)
+    for got, expected in zip(fused, unfused, strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("t", "start"), [(1, 5), (2, 0), (2, CHUNK - 2), (1, 2 * CHUNK + 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_attention_at_a_start_equals_the_plain_path(
+    fused_attention_here, t: int, start: int, dtype
+) -> None:
+    """Every row at start.. (the depth decoder's steps, two positions in its first; one past a
+    chunk: the combination without positions): the fused RoPE and cache write then SDPA, to
+    the rounding of the attention (bf16: the kernel rounds its probabilities, as flash
+    attention does); the whole cache bit for bit."""
+    from heartmula_rt.model.fused import FusedRope
+
+    heads, kv_heads, dim = 8, 4, 32  # the 3B's depth decoder's group of 2
+    step = _new_step(3, t, heads, kv_heads, dim, dtype)
+    got, k_got, v_got = _attend(FusedRope(), step, start, None, dim)
+    assert fused_attention_here == [1]
+    expected, k_expected, v_expected = _attend(_Unfused(), step, start, None, dim)
+    assert got.shape == (3, t, heads, dim)
+    f32 = dtype == torch.float32
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if f32 else {"rtol": 2**-6, "atol": 2**-7}
+    torch.testing.assert_close(got, expected, **tolerance)
+    assert torch.equal(k_got, k_expected) and torch.equal(v_got, v_expected)
+
+
+def test_rope_attention_of_a_row_does_not_depend_on_the_batch(fused_attention_here) -> None:
+    """A row alone over the cache's first 2 chunks and among others over 4: equal bit for bit."""
+    from heartmula_rt.model.fused import FusedRope
+
+    heads, kv_heads, dim = 6, 2, 16
+    step = _new_step(3, 1, heads, kv_heads, dim, torch.bfloat16)
+    pos = torch.tensor([4 * CHUNK - 1, CHUNK + 9, 0], device=DEVICE)
+    among, k_among, _ = _attend(FusedRope(), step, pos, 4 * CHUNK, dim)
+    one = [x[1:2] for x in step]
+    alone, k_alone, _ = _attend(FusedRope(), one, pos[1:2], 2 * CHUNK, dim)
+    assert torch.equal(among[1], alone[0]) and torch.equal(k_among[1], k_alone[0])

@@ -293,11 +293,28 @@ def test_silu_mul_reads_a_merged_w1_w3_output_in_place(dtype: torch.dtype) -> No
     assert_close(FusedSiluMul()(gate, up), SiluMul()(gate, up))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "rope_attention"])
 def test_merged_fused_static_engine_gives_the_reference_frames(
-    fused_lm, tiny_ckpt: Path, fixtures_dir: Path
+    fused_lm, tiny_ckpt: Path, fixtures_dir: Path, attention: str, monkeypatch
 ) -> None:
-    """As a pipeline loads the LM on a GPU: merged q/k/v and w1/w3, then the fused twins."""
+    """As a pipeline loads the LM on a GPU: merged q/k/v and w1/w3, then the fused twins; with
+    SDPA after the fused RoPE and cache write, and as a GPU runs decode steps: all three in the
+    fused `rope_attention` kernel."""
+    from heartmula_rt.kernels import decode_attention
+    from heartmula_rt.model import lm
     from heartmula_rt.model.lm import merge_projections
+
+    calls: list[int] = []
+    if attention == "rope_attention":
+        monkeypatch.setattr(lm, "SPLIT_DECODE_DEVICES", lm.SPLIT_DECODE_DEVICES | {DEVICE.type})
+        fused_op = torch.ops.heartmula_rt.rope_attention
+
+        def counted(*args):
+            calls.append(1)
+            return fused_op(*args)
+
+        monkeypatch.setattr(torch.ops.heartmula_rt, "rope_attention", counted)
+    assert decode_attention.MAX_NEW >= 2  # the depth decoder's first step takes two positions
 
     merged = merge_projections(copy.deepcopy(fused_lm[1]))
     use_fused_layers(merged)
@@ -311,3 +328,8 @@ def test_merged_fused_static_engine_gives_the_reference_frames(
     args = {k: c[k] for k in ("topk", "temperature", "cfg_scale")}
     frames = engine.generate_frames(prompt, SamplingParams(max_frames=4, **args))
     assert torch.equal(frames, expected.long()[:, :5])
+    # every decode step: the backbone's after the prompt, every frame's depth decoder steps
+    codebooks, made = frames.shape
+    steps = (made - 1) * len(merged.backbone.layers)
+    steps += made * (codebooks - 1) * len(merged.decoder.layers)
+    assert len(calls) == (steps if attention == "rope_attention" else 0)

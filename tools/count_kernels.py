@@ -6,9 +6,11 @@ Prints the total and the backbone layers', decoder layer steps', sampler's and t
 shares: for the plain layers as built (q, k, v, w1 and w3 apart), then as a pipeline loads the
 LM on a GPU (each layer's q/k/v and w1/w3 merged into one matmul: `lm.merge_projections`; the
 fused twins of `kernels.fused_layers` swapped in: the residual adds inside the norms, the KV-cache
-writes inside RoPE), counting SDPA as one kernel, then the same with the backbone's attention as
-the split-key decode kernel a GPU runs (2 launches). The counting rule is
-`heartmula_rt.runtime.launches`'s docstring. Needs no GPU and no weights.
+writes inside RoPE), counting SDPA as one kernel, then the same as a GPU runs each decode
+step's attention: RoPE, the KV-cache write and the split-key attention in one kernel
+(`kernels.decode_attention.rope_attention`; a second launch combines the chunks of a cache
+longer than one chunk: the backbone's). The counting rule is `heartmula_rt.runtime.launches`'s
+docstring. Needs no GPU and no weights.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{setting}, as loaded on a GPU (merged q/k/v and w1/w3, fused layers):")
     print(report(count_frame_launches(model, cfg=not args.no_cfg), args.top))
     gpu = count_frame_launches(model, cfg=not args.no_cfg, gpu=True)
-    print(f"{setting}, the same with a GPU's decode attention (2 launches per backbone layer):")
+    print(f"{setting}, the same with a GPU's fused decode attention (RoPE, cache, attention):")
     print(report(gpu, args.top))
     return 0
 

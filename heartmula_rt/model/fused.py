@@ -17,13 +17,14 @@ from collections import Counter
 import torch
 from torch import Tensor, nn
 
-from heartmula_rt.model.lm import KVCache, RMSNorm, Rope, SiluMul
+from heartmula_rt.model import lm
+from heartmula_rt.model.lm import AttentionMask, KVCache, RMSNorm, Rope, SiluMul
 
 
 def _register_kernels() -> None:
-    """Registers torch.ops.heartmula_rt.fused_*. Called when a twin is built, not when this
-    file is imported: the kernels need triton, which CPU builds of torch lack."""
-    from heartmula_rt.kernels import fused_layers  # noqa: F401
+    """Registers torch.ops.heartmula_rt.fused_* and rope_attention. Called when a twin is built,
+    not when this file is imported: the kernels need triton, which CPU builds of torch lack."""
+    from heartmula_rt.kernels import decode_attention, fused_layers  # noqa: F401
 
 
 class FusedRMSNorm(RMSNorm):
@@ -94,6 +95,49 @@ class FusedRope(Rope):
             0 if positional else start,
         )
         return q, cache.k[:, :, :end], cache.v[:, :, :end]
+
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        start: int | Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache,
+        kv_len: int | None,
+        mask: AttentionMask | None,
+    ) -> Tensor:
+        """`Rope.attend` of a decode step in one launch (two past one chunk of keys: the split
+        kernel's combination): RoPE, the cache write and the attention (`rope_attention`),
+        where the split-key kernel runs; other steps (prefill) as the plain path."""
+        from heartmula_rt.kernels.decode_attention import CHUNK, MAX_NEW, rope_attention_fits
+
+        t = q.shape[1]
+        positional = isinstance(start, Tensor)
+        end = kv_len if positional else start + t
+        if (
+            torch.compiler.is_compiling()
+            or q.device.type not in lm.SPLIT_DECODE_DEVICES  # (tests add the CPU's interpreter)
+            or end > cache.k.shape[2]  # the plain path's refusal, in its words
+            or t > (1 if positional or end > CHUNK else MAX_NEW)
+            or (positional and start.dim() != 1)
+            or not rope_attention_fits(q.dtype, q.shape[3])
+        ):
+            return super().attend(q, k, v, start, cos, sin, cache, kv_len, mask)
+        return torch.ops.heartmula_rt.rope_attention(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            cache.k,
+            cache.v,
+            start if positional else None,
+            0 if positional else start,
+            end,
+        )
 
 
 class FusedSiluMul(SiluMul):

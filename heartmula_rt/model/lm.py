@@ -169,6 +169,43 @@ class Rope(nn.Module):
             k, v = cache.update(start, k, v)
         return q, k, v
 
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        start: int | Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache,
+        kv_len: int | None,
+        mask: AttentionMask | None,
+    ) -> Tensor:
+        """What follows the projections in `Attention`: `to_cache`, then each new query's
+        softmax attention over the cached keys up to its own position → [B, T, H, D]. Here
+        because the fused twin does all of it in one launch for decode steps."""
+        b, t, h, d = q.shape
+        q, k, v = self.to_cache(q, k, v, start, cos, sin, cache, kv_len)
+        additive = None if mask is None else mask.get()
+        # GQA: query head j reads kv head j // g, g = h / h_kv.
+        if isinstance(start, Tensor) and k.device.type in SPLIT_DECODE_DEVICES:
+            # The split-key kernel reads each row's keys only up to its own position, and rounds
+            # a row alike whatever `kv_len` and the other rows (kernels/decode_attention.py).
+            from heartmula_rt.kernels import decode_attention  # needs triton: only on its path
+
+            return decode_attention.decode_attention(q.view(b, h, d), k, v, start).view(b, 1, h, d)
+        if t == 1:
+            # Decode: each kv head's g query heads become g query rows over that head, so SDPA
+            # reads every cached key once, with no expanded copy, on any backend.
+            y = F.scaled_dot_product_attention(
+                q.view(b, k.shape[1], -1, d), k, v, attn_mask=additive
+            )
+            return y.view(b, 1, h, d)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=additive, enable_gqa=True
+        )
+        return y.transpose(1, 2)
+
 
 def attention_mask(
     start: int | Tensor, t: int, kv_len: int | None, *, dtype: torch.dtype, device: torch.device
@@ -192,6 +229,31 @@ def attention_mask(
     return torch.zeros(attended.shape, dtype=dtype, device=device).masked_fill_(
         ~attended, -math.inf
     )
+
+
+class AttentionMask:
+    """`attention_mask(...)` of one forward, made when a layer first asks for it and then kept
+    for the others: the fused decode kernels mask each row at its position themselves and never
+    ask, so their steps launch nothing for it."""
+
+    def __init__(
+        self,
+        start: int | Tensor,
+        t: int,
+        kv_len: int | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self._args = (start, t, kv_len)
+        self._dtype, self._device = dtype, device
+        self._mask: Tensor | None = None
+        self._made = False
+
+    def get(self) -> Tensor | None:
+        if not self._made:
+            self._mask = attention_mask(*self._args, dtype=self._dtype, device=self._device)
+            self._made = True
+        return self._mask
 
 
 # Devices whose decode steps at device-held positions (the static engine's) run the split-key
@@ -233,29 +295,11 @@ class Attention(nn.Module):
         sin: Tensor,
         cache: KVCache,
         kv_len: int | None,
-        mask: Tensor | None,
+        mask: AttentionMask | None,
     ) -> Tensor:
-        """`mask` is `attention_mask(start, T, kv_len, ...)`."""
-        b, t, _ = x.shape
         q, k, v = self.project(x)
-        q, k, v = self.rope.to_cache(q, k, v, start, cos, sin, cache, kv_len)
-        # GQA: query head j reads kv head j // g, g = num_heads / num_kv_heads.
-        if isinstance(start, Tensor) and k.device.type in SPLIT_DECODE_DEVICES:
-            # The split-key kernel reads each row's keys only up to its own position, and rounds
-            # a row alike whatever `kv_len` and the other rows (kernels/decode_attention.py).
-            from heartmula_rt.kernels import decode_attention  # needs triton: only on its path
-
-            y = decode_attention.decode_attention(q.view(b, self.num_heads, -1), k, v, start)
-            return self.output_proj(y.view(b, 1, -1))
-        if t == 1:
-            # Decode: each kv head's g query heads become g query rows over that head, so SDPA
-            # reads every cached key once, with no expanded copy, on any backend.
-            g = self.num_heads // self.num_kv_heads
-            q = q.view(b, self.num_kv_heads, g, self.head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            return self.output_proj(y.reshape(b, 1, -1))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
-        return self.output_proj(y.transpose(1, 2).reshape(b, t, -1))
+        y = self.rope.attend(q, k, v, start, cos, sin, cache, kv_len, mask)
+        return self.output_proj(y.reshape(*x.shape[:2], -1))
 
 
 class SiluMul(nn.Module):
@@ -366,7 +410,7 @@ class TransformerBlock(nn.Module):
         sin: Tensor,
         cache: KVCache,
         kv_len: int | None,
-        mask: Tensor | None,
+        mask: AttentionMask | None,
         delta: Tensor | None = None,
         *,
         split: bool = False,
@@ -416,10 +460,7 @@ class Transformer(nn.Module):
             cos, sin = cos[start], sin[start]
         else:
             cos, sin = cos[start : start + x.shape[1]], sin[start : start + x.shape[1]]
-        mask = None
-        if not (isinstance(start, Tensor) and x.device.type in SPLIT_DECODE_DEVICES):
-            # (the split-key kernel masks each row at its position itself)
-            mask = attention_mask(start, x.shape[1], kv_len, dtype=x.dtype, device=x.device)
+        mask = AttentionMask(start, x.shape[1], kv_len, x.dtype, x.device)
         delta = None
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x, delta = layer(x, start, cos, sin, layer_cache, kv_len, mask, delta, split=True)
@@ -461,6 +502,7 @@ class HeartMuLa(nn.Module):
         # Input-major [n-1, decoder_dim, vocab], used as `d @ audio_head[i-1]` (not Linear layout).
         self.audio_head = nn.Parameter(torch.empty(n - 1, dec.embed_dim, vocab))
         self.muq_linear = nn.Linear(config.muq_dim, bb.embed_dim)
+        self._frame_offsets: dict[torch.device, Tensor] = {}  # codebook k's row offset, per device
 
     @property
     def device(self) -> torch.device:
@@ -516,7 +558,12 @@ class HeartMuLa(nn.Module):
 
     def embed_frame(self, frame: Tensor) -> Tensor:
         """One frame row per cache row: frame [B, n] → sum of its codebook embeddings [B, 1, D]."""
-        offsets = torch.arange(frame.shape[1], device=frame.device) * self.config.audio_vocab_size
+        offsets = self._frame_offsets.get(frame.device)
+        if offsets is None:  # once per device (before a capture: a shape's first step is eager)
+            with torch.inference_mode(False):  # kept: a normal tensor, as RoPE's tables
+                offsets = torch.arange(frame.shape[1], device=frame.device)
+                offsets = offsets * self.config.audio_vocab_size
+            self._frame_offsets[frame.device] = offsets
         return self.audio_embeddings(frame + offsets).sum(dim=1, keepdim=True)
 
     def backbone_step(

@@ -112,9 +112,11 @@ class StaticState:
         self.rows, self.capacity = rows, capacity
         self.cache = model.new_cache(rows, capacity)
         self.frame = torch.zeros(rows, n, dtype=torch.int64, device=device)  # fed at `pos`
-        self.pos = torch.zeros(rows, dtype=torch.int64, device=device)
+        # Each row's position and next frame's row in `codes`, one tensor: a step moves both
+        # by `live` in one launch.
+        self.moving = torch.zeros(2, rows, dtype=torch.int64, device=device)
+        self.pos, self.index = self.moving
         self.live = torch.zeros(rows, dtype=torch.int64, device=device)  # 1: a song runs there
-        self.index = torch.zeros(rows, dtype=torch.int64, device=device)  # next frame's row
         self.eos_at = torch.full((rows,), -1, dtype=torch.int64, device=device)  # -1: none yet
         self.codes = torch.zeros(rows, capacity, n, dtype=torch.int64, device=device)
         self.row_ids = torch.arange(rows, device=device)
@@ -215,10 +217,9 @@ class StaticEngine:
         state.codes[state.row_ids, state.index] = frame
         eos = (frame >= self.gen_config.audio_eos_id).any(dim=1)
         first_eos = eos & (state.eos_at < 0) & (state.live > 0)
-        state.eos_at.copy_(torch.where(first_eos, state.index, state.eos_at))
+        torch.where(first_eos, state.index, state.eos_at, out=state.eos_at)
         state.frame.copy_(frame)
-        state.pos.add_(state.live)
-        state.index.add_(state.live)
+        state.moving.add_(state.live)  # pos and index
         state.ints[:, 4].add_(1)  # every song's frame (read at its first row only)
 
     def _run_step(self, state: StaticState, kv_len: int) -> None:

@@ -22,9 +22,11 @@ kernel a CUDA backend launches, plus, for a boolean mask, the 3 launches ATen's 
 turning it into an additive one first (two scalar_tensor fills and a where, as dispatching it
 on the CPU shows). cuBLAS may split one mm into two kernels (split-K); that is not modelled.
 
-`gpu=True` counts the backbone's attention as a GPU runs it at the static engine's device-held
-positions: the split-key decode kernel (`kernels.decode_attention`, 2 launches: the chunks and
-their combination) instead of SDPA, and no additive mask made for it.
+`gpu=True` counts the attention of decode steps as a GPU runs it: the fused twin's
+`rope_attention` (`kernels.decode_attention`: RoPE, the KV-cache write and the split-key
+attention in one kernel, plus one that combines the chunks of a cache longer than one chunk)
+instead of the cache write, an additive mask and SDPA; the plain path's split-key kernel
+(`decode_attention`, not fused) counts 2 launches.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ SDPA_BOOL_MASK = "scaled_dot_product_attention: boolean mask made additive"
 BOOL_MASK_LAUNCHES = 3
 DECODE_ATTENTION = "heartmula_rt.decode_attention.default"
 DECODE_ATTENTION_LAUNCHES = 2  # its chunk kernel, then its combine kernel
+ROPE_ATTENTION = "heartmula_rt.rope_attention.default"
 PARTS = ("backbone layers", "decoder layers", "sampler", "rest")
 
 
@@ -101,14 +104,23 @@ class LaunchCounter(TorchDispatchMode):
 
     def add(self, op: str, n: int = 1) -> None:
         part = "sampler" if op == "heartmula_rt.fused_sample.default" else self.part
-        if op == DECODE_ATTENTION:
-            n *= DECODE_ATTENTION_LAUNCHES
         self.launches.ops[part, op] += n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.paused and launches_kernel(func):
-            self.add(str(func))
+            self.add(str(func), _custom_launches(str(func), args))
         return func(*args, **(kwargs or {}))
+
+
+def _custom_launches(op: str, args: tuple) -> int:
+    """Launches of one call of `op`: 1, but for the split-key attentions' combination."""
+    if op == DECODE_ATTENTION:
+        return DECODE_ATTENTION_LAUNCHES
+    if op == ROPE_ATTENTION:  # its combination only past one chunk of the `kv_len` it spans
+        from heartmula_rt.kernels.decode_attention import CHUNK
+
+        return 1 + (args[-1] > CHUNK)
+    return 1
 
 
 class _AttentionAsOneKernel(TorchFunctionMode):
