@@ -10,7 +10,8 @@ KV cache) where every row reads every cached position (SDPA over the capacity: t
 before the split-key attention) and where each row reads only up to its own position (the
 split-key kernel), at the songs' last frame and as the mean over the songs, and the launches of
 one frame (`runtime.launches`) as the LM loads on a GPU now (merged q/k/v and w1/w3, fused
-layers, the split-key attention's 2 launches per backbone layer). The launch counts before are
+layers; on a GPU each decode step's RoPE, KV-cache write and attention in `rope_attention`: 2
+launches per backbone layer, 1 per depth-decoder layer step). The launch counts before are
 `tools/count_kernels.py` at BEFORE_COMMIT (fused layers; its GPU figure adds the backbone
 attention's second launch). Nothing is timed: `lm_frames_per_s` is null.
 """

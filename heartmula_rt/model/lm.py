@@ -558,13 +558,21 @@ class HeartMuLa(nn.Module):
 
     def embed_frame(self, frame: Tensor) -> Tensor:
         """One frame row per cache row: frame [B, n] → sum of its codebook embeddings [B, 1, D]."""
+        return self.audio_embeddings(frame + self._codebook_offsets(frame)).sum(dim=1, keepdim=True)
+
+    def _codebook_offsets(self, frame: Tensor) -> Tensor:
+        """Codebook k's first row of the table, k · audio_vocab_size, [n] on frame's device: made
+        once per device (a CUDA graph's step launches nothing for it; the shape's first step,
+        eager, makes it), and under torch.compile in the graph, which fuses it into the add."""
+        n, vocab = frame.shape[1], self.config.audio_vocab_size
+        if torch.compiler.is_compiling():
+            return torch.arange(n, device=frame.device) * vocab
         offsets = self._frame_offsets.get(frame.device)
-        if offsets is None:  # once per device (before a capture: a shape's first step is eager)
+        if offsets is None:
             with torch.inference_mode(False):  # kept: a normal tensor, as RoPE's tables
-                offsets = torch.arange(frame.shape[1], device=frame.device)
-                offsets = offsets * self.config.audio_vocab_size
+                offsets = torch.arange(n, device=frame.device) * vocab
             self._frame_offsets[frame.device] = offsets
-        return self.audio_embeddings(frame + offsets).sum(dim=1, keepdim=True)
+        return offsets
 
     def backbone_step(
         self, rows: Tensor, start: int | Tensor, cache: LMCache, kv_len: int | None = None
