@@ -301,6 +301,7 @@ def test_merged_fused_static_engine_gives_the_reference_frames(
     SDPA after the fused RoPE and cache write, and as a GPU runs decode steps: all three in the
     fused `rope_attention` kernel."""
     from heartmula_rt.kernels import decode_attention
+
     from heartmula_rt.model import lm
     from heartmula_rt.model.lm import merge_projections
 
