@@ -423,3 +423,88 @@ def test_page_regenerates_a_selected_section_and_extends_a_song(
     assert f"extension of {first['id'][:6]}" in find(f"{item} .song-edit-text").text
     screenshot(d, artifacts / "serve-page-edited-desktop.png", 1280, 900, mobile=False)
     assert not js_errors(d)
+
+
+HOOKS = Path(__file__).parent / "hooks" / "fake_embedder"  # MuQ-MuLan's stand-in (#33)
+
+
+@pytest.fixture(scope="module")
+def ref_server(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server as `server`, its reference clips embedded by tests/hooks/fake_embedder."""
+    folder = tmp_path_factory.mktemp("serve-ref")
+    path = os.pathsep.join(p for p in (str(HOOKS), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": path, "HEARTMULA_RT_TEST_FAKE_EMBEDDER": "1"}
+    process = ServerProcess(
+        tiny_ckpt, folder / "songs", "--max-seconds", "4", "--api-key", KEY, env=env
+    )
+    process.start(START_TIMEOUT_S)
+    try:
+        yield process.url
+    finally:
+        process.stop()
+
+
+def test_page_steers_a_song_with_a_reference_clip(
+    ref_server: str, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """A clip chosen on the page (the drop zone's file input): refused in the server's sentence
+    when it is no audio; else its waveform drawn, embedded, its part and strength chosen, and
+    the song made with that embedding and strength."""
+    import numpy as np
+    import soundfile as sf
+
+    d = browser
+    api = httpx.Client(base_url=ref_server, headers={"X-API-Key": KEY}, timeout=30)
+    d.get(f"{ref_server}/?key={KEY}")
+    WebDriverWait(d, 30).until(
+        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready")
+    )
+
+    def find(css: str):
+        return d.find_element(By.CSS_SELECTOR, css)
+
+    def status() -> str:
+        return find("#ref-status").text
+
+    # A .wav that is no audio: the server's own sentence, and no strength to set.
+    junk = tmp_path / "notes.wav"
+    junk.write_bytes(b"these are not the sounds you are looking for\n" * 4)
+    wav = {"content-type": "audio/wav"}
+    refused = api.post("/v1/references", content=junk.read_bytes(), headers=wav)
+    assert refused.status_code == 422, refused.text
+    find("#ref-file").send_keys(str(junk))
+    WebDriverWait(d, 30).until(lambda d: refused.json()["detail"] in status())
+    assert not find("#ref-strength").is_enabled()
+    find("#ref-clear").click()
+    assert status() == "" and not find("#ref-range-row").is_displayed()
+
+    # A 4 s clip: drawn, embedded whole (to its end), then its second and third seconds.
+    t = np.arange(4 * 24000) / 24000
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, (0.5 * np.sin(2 * np.pi * 330 * t) * t / 4).astype(np.float32), 24000)
+    find("#ref-file").send_keys(str(clip))
+    WebDriverWait(d, 30).until(lambda d: "leans towards 0–4 s" in status())
+    assert find("#ref-wave").is_displayed() and find("#ref-strength").is_enabled()
+    for css, seconds in (("#ref-start", "1"), ("#ref-end", "3")):
+        find(css).clear()
+        find(css).send_keys(seconds)
+    WebDriverWait(d, 30).until(lambda d: "leans towards 1–3 s" in status())
+    find("#ref-strength").send_keys(*[Keys.ARROW_LEFT] * 10)  # 1 → 0.5 in steps of 0.05
+    assert find("#ref-strength-out").text == "0.50"
+
+    find('.chip[data-tag="piano"]').click()
+    find("#marker-verse").click()
+    find("#lyrics").send_keys("la la la")
+    find("#seconds").clear()
+    find("#seconds").send_keys("1")
+    find("#generate").click()
+    WebDriverWait(d, 10).until(lambda d: playing_id(d))
+    song_id = playing_id(d)
+    WebDriverWait(d, SONG_TIMEOUT_S, poll_frequency=0.25).until(song_finished)
+
+    # The song was made with the clip's 1–3 s, as the API embeds them, at strength 0.5.
+    kept = api.get(f"/v1/songs/{song_id}").json()["request"]["reference"]
+    expected = api.post("/v1/references?start=1&end=3", content=clip.read_bytes(), headers=wav)
+    assert kept["strength"] == 0.5
+    np.testing.assert_allclose(kept["embedding"], expected.json()["embedding"], rtol=0, atol=1e-6)
+    assert not js_errors(d)
