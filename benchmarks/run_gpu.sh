@@ -27,7 +27,8 @@
 #   quant        graph engine, --quant int8,int4, 20 s
 #   quant-batch  graph engine, --quant int8, one song and 8 at once
 #   vram         --vram 12G, a 240 s song: measured peak against the plan's, RTF
-#   tests        the tests marked `gpu` (pytest.ini) but not `inductor`, under pytest-timeout
+#   tests        the tests marked `gpu` or `kernels` (each Triton kernel against its plain twin,
+#                run on the interpreter elsewhere) but not `inductor`, under pytest-timeout
 #   compile      compile engine again, 20 s (inductor's cache warm from decode): last, a check
 # Named only: micro (pytest benchmarks/), serve and overlap (on a random 3B checkpoint made at
 # /tmp/serve-3B, ~7 GB of disk; they need fastapi, uvicorn and httpx, in the image), and lora
@@ -219,7 +220,7 @@ PY
 }
 
 gpu_tests() {
-    python3 -m pytest -q -p no:cacheprovider -m "gpu and not inductor" --timeout=60 tests/ |
+    python3 -m pytest -q -p no:cacheprovider -m "(gpu or kernels) and not inductor" --timeout=60 tests/ |
         tee "$TESTS_LOG"
 }
 

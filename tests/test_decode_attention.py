@@ -17,6 +17,7 @@ from heartmula_rt.model.lm import attention_mask
 pytest.importorskip("triton", reason="the decode attention is a Triton kernel")
 from heartmula_rt.kernels.decode_attention import CHUNK, decode_attention
 
+pytestmark = pytest.mark.kernels  # run_gpu.sh runs them on the GPU too
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

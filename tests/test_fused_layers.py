@@ -26,6 +26,7 @@ from heartmula_rt.runtime.launches import count_frame_launches, meta_lm
 pytest.importorskip("triton", reason="the fused layers are Triton kernels")
 from heartmula_rt.model.fused import FusedRMSNorm, FusedRope, FusedSiluMul, use_fused_layers
 
+pytestmark = pytest.mark.kernels  # run_gpu.sh runs them on the GPU too
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
