@@ -1,8 +1,8 @@
 """The LM and the codec as a pipeline: does the LM keep its frames/s while the codec decodes
 finished windows on its own thread (and, with `--codec-device`, its own device)?
 
-    python benchmarks/pipeline_overlap.py --model-path ../shared/fixtures/tiny-public/ckpt \\
-        --songs 4 --seconds 20 --threads 1 --rounds 3 --name overlap-tiny
+    python benchmarks/pipeline_overlap.py --songs 4 --seconds 20 --threads 1 --rounds 3 \\
+        --name overlap-tiny                     # a tiny random --never-eos checkpoint, made
 
 The same songs (same prompts and seeds) are made three ways, in one process, in rounds (each
 round starting one way later, so the machine's drift falls on all), after one warm-up round:
@@ -18,8 +18,9 @@ Per run: the LM's frames/s (frames made after the first, over the time from the 
 the last: prefill of the first song and the last codec windows left out), the codec thread's
 busy seconds, and the wall time from the first song posted to the last song's audio written.
 With the pipeline working, `pipelined` keeps `lm-alone`'s frames/s and its wall time is the
-larger of the two stages, not their sum (`in-turn`). Songs never end at EOS (`--no-eos`
-always: a view of the checkpoint whose EOS id is past every id, benchmarks/serve_bench.py).
+larger of the two stages, not their sum (`in-turn`). Songs must run to their length: give a
+random checkpoint made with `tools/make_checkpoint.py --never-eos`; without `--model-path`, a
+tiny one is made so in a temporary folder.
 Writes `{UTC date}_{device}_{name}.json` to `--out-dir` (fields: benchmarks/README.md).
 """
 
@@ -38,13 +39,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO.parent / "shared" / "fixtures" / "tiny-public" / "ckpt"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tools"))
 
 from cpu_threads import runnable_tasks  # noqa: E402
+from make_checkpoint import make_checkpoint  # noqa: E402
 from rounds import rotated_rounds, way_runs  # noqa: E402
-from serve_bench import SONGS, without_eos  # noqa: E402
+from serve_bench import SONGS  # noqa: E402
 
 import heartmula_rt  # noqa: E402
 from heartmula_rt.bench import results as bench_results  # noqa: E402
@@ -173,7 +175,9 @@ def run_service(pipe, args: argparse.Namespace, in_turn: bool) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-path", type=Path, default=TINY)
+    parser.add_argument(
+        "--model-path", type=Path, help="a --never-eos checkpoint (default: a tiny one, made)"
+    )
     parser.add_argument("--songs", type=int, default=4, help="songs at once (4)")
     parser.add_argument("--seconds", type=float, default=20.0, help="each song's length (20)")
     parser.add_argument("--seed", type=int, default=1)
@@ -191,7 +195,7 @@ def main() -> int:
 
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory() as tmp:
-        model = without_eos(args.model_path, Path(tmp) / "model")
+        model = args.model_path or make_checkpoint(Path(tmp) / "tiny-never-eos", never_eos=True)
         pipe = heartmula_rt.load_pipeline(
             model,
             device=args.device,
@@ -228,7 +232,7 @@ def main() -> int:
         "triton": bench_results.triton_version(),
         "commit": bench_results.commit(),
         "command": shlex.join(["python", *sys.argv]),
-        "model": str(args.model_path),
+        "model": str(args.model_path or "tiny, --never-eos"),
         "date": date,
         "cpu_count": os.cpu_count(),
         "settings": {

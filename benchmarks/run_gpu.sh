@@ -225,18 +225,19 @@ gpu_tests() {
 }
 
 # A random 3B checkpoint folder, made once per machine (a cut run leaves only the .part folder).
-CKPT=/tmp/serve-3B
+CKPT=/tmp/3B-never-eos
 make_3b() {
     [ -d "$CKPT" ] && return
     rm -rf "$CKPT.part"
-    python3 tools/make_checkpoint.py "$CKPT.part" --lm 3B --codec full --dtype bfloat16 &&
+    python3 tools/make_checkpoint.py "$CKPT.part" --lm 3B --codec full --dtype bfloat16 \
+        --never-eos &&
         mv "$CKPT.part" "$CKPT"
 }
 # 8 clients on a server of that checkpoint, within the step's BUDGET seconds (its argument).
 serve_bench() {
     local budget=$1
     make_3b || return 1
-    python3 benchmarks/serve_bench.py --model-path "$CKPT" --no-eos --engine graph --batch 8 \
+    python3 benchmarks/serve_bench.py --model-path "$CKPT" --engine graph --batch 8 \
         --clients 8 --songs-per-client 1 --seconds 40 --warmup 2 \
         --deadline-s $((budget - SECONDS - 30)) --out-dir "$OUT" --name serve
 }

@@ -17,6 +17,9 @@ kernel compilation, graph capture and the codec's first window happen there. `GE
 sampled once a second throughout. Everything is bounded: every request has a timeout and the
 whole run `--deadline-s`; songs still unfinished then count as failed (and are cancelled).
 
+Random weights sample the audio EOS after a few frames: serve a random checkpoint made with
+`tools/make_checkpoint.py --never-eos`, whose songs run to their length.
+
 Prints a table and writes `{UTC date}_{device}_{name}.json` to `--out-dir` (fields:
 benchmarks/README.md, "Load on the server").
 """
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import shutil
@@ -73,22 +75,6 @@ SERVER_OPTIONS = {
 
 
 # -- the server --------------------------------------------------------------------------------
-
-
-def without_eos(model: Path, view: Path) -> Path:
-    """A view of the checkpoint folder `model` (links to its files) whose gen_config.json has
-    an audio EOS id past every id, so that no song ends early. Random weights sample EOS after
-    a few frames; real ones end songs when they end. Ids past the codebook the codec replaces,
-    as it does any stray id."""
-    shutil.rmtree(view, ignore_errors=True)  # a kept --folder's view of an earlier run
-    view.mkdir(parents=True)
-    for entry in model.resolve().iterdir():
-        if entry.name != "gen_config.json":
-            (view / entry.name).symlink_to(entry)
-    gen = json.loads((model / "gen_config.json").read_text())
-    gen["audio_eos_id"] = 2**31 - 1
-    (view / "gen_config.json").write_text(json.dumps(gen, indent=4) + "\n")
-    return view
 
 
 def check_url(url: str) -> str:
@@ -416,12 +402,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=4.0, help="each song's length (4)")
     parser.add_argument("--seed", type=int, default=0, help="song i's seed is SEED + i (0)")
     parser.add_argument("--warmup", type=int, default=1, help="songs at once first, uncounted")
-    parser.add_argument(
-        "--no-eos",
-        action="store_true",
-        help="random weights: serve the checkpoint with no audio EOS id, so every song runs to "
-        "its length (as `bench` runs them)",
-    )
     parser.add_argument("--deadline-s", type=float, default=600.0, help="the whole run (600)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--name", help="results file's name (default: serve-<model folder>)")
@@ -435,8 +415,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--seconds and --deadline-s must be positive")
     if args.url is not None:
         args.url = check_url(args.url)
-        if args.no_eos:
-            parser.error("--no-eos is for a server started here, not with --url")
     return args
 
 
@@ -459,10 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, _dest(option))
             if value is not None:
                 passed += [option, str(value)]
-        model_path = args.model_path
-        if args.no_eos:
-            model_path = without_eos(args.model_path, folder / "model-no-eos")
-        server = ServerProcess(model_path, folder, *passed)
+        server = ServerProcess(args.model_path, folder, *passed)
     ok = False
     try:
         start_s = None
@@ -536,7 +511,6 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "format": "wav",
             "warmup": args.warmup,
-            "no_eos": args.no_eos,
             "deadline_s": args.deadline_s,
         },
         # The run in the fields every results file has (benchmarks/README.md); `summary` has all.

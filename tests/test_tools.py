@@ -47,6 +47,27 @@ def test_tiny_sharded_checkpoint_generates(tmp_path: Path) -> None:
     assert wav.shape == (2, frames.shape[1] * 3840) and torch.isfinite(wav).all()
 
 
+def test_never_eos_checkpoint_songs_run_to_their_length(tmp_path: Path) -> None:
+    """--never-eos: the heads' weights of the EOS ids are zero, the ids as shipped, and every
+    song runs to its length where the same random weights without it end songs early."""
+    lengths = {}
+    for flag in ([], ["--never-eos"]):
+        root = tmp_path / ("never" if flag else "plain")
+        assert make_checkpoint_main([str(root), "--seed", "3", *flag]) == 0
+        pipe = heartmula_rt.load_pipeline(root, device="cpu")
+        settings = {"max_frames": 40, "topk": 20}
+        songs = [pipe.generate_frames("rock", "la la", **settings, seed=s) for s in range(6)]
+        lengths[bool(flag)] = [f.shape[1] for f in songs]
+    eos = json.loads((root / "gen_config.json").read_text())["audio_eos_id"]
+    with safe_open(str(root / LM_DIR / "model.safetensors"), "pt") as h:
+        assert not h.get_tensor("codebook0_head.weight")[eos:].any()
+        assert not h.get_tensor("audio_head")[..., eos:].any()
+        assert h.get_tensor("audio_head")[..., :eos].abs().sum() > 0
+    assert eos == pipe.gen_config.audio_eos_id < pipe.lm_config.audio_vocab_size
+    assert lengths[True] == [41] * 6
+    assert min(lengths[False]) < 41, lengths
+
+
 def test_bf16_checkpoint_loads(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     make_checkpoint_main([str(root), "--dtype", "bfloat16"])

@@ -2,6 +2,12 @@
 
     python tools/make_checkpoint.py OUT --lm tiny --codec tiny            # seconds, for tests
     python tools/make_checkpoint.py OUT --lm 3B --codec full --dtype bfloat16   # for benchmarks
+    python tools/make_checkpoint.py OUT --never-eos      # songs that run to their length
+
+`--never-eos`: random weights sample the audio EOS after a few frames; with it, the LM's output
+heads give the ids that end a song (>= gen_config's audio_eos_id) a logit of 0, the middle of the
+random others, so top-k sampling never draws them (benchmarks/serve_bench.py's songs must run to
+their length to measure anything). The ids and everything else stay as the official files have.
 
 Keys, shapes, weight-norm halves, the unused VQ buffers, sharding and the index file follow the
 published files, so the real loading code is exercised. Tensors are made and written one shard at
@@ -14,6 +20,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -68,8 +75,10 @@ def write_model(
     shard_bytes: int,
     seed: int,
     extras: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Random weights for every tensor of `module` (built on meta), written shard by shard."""
+    """Random weights for every tensor of `module` (built on meta), each through `edit` (key,
+    tensor) if given, written shard by shard."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shapes = {k: (tuple(v.shape), dtype) for k, v in module.state_dict().items()}
@@ -99,7 +108,9 @@ def write_model(
             elif extras and key in extras:
                 tensors[key] = torch.zeros(shape, dtype=dtype)  # EMA buffers, unused
             else:
-                for k, t in _official_tensors(key, random_tensor(key, shape, g)).items():
+                weight = random_tensor(key, shape, g)
+                weight = edit(key, weight) if edit else weight
+                for k, t in _official_tensors(key, weight).items():
                     tensors[k] = t.to(dtype).contiguous()
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         for k, t in tensors.items():
@@ -111,6 +122,20 @@ def write_model(
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _no_eos_logits(eos: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """An `edit` that zeroes the output heads' weights of the audio ids >= `eos`: codebook 0's
+    rows, the other codebooks' columns (their head is input-major)."""
+
+    def edit(key: str, t: torch.Tensor) -> torch.Tensor:
+        if key == "codebook0_head.weight":
+            t[eos:] = 0
+        elif key == "audio_head":
+            t[..., eos:] = 0
+        return t
+
+    return edit
+
+
 def make_checkpoint(
     out: Path,
     *,
@@ -119,8 +144,10 @@ def make_checkpoint(
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = 4 << 30,
     seed: int = 0,
+    never_eos: bool = False,
 ) -> Path:
-    """Write a complete random checkpoint folder and return its path."""
+    """Write a complete random checkpoint folder and return its path (`never_eos`: the module
+    docstring)."""
     out = Path(out)
     dtype_name = str(dtype).removeprefix("torch.")
     lm_json = {
@@ -142,11 +169,14 @@ def make_checkpoint(
     make_tokenizer(lm_cfg.text_vocab_size).save(str(out / "tokenizer.json"))
     gen = asdict(synthetic_gen_config(codec_cfg))
     (out / "gen_config.json").write_text(json.dumps(gen, indent=4) + "\n")
+    edit = _no_eos_logits(gen["audio_eos_id"]) if never_eos else None
 
     with torch.device("meta"):
         lm_module = HeartMuLa(lm_cfg)
         codec_module = HeartCodec(codec_cfg)
-    write_model(out / LM_DIR, lm_module, lm_json, dtype=dtype, shard_bytes=shard_bytes, seed=seed)
+    write_model(
+        out / LM_DIR, lm_module, lm_json, dtype=dtype, shard_bytes=shard_bytes, seed=seed, edit=edit
+    )
     codec_json = {
         "architectures": ["HeartCodec"],
         "model_type": "heartcodec",
@@ -177,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--shard-gb", type=float, default=4.0, help="largest shard, GB")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--never-eos", action="store_true", help="songs never end at EOS (top-k never draws it)"
+    )
     a = p.parse_args(argv)
     make_checkpoint(
         a.out,
@@ -185,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=getattr(torch, a.dtype),
         shard_bytes=int(a.shard_gb * 1e9),
         seed=a.seed,
+        never_eos=a.never_eos,
     )
     print(f"wrote {a.out}")
     return 0
