@@ -324,13 +324,21 @@ def test_per_row_over_a_quantized_base_within_its_quantization_error(
             assert effect > 3 * error  # the adapter's effect stands well above that error
 
 
-def test_per_row_bytes_are_what_apply_adds(made: Made, tiny_lm: HeartMuLa) -> None:
+@pytest.mark.parametrize("merged", [True, False])
+def test_per_row_bytes_are_what_apply_adds(made: Made, tiny_lm: HeartMuLa, merged: bool) -> None:
+    """Over the parts, and over the merged q/k/v and w1/w3 every pipeline loads (their B spans
+    the whole merged output: more than the parts' sum)."""
     adapters = [load_lora(made.tt, tiny_lm.config), load_lora(made.st, tiny_lm.config)]
     model = copy.deepcopy(tiny_lm)
+    if merged:
+        merge_projections(model)
     before = sum(t.nbytes for t in model.state_dict().values())
     apply_lora_rows(model, adapters, rows=4, dtype=torch.bfloat16)
     after = sum(t.nbytes for t in model.state_dict().values())
-    assert after - before == lora_rows_bytes(adapters, tiny_lm.config, torch.bfloat16)
+    expected = lora_rows_bytes(adapters, tiny_lm.config, torch.bfloat16, merged=merged)
+    assert after - before == expected
+    parts = lora_rows_bytes(adapters, tiny_lm.config, torch.bfloat16, merged=False)
+    assert (expected > parts) if merged else expected == parts
 
 
 def test_per_row_frame_step_is_capture_safe(made: Made) -> None:

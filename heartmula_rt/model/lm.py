@@ -354,6 +354,14 @@ def merge_parts(owner: nn.Module, merged: str, module: nn.Module | None = None) 
     owner.add_module(merged, module)
 
 
+def merged_of(name: str) -> str | None:
+    """The merged module a part's module name belongs to once merged ("backbone.layers.0.attn.
+    q_proj" → "backbone.layers.0.attn.qkv_proj"); None where `name` is no part."""
+    owner_name, _, leaf = name.rpartition(".")
+    merged = _PART_OF.get(leaf)
+    return None if merged is None else f"{owner_name}.{merged}"
+
+
 def merged_part(model: nn.Module, name: str) -> tuple[str, slice] | None:
     """For a part's module name in a merged model ("backbone.layers.0.attn.q_proj"): the merged
     module's name and the part's rows of its output; None where `name` is no merged part."""

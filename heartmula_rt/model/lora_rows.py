@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from heartmula_rt.config import LMConfig
 from heartmula_rt.errors import UserError
-from heartmula_rt.model.lm import merged_part, part_sizes
+from heartmula_rt.model.lm import MERGED_PARTS, merged_of, merged_part, part_sizes
 
 # The wrappers training tools put before the model's own module names, stripped in any order:
 # PEFT's `base_model.model.`, diffusers' `transformer.`, ComfyUI's `diffusion_model.`, torchtune
@@ -215,17 +215,30 @@ def _stacked_parts(
     return a_all, b_all
 
 
-def lora_rows_bytes(adapters: Sequence[LoraAdapter], config: LMConfig, dtype: torch.dtype) -> int:
+def lora_rows_bytes(
+    adapters: Sequence[LoraAdapter], config: LMConfig, dtype: torch.dtype, *, merged: bool = True
+) -> int:
     """Device bytes `apply_lora_rows` adds for `adapters` at `dtype` (the planner's figure): per
-    adapted module, (N+1) stacked A and B at the largest rank. A call's gathered A and B (B
-    rows × rank × (in + out)) are transient activations on top."""
+    adapted module, (N+1) stacked A and B at the largest rank; with `merged` (every pipeline
+    merges q/k/v and w1/w3, `lm.merge_projections`), per merged matmul whose parts are adapted,
+    their A side by side along the rank and their B block-diagonal over the whole merged output
+    (`_stacked_parts`). A call's gathered A and B (B rows × rank × (in + out)) are transient
+    activations on top."""
     if not adapters:
         return 0
     targets = lora_targets(config)
-    size = torch.empty((), dtype=dtype).element_size()
+    groups: dict[str, list[str]] = {}  # the module apply wraps → the adapted names it holds
+    for name in sorted({n for a in adapters for n in a.modules}):
+        group = (merged_of(name) if merged else None) or name
+        groups.setdefault(group, []).append(name)
     total = 0
-    for name in {n for a in adapters for n in a.modules}:
-        out, inn = targets[name]
-        rank = max(a.modules[name].rank for a in adapters if name in a.modules)
-        total += (len(adapters) + 1) * rank * (inn + out) * size
-    return total
+    for group, names in groups.items():
+        rank = sum(max(a.modules[n].rank for a in adapters if n in a.modules) for n in names)
+        if group in targets:
+            out, inn = targets[group]
+        else:  # a merged matmul: its B spans every part's rows, adapted or not
+            owner, _, leaf = group.rpartition(".")
+            out = sum(targets[f"{owner}.{part}"][0] for part in MERGED_PARTS[leaf])
+            inn = targets[names[0]][1]
+        total += (len(adapters) + 1) * rank * (inn + out)
+    return total * torch.empty((), dtype=dtype).element_size()
