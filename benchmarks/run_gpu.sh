@@ -31,7 +31,7 @@
 #                run on the interpreter elsewhere) but not `inductor`, under pytest-timeout
 #   compile      compile engine again, 20 s (inductor's cache warm from decode): last, a check
 # Named only: micro (pytest benchmarks/), serve and overlap (on a random 3B checkpoint made at
-# /tmp/serve-3B, ~7 GB of disk; they need fastapi, uvicorn and httpx, in the image), and lora
+# /tmp/3B-never-eos, ~7 GB of disk; they need fastapi, uvicorn and httpx, in the image), and lora
 # (benchmarks/lora_bench.py on that checkpoint, graph engine: 4 songs of 20 s with no adapter,
 # one merged, and 4 different rank-16 adapters per song in one batch).
 #
