@@ -186,7 +186,6 @@ class Rope(nn.Module):
         because the fused twin does all of it in one launch for decode steps."""
         b, t, h, d = q.shape
         q, k, v = self.to_cache(q, k, v, start, cos, sin, cache, kv_len)
-        additive = None if mask is None else mask.get()
         # GQA: query head j reads kv head j // g, g = h / h_kv.
         if isinstance(start, Tensor) and k.device.type in SPLIT_DECODE_DEVICES:
             # The split-key kernel reads each row's keys only up to its own position, and rounds
@@ -194,6 +193,7 @@ class Rope(nn.Module):
             from heartmula_rt.kernels import decode_attention  # needs triton: only on its path
 
             return decode_attention.decode_attention(q.view(b, h, d), k, v, start).view(b, 1, h, d)
+        additive = None if mask is None else mask.get()  # (the split-key kernel needs none)
         if t == 1:
             # Decode: each kv head's g query heads become g query rows over that head, so SDPA
             # reads every cached key once, with no expanded copy, on any backend.
