@@ -1,5 +1,5 @@
-"""Decode attention split over keys: one new query token per row over that row's KV cache, each
-row reading its keys only up to its own position.
+"""Decode attention split over keys: each row's new query token (or two, `rope_attention`) over
+that row's KV cache, each reading the keys only up to its own position.
 
 The static engine keeps every row's position on the device and reads a static number of cached
 positions (`kv_len`: the bucket's end, or for a batch of songs the whole capacity) so that one
@@ -14,6 +14,15 @@ positions, one program per (chunk, row, kv head):
 2. `_combine_kernel`, one program per (row, query head): merges the row's chunks 0 .. position
    // CHUNK in that order.
 
+`rope_attention` (the fused RoPE twin's decode path, model/fused.py) does in its chunk kernel,
+`_rope_attend_kernel`, what `fused_rope_cache` did before it: q and the new k rotated (in
+registers, rounded as `fused_rope` rounds), k and v written into the cache by the program of the
+chunk that holds their position, which reads them back after a barrier; then the same online
+softmax (`_attend_keys`). It takes each row's device-held position or one `start` for every row,
+and up to `MAX_NEW` new positions per row when they fit one chunk (the depth decoder's first
+step: two, each query attending up to its own); a grid of one chunk writes the normalised output
+itself, with no combination. It equals `fused_rope_cache` then `decode_attention` bit for bit.
+
 A row's result is thus a function of its query, its keys and values up to its position, and the
 position: not of `kv_len`, the cache's capacity, or the other rows, which holds bit for bit
 (every block size is fixed, not tuned). So the grid may span the whole cache (the capture's
@@ -24,7 +33,9 @@ GQA: query head j reads kv head j // GROUP; each program multiplies the GROUP qu
 kv head as one tile (padded to 16 rows for `tl.dot`), so each key is read once per kv head.
 Scores and the softmax are float32; float32 operands multiply in three TF32 passes (`tf32x3`,
 about float32's precision; tiles of `F32_BLOCK_N` keys over 8 warps, as wider ones spill
-registers), bf16 and float16 ones once, on the tensor cores, with the probabilities rounded to
+registers; heads wider than 128, the 3B depth decoder's 384, take `WIDE_BLOCK_N` keys over 8
+warps, and float32 ones do not fit at all: `rope_attention_fits`), bf16 and float16 ones once, on
+the tensor cores, with the probabilities rounded to
 the values' dtype as flash attention does. Tests run the kernels on the CPU with TRITON_INTERPRET=1.
 """
 
